@@ -1,0 +1,72 @@
+"""Attention kernels and the one mask rule they all honour.
+
+Layouts: queries q_BxLxHxK; keys and values k_BxNxTxK, v_BxNxTxK (kv heads before time, the KV-cache layout, so
+decoding writes a time slot without transposing the cache). Output o_BxLxHxK. Grouped-query attention: query head
+h reads kv head h // G.
+
+Implementations (ModelConfig.attention):
+  'xla'   -- einsum + masked float32 softmax; runs everywhere and is the reference.
+  'dot_product_attention' -- jax.nn.dot_product_attention, XLA lowering (any backend).
+  'cudnn' -- jax.nn.dot_product_attention on cuDNN's fused flash kernel (GPU only, bf16/fp16, no dropout).
+  'auto'  -- 'cudnn' on GPU when it applies, else 'xla'.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ('xla', 'dot_product_attention', 'cudnn', 'auto')
+
+_NEG_INF = -1e30  # finite: a fully masked row (never produced by make_mask) would give uniform weights, not NaN
+
+
+def make_mask(q_slot_L, kv_slot_T, q_segment_BxL=None, kv_segment_BxT=None):
+  """Boolean mask, broadcastable to B x N x G x L x T: key visible iff its slot is not after the query's slot
+  and it lies in the same segment (packed document; 0 = padding).
+
+  Every query sees at least its own slot, so no softmax row is ever empty.
+  """
+  mask_LxT = kv_slot_T[None, :] <= q_slot_L[:, None]
+  if q_segment_BxL is None or kv_segment_BxT is None:
+    return mask_LxT[None, None, None]
+  same_BxLxT = q_segment_BxL[:, :, None] == kv_segment_BxT[:, None, :]
+  return (mask_LxT[None] & same_BxLxT)[:, None, None]
+
+
+def _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng):
+  B, L, H, K = q_BxLxHxK.shape
+  N = k_BxNxTxK.shape[1]
+  q_BxLxNxGxK = q_BxLxHxK.reshape(B, L, N, H // N, K) * jnp.asarray(K ** -0.5, q_BxLxHxK.dtype)
+  s_BxNxGxLxT = jnp.einsum('BLNGK,BNTK->BNGLT', q_BxLxNxGxK, k_BxNxTxK, preferred_element_type=jnp.float32)
+  s_BxNxGxLxT = jnp.where(mask, s_BxNxGxLxT, _NEG_INF)
+  p_BxNxGxLxT = jax.nn.softmax(s_BxNxGxLxT, axis=-1)
+  if dropout > 0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout, p_BxNxGxLxT.shape)
+    p_BxNxGxLxT = jnp.where(keep, p_BxNxGxLxT / (1.0 - dropout), 0.0)
+  o_BxLxNxGxK = jnp.einsum('BNGLT,BNTK->BLNGK', p_BxNxGxLxT.astype(v_BxNxTxK.dtype), v_BxNxTxK)
+  return o_BxLxNxGxK.reshape(B, L, H, K)
+
+
+def _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, implementation):
+  B, L, H, K = q_BxLxHxK.shape
+  N, T = k_BxNxTxK.shape[1], k_BxNxTxK.shape[2]
+  mask_BxHxLxT = jnp.broadcast_to(mask, (mask.shape[0], N, H // N, L, T)).reshape(mask.shape[0], H, L, T)
+  return jax.nn.dot_product_attention(q_BxLxHxK, k_BxNxTxK.transpose(0, 2, 1, 3), v_BxNxTxK.transpose(0, 2, 1, 3),
+                                      mask=mask_BxHxLxT, implementation=implementation)
+
+
+def resolve(impl: str, dtype, dropout: float) -> str:
+  if impl != 'auto':
+    return impl
+  cudnn_ok = jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and dropout == 0
+  return 'cudnn' if cudnn_ok else 'xla'
+
+
+def attend(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, *, impl='xla', dropout=0.0, dropout_rng=None):
+  impl = resolve(impl, q_BxLxHxK.dtype, dropout)
+  if impl == 'xla':
+    return _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng)
+  if dropout > 0:
+    raise ValueError(f"attention={impl!r} has no attention dropout; use model.attention='xla' or dropout=0")
+  return _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask,
+                                'cudnn' if impl == 'cudnn' else 'xla')

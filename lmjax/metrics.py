@@ -1,0 +1,106 @@
+"""Where numbers go: DIR/metrics.jsonl, TensorBoard event files (tensorboardX, no TensorFlow), the terminal.
+
+Also the peak-FLOP/s table MFU is measured against. Only process 0 writes; the others get a logger that
+does nothing, so the training loop never asks who it is.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+
+# Dense peak FLOP/s per device at the compute dtype researchers use there (bf16 on accelerators). Matched by
+# substring of jax.devices()[0].device_kind, first hit wins. The CPU figure is XLA's f32 matmul peak measured on
+# the 2-core AVX-512 development machine (lmjax bench prints its own measurement; set train.peak_flops to use it).
+PEAK_FLOPS = (
+    ('TPU v6', 918e12),
+    ('TPU v5p', 459e12),
+    ('TPU v5 lite', 197e12),
+    ('TPU v5e', 197e12),
+    ('TPU v4', 275e12),
+    ('H200', 989e12),
+    ('H100', 989e12),
+    ('A100', 312e12),
+    ('L4', 121e12),
+    ('cpu', 143e9),
+)
+
+
+def peak_flops_per_device(override: float = 0.0) -> float:
+  if override:
+    return float(override)
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS:
+    if name.lower() in kind.lower():
+      return flops
+  return math.nan  # unknown device: MFU is reported as NaN rather than made up
+
+
+class Logger:
+  """Writes one metrics dict per call to metrics.jsonl and TensorBoard, and prints a line for humans."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True, progress_total: int = 0, progress_start: int = 0,
+               progress_bar: bool = True):
+    self.enabled = enabled
+    self._jsonl = self._tb = self._bar = None
+    if not enabled:
+      return
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    from tensorboardX import SummaryWriter
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    if progress_bar and progress_total and sys.stderr.isatty():
+      from tqdm import tqdm
+      self._bar = tqdm(total=progress_total, initial=progress_start, unit='step', dynamic_ncols=True, leave=False)
+
+  def write(self, step: int, metrics: dict, *, echo: bool = True):
+    if not self.enabled:
+      return
+    row = {'step': int(step), 'time': round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(row) + '\n')
+    self._jsonl.flush()
+    for k, v in row.items():
+      if k not in ('step', 'time') and isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, step)
+    if echo:
+      self.echo(f'step {step:6d} | ' + ' | '.join(_fmt(k, v) for k, v in metrics.items()))
+
+  def advance(self, n: int):
+    if self._bar is not None:
+      self._bar.update(n)
+
+  def echo(self, text: str):
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(text)
+    else:
+      print(text, flush=True)
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+    if self._tb is not None:
+      self._tb.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
+
+
+def _plain(v):
+  v = v.item() if hasattr(v, 'item') else v
+  return float(v) if isinstance(v, float) else v
+
+
+def _fmt(k, v):
+  if isinstance(v, float):
+    if k == 'mfu':
+      return f'mfu {100 * v:.1f}%'
+    if k in ('tokens_per_sec',):
+      return f'{k} {v:,.0f}'
+    if k in ('lr',) or abs(v) < 1e-3:
+      return f'{k} {v:.2e}'
+    return f'{k} {v:.4f}'
+  return f'{k} {v}'

@@ -1,0 +1,320 @@
+"""Decoder-only Transformer in Flax Linen.
+
+Defaults reproduce the GPT-2 block: pre-LayerNorm, learned positions, exact-erf GELU MLP, tied embeddings,
+biases. Options cover the Llama family too: RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases.
+
+Shapes live in names, one letter per dim: B batch, L query length, T key/value length (the cache length when
+decoding), D d_model, H query heads, N key/value heads (H = N * G, G heads share one kv head), K head dim,
+F feed-forward dim, V vocab.
+
+One forward pass serves training, evaluation, prefill and decoding. Attention masks are built from *slots*
+(indices along the sequence or the KV cache) and *segment ids*: a key is visible to a query when its slot is not
+later and its segment is the same. Packed documents get distinct segment ids, and left padding gets segment 0,
+so one rule covers causality, packing and batched prompts of different lengths.
+
+Parameters carry logical axis names (`nn.with_logical_partitioning`); lmjax/parallel.py maps them onto the mesh.
+Parameter paths are stable: `embed`, `pos_embed`, `block_{i}/{ln1,attn/{q,kv,o},ln2,mlp/{up,gate,down}}`,
+`ln_f`, `lm_head`; with scanned layers, `blocks/...` holds the same leaves with a leading layer axis.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmjax import attention
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  max_len: int
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 0  # 0 = n_heads (multi-head); 1 = multi-query; otherwise grouped-query
+  d_model: int = 128
+  d_ff: int = 0  # 0 = 4 * d_model
+  dropout: float = 0.0
+  norm: str = 'layernorm'  # layernorm | rmsnorm
+  norm_eps: float = 1e-5
+  positions: str = 'learned'  # learned | rope
+  rope_theta: float = 10000.0
+  mlp: str = 'gelu'  # gelu (exact erf, as GPT-2/nanoGPT) | swiglu
+  tied_embeddings: bool = True
+  use_bias: bool = True
+  dtype: str = 'float32'  # compute dtype; logits, softmax and loss are always float32
+  param_dtype: str = 'float32'
+  scan_layers: bool = False  # nn.scan over blocks: compile time flat in depth
+  remat: str = 'none'  # see REMAT_POLICIES
+  attention: str = 'xla'  # see lmjax/attention.py
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def ff_dim(self) -> int:
+    return self.d_ff or 4 * self.d_model
+
+  def validate(self):
+    """Raises ValueError naming the offending field; called before anything is built."""
+    def need(ok, msg):
+      if not ok:
+        raise ValueError(f'model config: {msg}')
+    need(self.vocab_size > 0, f'vocab_size must be > 0, got {self.vocab_size}')
+    need(self.d_model % self.n_heads == 0,
+         f'd_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})')
+    need(self.n_heads % self.kv_heads == 0,
+         f'n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})')
+    need(self.norm in ('layernorm', 'rmsnorm'), f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+    need(self.positions in ('learned', 'rope'), f"positions must be 'learned' or 'rope', got {self.positions!r}")
+    need(self.positions != 'rope' or self.head_dim % 2 == 0, f'rope needs an even head_dim, got {self.head_dim}')
+    need(self.mlp in ('gelu', 'swiglu'), f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
+    need(self.remat in REMAT_POLICIES, f'remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}')
+    need(0.0 <= self.dropout < 1.0, f'dropout must be in [0, 1), got {self.dropout}')
+    need(self.attention in attention.IMPLEMENTATIONS,
+         f'attention must be one of {sorted(attention.IMPLEMENTATIONS)}, got {self.attention!r}')
+    return self
+
+
+# What the backward pass keeps of each block (the rest is recomputed). 'none' keeps everything (no remat);
+# 'full' keeps only the block's input; 'save_dots' keeps every matmul output; 'save_proj' keeps the projection
+# matmuls but recomputes attention scores (they grow with length squared).
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'save_dots': jax.checkpoint_policies.checkpoint_dots,
+    'save_proj': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+_INIT_STD = 0.02  # GPT-2's init; residual projections are scaled by 1/sqrt(2 * n_layers) on top.
+
+
+def _dense_init(axes, std=_INIT_STD):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _zeros(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+class Norm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',))
+    x = x_BxLxD.astype(jnp.float32)  # statistics in float32 whatever the compute dtype
+    if cfg.norm == 'rmsnorm':
+      y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps)
+    else:
+      mean = jnp.mean(x, axis=-1, keepdims=True)
+      var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+      y = (x - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+    y = y * self.param('scale', ones, (x.shape[-1],), cfg.param_dtype)
+    if cfg.use_bias and cfg.norm == 'layernorm':
+      y = y + self.param('bias', _zeros(('norm',)), (x.shape[-1],), cfg.param_dtype)
+    return y.astype(cfg.dtype)
+
+
+def rope(x_BxLxHxK, positions_BxL, theta):
+  """Rotary position embedding (half-split layout, as Llama/NeoX): rotates pairs (i, i + K/2)."""
+  k = x_BxLxHxK.shape[-1]
+  freq_K2 = theta ** -(jnp.arange(0, k, 2, dtype=jnp.float32) / k)
+  angle_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * freq_K2
+  sin, cos = jnp.sin(angle_BxLxK2)[:, :, None, :], jnp.cos(angle_BxLxK2)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxK.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask, *, train, cache=None, cache_index=None):
+    cfg = self.cfg
+    H, N, K, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.d_model
+    dense = lambda name, shape, axes, std=_INIT_STD: self.param(name, _dense_init(axes, std), shape, cfg.param_dtype)
+    bias = lambda name, shape, axes: self.param(name, _zeros(axes), shape, cfg.param_dtype)
+    dt = cfg.dtype
+
+    q_BxLxHxK = jnp.einsum('BLD,DHK->BLHK', x_BxLxD, dense('q_kernel', (D, H, K), ('embed', 'heads', 'head_dim')).astype(dt))
+    kv_2xBxNxLxK = jnp.einsum('BLD,DCNK->CBNLK', x_BxLxD,
+                              dense('kv_kernel', (D, 2, N, K), ('embed', None, 'kv_heads', 'head_dim')).astype(dt))
+    if cfg.use_bias:
+      q_BxLxHxK += bias('q_bias', (H, K), ('heads', 'head_dim')).astype(dt)
+      kv_2xBxNxLxK += bias('kv_bias', (2, N, K), (None, 'kv_heads', 'head_dim')).astype(dt)[:, None, :, None, :]
+    k_BxNxLxK, v_BxNxLxK = kv_2xBxNxLxK[0], kv_2xBxNxLxK[1]
+    if cfg.positions == 'rope':
+      q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
+      k_BxNxLxK = rope(k_BxNxLxK.transpose(0, 2, 1, 3), positions_BxL, cfg.rope_theta).transpose(0, 2, 1, 3)
+
+    new_cache = None
+    if cache is not None:  # decoding: write this chunk at cache_index, attend over the whole cache
+      upd = lambda buf, new: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, 0, cache_index, 0))
+      new_cache = {'k': upd(cache['k'], k_BxNxLxK), 'v': upd(cache['v'], v_BxNxLxK)}
+      k_BxNxLxK, v_BxNxLxK = new_cache['k'].astype(dt), new_cache['v'].astype(dt)
+
+    drop_rng = self.make_rng('dropout') if (train and cfg.dropout > 0) else None
+    out_BxLxHxK = attention.attend(q_BxLxHxK, k_BxNxLxK, v_BxNxLxK, mask, impl=cfg.attention,
+                                   dropout=cfg.dropout if train else 0.0, dropout_rng=drop_rng)
+    std_out = _INIT_STD / (2 * cfg.n_layers) ** 0.5
+    y_BxLxD = jnp.einsum('BLHK,HKD->BLD', out_BxLxHxK,
+                         dense('o_kernel', (H, K, D), ('heads', 'head_dim', 'embed'), std_out).astype(dt))
+    if cfg.use_bias:
+      y_BxLxD += bias('o_bias', (D,), ('embed',)).astype(dt)
+    return y_BxLxD, new_cache
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    D, F, dt = cfg.d_model, cfg.ff_dim, cfg.dtype
+    std_out = _INIT_STD / (2 * cfg.n_layers) ** 0.5
+
+    def dense(name, x, shape, axes, std=_INIT_STD):
+      y = jnp.dot(x, self.param(f'{name}_kernel', _dense_init(axes, std), shape, cfg.param_dtype).astype(dt))
+      if cfg.use_bias:
+        y += self.param(f'{name}_bias', _zeros(axes[-1:]), shape[-1:], cfg.param_dtype).astype(dt)
+      return y
+
+    h_BxLxF = dense('up', x_BxLxD, (D, F), ('embed', 'mlp'))
+    if cfg.mlp == 'swiglu':
+      h_BxLxF = nn.silu(dense('gate', x_BxLxD, (D, F), ('embed', 'mlp'))) * h_BxLxF
+    else:
+      h_BxLxF = nn.gelu(h_BxLxF, approximate=False)
+    h_BxLxF = nn.with_logical_constraint(h_BxLxF, ('batch', 'length', 'mlp'))
+    return dense('down', h_BxLxF, (F, D), ('mlp', 'embed'), std_out)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask, train: bool, cache=None, cache_index=None):
+    cfg = self.cfg
+    drop = lambda y: nn.Dropout(cfg.dropout, deterministic=not train)(y) if cfg.dropout > 0 else y
+    y, new_cache = Attention(cfg, name='attn')(Norm(cfg, name='ln1')(x_BxLxD), positions_BxL, mask, train=train,
+                                               cache=cache, cache_index=cache_index)
+    x_BxLxD = x_BxLxD + drop(y)
+    x_BxLxD = x_BxLxD + drop(Mlp(cfg, name='mlp')(Norm(cfg, name='ln2')(x_BxLxD)))
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'embed_act'))
+    return x_BxLxD, new_cache
+
+
+class _ScanBlock(nn.Module):
+  """Block with the (carry, xs) -> (carry, ys) signature nn.scan wants; the cache is the per-layer xs/ys."""
+  cfg: ModelConfig
+  train: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxD, cache, positions_BxL, mask, cache_index):
+    return Block(self.cfg, name='block')(x_BxLxD, positions_BxL, mask, self.train, cache, cache_index)
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, train: bool = False,
+               cache=None, cache_index=None, kv_segment_ids_BxT=None):
+    """Returns float32 logits_BxLxV, or (logits_BxLxV, new_cache) when `cache` is given.
+
+    positions: token positions (default 0..L-1); they restart at 0 in every packed document.
+    segment_ids: document ids in a packed row, 0 for padding (default: all one segment).
+    cache / cache_index / kv_segment_ids: decoding. `cache` is what `init_cache` returns; this chunk is written at
+      slots cache_index .. cache_index + L - 1; kv_segment_ids_BxT gives the segment of every cache slot.
+    """
+    cfg = self.cfg
+    B, L = tokens_BxL.shape
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    q_slot_L = jnp.arange(L, dtype=jnp.int32)
+    if cache is None:
+      kv_slot_T, kv_segment_ids_BxT = q_slot_L, segment_ids_BxL
+    else:
+      q_slot_L = q_slot_L + cache_index
+      kv_slot_T = jnp.arange(cache['k'][0].shape[-2] if not cfg.scan_layers else cache['k'].shape[-2], dtype=jnp.int32)
+    mask = attention.make_mask(q_slot_L, kv_slot_T, segment_ids_BxL, kv_segment_ids_BxT)
+
+    embed = self.param('embed', _dense_init(('vocab', 'embed')), (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
+    x_BxLxD = jnp.take(embed, tokens_BxL, axis=0).astype(cfg.dtype)
+    if cfg.positions == 'learned':
+      pos_embed = self.param('pos_embed', _dense_init((None, 'embed')), (cfg.max_len, cfg.d_model), cfg.param_dtype)
+      x_BxLxD = x_BxLxD + jnp.take(pos_embed, positions_BxL, axis=0).astype(cfg.dtype)
+    if cfg.dropout > 0:
+      x_BxLxD = nn.Dropout(cfg.dropout, deterministic=not train)(x_BxLxD)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'embed_act'))
+
+    policy = REMAT_POLICIES[cfg.remat]
+    if cfg.scan_layers:
+      block = _ScanBlock
+      if cfg.remat != 'none':
+        block = nn.remat(block, policy=policy, prevent_cse=False)
+      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_BxLxD, new_cache = stack(cfg, train, name='blocks')(x_BxLxD, cache, positions_BxL, mask, cache_index)
+    else:
+      block = Block
+      if cfg.remat != 'none':
+        block = nn.remat(Block, policy=policy, static_argnums=(4,))
+      new_cache = None if cache is None else {'k': [], 'v': []}
+      for i in range(cfg.n_layers):
+        layer_cache = None if cache is None else {'k': cache['k'][i], 'v': cache['v'][i]}
+        x_BxLxD, c = block(cfg, name=f'block_{i}')(x_BxLxD, positions_BxL, mask, train, layer_cache, cache_index)
+        if cache is not None:
+          new_cache['k'].append(c['k'])
+          new_cache['v'].append(c['v'])
+
+    x_BxLxD = Norm(cfg, name='ln_f')(x_BxLxD)
+    if cfg.tied_embeddings:
+      logits_BxLxV = jnp.einsum('BLD,VD->BLV', x_BxLxD, embed.astype(cfg.dtype), preferred_element_type=jnp.float32)
+    else:
+      head = self.param('lm_head', _dense_init(('embed', 'vocab')), (cfg.d_model, cfg.vocab_size), cfg.param_dtype)
+      logits_BxLxV = jnp.einsum('BLD,DV->BLV', x_BxLxD, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    return logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None):
+  """Zeroed KV cache, (batch, kv_heads, time, head_dim) per layer: decoding writes one time slot per step without
+  transposing the cache. Unscanned models keep a list of per-layer arrays so an update touches one layer only."""
+  shape = (batch, cfg.kv_heads, length, cfg.head_dim)
+  dtype = dtype or cfg.dtype
+  if cfg.scan_layers:
+    z = jnp.zeros((cfg.n_layers, *shape), dtype)
+    return {'k': z, 'v': z}
+  return {'k': [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
+          'v': [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)]}
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: Optional[int] = None) -> float:
+  """Training FLOPs per token: 6 * N (matmul params, forward + backward) + 12 * n_layers * d_model * seq_len
+  (attention scores and weighted sum, causal mask not discounted) -- the PaLM appendix B formula, as nanoGPT's
+  estimate_mfu. N excludes the position table (a lookup, not a matmul) and counts the tied embedding once, as
+  the output projection. This is the one place lmjax computes model FLOPs: MFU, `lmjax plan` and benchmarks call it.
+  """
+  D, F, H, N, K = cfg.d_model, cfg.ff_dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+  per_layer = D * H * K + D * 2 * N * K + H * K * D + (3 if cfg.mlp == 'swiglu' else 2) * D * F
+  matmul_params = cfg.n_layers * per_layer + cfg.vocab_size * D
+  return 6.0 * matmul_params + 12.0 * cfg.n_layers * D * seq_len
+

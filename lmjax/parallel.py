@@ -1,0 +1,126 @@
+"""Device mesh, logical-axis rules and shardings: the only place that knows how arrays are laid over devices.
+
+The model names its axes logically ('embed', 'heads', 'mlp', ...); RULES map those names onto the mesh axes
+data / fsdp / tensor. The batch is split over (data, fsdp); FSDP shards weights over 'embed'; tensor parallelism
+splits heads, kv heads, the MLP hidden dim and the vocabulary. A dim that a mesh axis does not divide stays
+replicated rather than failing, so one config file runs on 1 CPU, 8 devices or a pod slice.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+
+RULES = (
+    ('batch', BATCH_AXES),
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('head_dim', None),
+    ('norm', None),
+    ('layers', None),
+    ('length', None),
+    ('embed_act', None),  # activations keep d_model whole: FSDP gathers weights, not activations
+)
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over all devices; one axis size may be -1 (= the devices left)."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [int(mesh_config[a]) for a in AXES]
+  free = [i for i, s in enumerate(sizes) if s == -1]
+  if len(free) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'mesh sizes {dict(zip(AXES, sizes))}: each must be >= 1, and at most one may be -1')
+  known = math.prod(s for s in sizes if s != -1)
+  if free:
+    if len(devices) % known:
+      raise ValueError(f'mesh {dict(zip(AXES, sizes))}: {len(devices)} devices are not divisible by {known}')
+    sizes[free[0]] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f'mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but {len(devices)} are '
+                     'available; set --config.mesh.data=-1 to use the rest')
+  # mesh_utils orders devices so that neighbours on the mesh are neighbours on the interconnect (TPU torus).
+  from jax.experimental import mesh_utils
+  try:
+    arr = mesh_utils.create_device_mesh(sizes, devices=devices)
+  except Exception:  # pylint: disable=broad-except  -- unusual topologies: plain order is still correct
+    arr = np.array(devices).reshape(sizes)
+  return Mesh(arr, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh):
+  """Mesh and logical rules for tracing: the model's activation constraints resolve against them."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    yield
+
+
+def spec_for(logical_axes, shape, mesh: Mesh) -> P:
+  """PartitionSpec for one array from its logical axis names; indivisible dims and reused mesh axes replicate."""
+  rules = dict(RULES)
+  used, out = set(), []
+  for name, dim in zip(logical_axes, shape):
+    mesh_axes = rules.get(name) if name else None
+    if isinstance(mesh_axes, str):
+      mesh_axes = (mesh_axes,)
+    mesh_axes = tuple(a for a in (mesh_axes or ()) if mesh.shape[a] > 1 and a not in used)
+    if mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+      used.update(mesh_axes)
+      out.append(mesh_axes if len(mesh_axes) > 1 else mesh_axes[0])
+    else:
+      out.append(None)
+  return P(*out)
+
+
+def param_shardings(boxed_params, mesh: Mesh):
+  """NamedSharding per parameter from the logical names `init` attached (nn.Partitioned boxes)."""
+  def one(x):
+    names = tuple(x.names) if isinstance(x, nn.Partitioned) else (None,) * x.ndim
+    value = x.value if isinstance(x, nn.Partitioned) else x
+    return NamedSharding(mesh, spec_for(names, value.shape, mesh))
+  return jax.tree.map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def _path(keys) -> tuple:
+  return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in keys)
+
+
+def match_shardings(tree, params, param_shardings, mesh: Mesh):
+  """Shardings for optimizer state: a leaf whose path ends with a parameter's path and has its shape (Adam's
+  moments, momentum) is laid out like that parameter; anything else (step counts, factored statistics) is
+  replicated."""
+  by_path = {_path(p): (x.shape, sh) for (p, x), sh in
+             zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_shardings))}
+
+  def one(keys, x):
+    path = _path(keys)
+    for i in range(len(path)):
+      shape, sh = by_path.get(path[i:], (None, None))
+      if shape == x.shape:
+        return sh
+    return replicated(mesh)
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Rows over (data, fsdp); with steps_per_call > 1, batches carry a leading step axis first."""
+  lead = (None,) * (ndim - 2)
+  return NamedSharding(mesh, P(*lead, BATCH_AXES, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def put_batch(batch: dict, sharding: NamedSharding) -> dict:
+  """This process's rows -> one global array per key (each host holds only its shard)."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

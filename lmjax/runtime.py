@@ -1,0 +1,45 @@
+"""Process-level set-up done once before any JAX work: allocator tuning, multi-host join, compilation cache."""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import jax
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def tune_host_allocator():
+  """Keep freed buffers in glibc's heap instead of returning them to the OS.
+
+  On CPU every executable call allocates fresh temporaries; above glibc's default 128 KiB mmap threshold each
+  one is an mmap/munmap pair that page-faults on first touch. Raising the thresholds (the same as
+  MALLOC_MMAP_THRESHOLD_=32MiB MALLOC_TRIM_THRESHOLD_=2GiB MALLOC_TOP_PAD_=256MiB in the environment) measured
+  52.8 -> 43.7 ms per step on the CPU recipe. A no-op where glibc is absent.
+  """
+  try:
+    libc = ctypes.CDLL('libc.so.6')
+  except OSError:
+    return
+  libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+  libc.mallopt(_M_TRIM_THRESHOLD, 2 << 30)
+  libc.mallopt(_M_TOP_PAD, 256 << 20)
+
+
+def init_distributed(coordinator: str = '', num_processes: int = 0, process_id: int = -1):
+  """Joins the multi-host job. With no arguments: auto-detection (TPU VMs, SLURM, Open MPI) when the environment
+  describes a cluster, otherwise a single process. Explicit values are for GPU clusters and local tests."""
+  if coordinator:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+  elif any(k in os.environ for k in ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE',
+                                     'JAX_COORDINATOR_ADDRESS')):
+    jax.distributed.initialize()
+
+
+def enable_compilation_cache(cache_dir: str):
+  """JAX's persistent compilation cache: a repeated or resumed run loads its executables instead of compiling."""
+  if not cache_dir:
+    return
+  jax.config.update('jax_compilation_cache_dir', os.path.expanduser(cache_dir))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

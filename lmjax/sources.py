@@ -1,0 +1,190 @@
+"""TFDS text datasets as random-access array_record sources, without TF or network.
+
+TFDS's stock builders read through `tf.io.gfile` and fetch their files from
+the internet; here nothing is ever downloaded. tiny_shakespeare is built from a
+local `input.txt` checked against the size/sha256 TFDS registers for it; any
+other dataset must already be prepared (array_record) in `data_dir`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.file_adapters import FileFormat
+
+TINY_SHAKESPEARE = 'tiny_shakespeare'
+_TS_FILE = 'input.txt'
+_FORMAT = 'array_record'
+_StockTinyShakespeare = tfds.builder_cls(TINY_SHAKESPEARE)
+
+
+class DataError(ValueError):
+  """A dataset is missing, corrupt or unprepared; the message says how to fix it."""
+
+
+def _registered_checksum() -> tuple[int, str]:
+  """(size, sha256) TFDS registers for tiny_shakespeare's input.txt."""
+  # Read from TFDS's checksums.tsv rather than hard-coding, so a TFDS upgrade
+  # that changes the expected file is noticed instead of silently diverging.
+  for info in (_StockTinyShakespeare.url_infos or {}).values():
+    if info.filename == _TS_FILE:
+      return int(info.size), info.checksum
+  raise DataError(
+      f'TFDS registers no checksum for {TINY_SHAKESPEARE}/{_TS_FILE} '
+      f'(checksums at {_StockTinyShakespeare._checksums_path}); '
+      'the installed tensorflow-datasets looks incompatible.'
+  )
+
+
+def _read_verified(manual_dir: str | None) -> bytes:
+  """manual_dir/input.txt, after checking it against TFDS's registered checksum."""
+  size, sha = _registered_checksum()
+  path = Path(manual_dir or '<manual_dir>') / _TS_FILE
+  fix = (
+      f'Put the tiny_shakespeare {_TS_FILE} ({size} bytes, sha256 {sha}) at '
+      f'{path}, or pass --config.data.manual_dir=DIR naming the directory '
+      f'that holds it. (Nothing is downloaded: it is karpathy/char-rnn '
+      f'data/tinyshakespeare/{_TS_FILE}.)'
+  )
+  if manual_dir is None:
+    raise DataError(f'tiny_shakespeare is not prepared and no manual_dir was given. {fix}')
+  if not path.is_file():
+    raise DataError(f'{path} does not exist. {fix}')
+  with path.open('rb') as f:
+    actual_sha = hashlib.file_digest(f, 'sha256').hexdigest()
+  actual_size = path.stat().st_size
+  if actual_size != size or actual_sha != sha:
+    raise DataError(
+        f'{path} is {actual_size} bytes with sha256 {actual_sha}, but '
+        f'expected {size} bytes with sha256 {sha} (corrupt or a different '
+        f'file). {fix}'
+    )
+  return path.read_bytes()
+
+
+class _LocalTinyShakespeare(_StockTinyShakespeare, skip_registration=True):
+  """The stock builder (name, version, splits, features), reading a local file."""
+
+  name = TINY_SHAKESPEARE
+  # Point metadata (README, citation) and checksums.tsv at the stock package,
+  # not at this module, so the prepared dataset_info matches the stock one.
+  code_path = _StockTinyShakespeare.code_path
+  pkg_dir_path = _StockTinyShakespeare._get_pkg_dir_path()
+
+  _text = ''  # Set by prepare_tiny_shakespeare once input.txt is verified.
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Never download: the text was read and verified upfront.
+    text = self._text
+    # Same 90/5/5 cut as the stock builder (its code can't run without TF).
+    i = int(len(text) * 0.9)
+    train, rest = text[:i], text[i:]
+    j = int(len(rest) * 0.5)
+    parts = {'train': train, 'validation': rest[:j], 'test': rest[j:]}
+    return [
+        tfds.core.SplitGenerator(
+            name=key, gen_kwargs={'split_key': key, 'split_text': part}
+        )
+        for key, part in parts.items()
+    ]
+
+
+def prepare_tiny_shakespeare(data_dir: str, manual_dir: str | None) -> None:
+  """Builds stock `tiny_shakespeare` (array_record) in data_dir from manual_dir/input.txt."""
+  builder = _LocalTinyShakespeare(data_dir=data_dir, file_format=_FORMAT)
+  if builder.is_prepared():
+    return
+  # Verify before building so a bad file fails fast and leaves nothing behind.
+  builder._text = _read_verified(manual_dir).decode('utf-8')
+  builder.download_and_prepare(
+      file_format=_FORMAT,
+      # No GCS: there is no network, and a GCS probe could hang.
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+  )
+
+
+def _prepared_builder(name: str, data_dir: str):
+  """The builder for an already prepared array_record dataset, else DataError."""
+  base = re.split(r'[/:]', name, maxsplit=1)[0]
+  # No community datasets: listing them reads an index from GCS.
+  known = sorted(set(tfds.list_builders(with_community_datasets=False)))
+  if base not in known:
+    close = difflib.get_close_matches(base, known, n=5)
+    raise DataError(
+        f'Unknown TFDS dataset {name!r}. Close matches: {close or "none"}. '
+        'See tfds.list_builders() for all names.'
+    )
+  try:
+    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f'Could not create TFDS builder {name!r}: {e}') from e
+  if not builder.is_prepared():
+    raise DataError(
+        f'TFDS dataset {name!r} is not prepared in {data_dir} (looked for '
+        f'{builder.data_path}) and is never downloaded here. On a machine with '
+        f'network access run `tfds build {name} --data_dir=DIR '
+        f'--file_format={_FORMAT}` (manual-download datasets take their files '
+        f'from DIR/downloads/manual) and copy DIR/{base} into {data_dir}.'
+    )
+  if builder.info.file_format not in FileFormat.with_random_access():
+    raise DataError(
+        f'{name!r} in {builder.data_path} is {builder.info.file_format.value}, but '
+        f'random access needs {_FORMAT}. Convert it with `tfds convert_format '
+        f'--dataset_version_dir={builder.data_path} '
+        f'--out_file_format={_FORMAT}`.'
+    )
+  return builder
+
+
+def _check_split(builder, split: str) -> None:
+  available = sorted(builder.info.splits.keys())
+  # 'validation+test', 'train[:10%]': check each base split name.
+  for part in split.split('+'):
+    base = part.split('[', 1)[0].strip()
+    if base not in available:
+      raise DataError(
+          f'{builder.name!r} has no split {base!r} (from {split!r}); '
+          f'available splits: {available}.'
+      )
+
+
+def text_source(
+    name: str, split: str, data_dir: str, manual_dir: str | None = None
+):
+  """Random-access (len/getitem) source of `name`'s `split`, prepared in data_dir.
+
+  Only tiny_shakespeare is prepared on demand (from manual_dir/input.txt);
+  anything else must already be prepared. Never downloads.
+  """
+  if name == TINY_SHAKESPEARE:
+    prepare_tiny_shakespeare(data_dir, manual_dir)
+  _check_split(_prepared_builder(name, data_dir), split)
+  return tfds.data_source(
+      name, split=split, data_dir=data_dir, download=False, try_gcs=False
+  )
+
+
+def feature_text(example, feature: str, name: str) -> str:
+  """The `feature` of one example as str, or DataError naming the features."""
+  if feature not in example:
+    raise DataError(
+        f'{name!r} examples have no feature {feature!r}; available: '
+        f'{sorted(example)}. Choose one of those as the text feature.'
+    )
+  value = example[feature]
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+def tiny_shakespeare_text(
+    data_dir: str, manual_dir: str | None, split: str
+) -> str:
+  """The whole text of a tiny_shakespeare split (each split is one example)."""
+  source = text_source(TINY_SHAKESPEARE, split, data_dir, manual_dir)
+  return ''.join(
+      feature_text(source[i], 'text', TINY_SHAKESPEARE)
+      for i in range(len(source))
+  )

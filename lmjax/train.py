@@ -1,0 +1,359 @@
+"""Training: the pure, jitted train and eval steps, and the loop that feeds, logs, evaluates and checkpoints.
+
+Read top to bottom: TrainState -> loss -> train_step / eval_step (pure) -> Task (builds model, optimizer, mesh,
+shardings and compiled steps from a config) -> train() (the loop; all I/O lives here, outside the steps).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmjax import checkpoint, config as config_lib, data as data_lib, metrics as metrics_lib, model as model_lib
+from lmjax import optim, parallel, runtime, tokenizers
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: Any
+  opt_state: Any
+
+
+# ------------------------------------------------------------------------------------------ pure functions
+
+
+def loss_terms(params, model, batch, *, train=False, rng=None):
+  """(summed token NLL, number of target tokens) in float32. `weights` (if present) masks padding."""
+  logits_BxLxV = model.apply({'params': params}, batch['inputs'], batch.get('positions'), batch.get('segment_ids'),
+                             train=train, rngs={'dropout': rng} if rng is not None else None)
+  logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+  target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch['targets'][..., None], axis=-1)[..., 0]
+  nll_BxL = logz_BxL - target_logit_BxL
+  if 'weights' in batch:
+    return jnp.sum(nll_BxL * batch['weights']), jnp.sum(batch['weights'])
+  return jnp.sum(nll_BxL), jnp.float32(nll_BxL.size)
+
+
+def train_step(state: TrainState, batch, rng, *, model, tx, grad_accum: int = 1):
+  """One optimizer step on one global batch -> (new state, metrics). Dropout keys derive from (rng, step), so a
+  resumed run draws exactly the masks the uninterrupted run drew."""
+  rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params, micro, micro_rng):
+    total, count = loss_terms(params, model, micro, train=True, rng=micro_rng)
+    return total / count, (total, count)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if grad_accum == 1:
+    (_, (total, count)), grads = grad_fn(state.params, batch, rng)
+  else:
+    # Micro-batches in a scan: gradients of per-micro-batch means, averaged (equal-sized micro-batches).
+    micro_batches = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+    def accumulate(carry, xs):
+      micro, i = xs
+      (_, (t, c)), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, carry, (g, t, c)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0), jnp.float32(0))
+    (grads, total, count), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(grad_accum)))
+    grads = jax.tree.map(lambda g: g / grad_accum, grads)
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = jax.tree.map(jnp.add, state.params, updates)  # optax.apply_updates, minus its dtype casts
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, {'train_loss': total / count, 'grad_norm': _global_norm(grads)}
+
+
+def _global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def train_steps(state, batches_KxBxL, rng, **kw):
+  """K optimizer steps in one call (lax.scan over K stacked batches): the per-call cost of launching an executable
+  is paid once per K steps. Metrics come back stacked, one value per step."""
+  return jax.lax.scan(lambda s, b: train_step(s, b, rng, **kw), state, batches_KxBxL)
+
+
+def eval_step(params, batch, *, model):
+  return loss_terms(params, model, batch)
+
+
+# ------------------------------------------------------------------------------------------ the task
+
+
+class Task:
+  """Everything static about a run, built from its config: model, optimizer, mesh, shardings, compiled steps."""
+
+  def __init__(self, config, mesh=None):
+    self.config = config
+    self.model_cfg = config_lib.model_config(config)
+    self.model = model_lib.Transformer(self.model_cfg)
+    self.tx, self.lr_schedule = optim.make(config.optimizer, config.train.steps)
+    self.mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
+    self.steps_per_call = config.train.get('steps_per_call', 1)
+    _check_train_config(config, self.mesh)
+    self.rng = jax.random.key(config.seed)
+
+    abstract_boxed = jax.eval_shape(self._boxed_params, self.rng)
+    self.param_shardings = parallel.param_shardings(abstract_boxed, self.mesh)
+    abstract_params = nn.meta.unbox(abstract_boxed)
+    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+    repl = parallel.replicated(self.mesh)
+    self.state_shardings = TrainState(step=repl, params=self.param_shardings,
+                                      opt_state=parallel.match_shardings(abstract_opt, abstract_params,
+                                                                         self.param_shardings, self.mesh))
+    abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, abstract_opt)
+    self.abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                       abstract, self.state_shardings)
+    self.n_params = model_lib.count_params(abstract_params)
+    self.flops_per_token = model_lib.flops_per_token(self.model_cfg, self.model_cfg.max_len)
+
+    K = self.steps_per_call
+    self.batch_sharding = parallel.batch_sharding(self.mesh, ndim=3)
+    self.eval_batch_sharding = parallel.batch_sharding(self.mesh, ndim=2)
+    step_kw = dict(model=self.model, tx=self.tx, grad_accum=config.train.grad_accum)
+    self.train_fn = jax.jit(functools.partial(train_steps, **step_kw),
+                            in_shardings=(self.state_shardings, self.batch_sharding, repl),
+                            out_shardings=(self.state_shardings, repl), donate_argnums=0)
+    self.eval_fn = jax.jit(functools.partial(eval_step, model=self.model),
+                           in_shardings=(self.param_shardings, self.eval_batch_sharding), out_shardings=repl)
+    self.train_batch_shape = (K, config.train.batch_size, self.model_cfg.max_len)
+
+  def _boxed_params(self, rng):
+    tokens = jnp.zeros((1, self.model_cfg.max_len), jnp.int32)
+    return self.model.init({'params': rng}, tokens)['params']
+
+  def init_state(self) -> TrainState:
+    """Fresh state, created directly in its sharded layout (never materialised whole on one device)."""
+    def init(rng):
+      params = nn.meta.unbox(self._boxed_params(rng))
+      return TrainState(jnp.int32(0), params, self.tx.init(params))
+    with parallel.activate(self.mesh):
+      return jax.jit(init, out_shardings=self.state_shardings)(jax.random.fold_in(self.rng, 0))
+
+  def compile_train(self):
+    """Ahead-of-time compilation of the train step; returns (executable, seconds)."""
+    t0 = time.perf_counter()
+    batch = {k: jax.ShapeDtypeStruct(self.train_batch_shape, jnp.int32, sharding=self.batch_sharding)
+             for k in ('inputs', 'targets')}
+    with parallel.activate(self.mesh):
+      compiled = self.train_fn.lower(self.abstract_state, batch, self.dropout_rng).compile()
+    return compiled, time.perf_counter() - t0
+
+  @property
+  def dropout_rng(self):
+    return jax.random.fold_in(self.rng, 1)
+
+  def evaluate(self, params, batches) -> dict:
+    """Mean loss and perplexity over the given (fixed) eval batches; one host sync at the end."""
+    total = count = 0.0
+    with parallel.activate(self.mesh):
+      for b in batches:
+        t, c = self.eval_fn(params, parallel.put_batch(b, self.eval_batch_sharding))
+        total, count = total + t, count + c
+    loss = float(total) / max(float(count), 1.0)
+    return {'val_loss': loss, 'val_ppl': float(np.exp(min(loss, 50.0)))}
+
+
+def _check_train_config(config, mesh):
+  tc, K = config.train, config.train.get('steps_per_call', 1)
+  for name in ('log_every', 'eval_every', 'checkpoint_every', 'steps'):
+    if tc[name] % K:
+      raise config_lib.ConfigError(f'train.{name} ({tc[name]}) must be a multiple of train.steps_per_call ({K})')
+  rows = mesh.shape['data'] * mesh.shape['fsdp']
+  if tc.batch_size % (rows * tc.grad_accum):
+    raise config_lib.ConfigError(
+        f'train.batch_size ({tc.batch_size}) must be divisible by grad_accum ({tc.grad_accum}) x the batch-sharding '
+        f'devices (mesh data x fsdp = {rows})')
+  if tc.eval_batch_size % rows:
+    raise config_lib.ConfigError(f'train.eval_batch_size ({tc.eval_batch_size}) must be divisible by mesh data x fsdp ({rows})')
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+# Model fields a resumed run may change: they alter how the step computes, not what the parameters are.
+_RESUMABLE_MODEL_CHANGES = ('dropout', 'attention', 'remat', 'dtype')
+
+
+def check_compatible(recorded: dict, config, tokenizer_spec: dict | None, where: str):
+  """Raises ConfigError when a checkpoint's model or tokenizer differs from this run's, naming the fields."""
+  old, new = recorded['config']['model'], config.model.to_dict()
+  diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+          if k not in _RESUMABLE_MODEL_CHANGES and old.get(k) != new.get(k)}
+  if diff:
+    lines = ', '.join(f'model.{k}: checkpoint {a!r} vs run {b!r}' for k, b_a in diff.items() for a, b in [b_a])
+    raise config_lib.ConfigError(f'the checkpoint in {where} was trained with a different model ({lines}). Resume '
+                                 'with the config it was saved with, or start a new --workdir.')
+  if tokenizer_spec is not None and 'tokenizer' in recorded:
+    tokenizers.check_same(recorded['tokenizer'], tokenizer_spec, where)
+
+
+def prepare_workdir(config, workdir):
+  """Tokenizer (recorded one if the workdir has it), data, vocab size filled in, resolved config saved."""
+  os.makedirs(workdir, exist_ok=True)
+  recorded_tok = tokenizers.load(workdir)
+  if recorded_tok is not None and recorded_tok.spec()['kind'] != config.data.tokenizer:
+    raise tokenizers.TokenizerError(f'{workdir} was started with tokenizer {recorded_tok.spec()["kind"]!r} but the '
+                                    f'config asks for {config.data.tokenizer!r}; use a new --workdir')
+  data = data_lib.make_data(config, recorded_tok)
+  vocab = data.tokenizer.vocab_size
+  with config.unlocked():
+    if config.model.vocab_size == 0:
+      config.model.vocab_size = vocab
+  if config.model.vocab_size < vocab:
+    raise config_lib.ConfigError(f'model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer\'s '
+                                 f'vocabulary ({vocab}); set it to 0 to take the tokenizer\'s size')
+  if jax.process_index() == 0:
+    if recorded_tok is None:
+      tokenizers.save(data.tokenizer, workdir)
+    config_lib.save(config, workdir)
+  return data
+
+
+class _Preemption:
+  """SIGTERM (a preempted TPU VM, a scheduler's stop) sets a flag; the loop checkpoints and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, *_):
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._old)
+
+
+def _next_batches(it, K):
+  batches = [next(it) for _ in range(K)]
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def train(config, workdir: str) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+  runtime.enable_compilation_cache(config.train.compilation_cache_dir)
+  t_start = time.perf_counter()
+  data = prepare_workdir(config, workdir)
+  task = Task(config)
+  tc, K = config.train, task.steps_per_call
+  primary = jax.process_index() == 0
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=tc.keep_checkpoints,
+                                 save_interval_steps=tc.checkpoint_every)
+  meta = {'config': config.to_dict(), 'tokenizer': data.tokenizer.spec()}
+  if ckpt.latest_step() is not None:
+    check_compatible(ckpt.read_meta(), config, data.tokenizer.spec(), workdir)
+    state = ckpt.restore(None, task.abstract_state, data_iter=data.train_iter)
+  else:
+    state = task.init_state()
+  step = int(state.step)
+  log = metrics_lib.Logger(workdir, enabled=primary, progress_total=tc.steps, progress_start=step,
+                           progress_bar=tc.progress_bar)
+  log.echo(f'lmjax: {task.n_params:,} params | mesh {dict(task.mesh.shape)} | {jax.device_count()} x '
+           f'{jax.devices()[0].device_kind} | {"resuming at step " + str(step) if step else "fresh start"} | {workdir}')
+  train_exec, compile_s = task.compile_train()
+  peak = metrics_lib.peak_flops_per_device(tc.peak_flops) * jax.device_count()
+  log.echo(f'compiled train step in {compile_s:.2f}s; first step {time.perf_counter() - t_start:.1f}s after start')
+
+  preempt = _Preemption()
+  window = [time.perf_counter(), 0]  # start time, steps: the tokens/s window between two metric reads
+  pending, log_due, last = [], None, {}  # metrics stay on device until a log point
+
+  def read_metrics(at_step):
+    nonlocal last
+    stats = jax.device_get([m for s, m in pending if s <= at_step])  # the one host-device sync of a log window
+    pending[:] = [(s, m) for s, m in pending if s > at_step]  # calls still running: they open the next window
+    elapsed, n_steps = time.perf_counter() - window[0], window[1] - K * len(pending)
+    tps = n_steps * tc.batch_size * task.model_cfg.max_len / elapsed
+    last = {'train_loss': float(stats[-1]['train_loss'][-1]), 'lr': float(task.lr_schedule(at_step - 1)),
+            'grad_norm': float(stats[-1]['grad_norm'][-1]), 'tokens_per_sec': tps,
+            'mfu': tps * task.flops_per_token / peak, 'ms_per_step': 1000 * elapsed / n_steps}
+    if not np.isfinite(last['train_loss']):
+      raise FloatingPointError(f'train loss is {last["train_loss"]} at step {at_step}; lower optimizer.lr or check '
+                               'the data. The checkpoints already saved are kept.')
+    log.write(at_step, last)
+    window[:] = [time.perf_counter(), K * len(pending)]
+
+  try:
+    with parallel.activate(task.mesh):
+      while step < tc.steps and not preempt.requested:
+        batch = parallel.put_batch(_next_batches(data.train_iter, K), task.batch_sharding)
+        state, m = train_exec(state, batch, task.dropout_rng)
+        step += K
+        window[1] += K
+        log.advance(K)
+        pending.append((step, m))
+        if log_due is not None:  # the previous call's metrics, read while this call runs
+          read_metrics(log_due)
+          log_due = None
+        eval_due = step % tc.eval_every == 0 or step == tc.steps
+        save_due = step % tc.checkpoint_every == 0 or step == tc.steps
+        if step % tc.log_every == 0 or eval_due or save_due:
+          if eval_due or save_due:  # about to sync anyway: log now, then keep eval/save out of the window
+            read_metrics(step)
+            if eval_due:
+              ev = task.evaluate(state.params, data.eval_batches)
+              log.write(step, ev)
+              last.update(ev)
+            if save_due:
+              ckpt.save(step, state, data_iter=data.train_iter, meta=meta, force=True)
+            window[:] = [time.perf_counter(), 0]
+          else:
+            log_due = step
+      if pending:
+        read_metrics(log_due or step)
+    if preempt.requested:
+      ckpt.save(step, state, data_iter=data.train_iter, meta=meta, force=True)
+      log.echo(f'SIGTERM: saved a checkpoint at step {step}; run the same command again to resume.')
+  finally:
+    preempt.restore()
+    ckpt.wait()
+    ckpt.close()
+    log.close()
+  if preempt.requested:
+    raise SystemExit(143)
+  return last
+
+
+# ------------------------------------------------------------------------------------------ using a trained run
+
+
+def load_run(workdir: str, overrides=(), mesh=None, step=None):
+  """(config, tokenizer, Task, state) of a trained workdir's checkpoint (latest unless `step`), restored onto
+  `mesh` (default: the config's mesh over this process's devices) whatever mesh it was saved from."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise config_lib.ConfigError(f'{workdir} holds no config.json: is it the --workdir of an `lmjax train` run?')
+  with open(path) as f:
+    config = config_lib.from_dict(json.load(f))
+  for item in overrides:
+    key, _, value = item.partition('=')
+    config_lib.set_value(config, key, value)
+  tokenizer = tokenizers.load(workdir)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  try:
+    if ckpt.latest_step() is None:
+      raise checkpoint.CheckpointError(f'{workdir}/checkpoints holds no checkpoint yet; train first')
+    check_compatible(ckpt.read_meta(step), config, tokenizer.spec(), workdir)
+    task = Task(config, mesh)
+    state = ckpt.restore(step, task.abstract_state)
+  finally:
+    ckpt.close()
+  return config, tokenizer, task, state
+
+
+def evaluate_run(workdir: str, overrides=()) -> dict:
+  """`lmjax eval`: loss and perplexity of a workdir's latest checkpoint over the whole eval split."""
+  config, tokenizer, task, state = load_run(workdir, overrides)
+  data = data_lib.make_data(config, tokenizer)
+  return {'step': int(state.step), **task.evaluate(state.params, data.eval_batches)}
