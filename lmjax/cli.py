@@ -61,6 +61,8 @@ def _parser():
   b.add_argument('--config', required=True)
   b.add_argument('--steps', type=int, default=30, help='timed steps after warm-up')
   b.add_argument('--record', default='', help='append the result as a JSON line to this file')
+  from lmjax import plan
+  plan.add_arguments(sub.add_parser('plan', help='parameters, FLOPs and per-device memory of a config, without training'))
   return p
 
 
@@ -92,6 +94,9 @@ def _run(args, overrides):
   elif args.command == 'bench':
     from lmjax import bench
     bench.run(config_lib.load(args.config, overrides), args.steps, args.record)
+  elif args.command == 'plan':
+    from lmjax import plan
+    plan.run(args, overrides)
   return 0
 
 

@@ -27,6 +27,7 @@ class Data:
   tokenizer: object
   train_iter: Iterator[dict]  # a grain DatasetIterator: get_state()/set_state() make it resumable
   eval_batches: list  # fixed list of local eval batches (whole eval split, padded rows weighted 0)
+  eval_bytes_per_token: float  # UTF-8 bytes of the eval text per eval token: turns nats/token into bits/byte
 
 
 def load_texts(dc) -> tuple[str, str]:
@@ -46,8 +47,10 @@ def _default_data_dir() -> str:
   return os.path.expanduser('~/tensorflow_datasets')
 
 
-def make_data(config, tokenizer=None, *, process_index=None, process_count=None) -> Data:
-  """Builds tokenizer (unless given: a resumed run passes the recorded one), train iterator and eval batches."""
+def make_data(config, tokenizer=None, *, workdir=None, process_index=None, process_count=None) -> Data:
+  """Builds tokenizer (unless given: a resumed run passes the recorded one), train iterator and eval batches.
+
+  workdir: where a tokenizer that must be trained (SentencePiece) caches its model."""
   dc, tc = config.data, config.train
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
@@ -60,7 +63,8 @@ def make_data(config, tokenizer=None, *, process_index=None, process_count=None)
   if len(train_ids) < L + 1:
     raise sources.DataError(f'the train split has {len(train_ids)} tokens, fewer than one row of max_len + 1 = {L + 1}')
   return Data(tokenizer, train_iterator(train_ids, L, tc.batch_size, config.seed, dc.window_stride, tc.steps, pi, pc),
-              eval_rows_batches(eval_ids, L, tc.eval_batch_size, tc.eval_max_batches, pi, pc))
+              eval_rows_batches(eval_ids, L, tc.eval_batch_size, tc.eval_max_batches, pi, pc),
+              eval_bytes_per_token=len(eval_text.encode('utf-8')) / max(len(eval_ids), 1))
 
 
 def _local_batch(global_batch: int, process_count: int) -> int:

@@ -142,11 +142,11 @@ class Task:
     with parallel.activate(self.mesh):
       return jax.jit(init, out_shardings=self.state_shardings)(jax.random.fold_in(self.rng, 0))
 
-  def compile_train(self):
-    """Ahead-of-time compilation of the train step; returns (executable, seconds)."""
+  def compile_train(self, batch):
+    """Ahead-of-time compilation of the train step for batches shaped like `batch` (global arrays or
+    ShapeDtypeStructs); returns (executable, seconds)."""
     t0 = time.perf_counter()
-    batch = {k: jax.ShapeDtypeStruct(self.train_batch_shape, jnp.int32, sharding=self.batch_sharding)
-             for k in ('inputs', 'targets')}
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in batch.items()}
     with parallel.activate(self.mesh):
       compiled = self.train_fn.lower(self.abstract_state, batch, self.dropout_rng).compile()
     return compiled, time.perf_counter() - t0
@@ -155,15 +155,19 @@ class Task:
   def dropout_rng(self):
     return jax.random.fold_in(self.rng, 1)
 
-  def evaluate(self, params, batches) -> dict:
-    """Mean loss and perplexity over the given (fixed) eval batches; one host sync at the end."""
+  def evaluate(self, params, batches, bytes_per_token: float = 0.0) -> dict:
+    """Mean loss, perplexity and bits per byte (tokenizer-independent) over the given eval batches; one host
+    sync at the end."""
     total = count = 0.0
     with parallel.activate(self.mesh):
       for b in batches:
         t, c = self.eval_fn(params, parallel.put_batch(b, self.eval_batch_sharding))
         total, count = total + t, count + c
     loss = float(total) / max(float(count), 1.0)
-    return {'val_loss': loss, 'val_ppl': float(np.exp(min(loss, 50.0)))}
+    out = {'val_loss': loss, 'val_ppl': float(np.exp(min(loss, 50.0)))}
+    if bytes_per_token:
+      out['val_bpb'] = float(loss / np.log(2) / bytes_per_token)
+    return out
 
 
 def _check_train_config(config, mesh):
@@ -206,7 +210,7 @@ def prepare_workdir(config, workdir):
   if recorded_tok is not None and recorded_tok.spec()['kind'] != config.data.tokenizer:
     raise tokenizers.TokenizerError(f'{workdir} was started with tokenizer {recorded_tok.spec()["kind"]!r} but the '
                                     f'config asks for {config.data.tokenizer!r}; use a new --workdir')
-  data = data_lib.make_data(config, recorded_tok)
+  data = data_lib.make_data(config, recorded_tok, workdir=workdir)
   vocab = data.tokenizer.vocab_size
   with config.unlocked():
     if config.model.vocab_size == 0:
@@ -261,7 +265,8 @@ def train(config, workdir: str) -> dict:
                            progress_bar=tc.progress_bar)
   log.echo(f'lmjax: {task.n_params:,} params | mesh {dict(task.mesh.shape)} | {jax.device_count()} x '
            f'{jax.devices()[0].device_kind} | {"resuming at step " + str(step) if step else "fresh start"} | {workdir}')
-  train_exec, compile_s = task.compile_train()
+  batch = parallel.put_batch(_next_batches(data.train_iter, K), task.batch_sharding)
+  train_exec, compile_s = task.compile_train(batch)
   peak = metrics_lib.peak_flops_per_device(tc.peak_flops) * jax.device_count()
   log.echo(f'compiled train step in {compile_s:.2f}s; first step {time.perf_counter() - t_start:.1f}s after start')
 
@@ -286,9 +291,11 @@ def train(config, workdir: str) -> dict:
 
   try:
     with parallel.activate(task.mesh):
-      while step < tc.steps and not preempt.requested:
-        batch = parallel.put_batch(_next_batches(data.train_iter, K), task.batch_sharding)
+      while step < tc.steps:
+        if batch is None:
+          batch = parallel.put_batch(_next_batches(data.train_iter, K), task.batch_sharding)
         state, m = train_exec(state, batch, task.dropout_rng)
+        batch = None
         step += K
         window[1] += K
         log.advance(K)
@@ -302,7 +309,7 @@ def train(config, workdir: str) -> dict:
           if eval_due or save_due:  # about to sync anyway: log now, then keep eval/save out of the window
             read_metrics(step)
             if eval_due:
-              ev = task.evaluate(state.params, data.eval_batches)
+              ev = task.evaluate(state.params, data.eval_batches, data.eval_bytes_per_token)
               log.write(step, ev)
               last.update(ev)
             if save_due:
@@ -310,6 +317,8 @@ def train(config, workdir: str) -> dict:
             window[:] = [time.perf_counter(), 0]
           else:
             log_due = step
+        if preempt.requested:
+          break
       if pending:
         read_metrics(log_due or step)
     if preempt.requested:
@@ -356,4 +365,4 @@ def evaluate_run(workdir: str, overrides=()) -> dict:
   """`lmjax eval`: loss and perplexity of a workdir's latest checkpoint over the whole eval split."""
   config, tokenizer, task, state = load_run(workdir, overrides)
   data = data_lib.make_data(config, tokenizer)
-  return {'step': int(state.step), **task.evaluate(state.params, data.eval_batches)}
+  return {'step': int(state.step), **task.evaluate(state.params, data.eval_batches, data.eval_bytes_per_token)}
