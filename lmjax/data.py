@@ -1,70 +1,86 @@
-"""Data: TFDS text -> tokens -> seeded, checkpointable Grain batches; fixed eval batches.
+"""Data: documents -> tokens -> seeded, checkpointable Grain batches; fixed eval batches.
 
-Continuous text (tiny_shakespeare: one document per split) is cut into training rows as nanoGPT does: a row is
-any window of max_len + 1 tokens (inputs are its first max_len, targets its last max_len). The windows are
-shuffled with the run's seed by Grain, so the iterator's state is one integer and a resumed run sees exactly the
-batches it would have seen. Each process reads only its slice of every global batch.
+Two ways to cut text into training rows of max_len tokens (data.rows):
+  windows -- continuous text (tiny_shakespeare: one document per split), as nanoGPT: a row is any window of
+             max_len + 1 tokens (inputs its first max_len, targets its last max_len); Grain shuffles the windows.
+  packed  -- many documents (lm1b, c4, text files): Grain shuffles the documents, each process takes its slice
+             (`[process_index::process_count]`, so a host reads only its documents), tokenizes them into inputs
+             [BOS] + ids / targets ids + [EOS] (lmjax/tokenizers.py) and packs them back to back into rows
+             (grain's ConcatThenSplitIterDataset: nothing dropped, a document that does not fit continues in the
+             next row). Each row has segment_ids (1, 2, ... per document piece) and positions restarting at 0 in
+             every piece, so attention never crosses a document (lmjax/model.py).
+Either way the iterator's state is a few integers that lmjax/checkpoint.py saves, and a resumed run sees exactly
+the batches an uninterrupted one would have seen.
+
+Eval rows are fixed: the eval split in order, cut the same way but never shuffled. Bits per byte divide the
+summed loss by the UTF-8 bytes of exactly the documents whose every target is evaluated.
 
 Batches are dicts of numpy arrays, local to this process:
-  inputs_BxL, targets_BxL (int32); weights_BxL (float32, eval only: 0 marks padding rows).
+  inputs_BxL, targets_BxL (int32); packed adds segment_ids_BxL, positions_BxL (int32) and weights_BxL (float32);
+  eval batches always have weights_BxL (0 marks padding and any document cut off by train.eval_max_batches).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Iterator
 
 import grain
+import grain.experimental as grain_exp
 import jax
 import numpy as np
 
 from lmjax import sources, tokenizers
+
+ROWS = ('windows', 'packed')
 
 
 @dataclasses.dataclass
 class Data:
   tokenizer: object
   train_iter: Iterator[dict]  # a grain DatasetIterator: get_state()/set_state() make it resumable
-  eval_batches: list  # fixed list of local eval batches (whole eval split, padded rows weighted 0)
-  eval_bytes_per_token: float  # UTF-8 bytes of the eval text per eval token: turns nats/token into bits/byte
-
-
-def load_texts(dc) -> tuple[str, str]:
-  """(train text, eval text) from the TFDS dataset the config names; documents of a split are concatenated."""
-  data_dir = dc.data_dir or None
-  manual = dc.manual_dir or None
-  if dc.dataset == sources.TINY_SHAKESPEARE:
-    sources.prepare_tiny_shakespeare(data_dir or _default_data_dir(), manual)
-  out = []
-  for split in (dc.train_split, dc.eval_split):
-    src = sources.text_source(dc.dataset, split, data_dir or _default_data_dir(), manual)
-    out.append(''.join(sources.feature_text(src[i], dc.feature, dc.dataset) for i in range(len(src))))
-  return out[0], out[1]
-
-
-def _default_data_dir() -> str:
-  return os.path.expanduser('~/tensorflow_datasets')
+  eval_batches: list  # fixed list of local eval batches (padded rows weighted 0)
+  eval_bytes_per_token: float  # UTF-8 bytes of the eval text per weighted eval target: nats/token -> bits/byte
 
 
 def make_data(config, tokenizer=None, *, workdir=None, process_index=None, process_count=None) -> Data:
   """Builds tokenizer (unless given: a resumed run passes the recorded one), train iterator and eval batches.
 
-  workdir: where a tokenizer that must be trained (SentencePiece) caches its model."""
+  workdir: where a tokenizer that must be trained (SentencePiece) caches its model (unless data.tokenizer_dir)."""
   dc, tc = config.data, config.train
+  if dc.rows not in ROWS:
+    raise sources.DataError(f'data.rows must be one of {ROWS}, got {dc.rows!r}')
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
-  train_text, eval_text = load_texts(dc)
-  if tokenizer is None:
-    tokenizer = tokenizers.build(dc.tokenizer, train_text)
-  train_ids = tokenizer.encode(train_text)
-  eval_ids = tokenizer.encode(eval_text)
+  train_docs, eval_docs = sources.documents(dc, dc.train_split), sources.documents(dc, dc.eval_split)
   L = config.model.max_len
-  if len(train_ids) < L + 1:
-    raise sources.DataError(f'the train split has {len(train_ids)} tokens, fewer than one row of max_len + 1 = {L + 1}')
-  return Data(tokenizer, train_iterator(train_ids, L, tc.batch_size, config.seed, dc.window_stride, tc.steps, pi, pc),
-              eval_rows_batches(eval_ids, L, tc.eval_batch_size, tc.eval_max_batches, pi, pc),
-              eval_bytes_per_token=len(eval_text.encode('utf-8')) / max(len(eval_ids), 1))
+  if dc.rows == 'windows':
+    train_text, eval_text = _join(train_docs), _join(eval_docs)
+    tokenizer = _tokenizer(dc, tokenizer, lambda: [train_text], workdir)
+    train_ids, eval_ids = tokenizer.encode(train_text), tokenizer.encode(eval_text)
+    if len(train_ids) < L + 1:
+      raise sources.DataError(f'the train split has {len(train_ids)} tokens, fewer than one row of max_len + 1 = {L + 1}')
+    return Data(tokenizer, train_iterator(train_ids, L, tc.batch_size, config.seed, dc.window_stride, pi, pc),
+                eval_rows_batches(eval_ids, L, tc.eval_batch_size, tc.eval_max_batches, pi, pc),
+                eval_bytes_per_token=len(eval_text.encode('utf-8')) / max(len(eval_ids), 1))
+  # The tokenizer trains on documents in a fixed shuffled order, so a capped sample (spm_train_chars) is unbiased.
+  sample = lambda: (train_docs[int(i)] for i in grain.MapDataset.range(len(train_docs)).shuffle(seed=0))
+  tokenizer = _tokenizer(dc, tokenizer, sample, workdir)
+  encode = DocumentEncoder(tokenizer)
+  rows = packed_rows(train_docs, encode, L, config.seed, pi, pc, read_threads=dc.read_threads)
+  train_it = iter(rows.batch(_local_batch(tc.batch_size, pc), drop_remainder=True))
+  batches, bytes_per_token = packed_eval_batches(eval_docs, encode, L, tc.eval_batch_size, tc.eval_max_batches, pi, pc)
+  return Data(tokenizer, train_it, batches, bytes_per_token)
+
+
+def _join(docs) -> str:
+  return ''.join(docs[i] for i in range(len(docs)))
+
+
+def _tokenizer(dc, tokenizer, texts, workdir):
+  if tokenizer is None:
+    return tokenizers.build(dc, texts, workdir)
+  return tokenizers.check_config(tokenizer, dc)
 
 
 def _local_batch(global_batch: int, process_count: int) -> int:
@@ -73,12 +89,16 @@ def _local_batch(global_batch: int, process_count: int) -> int:
   return global_batch // process_count
 
 
-def train_iterator(ids: np.ndarray, L: int, global_batch: int, seed: int, stride: int, steps: int, pi: int, pc: int):
-  """Seeded shuffled windows, batched; this process's rows of each global batch. Infinite in practice."""
+# ------------------------------------------------------------------------------------------ continuous text
+
+
+def train_iterator(ids: np.ndarray, L: int, global_batch: int, seed: int, stride: int, pi: int, pc: int):
+  """Seeded shuffled windows, batched; this process's rows of each global batch. Infinite.
+
+  Shuffle before repeat: Grain then draws a fresh permutation per epoch (seed + epoch), lazily, and the order
+  never depends on the run's length, so extending train.steps on resume keeps the data order.
+  """
   n_windows = (len(ids) - L - 1) // stride + 1
-  # Enough epochs for the whole run and then some; Grain shuffles all of them as one index permutation (epochs
-  # mix, like nanoGPT's sampling with replacement), which costs nothing: indices are permuted lazily.
-  epochs = math.ceil((steps + 1000) * global_batch / n_windows) + 1
   local = _local_batch(global_batch, pc)
 
   def window(i):
@@ -86,7 +106,7 @@ def train_iterator(ids: np.ndarray, L: int, global_batch: int, seed: int, stride
     row = ids[start:start + L + 1]
     return {'inputs': row[:-1], 'targets': row[1:]}
 
-  ds = grain.MapDataset.range(n_windows).repeat(epochs).shuffle(seed=seed)
+  ds = grain.MapDataset.range(n_windows).shuffle(seed=seed).repeat()
   ds = ds[pi::pc].map(window).batch(local, drop_remainder=True)
   return iter(ds)
 
@@ -104,16 +124,104 @@ def _eval_rows(ids: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
 
 def eval_rows_batches(ids: np.ndarray, L: int, global_batch: int, max_batches: int, pi: int, pc: int) -> list:
   (inputs, targets), weights = _eval_rows(ids, L)
-  n_batches = math.ceil(len(inputs) / global_batch)
+  return _eval_batches({'inputs': inputs, 'targets': targets, 'weights': weights}, global_batch, max_batches, pi, pc)
+
+
+def _eval_batches(rows: dict, global_batch: int, max_batches: int, pi: int, pc: int) -> list:
+  """Rows (dict of N x L arrays) -> this process's slice of each global batch; the last batch padded with zero
+  rows (weight 0)."""
+  n = len(rows['inputs'])
+  n_batches = math.ceil(n / global_batch)
   if max_batches:
     n_batches = min(n_batches, max_batches)
-  pad = n_batches * global_batch - len(inputs)
+  pad = n_batches * global_batch - n
   if pad > 0:
-    inputs, targets = (np.concatenate([a, np.zeros((pad, L), np.int32)]) for a in (inputs, targets))
-    weights = np.concatenate([weights, np.zeros((pad, L), np.float32)])
+    rows = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in rows.items()}
   local = _local_batch(global_batch, pc)
-  out = []
-  for b in range(n_batches):
-    rows = slice(b * global_batch + pi * local, b * global_batch + (pi + 1) * local)
-    out.append({'inputs': inputs[rows], 'targets': targets[rows], 'weights': weights[rows]})
-  return out
+  return [{k: v[b * global_batch + pi * local:b * global_batch + (pi + 1) * local] for k, v in rows.items()}
+          for b in range(n_batches)]
+
+
+# ------------------------------------------------------------------------------------------ packed documents
+
+
+class DocumentEncoder:
+  """Text of one document -> {'inputs', 'targets'} of equal length (see lmjax/tokenizers.py for the specials).
+
+  A tokenizer without BOS/EOS (char) predicts each document's tokens after its first."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+
+  def __call__(self, text: str) -> dict:
+    ids = self.tokenizer.encode(text)
+    tok = self.tokenizer
+    if tok.bos_id is not None:
+      return {'inputs': np.concatenate([np.int32([tok.bos_id]), ids]),
+              'targets': np.concatenate([ids, np.int32([tok.eos_id])])}
+    return {'inputs': ids[:-1], 'targets': ids[1:]}
+
+
+def packed_rows(docs, encode, L: int, seed: int, pi: int, pc: int, *, epochs=None, read_threads: int = 2):
+  """IterDataset of this process's packed rows (dicts of L-long arrays), epochs reshuffled (None = forever).
+
+  Documents are sharded before they are read or tokenized: process pi touches only its own documents."""
+  ds = grain.MapDataset.source(docs).shuffle(seed=seed).repeat(epochs)  # every epoch a fresh permutation
+  ds = ds[pi::pc].map(encode).filter(lambda d: len(d['inputs']) > 0)
+  # Threads tokenize ahead of the consumer; the iterator's state still counts documents, so resume is exact.
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=256))
+  it = grain_exp.ConcatThenSplitIterDataset(it, length_struct={'inputs': L, 'targets': L})
+  return it.map(_packed_batch_keys)
+
+
+def _packed_batch_keys(row: dict) -> dict:
+  seg = row['inputs_segment_ids']
+  return {'inputs': row['inputs'], 'targets': row['targets'], 'segment_ids': seg,
+          'positions': row['inputs_positions'], 'weights': (seg > 0).astype(np.float32)}
+
+
+def packed_eval_rows(docs, encode, L: int, max_rows: int = 0) -> tuple[dict, int]:
+  """The eval split's documents in order, packed like training rows (never shuffled): (rows, bytes), where
+  rows are N x L arrays and bytes counts the UTF-8 bytes of the documents whose targets all carry weight 1.
+  With max_rows, a document cut off at the last row gets weight 0, so loss and bytes cover the same text."""
+  pieces, n_tokens = [], 0
+  for i in range(len(docs)):
+    text = docs[i]
+    d = encode(text)
+    if len(d['inputs']):
+      pieces.append((d, len(text.encode('utf-8'))))
+      n_tokens += len(d['inputs'])
+    if max_rows and n_tokens >= max_rows * L:
+      break
+  if not pieces:
+    raise sources.DataError('the eval split holds no document with a target token')
+  n_rows = math.ceil(n_tokens / L) if not max_rows else min(math.ceil(n_tokens / L), max_rows)
+  size = n_rows * L
+  flat = {k: np.zeros(max(size, n_tokens), np.int32) for k in ('inputs', 'targets', 'doc')}
+  weights = np.zeros(max(size, n_tokens), np.float32)
+  flat['doc'][:] = -1
+  start, n_bytes = 0, 0
+  for k, (d, b) in enumerate(pieces):
+    end = start + len(d['inputs'])
+    flat['inputs'][start:end], flat['targets'][start:end], flat['doc'][start:end] = d['inputs'], d['targets'], k
+    if end <= size:  # wholly inside the evaluated rows
+      weights[start:end], n_bytes = 1.0, n_bytes + b
+    start = end
+  inputs_NxL, targets_NxL, doc_NxL = (flat[k][:size].reshape(n_rows, L) for k in ('inputs', 'targets', 'doc'))
+  col_NxL = np.broadcast_to(np.arange(L), (n_rows, L))
+  # A segment starts at column 0 and wherever the document changes; positions count from each start.
+  starts_NxL = np.concatenate([np.ones((n_rows, 1), bool), doc_NxL[:, 1:] != doc_NxL[:, :-1]], axis=1)
+  seg_NxL = np.where(doc_NxL >= 0, np.cumsum(starts_NxL, axis=1), 0).astype(np.int32)
+  pos_NxL = (col_NxL - np.maximum.accumulate(np.where(starts_NxL, col_NxL, 0), axis=1)).astype(np.int32)
+  rows = {'inputs': inputs_NxL, 'targets': targets_NxL, 'segment_ids': seg_NxL, 'positions': pos_NxL,
+          'weights': weights[:size].reshape(n_rows, L)}
+  return rows, n_bytes
+
+
+def packed_eval_batches(docs, encode, L, global_batch, max_batches, pi, pc) -> tuple[list, float]:
+  rows, n_bytes = packed_eval_rows(docs, encode, L, max_batches * global_batch if max_batches else 0)
+  n_targets = float(rows['weights'].sum())
+  if not n_targets:
+    raise sources.DataError(f'train.eval_max_batches = {max_batches} rows hold no whole eval document; raise it '
+                            '(or set it to 0 for the whole split)')
+  return _eval_batches(rows, global_batch, max_batches, pi, pc), n_bytes / n_targets

@@ -1,9 +1,14 @@
-"""TFDS text datasets as random-access array_record sources, without TF or network.
+"""Text documents as random-access sources, without TF or network: TFDS datasets or local text files.
 
 TFDS's stock builders read through `tf.io.gfile` and fetch their files from
 the internet; here nothing is ever downloaded. tiny_shakespeare is built from a
 local `input.txt` checked against the size/sha256 TFDS registers for it; any
-other dataset must already be prepared (array_record) in `data_dir`.
+other dataset (lm1b, c4/en, ...) must already be prepared (array_record) in
+`data_dir`, which may be a gs:// path (all paths go through etils.epath).
+`dataset = 'text_files'` reads files matched by a glob (the split names the
+glob): one document per file, or one per line.
+
+`documents(dc, split)` is what lmjax/data.py reads: len() documents, [i] -> str.
 """
 
 from __future__ import annotations
@@ -11,12 +16,16 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
-from pathlib import Path
+import os
+
+import numpy as np
+from etils import epath
 
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.file_adapters import FileFormat
 
 TINY_SHAKESPEARE = 'tiny_shakespeare'
+TEXT_FILES = 'text_files'
 _TS_FILE = 'input.txt'
 _FORMAT = 'array_record'
 _StockTinyShakespeare = tfds.builder_cls(TINY_SHAKESPEARE)
@@ -43,7 +52,7 @@ def _registered_checksum() -> tuple[int, str]:
 def _read_verified(manual_dir: str | None) -> bytes:
   """manual_dir/input.txt, after checking it against TFDS's registered checksum."""
   size, sha = _registered_checksum()
-  path = Path(manual_dir or '<manual_dir>') / _TS_FILE
+  path = epath.Path(manual_dir or '<manual_dir>') / _TS_FILE
   fix = (
       f'Put the tiny_shakespeare {_TS_FILE} ({size} bytes, sha256 {sha}) at '
       f'{path}, or pass --config.data.manual_dir=DIR naming the directory '
@@ -52,11 +61,11 @@ def _read_verified(manual_dir: str | None) -> bytes:
   )
   if manual_dir is None:
     raise DataError(f'tiny_shakespeare is not prepared and no manual_dir was given. {fix}')
-  if not path.is_file():
+  if not path.exists():
     raise DataError(f'{path} does not exist. {fix}')
   with path.open('rb') as f:
     actual_sha = hashlib.file_digest(f, 'sha256').hexdigest()
-  actual_size = path.stat().st_size
+  actual_size = path.stat().length
   if actual_size != size or actual_sha != sha:
     raise DataError(
         f'{path} is {actual_size} bytes with sha256 {actual_sha}, but '
@@ -188,3 +197,95 @@ def tiny_shakespeare_text(
       feature_text(source[i], 'text', TINY_SHAKESPEARE)
       for i in range(len(source))
   )
+
+
+# ---------------------------------------------------------------------------------------------- documents
+
+
+def default_data_dir() -> str:
+  return os.path.expanduser('~/tensorflow_datasets')
+
+
+class TFDSDocuments:
+  """A TFDS split as documents: [i] -> the `feature` text of example i."""
+
+  def __init__(self, source, feature: str, name: str):
+    self._source, self._feature, self._name = source, feature, name
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i) -> str:
+    return feature_text(self._source[int(i)], self._feature, self._name)
+
+
+class TextFiles:
+  """Local (or gs://) text files matched by a glob, one document per file or per non-empty line.
+
+  Per line, the files are scanned once for line offsets (numpy, no Python loop over lines); [i] then reads one
+  line from its file. Files are UTF-8; an undecodable byte is an error naming the file."""
+
+  def __init__(self, pattern: str, per: str = 'file'):
+    if per not in ('file', 'line'):
+      raise DataError(f"data.file_docs must be 'file' or 'line', got {per!r}")
+    self.paths = glob(pattern)
+    self.per = per
+    if per == 'line':
+      self._starts, self._ends, self._file = [], [], []
+      for f, path in enumerate(self.paths):
+        raw = np.frombuffer(path.read_bytes(), np.uint8)
+        ends = np.append(np.flatnonzero(raw == ord('\n')), len(raw))
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        keep = ends > starts  # empty lines are not documents
+        self._starts.append(starts[keep])
+        self._ends.append(ends[keep])
+        self._file.append(np.full(keep.sum(), f, np.int32))
+      self._starts, self._ends, self._file = (np.concatenate(a) for a in (self._starts, self._ends, self._file))
+      self._cache = (None, b'')  # the last file read: lines are read in runs from the same file
+    if len(self) == 0:
+      raise DataError(f'the files matching {pattern!r} hold no text ({len(self.paths)} files, all empty)')
+
+  def __len__(self):
+    return len(self.paths) if self.per == 'file' else len(self._starts)
+
+  def _bytes(self, f: int) -> bytes:
+    if self._cache[0] != f:
+      self._cache = (f, self.paths[f].read_bytes())
+    return self._cache[1]
+
+  def __getitem__(self, i) -> str:
+    i = int(i)
+    if self.per == 'file':
+      path, raw = self.paths[i], self.paths[i].read_bytes()
+    else:
+      f = int(self._file[i])
+      path, raw = self.paths[f], self._bytes(f)[self._starts[i]:self._ends[i]]
+    try:
+      return raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+      raise DataError(f'{path} is not UTF-8 text ({e}); convert it or leave it out of the glob') from None
+
+
+def glob(pattern: str) -> list:
+  """Files matching `pattern` (`*`, `?`, `[...]`, `**` in any component after the first), sorted; DataError if none."""
+  parts = pattern.split('/')
+  fixed = next((i for i, p in enumerate(parts) if any(c in p for c in '*?[')), len(parts))
+  root = epath.Path('/'.join(parts[:fixed]) or '.')
+  rest = '/'.join(parts[fixed:])
+  paths = sorted(p for p in (root.glob(rest) if rest else [root]) if p.exists() and not p.is_dir())
+  if not paths:
+    raise DataError(f'no files match {pattern!r}. Give a glob of UTF-8 text files, e.g. '
+                    "--config.data.train_split='/data/books/train/*.txt'")
+  return paths
+
+
+def documents(dc, split: str):
+  """The documents of `split` of the dataset the data config `dc` names; DataError if there are none."""
+  if dc.dataset == TEXT_FILES:
+    return TextFiles(split, dc.file_docs)
+  source = text_source(dc.dataset, split, dc.data_dir or default_data_dir(), dc.manual_dir or None)
+  if len(source) == 0:
+    raise DataError(f'{dc.dataset!r} split {split!r} holds no examples; choose another split')
+  docs = TFDSDocuments(source, dc.feature, dc.dataset)
+  docs[0]  # a missing feature key fails here, before any training starts
+  return docs

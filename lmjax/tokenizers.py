@@ -1,22 +1,42 @@
-"""Tokenizers: char, byte (and SentencePiece, see issue #3), one interface, saved in the workdir.
+"""Tokenizers: char, byte and SentencePiece, one interface, recorded in the workdir.
 
 Special ids are defined here and nowhere else:
   char -- the sorted characters of the training text, nothing else (as nanoGPT): no BOS/EOS/pad.
   byte -- ids 0..255 are UTF-8 bytes, then PAD=256, BOS=257, EOS=258: any text round-trips.
-Every tokenizer describes itself as a JSON dict (`spec`); the workdir and each checkpoint record it, and resuming
-or sampling with a tokenizer whose spec differs is an error.
+  spm  -- SentencePiece (BPE or unigram) with PAD=0, UNK=1, BOS=2, EOS=3, then '\n' as one piece, then the 256
+          byte pieces (byte_fallback: a character never seen in training becomes its UTF-8 bytes, so no text is
+          ever lost) and the learned pieces. Normalisation is off (identity, no dummy prefix, spaces kept), so
+          decode(encode(text)) == text for any text and bits per byte count the bytes of the text as written.
+How the data uses them (lmjax/data.py): continuous text (rows = 'windows') is encoded as is, with no specials;
+a packed document becomes inputs [BOS] + ids and targets ids + [EOS], so the model learns where documents start
+and end; PAD (or 0 for char) fills only rows that have no more text, with weight 0.
+
+Every tokenizer describes itself as a JSON dict (`spec`); the workdir (tokenizer.json, plus tokenizer.model for
+spm) and each checkpoint record it, and resuming or sampling with a tokenizer whose spec differs is an error. An
+spm spec holds the sha256 of its model proto, so two models with the same settings but different pieces differ.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-import os
-from typing import Optional, Sequence
+import re
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
+from etils import epath
 
 
 class TokenizerError(ValueError):
   """Text or ids the tokenizer cannot handle, or a tokenizer that differs from the recorded one."""
+
+
+def _check_ids(ids: Sequence[int], vocab_size: int, kind: str) -> np.ndarray:
+  ids = np.asarray(ids, np.int64)
+  bad = ids[(ids < 0) | (ids >= vocab_size)]
+  if bad.size:
+    raise TokenizerError(f'ids {sorted(set(bad.tolist()))[:10]} are outside the {kind} vocabulary (0..{vocab_size - 1})')
+  return ids
 
 
 class CharTokenizer:
@@ -32,8 +52,11 @@ class CharTokenizer:
     self._chars = np.array(list(chars)) if chars else np.array([], dtype='<U1')
 
   @classmethod
-  def train(cls, text: str) -> 'CharTokenizer':
-    return cls(''.join(sorted(set(text))))
+  def train(cls, texts: Iterable[str]) -> 'CharTokenizer':
+    chars = set()
+    for t in texts:
+      chars.update(t)
+    return cls(''.join(sorted(chars)))
 
   def encode(self, text: str) -> np.ndarray:
     codes = np.frombuffer(text.encode('utf-32-le'), np.uint32).astype(np.int64)
@@ -41,15 +64,11 @@ class CharTokenizer:
     if (ids < 0).any():
       bad = sorted({text[i] for i in np.flatnonzero(ids < 0)[:20]})
       raise TokenizerError(f'characters {bad!r} are not in the {self.vocab_size}-symbol char vocabulary of this run '
-                           f'(it holds {self.chars!r}); remove them or train with tokenizer=byte')
+                           f'(it holds {self.chars!r}); remove them or train with tokenizer=byte or spm')
     return ids.astype(np.int32)
 
   def decode(self, ids: Sequence[int]) -> str:
-    ids = np.asarray(ids, np.int64)
-    bad = ids[(ids < 0) | (ids >= self.vocab_size)]
-    if bad.size:
-      raise TokenizerError(f'ids {sorted(set(bad.tolist()))[:10]} are outside the char vocabulary (0..{self.vocab_size - 1})')
-    return ''.join(self._chars[ids].tolist())
+    return ''.join(self._chars[_check_ids(ids, self.vocab_size, 'char')].tolist())
 
   def spec(self) -> dict:
     return {'kind': 'char', 'vocab_size': self.vocab_size, 'chars': self.chars}
@@ -63,50 +82,175 @@ class ByteTokenizer:
     return np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int32)
 
   def decode(self, ids: Sequence[int]) -> str:
-    ids = np.asarray(ids, np.int64)
-    bad = ids[(ids < 0) | (ids >= self.vocab_size)]
-    if bad.size:
-      raise TokenizerError(f'ids {sorted(set(bad.tolist()))[:10]} are outside the byte vocabulary (0..{self.vocab_size - 1})')
+    ids = _check_ids(ids, self.vocab_size, 'byte')
     return bytes(ids[ids < 256].astype(np.uint8).tolist()).decode('utf-8', errors='replace')
 
   def spec(self) -> dict:
     return {'kind': 'byte', 'vocab_size': self.vocab_size}
 
 
-KINDS = ('char', 'byte')
+class SentencePieceTokenizer:
+  pad_id, unk_id, bos_id, eos_id = 0, 1, 2, 3
+  MODEL_FILE = 'tokenizer.model'  # the proto's name inside a workdir, next to tokenizer.json
+
+  def __init__(self, proto: bytes):
+    import sentencepiece as spm
+    self.proto = proto
+    self.sha256 = hashlib.sha256(proto).hexdigest()
+    self._sp = spm.SentencePieceProcessor(model_proto=proto)
+    self.vocab_size = self._sp.get_piece_size()
+    got = (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id())
+    if got != (self.pad_id, self.bos_id, self.eos_id):
+      raise TokenizerError(f'the SentencePiece model has pad/bos/eos ids {got}, but lmjax needs (0, 2, 3) (train it '
+                           'with pad_id=0 unk_id=1 bos_id=2 eos_id=3, or leave data.spm_model empty to train one)')
+    self.model_type = ('unigram', 'bpe', 'word', 'char')[self._trainer_spec().model_type - 1]
+
+  def _trainer_spec(self):
+    from sentencepiece import sentencepiece_model_pb2
+    m = sentencepiece_model_pb2.ModelProto()
+    m.ParseFromString(self.proto)
+    return m.trainer_spec
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._sp.encode(text), np.int32)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.decode(_check_ids(ids, self.vocab_size, 'SentencePiece').tolist())
+
+  def spec(self) -> dict:
+    return {'kind': 'spm', 'vocab_size': self.vocab_size, 'model_type': self.model_type, 'sha256': self.sha256,
+            'model_file': self.MODEL_FILE}
+
+
+KINDS = ('char', 'byte', 'spm')
 _FILE = 'tokenizer.json'
 
 
-def build(kind: str, train_text: Optional[str]):
-  if kind == 'char':
-    return CharTokenizer.train(train_text)
-  if kind == 'byte':
+def build(dc, texts: Callable[[], Iterable[str]], cache_dir: Optional[str] = None):
+  """The tokenizer the data config `dc` asks for. `texts()` yields training text (called only if one must be
+  trained); a trained SentencePiece model is cached in dc.tokenizer_dir, else cache_dir (the workdir)."""
+  if dc.tokenizer == 'char':
+    return CharTokenizer.train(texts())
+  if dc.tokenizer == 'byte':
     return ByteTokenizer()
-  raise TokenizerError(f'unknown tokenizer {kind!r}; choose one of {KINDS} with --config.data.tokenizer=...')
+  if dc.tokenizer == 'spm':
+    if dc.spm_model:
+      path = epath.Path(dc.spm_model)
+      if not path.exists():
+        raise TokenizerError(f'data.spm_model = {dc.spm_model!r} does not exist; give an existing .model file, or '
+                             'leave it empty to train one from the dataset')
+      return check_config(SentencePieceTokenizer(path.read_bytes()), dc, str(path))
+    return _trained_spm(dc, texts, cache_dir)
+  raise TokenizerError(f'unknown tokenizer {dc.tokenizer!r}; choose one of {KINDS} with --config.data.tokenizer=...')
 
 
-def from_spec(spec: dict):
+def _trained_spm(dc, texts, cache_dir):
+  settings = {k: dc[k] for k in ('dataset', 'train_split', 'feature', 'spm_vocab_size', 'spm_model_type',
+                                 'spm_train_chars')}
+  key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+  directory = dc.tokenizer_dir or cache_dir
+  path = epath.Path(directory) / f'spm-{dc.spm_model_type}{dc.spm_vocab_size}-{key}.model' if directory else None
+  if path is not None and path.exists():
+    return SentencePieceTokenizer(path.read_bytes())
+  tok = SentencePieceTokenizer(train_spm(texts(), dc.spm_vocab_size, dc.spm_model_type, dc.spm_train_chars))
+  if path is not None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + '.tmp')
+    tmp.write_bytes(tok.proto)
+    tmp.rename(path)
+  return tok
+
+
+def train_spm(texts: Iterable[str], vocab_size: int, model_type: str, max_chars: int) -> bytes:
+  """A serialized SentencePiece model trained on the lines of `texts` (at most max_chars characters)."""
+  import sentencepiece as spm
+  if model_type not in ('bpe', 'unigram'):
+    raise TokenizerError(f"data.spm_model_type must be 'bpe' or 'unigram', got {model_type!r}")
+
+  def lines():  # SentencePiece trains on sentences: lines, without their newline (it is a piece of its own)
+    n = 0
+    for text in texts:
+      for line in text.split('\n'):
+        if line:
+          yield line
+          n += len(line)
+          if n >= max_chars:
+            return
+
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+        byte_fallback=True, character_coverage=1.0, normalization_rule_name='identity', add_dummy_prefix=False,
+        remove_extra_whitespaces=False, split_digits=True, user_defined_symbols=['\n'],
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, input_sentence_size=0, max_sentence_length=1 << 16,
+        num_threads=2, minloglevel=2)
+  except RuntimeError as e:
+    most = re.search(r'value <= (\d+)', str(e))
+    if most:
+      raise TokenizerError(
+          f'data.spm_vocab_size = {vocab_size} is more {model_type} pieces than the training text supports (at most '
+          f'{most.group(1)}, including the 256 byte pieces and 4 specials). Lower --config.data.spm_vocab_size to '
+          f'<= {most.group(1)}, or train on more text (data.spm_train_chars, a larger split).') from None
+    least = re.search(r'smaller than required_chars\. \d+ vs (\d+)', str(e))
+    if least:
+      raise TokenizerError(
+          f'data.spm_vocab_size = {vocab_size} cannot hold the specials, the 256 byte pieces and every character of '
+          f'the training text; raise --config.data.spm_vocab_size to >= {least.group(1)}.') from None
+    raise TokenizerError(f'SentencePiece training failed: {e}') from e
+  return model.getvalue()
+
+
+def check_config(tok, dc, where: str = 'the workdir'):
+  """Raises TokenizerError when a recorded or given tokenizer does not match what the data config asks for."""
+  kind = tok.spec()['kind']
+  if kind != dc.tokenizer:
+    raise TokenizerError(f'the tokenizer in {where} is {kind!r} but the config asks for {dc.tokenizer!r}; use a new '
+                         '--workdir, or set --config.data.tokenizer to match')
+  if kind == 'spm' and not dc.spm_model and (tok.vocab_size, tok.model_type) != (dc.spm_vocab_size, dc.spm_model_type):
+    raise TokenizerError(f'the SentencePiece model in {where} is {tok.model_type} with {tok.vocab_size} pieces but the '
+                         f'config asks for {dc.spm_model_type} with {dc.spm_vocab_size}; use a new --workdir, or '
+                         'the settings this run was started with')
+  return tok
+
+
+def from_spec(spec: dict, directory: Optional[str] = None):
+  """The tokenizer a spec describes; spm reads its model from `directory` and checks the proto's sha256."""
   if spec['kind'] == 'char':
     return CharTokenizer(spec['chars'])
   if spec['kind'] == 'byte':
     return ByteTokenizer()
+  if spec['kind'] == 'spm':
+    path = epath.Path(directory or '.') / spec['model_file']
+    if not path.exists():
+      raise TokenizerError(f'{path} is missing: the SentencePiece model this run was trained with (sha256 '
+                           f'{spec["sha256"]}) must sit next to {_FILE}')
+    tok = SentencePieceTokenizer(path.read_bytes())
+    check_same(spec, tok.spec(), str(path))
+    return tok
   raise TokenizerError(f'tokenizer spec of unknown kind {spec["kind"]!r}')
 
 
 def save(tok, workdir: str) -> None:
-  path = os.path.join(workdir, _FILE)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(tok.spec(), f)
-  os.replace(path + '.tmp', path)
+  """tokenizer.json (the spec) and, for spm, tokenizer.model: a new process reloads it from the workdir alone."""
+  directory = epath.Path(workdir)
+  if isinstance(tok, SentencePieceTokenizer):
+    _write(directory / tok.MODEL_FILE, tok.proto)
+  _write(directory / _FILE, json.dumps(tok.spec()).encode())
+
+
+def _write(path, content: bytes):
+  tmp = path.parent / (path.name + '.tmp')
+  tmp.write_bytes(content)
+  tmp.rename(path)  # atomic: a reader never sees half a file
 
 
 def load(workdir: str):
   """The tokenizer a workdir recorded, or None if it has none yet."""
-  path = os.path.join(workdir, _FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / _FILE
+  if not path.exists():
     return None
-  with open(path) as f:
-    return from_spec(json.load(f))
+  return from_spec(json.loads(path.read_text()), workdir)
 
 
 def check_same(recorded: dict, current: dict, where: str) -> None:

@@ -154,3 +154,34 @@ def test_feature_text_on_mocked_dataset(tmp_path):
   assert isinstance(sources.feature_text(example, 'text', 'lm1b'), str)
   with pytest.raises(sources.DataError, match=r"no feature 'content'.*\['text'\]"):
     sources.feature_text(example, 'content', 'lm1b')
+
+
+def _dc(**kw):
+  from lmjax import config as config_lib
+  dc = config_lib.default_config().data
+  for k, v in kw.items():
+    dc[k] = v
+  return dc
+
+
+def test_documents_with_missing_feature_key_fail_before_training(data_dir):
+  with pytest.raises(sources.DataError, match=r"no feature 'content'.*\['text'\]"):
+    sources.documents(_dc(data_dir=data_dir, feature='content'), 'train')
+
+
+def test_text_files_one_document_per_file_or_line(tmp_path):
+  (tmp_path / 'sub').mkdir()
+  (tmp_path / 'sub' / 'a.txt').write_text('one\ntwo\n\n')
+  (tmp_path / 'sub' / 'b.txt').write_text('three ☃')
+  per_file = sources.documents(_dc(dataset='text_files'), str(tmp_path / '*' / '*.txt'))
+  assert [per_file[i] for i in range(len(per_file))] == ['one\ntwo\n\n', 'three ☃']
+  per_line = sources.documents(_dc(dataset='text_files', file_docs='line'), str(tmp_path / 'sub/*.txt'))
+  assert [per_line[i] for i in range(len(per_line))] == ['one', 'two', 'three ☃']
+
+
+def test_empty_glob_and_empty_files_are_data_errors(tmp_path):
+  with pytest.raises(sources.DataError, match='no files match'):
+    sources.documents(_dc(dataset='text_files'), str(tmp_path / '*.txt'))
+  (tmp_path / 'empty.txt').write_text('\n\n')
+  with pytest.raises(sources.DataError, match='hold no text'):
+    sources.documents(_dc(dataset='text_files', file_docs='line'), str(tmp_path / '*.txt'))
