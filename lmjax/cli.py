@@ -15,8 +15,9 @@ from lmjax import runtime
 
 def _user_errors():
   """Errors the user can fix: printed as one clear line, exit code 2, no traceback."""
-  from lmjax import checkpoint, config, sources, tokenizers
-  return (config.ConfigError, sources.DataError, tokenizers.TokenizerError, checkpoint.CheckpointError)
+  from lmjax import checkpoint, config, sample, sources, tokenizers
+  return (config.ConfigError, sources.DataError, tokenizers.TokenizerError, checkpoint.CheckpointError,
+          sample.SampleError)
 
 
 def _split_overrides(argv):

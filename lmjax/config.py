@@ -47,14 +47,23 @@ def default_config() -> ml_collections.ConfigDict:
   m.attention = 'xla'  # xla | dot_product_attention | cudnn | auto (see lmjax/attention.py)
 
   c.data = d = ml_collections.ConfigDict()
-  d.dataset = 'tiny_shakespeare'  # a TFDS name; read from array_record files without TensorFlow
-  d.train_split = 'train'
+  d.dataset = 'tiny_shakespeare'  # a TFDS name (lm1b, c4/en, ...) read from array_record without TF; or text_files
+  d.train_split = 'train'  # a TFDS split ('train[:90%]' works); for text_files, a glob of files ('/data/*.txt')
   d.eval_split = 'validation+test'  # for tiny_shakespeare, the last 10% of the text: nanoGPT's val split
-  d.feature = 'text'
+  d.feature = 'text'  # the TFDS feature holding the text
+  d.file_docs = 'file'  # text_files: one document per 'file' or per non-empty 'line'
   d.data_dir = ''  # TFDS data_dir ('' = ~/tensorflow_datasets); may be gs://... on a TPU VM
   d.manual_dir = ''  # a folder holding the raw files for machines without internet ('' = TFDS's default)
-  d.tokenizer = 'char'  # char | byte
-  d.window_stride = 1  # continuous text: a training row may start at any multiple of this offset
+  d.rows = 'windows'  # windows: continuous text cut into random windows (nanoGPT) | packed: documents, shuffled,
+  #                     tokenized and packed into rows with segment_ids / positions (see lmjax/data.py)
+  d.window_stride = 1  # windows: a training row may start at any multiple of this offset
+  d.read_threads = 2  # packed: Grain threads reading and tokenizing documents ahead of the train step
+  d.tokenizer = 'char'  # char | byte | spm (SentencePiece; see lmjax/tokenizers.py for the special ids)
+  d.spm_vocab_size = 8000  # spm: pieces, including 4 specials, newline and 256 byte-fallback pieces
+  d.spm_model_type = 'bpe'  # spm: bpe | unigram
+  d.spm_train_chars = 10_000_000  # spm: train on at most this many characters of the train split (shuffled docs)
+  d.spm_model = ''  # spm: an existing .model file (pad=0 unk=1 bos=2 eos=3) to use instead of training one
+  d.tokenizer_dir = ''  # spm: where trained models are cached and reused across runs ('' = the run's workdir)
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 2000
@@ -87,6 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
   ms.data = -1  # -1 = all devices not used by the other axes
   ms.fsdp = 1
   ms.tensor = 1
+  ms.rules = ()  # overrides of lmjax/parallel.py RULES, e.g. (('embed', None), ('mlp', ('fsdp', 'tensor')))
 
   c.sample = s = ml_collections.ConfigDict()  # defaults for `lmjax sample`
   s.prompt = '\n'

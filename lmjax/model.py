@@ -107,6 +107,11 @@ def _zeros(axes):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
+def _lead(v, ndim):
+  """v with leading unit dims up to rank ndim: broadcasting made explicit (tests run with rank promotion off)."""
+  return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
 class Norm(nn.Module):
   cfg: ModelConfig
 
@@ -121,9 +126,9 @@ class Norm(nn.Module):
       mean = jnp.mean(x, axis=-1, keepdims=True)
       var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
       y = (x - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
-    y = y * self.param('scale', ones, (x.shape[-1],), cfg.param_dtype)
+    y = y * _lead(self.param('scale', ones, (x.shape[-1],), cfg.param_dtype), y.ndim)
     if cfg.use_bias and cfg.norm == 'layernorm':
-      y = y + self.param('bias', _zeros(('norm',)), (x.shape[-1],), cfg.param_dtype)
+      y = y + _lead(self.param('bias', _zeros(('norm',)), (x.shape[-1],), cfg.param_dtype), y.ndim)
     return y.astype(cfg.dtype)
 
 
@@ -131,7 +136,7 @@ def rope(x_BxLxHxK, positions_BxL, theta):
   """Rotary position embedding (half-split layout, as Llama/NeoX): rotates pairs (i, i + K/2)."""
   k = x_BxLxHxK.shape[-1]
   freq_K2 = theta ** -(jnp.arange(0, k, 2, dtype=jnp.float32) / k)
-  angle_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * freq_K2
+  angle_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * freq_K2[None, None, :]
   sin, cos = jnp.sin(angle_BxLxK2)[:, :, None, :], jnp.cos(angle_BxLxK2)[:, :, None, :]
   x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -153,7 +158,7 @@ class Attention(nn.Module):
     kv_2xBxNxLxK = jnp.einsum('BLD,DCNK->CBNLK', x_BxLxD,
                               dense('kv_kernel', (D, 2, N, K), ('embed', None, 'kv_heads', 'head_dim')).astype(dt))
     if cfg.use_bias:
-      q_BxLxHxK += bias('q_bias', (H, K), ('heads', 'head_dim')).astype(dt)
+      q_BxLxHxK += _lead(bias('q_bias', (H, K), ('heads', 'head_dim')).astype(dt), 4)
       kv_2xBxNxLxK += bias('kv_bias', (2, N, K), (None, 'kv_heads', 'head_dim')).astype(dt)[:, None, :, None, :]
     k_BxNxLxK, v_BxNxLxK = kv_2xBxNxLxK[0], kv_2xBxNxLxK[1]
     if cfg.positions == 'rope':
@@ -173,7 +178,7 @@ class Attention(nn.Module):
     y_BxLxD = jnp.einsum('BLHK,HKD->BLD', out_BxLxHxK,
                          dense('o_kernel', (H, K, D), ('heads', 'head_dim', 'embed'), std_out).astype(dt))
     if cfg.use_bias:
-      y_BxLxD += bias('o_bias', (D,), ('embed',)).astype(dt)
+      y_BxLxD += _lead(bias('o_bias', (D,), ('embed',)).astype(dt), 3)
     return y_BxLxD, new_cache
 
 
@@ -189,7 +194,7 @@ class Mlp(nn.Module):
     def dense(name, x, shape, axes, std=_INIT_STD):
       y = jnp.dot(x, self.param(f'{name}_kernel', _dense_init(axes, std), shape, cfg.param_dtype).astype(dt))
       if cfg.use_bias:
-        y += self.param(f'{name}_bias', _zeros(axes[-1:]), shape[-1:], cfg.param_dtype).astype(dt)
+        y += _lead(self.param(f'{name}_bias', _zeros(axes[-1:]), shape[-1:], cfg.param_dtype).astype(dt), y.ndim)
       return y
 
     h_BxLxF = dense('up', x_BxLxD, (D, F), ('embed', 'mlp'))

@@ -1,9 +1,10 @@
 """Device mesh, logical-axis rules and shardings: the only place that knows how arrays are laid over devices.
 
 The model names its axes logically ('embed', 'heads', 'mlp', ...); RULES map those names onto the mesh axes
-data / fsdp / tensor. The batch is split over (data, fsdp); FSDP shards weights over 'embed'; tensor parallelism
-splits heads, kv heads, the MLP hidden dim and the vocabulary. A dim that a mesh axis does not divide stays
-replicated rather than failing, so one config file runs on 1 CPU, 8 devices or a pod slice.
+data / fsdp / tensor, and `config.mesh.rules` may override any of them (`make_rules`). The batch is split over
+(data, fsdp); FSDP shards weights over 'embed'; tensor parallelism splits heads, kv heads, the MLP hidden dim and
+the vocabulary. A dim that a mesh axis does not divide stays replicated rather than failing, so one config file
+runs on 1 CPU, 8 devices or a pod slice: only the mesh changes.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from lmjax.config import ConfigError
 
 AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
@@ -39,14 +42,14 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   sizes = [int(mesh_config[a]) for a in AXES]
   free = [i for i, s in enumerate(sizes) if s == -1]
   if len(free) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f'mesh sizes {dict(zip(AXES, sizes))}: each must be >= 1, and at most one may be -1')
+    raise ConfigError(f'mesh sizes {dict(zip(AXES, sizes))}: each must be >= 1, and at most one may be -1')
   known = math.prod(s for s in sizes if s != -1)
   if free:
     if len(devices) % known:
-      raise ValueError(f'mesh {dict(zip(AXES, sizes))}: {len(devices)} devices are not divisible by {known}')
+      raise ConfigError(f'mesh {dict(zip(AXES, sizes))}: {len(devices)} devices are not divisible by {known}')
     sizes[free[0]] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise ValueError(f'mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but {len(devices)} are '
+    raise ConfigError(f'mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but {len(devices)} are '
                      'available; set --config.mesh.data=-1 to use the rest')
   # mesh_utils orders devices so that neighbours on the mesh are neighbours on the interconnect (TPU torus).
   from jax.experimental import mesh_utils
@@ -57,16 +60,45 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   return Mesh(arr, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
+def make_rules(overrides=()) -> tuple:
+  """RULES with `overrides`, pairs (logical name, mesh axis | tuple of mesh axes | None), replacing same-named rules.
+
+  From the config: --config.mesh.rules="(('embed', None), ('mlp', ('fsdp', 'tensor')))" stops sharding weights
+  over fsdp and splits the MLP hidden dim over both axes. Lists work too (config.json stores tuples as lists).
+  """
+  rules = dict(RULES)
+  for pair in overrides or ():
+    if len(pair) != 2 or not isinstance(pair[0], str):
+      raise ConfigError(f"mesh.rules: each rule is (logical name, mesh axes), e.g. ('embed', 'fsdp'); got {pair!r}")
+    name, axes = pair
+    axes = axes if axes is None or isinstance(axes, str) else tuple(axes)
+    unknown = [a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in AXES]
+    if unknown:
+      raise ConfigError(f'mesh.rules: {unknown} in the rule for {name!r} are not mesh axes; use {AXES} or None')
+    rules[name] = axes
+  return tuple(rules.items())
+
+
 @contextlib.contextmanager
-def activate(mesh: Mesh):
+def activate(mesh: Mesh, rules=RULES):
   """Mesh and logical rules for tracing: the model's activation constraints resolve against them."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
 
 
-def spec_for(logical_axes, shape, mesh: Mesh) -> P:
+def traced_with(fn, mesh: Mesh, rules=RULES):
+  """`fn` that enters `mesh` and `rules` itself while it is traced, so a jitted step applies its activation
+  constraints (nn.with_logical_constraint) whatever context the caller traces it in: outside any mesh they
+  would silently do nothing, and the trace cache does not key on Flax's rules."""
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+def spec_for(logical_axes, shape, mesh: Mesh, rules=RULES) -> P:
   """PartitionSpec for one array from its logical axis names; indivisible dims and reused mesh axes replicate."""
-  rules = dict(RULES)
+  rules = dict(rules)
   used, out = set(), []
   for name, dim in zip(logical_axes, shape):
     mesh_axes = rules.get(name) if name else None
@@ -81,12 +113,12 @@ def spec_for(logical_axes, shape, mesh: Mesh) -> P:
   return P(*out)
 
 
-def param_shardings(boxed_params, mesh: Mesh):
+def param_shardings(boxed_params, mesh: Mesh, rules=RULES):
   """NamedSharding per parameter from the logical names `init` attached (nn.Partitioned boxes)."""
   def one(x):
     names = tuple(x.names) if isinstance(x, nn.Partitioned) else (None,) * x.ndim
     value = x.value if isinstance(x, nn.Partitioned) else x
-    return NamedSharding(mesh, spec_for(names, value.shape, mesh))
+    return NamedSharding(mesh, spec_for(names, value.shape, mesh, rules))
   return jax.tree.map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 

@@ -43,3 +43,12 @@ def enable_compilation_cache(cache_dir: str):
   jax.config.update('jax_compilation_cache_dir', os.path.expanduser(cache_dir))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def run_once(jitted, *args):
+  """Runs a jitted function that executes once (parameter init): compiled without XLA's backend optimisations.
+
+  Random initialisers expand into many threefry hash rounds whose optimised CPU code takes XLA tens of seconds
+  to generate for a small model; at -O0 the same program compiles several times faster and runs once anyway.
+  """
+  return jitted.lower(*args).compile(compiler_options={'xla_backend_optimization_level': 0})(*args)

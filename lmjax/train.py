@@ -106,7 +106,8 @@ class Task:
     self.rng = jax.random.key(config.seed)
 
     abstract_boxed = jax.eval_shape(self._boxed_params, self.rng)
-    self.param_shardings = parallel.param_shardings(abstract_boxed, self.mesh)
+    self.rules = parallel.make_rules(config.mesh.get('rules', ()))
+    self.param_shardings = parallel.param_shardings(abstract_boxed, self.mesh, self.rules)
     abstract_params = nn.meta.unbox(abstract_boxed)
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
     repl = parallel.replicated(self.mesh)
@@ -123,10 +124,10 @@ class Task:
     self.batch_sharding = parallel.batch_sharding(self.mesh, ndim=3)
     self.eval_batch_sharding = parallel.batch_sharding(self.mesh, ndim=2)
     step_kw = dict(model=self.model, tx=self.tx, grad_accum=config.train.grad_accum)
-    self.train_fn = jax.jit(functools.partial(train_steps, **step_kw),
+    self.train_fn = jax.jit(parallel.traced_with(functools.partial(train_steps, **step_kw), self.mesh, self.rules),
                             in_shardings=(self.state_shardings, self.batch_sharding, repl),
                             out_shardings=(self.state_shardings, repl), donate_argnums=0)
-    self.eval_fn = jax.jit(functools.partial(eval_step, model=self.model),
+    self.eval_fn = jax.jit(parallel.traced_with(functools.partial(eval_step, model=self.model), self.mesh, self.rules),
                            in_shardings=(self.param_shardings, self.eval_batch_sharding), out_shardings=repl)
     self.train_batch_shape = (K, config.train.batch_size, self.model_cfg.max_len)
 
@@ -139,8 +140,8 @@ class Task:
     def init(rng):
       params = nn.meta.unbox(self._boxed_params(rng))
       return TrainState(jnp.int32(0), params, self.tx.init(params))
-    with parallel.activate(self.mesh):
-      return jax.jit(init, out_shardings=self.state_shardings)(jax.random.fold_in(self.rng, 0))
+    with parallel.activate(self.mesh, self.rules):
+      return runtime.run_once(jax.jit(init, out_shardings=self.state_shardings), jax.random.fold_in(self.rng, 0))
 
   def compile_train(self, batch):
     """Ahead-of-time compilation of the train step for batches shaped like `batch` (global arrays or

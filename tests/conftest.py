@@ -1,0 +1,42 @@
+"""Test set-up: 8 simulated CPU devices (for sharding tests), shared Tiny Shakespeare, no network."""
+import os
+import pathlib
+import socket
+
+import jax
+import pytest
+
+try:  # before any test touches a backend; harmless if a plugin already started one with 8 devices
+  jax.config.update('jax_num_cpu_devices', 8)
+except RuntimeError:
+  pass
+jax.config.update('jax_numpy_rank_promotion', 'raise')  # implicit rank broadcasting hides shape bugs
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / 'shared' / 'data' / 'tinyshakespeare'
+
+
+@pytest.fixture(scope='session')
+def shakespeare_dirs(tmp_path_factory):
+  """(manual_dir, data_dir): the shared input.txt and a TFDS data_dir prepared once per test session."""
+  if not (SHARED_DATA / 'input.txt').exists():
+    pytest.skip(f'{SHARED_DATA}/input.txt is missing')
+  from lmjax import sources
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  sources.prepare_tiny_shakespeare(data_dir, str(SHARED_DATA))
+  return str(SHARED_DATA), data_dir
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+  """Any connection attempt fails at once instead of hanging (TFDS downloads hang on this machine)."""
+  def refuse(*a, **k):
+    raise OSError('network access attempted in a test')
+  monkeypatch.setattr(socket.socket, 'connect', refuse)
+  monkeypatch.setattr(socket, 'getaddrinfo', refuse)
+
+
+def tiny_overrides(manual_dir, data_dir, **extra):
+  """Overrides that point configs/tiny.py at the session's prepared data."""
+  items = {'data.manual_dir': manual_dir, 'data.data_dir': data_dir, 'train.progress_bar': 'false', **extra}
+  return [f'{k}={v}' for k, v in items.items()]

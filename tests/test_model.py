@@ -1,0 +1,89 @@
+"""The model as a specification: causality, cache = full forward, stable names, remat/scan equivalences."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmjax import model as model_lib, runtime
+
+VARIANTS = {
+    'gpt2': {},
+    'llama': dict(norm='rmsnorm', positions='rope', mlp='swiglu', n_kv_heads=2, use_bias=False, tied_embeddings=False),
+    'mqa': dict(n_kv_heads=1),
+    'scan': dict(scan_layers=True),
+}
+
+
+def make(variant='gpt2', **kw):
+  cfg = model_lib.ModelConfig(vocab_size=37, max_len=16, n_layers=2, n_heads=4, d_model=32,
+                              **{**VARIANTS[variant], **kw}).validate()
+  m = model_lib.Transformer(cfg)
+  params = runtime.run_once(jax.jit(m.init), jax.random.key(0), jnp.zeros((1, cfg.max_len), jnp.int32))
+  params = nn.meta.unbox(params['params'])
+  return cfg, Jitted(m), params
+
+
+class Jitted:
+  """model.apply under jit (eager Flax dispatches op by op: slow, and not what runs in training)."""
+
+  def __init__(self, module):
+    self.apply = jax.jit(module.apply)
+
+
+def tokens(b, l, seed=1, vocab=37):
+  return jax.random.randint(jax.random.key(seed), (b, l), 0, vocab)
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_changing_token_t_changes_no_logit_before_t(variant):
+  cfg, m, params = make(variant)
+  x = tokens(2, cfg.max_len)
+  base = m.apply({'params': params}, x)
+  for t in (0, 5, cfg.max_len - 1):
+    changed = m.apply({'params': params}, x.at[:, t].set((x[:, t] + 1) % cfg.vocab_size))
+    np.testing.assert_array_equal(base[:, :t], changed[:, :t])
+    assert not np.allclose(base[:, t:], changed[:, t:])  # and it does change the logits from t on
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_kv_cache_decoding_gives_the_logits_of_the_full_forward_pass(variant):
+  cfg, m, params = make(variant)
+  x = tokens(3, cfg.max_len)
+  full = m.apply({'params': params}, x)
+  cache = model_lib.init_cache(cfg, 3, cfg.max_len)
+  segs = jnp.ones((3, cfg.max_len), jnp.int32)
+  prefill = 6
+  logits, cache = m.apply({'params': params}, x[:, :prefill], segment_ids_BxL=segs[:, :prefill], cache=cache,
+                          cache_index=0, kv_segment_ids_BxT=segs)
+  steps = [logits]
+  for t in range(prefill, cfg.max_len):
+    pos = jnp.full((3, 1), t, jnp.int32)
+    logits, cache = m.apply({'params': params}, x[:, t:t + 1], pos, segs[:, t:t + 1], cache=cache, cache_index=t,
+                            kv_segment_ids_BxT=segs)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
+
+
+def test_parameter_paths_are_stable():
+  _, _, params = make('gpt2')
+  paths = {'/'.join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+  assert paths == {'embed', 'pos_embed', 'ln_f/scale', 'ln_f/bias'} | {
+      f'block_{i}/{leaf}' for i in range(2) for leaf in (
+          'ln1/scale', 'ln1/bias', 'ln2/scale', 'ln2/bias', 'attn/q_kernel', 'attn/q_bias', 'attn/kv_kernel',
+          'attn/kv_bias', 'attn/o_kernel', 'attn/o_bias', 'mlp/up_kernel', 'mlp/up_bias', 'mlp/down_kernel',
+          'mlp/down_bias')}
+
+
+def test_gpt2_block_parameter_count_matches_the_formula():
+  # GPT-2 block: 12 D^2 + 13 D per layer, plus embeddings and the final norm (tied head).
+  cfg, _, params = make('gpt2')
+  D, V, T, n = cfg.d_model, cfg.vocab_size, cfg.max_len, cfg.n_layers
+  assert model_lib.count_params(params) == n * (12 * D * D + 13 * D) + V * D + T * D + 2 * D
+
+
+def test_invalid_config_names_the_field():
+  with pytest.raises(ValueError, match='n_heads'):
+    model_lib.ModelConfig(vocab_size=10, max_len=8, d_model=30, n_heads=4).validate()
+  with pytest.raises(ValueError, match="norm must be"):
+    model_lib.ModelConfig(vocab_size=10, max_len=8, norm='batchnorm').validate()

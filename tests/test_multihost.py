@@ -1,0 +1,90 @@
+"""Multi-host: two local processes (4 CPU devices each, gloo collectives) train exactly like one 8-device process.
+
+Uses the real `lmjax train` CLI with --coordinator/--num_processes/--process_id on 127.0.0.1, then restores the
+two-process checkpoint onto a single device.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+
+try:  # tests/conftest.py does this for the whole suite; alone, this file must do it before JAX starts
+  jax.config.update('jax_num_cpu_devices', 8)
+except RuntimeError:
+  pass
+
+import numpy as np
+import portpicker
+import pytest
+
+from lmjax import config as config_lib, data as data_lib, parallel, sources, train
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (simulated) devices')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MANUAL_DIR = os.path.join(REPO, '..', 'shared', 'data', 'tinyshakespeare')
+TIMEOUT_S = 300  # two processes compiling on a shared 2-core machine; a healthy run takes well under this
+RUN = ['steps=6', 'log_every=2', 'eval_every=6', 'checkpoint_every=6', 'progress_bar=False']
+
+
+def overrides(data_dir):
+  return ([f'train.{o}' for o in RUN] + ['mesh.data=2', 'mesh.fsdp=4', f'data.manual_dir={MANUAL_DIR}',
+                                          f'data.data_dir={data_dir}'])
+
+
+def losses(workdir, key):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [(r['step'], r[key]) for r in map(json.loads, f) if key in r]
+
+
+def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
+  if not os.path.exists(os.path.join(MANUAL_DIR, 'input.txt')):
+    pytest.skip(f'no Tiny Shakespeare at {MANUAL_DIR}')
+  data_dir = str(tmp_path / 'tfds')
+  sources.prepare_tiny_shakespeare(data_dir, MANUAL_DIR)  # once, here: the two processes must not race to build it
+  two = str(tmp_path / 'two_processes')
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
+  env.update(JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='4')
+  port = portpicker.pick_unused_port()
+  cmd = [sys.executable, '-m', 'lmjax', 'train', '--config=configs/tiny.py', f'--workdir={two}',
+         f'--coordinator=127.0.0.1:{port}', '--num_processes=2'] + [f'--config.{o}' for o in overrides(data_dir)]
+  logs = [open(tmp_path / f'process_{i}.log', 'w+') for i in range(2)]
+  procs = [subprocess.Popen(cmd + [f'--process_id={i}'], cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
+           for i in range(2)]
+  try:
+    # The reference trains in this process (8 devices) while the two processes run.
+    one = str(tmp_path / 'one_process')
+    train.train(config_lib.load('configs/tiny.py', overrides(data_dir)), one)
+    for p in procs:
+      p.wait(timeout=TIMEOUT_S)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  tails = ''
+  for f in logs:
+    f.seek(0)
+    tails += f.name + ':\n' + f.read()[-3000:] + '\n'
+    f.close()
+  assert [p.returncode for p in procs] == [0, 0], tails
+
+  got, want = losses(two, 'train_loss'), losses(one, 'train_loss')
+  assert [s for s, _ in got] == [2, 4, 6], tails
+  np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=1e-5)
+  np.testing.assert_allclose(losses(two, 'val_loss')[-1][1], losses(one, 'val_loss')[-1][1], rtol=1e-5)
+
+  # Only process 0 wrote logs and the resolved config; both wrote their share of the checkpoint.
+  assert sorted(os.listdir(two)) == sorted(os.listdir(one))
+  assert sorted(os.listdir(os.path.join(two, 'checkpoints', '6', 'data'))) == [
+      'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
+
+  # The checkpoint written by 2 processes x 4 devices restores onto one device and evaluates to the same loss.
+  config, tokenizer, task, state = train.load_run(two, mesh=parallel.make_mesh(
+      {'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1]), overrides=('mesh.data=1', 'mesh.fsdp=1'))
+  assert int(state.step) == 6 and state.params['embed'].sharding.mesh.size == 1
+  data = data_lib.make_data(config, tokenizer)
+  val = task.evaluate(state.params, data.eval_batches)['val_loss']
+  np.testing.assert_allclose(val, losses(two, 'val_loss')[-1][1], rtol=1e-5)

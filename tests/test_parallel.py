@@ -1,0 +1,157 @@
+"""Sharding specifications: any mesh trains the same model as one device, only the layout changes.
+
+Runs on 8 simulated CPU devices with the tiny model (D=32, 2 layers, vocab 64); compiled steps are cached per
+mesh so the whole file compiles each mesh once.
+"""
+import functools
+
+import jax
+
+try:  # tests/conftest.py does this for the whole suite; alone, this file must do it before JAX starts
+  jax.config.update('jax_num_cpu_devices', 8)
+except RuntimeError:  # backend already initialised (by conftest or another module): keep what it has
+  pass
+
+import numpy as np
+import pytest
+
+from lmjax import checkpoint, config as config_lib, parallel, plan, train
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (simulated) devices')
+
+MESHES = {  # name -> (data, fsdp, tensor)
+    'data8': (8, 1, 1),
+    'fsdp8': (1, 8, 1),
+    'data4_tensor2': (4, 1, 2),
+    'data2_fsdp2_tensor2': (2, 2, 2),
+}
+
+
+def tiny_config(data=1, fsdp=1, tensor=1, *overrides):
+  return config_lib.load('configs/tiny.py', ['model.vocab_size=64', f'mesh.data={data}', f'mesh.fsdp={fsdp}',
+                                             f'mesh.tensor={tensor}', *overrides])
+
+
+@functools.lru_cache(maxsize=None)
+def task_on(data, fsdp, tensor) -> train.Task:
+  """One Task per mesh: its jitted step compiles once for the whole file. (1, 1, 1) is a single device."""
+  config = tiny_config(data, fsdp, tensor)
+  mesh = parallel.make_mesh(config.mesh, jax.devices()[:data * fsdp * tensor])
+  return train.Task(config, mesh)
+
+
+def batches(n, seed=0):
+  """n fixed batches shaped (steps_per_call=1, batch 8, length 32)."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, 64, size=(n, 1, 8, 33), dtype=np.int32)
+  return [{'inputs': t[..., :-1], 'targets': t[..., 1:]} for t in tokens]
+
+
+def run_steps(task, state, batch_list):
+  """(state, losses) after one optimizer step per batch."""
+  losses = []
+  with parallel.activate(task.mesh):
+    for b in batch_list:
+      state, m = task.train_fn(state, parallel.put_batch(b, task.batch_sharding), task.dropout_rng)
+      losses.append(float(m['train_loss'][-1]))
+  return state, losses
+
+
+@functools.lru_cache(maxsize=None)
+def single_device_losses():
+  task = task_on(1, 1, 1)
+  return tuple(run_steps(task, task.init_state(), batches(3))[1])
+
+
+@pytest.mark.parametrize('name', list(MESHES))
+def test_sharded_train_steps_match_single_device(name):
+  task = task_on(*MESHES[name])
+  _, losses = run_steps(task, task.init_state(), batches(3))
+  np.testing.assert_allclose(losses, single_device_losses(), rtol=2e-5)
+  assert losses[-1] < losses[0]  # it is training, not replaying the same number
+
+
+def test_parameters_are_laid_out_by_their_logical_names():
+  task = task_on(1, 4, 2)
+  params = task.init_state().params
+  specs = {
+      ('embed',): ('tensor', 'fsdp'),  # vocab 64 over tensor, d_model over fsdp
+      ('block_0', 'attn', 'q_kernel'): ('fsdp', 'tensor', None),  # (D, H, K)
+      ('block_0', 'attn', 'o_kernel'): ('tensor', None, 'fsdp'),  # (H, K, D)
+      ('block_0', 'mlp', 'up_kernel'): ('fsdp', 'tensor'),  # (D, F)
+      ('block_0', 'mlp', 'down_kernel'): ('tensor', 'fsdp'),  # (F, D)
+      ('block_0', 'ln1', 'scale'): (None,),
+  }
+  for path, spec in specs.items():
+    x = functools.reduce(lambda t, k: t[k], path, params)
+    assert tuple(x.sharding.spec) == spec, path
+    want = tuple(d // (task.mesh.shape[a] if a else 1) for d, a in zip(x.shape, spec))
+    assert {s.data.shape for s in x.addressable_shards} == {want}, path
+
+
+def test_indivisible_dims_stay_replicated():
+  # vocab 65 does not divide over tensor=2: the embedding keeps whole rows and shards only d_model over fsdp.
+  config = tiny_config(1, 4, 2, 'model.vocab_size=65')
+  task = train.Task(config)
+  assert tuple(task.param_shardings['embed'].spec) == (None, 'fsdp')
+  assert tuple(task.param_shardings['block_0']['attn']['q_kernel'].spec) == ('fsdp', 'tensor', None)
+
+
+def test_fsdp8_device_holds_an_eighth_of_the_train_state():
+  # No biases and d_model 64: everything but the norm scales divides by 8, so the replicated remainder is small.
+  overrides = ('model.d_model=64', 'model.use_bias=False', 'model.norm=rmsnorm')
+  state = train.Task(tiny_config(1, 8, 1, *overrides)).init_state()
+  device0 = jax.devices()[0]
+  on_device0 = sum(s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards
+                   if s.device == device0)
+  whole = sum(x.nbytes for x in jax.tree.leaves(state))
+  assert on_device0 <= 0.135 * whole, (on_device0, whole)
+
+
+def test_activation_constraints_apply_inside_jit_wherever_it_is_traced():
+  task = task_on(2, 2, 2)
+  batch = {k: jax.ShapeDtypeStruct(task.train_batch_shape, np.int32, sharding=task.batch_sharding)
+           for k in ('inputs', 'targets')}
+  hlo = task.train_fn.lower(task.abstract_state, batch, task.dropout_rng).as_text()  # no activate() around it
+  assert 'sharding_constraint' in hlo
+  assert '[{"data", "fsdp"}, {}, {"tensor"}]' in hlo  # the MLP hidden activations: batch x length x mlp
+
+
+def test_config_rules_override_the_default_mapping():
+  config = tiny_config(1, 4, 2)
+  with config.unlocked():
+    config.mesh.rules = (('embed', None), ('mlp', ('fsdp', 'tensor')))
+  task = train.Task(config)
+  assert tuple(task.param_shardings['block_0']['mlp']['up_kernel'].spec) == (None, ('fsdp', 'tensor'))
+  assert tuple(task.param_shardings['block_0']['attn']['q_kernel'].spec) == (None, 'tensor', None)
+  with pytest.raises(config_lib.ConfigError, match='not mesh axes'):
+    parallel.make_rules((('embed', 'model'),))
+
+
+def test_checkpoint_saved_on_fsdp8_resumes_on_other_meshes_with_identical_losses(tmp_path):
+  source = task_on(1, 8, 1)
+  state, _ = run_steps(source, source.init_state(), batches(2))
+  ckpt = checkpoint.Checkpointer(tmp_path / 'ckpt')
+  ckpt.save(2, state, force=True)
+  ckpt.wait()
+  later = batches(2, seed=1)
+  _, expected = run_steps(source, state, later)
+  for mesh in ((4, 1, 2), (1, 1, 1)):  # data x tensor, and one device (as for sampling)
+    target = task_on(*mesh)
+    restored = ckpt.restore(2, target.abstract_state)
+    assert restored.params['embed'].sharding == target.param_shardings['embed']
+    _, losses = run_steps(target, restored, later)
+    np.testing.assert_allclose(losses, expected, rtol=2e-5, err_msg=f'mesh {mesh}')
+  ckpt.close()
+
+
+def test_plan_reports_sharded_memory_without_a_dataset():
+  config = tiny_config(1, 8, 1)
+  p = plan.plan(config)
+  assert p['n_params'] == sum(c['total'] for c in p['params'].values())
+  assert p['params']['attention']['per_layer'] * 2 == p['params']['attention']['total']
+  assert p['flops_per_token'] == train.model_lib.flops_per_token(config_lib.model_config(config), 32)
+  replicated = 4 * p['n_params']  # float32
+  assert p['bytes_per_device']['params'] < replicated / 4
+  assert p['bytes_per_device']['temporaries'] > 0
+  assert 'memory per device' in plan.report(p)
