@@ -37,7 +37,7 @@ RULES = (
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over all devices; one axis size may be -1 (= the devices left)."""
+  """A (data, fsdp, tensor) mesh over the devices; one axis size may be -1 (= the devices left)."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = [int(mesh_config[a]) for a in AXES]
   free = [i for i, s in enumerate(sizes) if s == -1]
@@ -48,9 +48,11 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     if len(devices) % known:
       raise ConfigError(f'mesh {dict(zip(AXES, sizes))}: {len(devices)} devices are not divisible by {known}')
     sizes[free[0]] = len(devices) // known
-  if math.prod(sizes) != len(devices):
+  if math.prod(sizes) > len(devices) or (math.prod(sizes) < len(devices) and jax.process_count() > 1):
     raise ConfigError(f'mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but {len(devices)} are '
-                     'available; set --config.mesh.data=-1 to use the rest')
+                      'available; set --config.mesh.data=-1 to use them all')
+  # A single process may use fewer devices than it has (one of 8 for sampling, a debugging run): the first ones.
+  devices = devices[:math.prod(sizes)]
   # mesh_utils orders devices so that neighbours on the mesh are neighbours on the interconnect (TPU torus).
   from jax.experimental import mesh_utils
   try:

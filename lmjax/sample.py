@@ -1,0 +1,434 @@
+"""Sampling: prompt prefill and token-by-token decoding in one compiled function, and `lmjax sample`.
+
+A call left-pads the prompts to one length P (pad slots get segment id 0, so no real token ever sees them; positions
+count from each row's first real token), runs them through the model in one forward pass that fills the KV cache,
+then decodes inside a `lax.while_loop` that stops as soon as every row has finished. Every row writes the same cache
+slot at each step, so the whole batch moves in lock-step.
+
+Decoding reads the cache at every step, so its cost grows with the cache length. The loop therefore runs in stages
+whose caches grow by a factor of 4 (S = 64, 256, ... up to P + max_new_tokens): a step only reads the slots it can
+see, and a stage's cache is zero-padded to the next size when the stage ends. Each stage is one while_loop of the
+same body; the model is traced once per stage (a handful), not once per step.
+
+Decoding methods: greedy (temperature 0), temperature, top-k, top-p (nucleus), min-p -- the last four compose, in
+the order of Hugging Face's warpers: temperature, then top-k, then top-p and min-p on the renormalised top-k -- and
+beam search with the ((5 + length) / 6) ** alpha length penalty of Google's/Flax's beam search.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmjax import model as model_lib
+from lmjax import parallel, tokenizers
+
+_NEG = -1e30  # finite "minus infinity": a masked candidate must never turn a whole row into NaN
+_MIN_STAGE = 64  # smallest staged cache: below this, a stage's loop overhead costs more than the reads it saves
+_STAGE_GROWTH = 4  # each stage's cache is this many times the last: fewer stages = fewer model copies to compile
+MEMORY_FRACTION = 0.5  # refuse a call whose KV cache alone would take more than this share of free memory
+
+
+class SampleError(ValueError):
+  """Sampling options or prompts that cannot be used; the message says what to change."""
+
+
+# ------------------------------------------------------------------------------------------ token choice
+
+
+def _candidates(logits_BxV, top_k: int, need_sorted: bool):
+  """(values_BxC, ids_BxC): the top_k largest logits (sorted), or all V (sorted only when `need_sorted`).
+  lax.top_k keeps the common top-k case a partial selection instead of a full-vocabulary sort."""
+  V = logits_BxV.shape[-1]
+  if 0 < top_k < V or need_sorted:
+    return jax.lax.top_k(logits_BxV, top_k if 0 < top_k < V else V)
+  return logits_BxV, jnp.broadcast_to(jnp.arange(V, dtype=jnp.int32), logits_BxV.shape)
+
+
+def _keep(scaled_BxC, top_p, min_p, use_top_p: bool, use_min_p: bool):
+  """Which candidates survive top-p and min-p, both on the distribution renormalised over the candidates.
+  top-p keeps the smallest prefix (candidates sorted descending) whose mass reaches top_p: a candidate stays when
+  the mass strictly before it is still below top_p, so the most likely token always stays."""
+  p_BxC = jax.nn.softmax(scaled_BxC, axis=-1)
+  keep_BxC = jnp.ones(p_BxC.shape, bool)
+  if use_top_p:
+    keep_BxC &= (jnp.cumsum(p_BxC, axis=-1) - p_BxC) < top_p
+  if use_min_p:
+    keep_BxC &= p_BxC >= min_p * jnp.max(p_BxC, axis=-1, keepdims=True)
+  return keep_BxC
+
+
+def filter_logits(logits_BxV, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+  """logits_BxV / temperature with every token outside the kept set at -1e30: the distribution the sampler draws
+  from, over the whole vocabulary (for inspection and tests; the sampler works on the candidates directly)."""
+  vals_BxC, ids_BxC = _candidates(logits_BxV, top_k, top_p < 1.0)
+  scaled_BxC = vals_BxC / temperature
+  keep_BxC = _keep(scaled_BxC, top_p, min_p, top_p < 1.0, min_p > 0.0)
+  out_BxV = jnp.full(logits_BxV.shape, _NEG, jnp.float32)
+  rows_B1 = jnp.arange(logits_BxV.shape[0])[:, None]
+  return out_BxV.at[rows_B1, ids_BxC].set(jnp.where(keep_BxC, scaled_BxC, _NEG))
+
+
+class _Static(NamedTuple):
+  """Everything that changes the compiled program (shapes aside); the rest is passed as traced scalars."""
+  greedy: bool
+  top_k: int
+  use_top_p: bool
+  use_min_p: bool
+  eos_id: Optional[int]
+  beam_size: int  # 0 = sample (or greedy); >= 1 = beam search of this width
+  staged: bool
+
+
+def _choose(logits_BxV, key, temperature, top_p, min_p, st: _Static):
+  if st.greedy:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  vals_BxC, ids_BxC = _candidates(logits_BxV, st.top_k, st.use_top_p)
+  scaled_BxC = vals_BxC / temperature
+  if st.use_top_p or st.use_min_p:
+    scaled_BxC = jnp.where(_keep(scaled_BxC, top_p, min_p, st.use_top_p, st.use_min_p), scaled_BxC, _NEG)
+  pick_B = jax.random.categorical(key, scaled_BxC, axis=-1)
+  return jnp.take_along_axis(ids_BxC, pick_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def length_penalty_factor(length, alpha):
+  """Google NMT / Flax beam search: a finished beam scores log_prob / ((5 + length) / 6) ** alpha."""
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+# ------------------------------------------------------------------------------------------ the compiled program
+
+
+def _stage_sizes(P: int, cache_len: int, staged: bool):
+  if not staged:
+    return [cache_len]
+  sizes, s = [], max(_MIN_STAGE, 1 << P.bit_length())  # the first stage holds the prompt and >= 1 new slot
+  while s < cache_len:
+    sizes.append(s)
+    s *= _STAGE_GROWTH
+  if sizes and cache_len < 1.25 * sizes[-1]:  # a last stage of a few steps costs a compile for nothing
+    sizes.pop()
+  return sizes + [cache_len]
+
+
+def _pad_time(tree, size):
+  """Zero-pads every cache array along time (axis -2 in both the per-layer and the stacked layout)."""
+  pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, size - x.shape[-2]), (0, 0)])
+  return jax.tree.map(pad, tree)
+
+
+def _program(params, tokens_RxP, segs_RxP, lens_R, key, temperature, top_p, min_p, alpha, *, cfg, max_new,
+             st: _Static):
+  """Prefill + decode. Returns tokens_RxN (N = max_new; rows that hit EOS are padded with it after it) and
+  scores_R (beam search: the length-penalised log-probability; sampling: zeros)."""
+  R, P = tokens_RxP.shape
+  model = model_lib.Transformer(cfg)
+  pad_id = st.eos_id if st.eos_id is not None else 0
+  sizes = _stage_sizes(P, P + max_new - 1, st.staged)
+  # Segment ids of every cache slot, per stage size: the prompt's (0 = padding), then 1 for every new token. Built
+  # once here so the loop body does not rebuild them at every step.
+  kv_segs = {S: jnp.concatenate([segs_RxP, jnp.ones((R, S - P), jnp.int32)], axis=1) for S in set(sizes)}
+
+  def forward(tok_RxL, pos_RxL, seg_RxL, cache, index):
+    S = cache['k'][0].shape[-2] if not cfg.scan_layers else cache['k'].shape[-2]
+    logits_RxLxV, cache = model.apply({'params': params}, tok_RxL, pos_RxL, seg_RxL, cache=cache, cache_index=index,
+                                      kv_segment_ids_BxT=kv_segs[S])
+    return logits_RxLxV[:, -1], cache
+
+  def decode_step(t, last_R, cache):
+    """Feeds the token generated at step t-1 (slot P + t - 1) and returns the logits for step t."""
+    one = jnp.ones((R, 1), jnp.int32)
+    return forward(last_R[:, None], (lens_R + t - 1)[:, None], one, cache, P + t - 1)
+
+  positions_RxP = jnp.maximum(jnp.arange(P, dtype=jnp.int32)[None] - (P - lens_R)[:, None], 0)
+  cache = model_lib.init_cache(cfg, R, sizes[0])
+  logits_RxV, cache = forward(tokens_RxP, positions_RxP, segs_RxP, cache, 0)
+
+  def run_stages(carry, cont, body):
+    """carry[-1] is the cache; each stage decodes while t + 1 <= S - P + 1, i.e. its slot P + t - 1 fits in S."""
+    for i, S in enumerate(sizes):
+      if i:
+        carry = (*carry[:-1], _pad_time(carry[-1], S))
+      carry = jax.lax.while_loop(lambda c, S=S: cont(c) & (c[0] <= S - P), body, carry)
+    return carry
+
+  if not st.beam_size:
+    def pick(logits_RxV, t):
+      return _choose(logits_RxV, jax.random.fold_in(key, t), temperature, top_p, min_p, st)
+
+    tok_R = pick(logits_RxV, 0)
+    out_RxN = jnp.full((R, max_new), pad_id, jnp.int32).at[:, 0].set(tok_R)
+    done_R = tok_R == pad_id if st.eos_id is not None else jnp.zeros((R,), bool)
+
+    def body(c):
+      t, last_R, done_R, out_RxN, cache = c
+      logits_RxV, cache = decode_step(t, last_R, cache)
+      tok_R = jnp.where(done_R, pad_id, pick(logits_RxV, t))
+      out_RxN = jax.lax.dynamic_update_slice(out_RxN, tok_R[:, None], (0, t))
+      if st.eos_id is not None:
+        done_R = done_R | (tok_R == st.eos_id)
+      return t + 1, tok_R, done_R, out_RxN, cache
+
+    cont = lambda c: (c[0] < max_new) & ~jnp.all(c[2])
+    _, _, _, out_RxN, _ = run_stages((jnp.int32(1), tok_R, done_R, out_RxN, cache), cont, body)
+    return out_RxN, jnp.zeros((R,), jnp.float32)
+
+  # Beam search (rows are B groups of W beams; the W copies of a prompt start identical, so all but one beam start
+  # at -inf and the first step expands one beam only). A step proposes 2W continuations: those ending in EOS enter
+  # the finished pool, the best W others stay live.
+  W = st.beam_size
+  B = R // W
+  V = logits_RxV.shape[-1]
+  batch_axis = 1 if cfg.scan_layers else 0
+
+  def beam_step(logits_RxV, t, beams):
+    live_BxWxN, live_lp_BxW, fin_BxWxN, fin_score_BxW = beams
+    cand_BxWxV = live_lp_BxW[:, :, None] + jax.nn.log_softmax(logits_RxV).reshape(B, W, V)
+    lp_Bx2W, flat_Bx2W = jax.lax.top_k(cand_BxWxV.reshape(B, W * V), 2 * W)
+    parent_Bx2W, tok_Bx2W = flat_Bx2W // V, (flat_Bx2W % V).astype(jnp.int32)
+    seqs_Bx2WxN = jnp.take_along_axis(live_BxWxN, parent_Bx2W[:, :, None], axis=1)
+    seqs_Bx2WxN = jax.lax.dynamic_update_slice(seqs_Bx2WxN, tok_Bx2W[:, :, None], (0, 0, t))
+    eos_Bx2W = (tok_Bx2W == st.eos_id) if st.eos_id is not None else jnp.zeros_like(tok_Bx2W, bool)
+    live_lp_BxW, keep_BxW = jax.lax.top_k(jnp.where(eos_Bx2W, _NEG, lp_Bx2W), W)
+    live_BxWxN = jnp.take_along_axis(seqs_Bx2WxN, keep_BxW[:, :, None], axis=1)
+    parent_BxW = jnp.take_along_axis(parent_Bx2W, keep_BxW, axis=1)
+    new_score_Bx2W = jnp.where(eos_Bx2W, lp_Bx2W / length_penalty_factor(t + 1, alpha), _NEG)
+    fin_score_BxW, best_BxW = jax.lax.top_k(jnp.concatenate([fin_score_BxW, new_score_Bx2W], axis=1), W)
+    fin_BxWxN = jnp.take_along_axis(jnp.concatenate([fin_BxWxN, seqs_Bx2WxN], axis=1), best_BxW[:, :, None], axis=1)
+    rows_R = (jnp.arange(B)[:, None] * W + parent_BxW).reshape(R)
+    return (live_BxWxN, live_lp_BxW, fin_BxWxN, fin_score_BxW), rows_R
+
+  seqs_BxWxN = jnp.full((B, W, max_new), pad_id, jnp.int32)
+  first_lp_BxW = jnp.broadcast_to(jnp.where(jnp.arange(W) == 0, 0.0, _NEG), (B, W))
+  beams, rows_R = beam_step(logits_RxV, 0, (seqs_BxWxN, first_lp_BxW, seqs_BxWxN, jnp.full((B, W), _NEG)))
+  cache = jax.tree.map(lambda x: jnp.take(x, rows_R, axis=batch_axis), cache)
+
+  def beam_body(c):
+    t, beams, cache = c
+    logits_RxV, cache = decode_step(t, beams[0][:, :, t - 1].reshape(R), cache)
+    beams, rows_R = beam_step(logits_RxV, t, beams)
+    return t + 1, beams, jax.tree.map(lambda x: jnp.take(x, rows_R, axis=batch_axis), cache)
+
+  def beam_cont(c):
+    """Stops early once no live beam can still beat the worst finished one: log-probs only fall, so the best a
+    live beam can reach is its log-prob now over the largest length penalty left."""
+    t, (_, live_lp_BxW, _, fin_score_BxW), _ = c
+    best_live_B = live_lp_BxW[:, 0] / jnp.maximum(length_penalty_factor(t, alpha),
+                                                  length_penalty_factor(max_new, alpha))
+    return (t < max_new) & ~jnp.all(best_live_B < fin_score_BxW[:, -1])
+
+  t, (live_BxWxN, live_lp_BxW, fin_BxWxN, fin_score_BxW), _ = run_stages((jnp.int32(1), beams, cache), beam_cont,
+                                                                          beam_body)
+  # Beams still live at the end compete with the finished ones under the same length penalty.
+  live_score_BxW = live_lp_BxW / length_penalty_factor(t, alpha)
+  score_BxW, best_BxW = jax.lax.top_k(jnp.concatenate([fin_score_BxW, live_score_BxW], axis=1), W)
+  out_BxWxN = jnp.take_along_axis(jnp.concatenate([fin_BxWxN, live_BxWxN], axis=1), best_BxW[:, :, None], axis=1)
+  return out_BxWxN.reshape(R, max_new), score_BxW.reshape(R)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(cfg: model_lib.ModelConfig, max_new: int, st: _Static, param_shardings, mesh):
+  """One jitted program per model, length and decoding options; jax.jit then caches per input shape, so a repeated
+  call with the same batch and prompt bucket never recompiles."""
+  fn = functools.partial(_program, cfg=cfg, max_new=max_new, st=st)
+  if mesh is None:
+    return jax.jit(fn)
+  repl = parallel.replicated(mesh)
+  param_shardings = jax.tree.unflatten(*param_shardings)
+  return jax.jit(fn, in_shardings=(param_shardings,) + (repl,) * 8, out_shardings=(repl, repl))
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def available_memory_bytes() -> int:
+  """Free memory of the first device: its allocator's limit minus use, or the host's available RAM on CPU."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'bytes_limit' in stats:
+    return int(stats['bytes_limit']) - int(stats.get('bytes_in_use', 0))
+  try:
+    import psutil  # pylint: disable=import-outside-toplevel
+    return int(psutil.virtual_memory().available)
+  except ImportError:
+    return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+
+
+def _check(cfg, prompts_ids, max_new_tokens, temperature, top_k, top_p, min_p, num_return_sequences, beam_size):
+  if not prompts_ids:
+    raise SampleError('no prompts given')
+  if max_new_tokens < 1:
+    raise SampleError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
+  for i, p in enumerate(prompts_ids):
+    if len(p) == 0:
+      raise SampleError(f'prompt {i} is empty: the model needs at least one token to condition on '
+                        '(give some text, or use a tokenizer with a BOS token)')
+    bad = [int(x) for x in p if not 0 <= int(x) < cfg.vocab_size]
+    if bad:
+      raise tokenizers.TokenizerError(f'prompt {i} holds ids {sorted(set(bad))[:10]} outside the vocabulary '
+                                      f'(0..{cfg.vocab_size - 1})')
+  longest = max(len(p) for p in prompts_ids)
+  if longest + max_new_tokens > cfg.max_len:
+    raise SampleError(f'prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} '
+                      f'exceeds the model context max_len={cfg.max_len}; use --max_new_tokens<='
+                      f'{max(cfg.max_len - longest, 0)} or a shorter prompt')
+  if temperature < 0:
+    raise SampleError(f'temperature must be >= 0 (0 = greedy), got {temperature}')
+  if top_k is not None and top_k < 0:
+    raise SampleError(f'top_k must be >= 1, or 0/None for off; got {top_k}')
+  if not 0 < top_p <= 1:
+    raise SampleError(f'top_p must be in (0, 1], got {top_p}')
+  if not 0 <= min_p <= 1:
+    raise SampleError(f'min_p must be in [0, 1], got {min_p}')
+  if beam_size < 1:
+    raise SampleError(f'beam_size must be >= 1, got {beam_size}')
+  if num_return_sequences < 1:
+    raise SampleError(f'num_return_sequences must be >= 1, got {num_return_sequences}')
+  if beam_size > 1 and num_return_sequences > beam_size:
+    raise SampleError(f'beam search returns at most beam_size={beam_size} sequences per prompt, '
+                      f'not num_return_sequences={num_return_sequences}')
+
+
+def _check_memory(cfg, rows, cache_len, limit_bytes):
+  cache_bytes = 2 * cfg.n_layers * rows * cfg.kv_heads * cache_len * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+  if limit_bytes is None:
+    limit_bytes = int(MEMORY_FRACTION * available_memory_bytes())
+  if cache_bytes > limit_bytes:
+    raise SampleError(f'the KV cache for {rows} rows (prompts x num_return_sequences x beam_size) of {cache_len} slots '
+                      f'would take {cache_bytes / 2**30:.2f} GiB, over the {limit_bytes / 2**30:.2f} GiB limit; '
+                      'sample fewer sequences per call')
+
+
+# ------------------------------------------------------------------------------------------ Python API
+
+
+def generate(params, model_cfg, prompts_ids: Sequence[np.ndarray], *, max_new_tokens: int, temperature=1.0,
+             top_k: Optional[int] = 0, top_p=1.0, min_p=0.0, eos_id: Optional[int] = None, num_return_sequences=1,
+             seed=0, beam_size=1, length_penalty=0.6, mesh=None, staged=True, memory_limit_bytes=None):
+  """Continuations of token prompts: a list of len(prompts) * num_return_sequences id lists, prompt-major
+  (prompt i's j-th sample is at i * num_return_sequences + j). A row that emits `eos_id` ends with it.
+
+  temperature 0 is greedy; top_k 0/None, top_p 1 and min_p 0 are off. beam_size > 1 runs beam search (sampling
+  options are then ignored) and returns the num_return_sequences best beams, best first. With `mesh`, params
+  keep their shardings and the prompts are replicated.
+  """
+  top_k = top_k or 0
+  _check(model_cfg, prompts_ids, max_new_tokens, temperature, top_k, top_p, min_p, num_return_sequences, beam_size)
+  n_per = beam_size if beam_size > 1 else num_return_sequences
+  longest = max(len(p) for p in prompts_ids)
+  # Round the padded prompt length up to a multiple of 16 (when the context allows) so nearby prompt lengths share
+  # one compiled program; extra left padding is invisible to the model.
+  P = min(-(-longest // 16) * 16, model_cfg.max_len - max_new_tokens)
+  rows = len(prompts_ids) * n_per
+  extra = 0
+  if mesh is not None:  # the batch is split over (data, fsdp): pad rows to a multiple of that with dummy copies
+    shards = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
+    extra = -rows % (shards * n_per) if beam_size > 1 else -rows % shards
+  _check_memory(model_cfg, rows + extra, P + max_new_tokens, memory_limit_bytes)
+
+  tokens_RxP = np.zeros((rows + extra, P), np.int32)
+  segs_RxP = np.zeros((rows + extra, P), np.int32)
+  lens_R = np.zeros((rows + extra,), np.int32)
+  for r in range(rows + extra):
+    p = np.asarray(prompts_ids[min(r // n_per, len(prompts_ids) - 1)], np.int32)
+    tokens_RxP[r, P - len(p):], segs_RxP[r, P - len(p):], lens_R[r] = p, 1, len(p)
+
+  st = _Static(greedy=temperature == 0, top_k=int(top_k), use_top_p=top_p < 1.0, use_min_p=min_p > 0.0,
+               eos_id=eos_id, beam_size=beam_size if beam_size > 1 else 0, staged=staged)
+  # (treedef, leaves): a hashable key for the compile cache
+  shardings = None if mesh is None else (jax.tree.structure(params), tuple(x.sharding for x in jax.tree.leaves(params)))
+  fn = _compiled(model_cfg, max_new_tokens, st, shardings, mesh)
+  args = (params, tokens_RxP, segs_RxP, lens_R, jax.random.key(seed), np.float32(temperature or 1.0),
+          np.float32(top_p), np.float32(min_p), np.float32(length_penalty))
+  if mesh is None:
+    out_RxN, _ = fn(*args)
+  else:
+    with parallel.activate(mesh):
+      out_RxN, _ = fn(*args)
+  out_RxN = np.asarray(out_RxN)[:rows]
+  if beam_size > 1:  # keep the best num_return_sequences of each prompt's beams (already sorted best first)
+    out_RxN = out_RxN.reshape(len(prompts_ids), beam_size, -1)[:, :num_return_sequences].reshape(-1, max_new_tokens)
+  results = []
+  for row in out_RxN.tolist():
+    if eos_id is not None and eos_id in row:
+      row = row[:row.index(eos_id) + 1]
+    results.append(row)
+  return results
+
+
+def sample_texts(params, model_cfg, tokenizer, prompts: Sequence[str], *, stop: Sequence[str] = (), **kwargs):
+  """Text continuations of text prompts (same order as `generate`). Generation stops at the tokenizer's EOS; a
+  continuation is cut before the first of the `stop` strings it contains. kwargs go to `generate`."""
+  ids = []
+  for text in prompts:
+    p = tokenizer.encode(text)
+    if len(p) == 0 and tokenizer.bos_id is not None:
+      p = np.array([tokenizer.bos_id], np.int32)
+    ids.append(p)
+  kwargs.setdefault('eos_id', tokenizer.eos_id)
+  eos = kwargs['eos_id']
+  texts = []
+  for row in generate(params, model_cfg, ids, **kwargs):
+    text = tokenizer.decode([t for t in row if t != eos])
+    cuts = [text.find(s) for s in stop if s and s in text]
+    texts.append(text[:min(cuts)] if cuts else text)
+  return texts
+
+
+# ------------------------------------------------------------------------------------------ `lmjax sample`
+
+
+def add_arguments(p):
+  p.add_argument('--workdir', required=True, help='the --workdir of an `lmjax train` run')
+  p.add_argument('--prompt', default=None, help="prompt text (default: the config's sample.prompt)")
+  p.add_argument('--prompt_file', default='', help='a file of prompts, one per line (sampled as one batch)')
+  p.add_argument('--max_new_tokens', type=int, default=None)
+  p.add_argument('--temperature', type=float, default=None, help='0 = greedy')
+  p.add_argument('--top_k', type=int, default=None, help='0 = off')
+  p.add_argument('--top_p', type=float, default=None, help='1 = off')
+  p.add_argument('--min_p', type=float, default=None, help='0 = off')
+  p.add_argument('--greedy', action='store_true', help='same as --temperature=0')
+  p.add_argument('--num_samples', type=int, default=None, help='samples per prompt')
+  p.add_argument('--beam_size', type=int, default=1, help='> 1 runs beam search')
+  p.add_argument('--length_penalty', type=float, default=0.6, help="beam search's alpha")
+  p.add_argument('--stop', action='append', default=[], help='cut a sample before this text (repeatable)')
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--format', choices=('text', 'jsonl'), default='text')
+
+
+def run(args, overrides):
+  """`lmjax sample`: loads the workdir's latest checkpoint and prints the samples (flags override config.sample)."""
+  from lmjax import train  # pylint: disable=import-outside-toplevel  -- keeps `import lmjax.sample` light
+  config, tokenizer, task, state = train.load_run(args.workdir, overrides)
+  s, cfg = config.sample, task.model_cfg
+  pick = lambda flag, key, default: flag if flag is not None else s.get(key, default)
+  if args.prompt_file:
+    with open(args.prompt_file) as f:
+      prompts = [line.rstrip('\n') for line in f if line.strip()]
+  else:
+    prompts = [pick(args.prompt, 'prompt', '\n')]
+  max_new = args.max_new_tokens
+  if max_new is None:  # the config's default may not fit a short-context model: clamp it, and say so
+    longest = max(len(tokenizer.encode(p)) or 1 for p in prompts)
+    max_new = min(int(s.get('max_new_tokens', 500)), cfg.max_len - longest)
+    if max_new < int(s.get('max_new_tokens', 500)):
+      print(f'lmjax sample: max_new_tokens={max_new} (the model context max_len={cfg.max_len} minus the '
+            f'{longest}-token prompt)', file=sys.stderr)
+  n = pick(args.num_samples, 'num_samples', 1)
+  texts = sample_texts(state.params, cfg, tokenizer, prompts, stop=args.stop, max_new_tokens=max_new,
+                       temperature=0.0 if args.greedy else pick(args.temperature, 'temperature', 1.0),
+                       top_k=pick(args.top_k, 'top_k', 0), top_p=pick(args.top_p, 'top_p', 1.0),
+                       min_p=pick(args.min_p, 'min_p', 0.0), num_return_sequences=n, seed=args.seed,
+                       beam_size=args.beam_size, length_penalty=args.length_penalty, mesh=task.mesh)
+  for i, text in enumerate(texts):
+    prompt = prompts[i // n]
+    if args.format == 'jsonl':
+      print(json.dumps({'prompt': prompt, 'sample': i % n, 'text': text}))
+    else:
+      print(prompt + text)
+      print('-' * 40)

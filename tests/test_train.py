@@ -1,0 +1,117 @@
+"""Training end to end on the tiny config: learning, metrics, checkpoints, exact resume, preemption, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, tiny_overrides
+
+from lmjax import cli, config as config_lib, train
+
+ONE_DEVICE = ['mesh.data=1']  # deterministic layout for bitwise comparisons; sharded runs: tests/test_parallel.py
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _train(workdir, dirs, *extra, cache=None):
+  overrides = tiny_overrides(*dirs) + ONE_DEVICE + list(extra)
+  if cache:
+    overrides.append(f'train.compilation_cache_dir={cache}')
+  with jax.default_device(jax.devices()[0]):
+    return train.train(config_lib.load('configs/tiny.py', overrides), str(workdir))
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('xla_cache'))
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, shakespeare_dirs, cache_dir):
+  """One tiny run of 60 steps, shared by the tests that only read its results."""
+  workdir = tmp_path_factory.mktemp('run')
+  _train(workdir, shakespeare_dirs, cache=cache_dir)
+  return str(workdir)
+
+
+def test_loss_falls_and_metrics_are_written(trained):
+  rows = _rows(trained)
+  train_rows = [r for r in rows if 'train_loss' in r]
+  assert [r['step'] for r in train_rows] == [10, 20, 30, 40, 50, 60]
+  for key in ('train_loss', 'tokens_per_sec', 'mfu', 'lr', 'grad_norm'):
+    assert all(np.isfinite(r[key]) for r in train_rows), key
+  assert train_rows[-1]['train_loss'] < train_rows[0]['train_loss'] - 0.4  # ln(65) = 4.17 at init
+  evals = [r for r in rows if 'val_loss' in r]
+  assert [r['step'] for r in evals] == [30, 60] and evals[1]['val_loss'] < evals[0]['val_loss']
+  assert os.listdir(os.path.join(trained, 'tensorboard'))
+  saved = json.load(open(os.path.join(trained, 'config.json')))
+  assert saved['model']['vocab_size'] == 65 and saved['train']['steps'] == 60
+
+
+def test_checkpoints_are_kept_at_the_configured_steps(trained):
+  assert sorted(int(s) for s in os.listdir(os.path.join(trained, 'checkpoints')) if s.isdigit()) == [30, 60]
+
+
+def test_eval_of_a_workdir_reproduces_the_final_val_loss(trained):
+  result = train.evaluate_run(trained, ONE_DEVICE)
+  last = [r for r in _rows(trained) if 'val_loss' in r][-1]
+  assert result['step'] == 60
+  assert result['val_loss'] == pytest.approx(last['val_loss'], rel=1e-6)
+
+
+def test_resumed_run_equals_the_uninterrupted_run_bitwise(tmp_path, shakespeare_dirs, cache_dir):
+  # The schedule ends at step 60 in both runs; the interrupted one first stops at 30, then resumes to 60.
+  _train(tmp_path / 'whole', shakespeare_dirs, cache=cache_dir)
+  _train(tmp_path / 'split', shakespeare_dirs, 'train.steps=30', 'optimizer.decay_steps=60', cache=cache_dir)
+  _train(tmp_path / 'split', shakespeare_dirs, 'optimizer.decay_steps=60', cache=cache_dir)
+  loss = lambda d: {r['step']: r['train_loss'] for r in _rows(d) if 'train_loss' in r}
+  whole, split = loss(tmp_path / 'whole'), loss(tmp_path / 'split')
+  assert [split[s] for s in (40, 50, 60)] == [whole[s] for s in (40, 50, 60)]
+  _, _, _, a = train.load_run(str(tmp_path / 'whole'), ONE_DEVICE)
+  _, _, _, b = train.load_run(str(tmp_path / 'split'), ONE_DEVICE)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_checkpoint_of_another_model_is_a_clear_error(trained, shakespeare_dirs):
+  with pytest.raises(config_lib.ConfigError, match=r'model\.d_model: checkpoint 32 vs run 64'):
+    _train(trained, shakespeare_dirs, 'model.d_model=64')
+
+
+def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, shakespeare_dirs):
+  workdir = tmp_path / 'run'
+  cmd = [sys.executable, '-m', 'lmjax', 'train', '--config=configs/tiny.py', f'--workdir={workdir}',
+         *(f'--config.{o}' for o in tiny_overrides(*shakespeare_dirs, **{'train.steps': 100000,
+                                                                           'train.checkpoint_every': 100000,
+                                                                           'train.eval_every': 100000}))]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.time() + 240
+    while not (workdir / 'metrics.jsonl').exists() or not (workdir / 'metrics.jsonl').read_text():
+      assert proc.poll() is None and time.time() < deadline, 'training did not start'
+      time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 143, out
+  steps = [int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit()]
+  assert len(steps) == 1 and 0 < steps[0] < 100000
+  assert f'saved a checkpoint at step {steps[0]}' in out
+
+
+def test_missing_input_txt_is_a_clear_error_naming_path_size_and_checksum(tmp_path, capsys, no_network):
+  code = cli.main(['train', '--config=configs/tiny.py', f'--workdir={tmp_path / "run"}',
+                   f'--config.data.manual_dir={tmp_path}', f'--config.data.data_dir={tmp_path / "tfds"}'])
+  err = capsys.readouterr().err
+  assert code == 2
+  assert str(tmp_path / 'input.txt') in err and '1115394' in err
+  assert '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed' in err
