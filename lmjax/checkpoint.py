@@ -2,13 +2,13 @@
 
 A thin wrapper over Orbax's CheckpointManager. Each step directory holds three
 items:
-  state/  the train-state pytree (StandardCheckpointHandler; sharded arrays are
-          written by every process, each writing the shards it owns);
-  data/   the Grain iterator state, one JSON file per process
-          (``process_{i}-of-{n}.json``, grain's own Orbax handler), so every
-          host resumes its own slice of the input pipeline;
-  meta/   a JSON dict (resolved config, tokenizer description) that callers can
-          read cheaply to check compatibility before restoring any arrays.
+ state/  the train-state pytree (StandardCheckpointHandler; sharded arrays are
+     written by every process, each writing the shards it owns);
+ data/   the Grain iterator state, one JSON file per process
+     (``process_{i}-of-{n}.json``, grain's own Orbax handler), so every
+     host resumes its own slice of the input pipeline;
+ meta/   a JSON dict (resolved config, tokenizer description) that callers can
+     read cheaply to check compatibility before restoring any arrays.
 """
 
 from __future__ import annotations
@@ -26,173 +26,173 @@ _ITEMS = ("state", "data", "meta")
 
 
 def _drop_orbax_info(record: logging.LogRecord) -> bool:
-    # Orbax logs ~70 INFO lines per save/restore through absl's "absl" Python
-    # logger; they flood any app that logs at INFO. Keep its warnings/errors.
-    return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+  # Orbax logs ~70 INFO lines per save/restore through absl's "absl" Python
+  # logger; they flood any app that logs at INFO. Keep its warnings/errors.
+  return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 logging.getLogger("absl").addFilter(_drop_orbax_info)
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing or does not match what the caller expects."""
+  """A checkpoint is missing or does not match what the caller expects."""
 
 
 def _path_str(path) -> str:
-    """Key path -> 'params/dense/kernel', the same for dataclass fields and dicts.
+  """Key path -> 'params/dense/kernel', the same for dataclass fields and dicts.
 
-    Orbax stores custom nodes (flax.struct.dataclass, optax states) as nested
-    dicts/lists, so GetAttrKey('params') and DictKey('params') must compare equal.
-    """
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+  Orbax stores custom nodes (flax.struct.dataclass, optax states) as nested
+  dicts/lists, so GetAttrKey('params') and DictKey('params') must compare equal.
+  """
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
 
 
 def _is_array_like(x) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype")
+  return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
 def _flat(tree) -> dict[str, object]:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_array_like)
-    return {_path_str(p): leaf for p, leaf in leaves}
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_array_like)
+  return {_path_str(p): leaf for p, leaf in leaves}
 
 
 class Checkpointer:
-    """Saves/restores (train state, data iterator state, metadata) by step.
+  """Saves/restores (train state, data iterator state, metadata) by step.
 
-    Every process must call save/restore (Orbax synchronises hosts internally).
-    """
+  Every process must call save/restore (Orbax synchronises hosts internally).
+  """
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
                  save_interval_steps: int = 1, async_save: bool = True):
-        directory = os.fspath(directory)
-        # Resolve relative paths now (a later chdir must not move checkpoints);
-        # leave URLs (gs://...) alone.
-        self.directory = directory if "://" in directory else os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            enable_async_checkpointing=async_save,
-            # Orbax's default policy also saves the *first* step seen, whatever
-            # its number; we want "due" to mean exactly step % interval == 0
-            # (plus a save when JAX signals preemption, which is what you want).
-            save_decision_policy=ocm.AnySavePolicy([
-                ocm.FixedIntervalPolicy(save_interval_steps),
-                ocm.PreemptionCheckpointingPolicy(),
-            ]),
-        )
-        # Handlers are registered up front so that a fresh manager (new process)
-        # can read item metadata / restore items it has never saved itself.
-        self._mngr = ocp.CheckpointManager(
-            self.directory, options=options, item_names=_ITEMS,
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
-            })
+    directory = os.fspath(directory)
+    # Resolve relative paths now (a later chdir must not move checkpoints);
+    # leave URLs (gs://...) alone.
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep,
+      enable_async_checkpointing=async_save,
+      # Orbax's default policy also saves the *first* step seen, whatever
+      # its number; we want "due" to mean exactly step % interval == 0
+      # (plus a save when JAX signals preemption, which is what you want).
+      save_decision_policy=ocm.AnySavePolicy([
+        ocm.FixedIntervalPolicy(save_interval_steps),
+        ocm.PreemptionCheckpointingPolicy(),
+      ]),
+    )
+    # Handlers are registered up front so that a fresh manager (new process)
+    # can read item metadata / restore items it has never saved itself.
+    self._mngr = ocp.CheckpointManager(
+      self.directory, options=options, item_names=_ITEMS,
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+      })
 
-    def latest_step(self) -> int | None:
-        return self._mngr.latest_step()
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return sorted(self._mngr.all_steps())
+  def all_steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
 
-    def save(self, step: int, state, *, data_iter=None, meta: dict | None = None,
+  def save(self, step: int, state, *, data_iter=None, meta: dict | None = None,
              force: bool = False) -> bool:
-        """Starts an (async) save if `step` is due per save_interval_steps or
-        force=True. Returns whether a save started.
+    """Starts an (async) save if `step` is due per save_interval_steps or
+    force=True. Returns whether a save started.
 
-        On return, the arrays have already been copied to host memory and the
-        iterator state captured, so the caller may donate/mutate `state` and
-        keep advancing `data_iter` while the files are written in background.
-        """
-        step = int(step)
-        if step in self._mngr.all_steps():
-            return False  # never overwrite (Orbax would raise)
-        items = {"state": ocp.args.StandardSave(state)}
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        if meta is not None:
-            items["meta"] = ocp.args.JsonSave(meta)
-        return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
+    On return, the arrays have already been copied to host memory and the
+    iterator state captured, so the caller may donate/mutate `state` and
+    keep advancing `data_iter` while the files are written in background.
+    """
+    step = int(step)
+    if step in self._mngr.all_steps():
+      return False  # never overwrite (Orbax would raise)
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    if meta is not None:
+      items["meta"] = ocp.args.JsonSave(meta)
+    return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def _resolve(self, step: int | None) -> int:
-        """Checks `step` exists (latest if None); waits for pending saves first."""
-        self.wait()
-        steps = self.all_steps()
-        if step is None and steps:
-            return steps[-1]
-        if step is None or int(step) not in steps:
-            want = "any step" if step is None else f"step {step}"
-            raise CheckpointError(
-                f"No checkpoint for {want} in {self.directory}; available steps: "
-                f"{steps or 'none'}.")
-        return int(step)
+  def _resolve(self, step: int | None) -> int:
+    """Checks `step` exists (latest if None); waits for pending saves first."""
+    self.wait()
+    steps = self.all_steps()
+    if step is None and steps:
+      return steps[-1]
+    if step is None or int(step) not in steps:
+      want = "any step" if step is None else f"step {step}"
+      raise CheckpointError(
+        f"No checkpoint for {want} in {self.directory}; available steps: "
+        f"{steps or 'none'}.")
+    return int(step)
 
-    def read_meta(self, step: int | None = None) -> dict:
-        """Returns the metadata dict saved at `step` (latest if None); no arrays."""
-        step = self._resolve(step)
-        return dict(self._restore_items(step, meta=ocp.args.JsonRestore())["meta"] or {})
+  def read_meta(self, step: int | None = None) -> dict:
+    """Returns the metadata dict saved at `step` (latest if None); no arrays."""
+    step = self._resolve(step)
+    return dict(self._restore_items(step, meta=ocp.args.JsonRestore())["meta"] or {})
 
-    def _restore_items(self, step: int, **items):
-        try:
-            return self._mngr.restore(step, args=ocp.args.Composite(**items))
-        except (KeyError, ValueError, FileNotFoundError) as e:
-            # e.g. an item was never saved at this step (KeyError), or the
-            # checkpoint was written by a different number of processes.
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            raise CheckpointError(f"Restoring step {step} from {self.directory} failed: {msg}") from e
+  def _restore_items(self, step: int, **items):
+    try:
+      return self._mngr.restore(step, args=ocp.args.Composite(**items))
+    except (KeyError, ValueError, FileNotFoundError) as e:
+      # e.g. an item was never saved at this step (KeyError), or the
+      # checkpoint was written by a different number of processes.
+      msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+      raise CheckpointError(f"Restoring step {step} from {self.directory} failed: {msg}") from e
 
-    def _check_tree(self, step: int, abstract_state) -> None:
-        """Compares abstract_state against the stored array metadata (cheap: no
-        array data is read) so mismatches give a readable error, not an Orbax crash."""
-        stored = self._mngr.item_metadata(step)["state"]
-        stored = _flat(getattr(stored, "tree", stored))  # TreeMetadata wraps the tree
-        wanted = _flat(abstract_state)
-        problems = []
-        for p in sorted(set(stored) - set(wanted)):
-            problems.append(f"  {p}: in checkpoint, not in abstract_state")
-        for p in sorted(set(wanted) - set(stored)):
-            problems.append(f"  {p}: in abstract_state, not in checkpoint")
-        for p in sorted(set(stored) & set(wanted)):
-            s, w = stored[p], wanted[p]
-            s_shape, w_shape = tuple(s.shape), tuple(w.shape)
-            s_dtype, w_dtype = np.dtype(s.dtype), np.dtype(w.dtype)
-            if s_shape != w_shape or s_dtype != w_dtype:
-                problems.append(f"  {p}: checkpoint {s_dtype}{list(s_shape)} vs "
-                                f"abstract_state {w_dtype}{list(w_shape)}")
-        if problems:
-            raise CheckpointError(
-                f"Checkpoint step {step} in {self.directory} does not match the "
-                f"requested state ({len(problems)} leaves differ):\n" + "\n".join(problems))
+  def _check_tree(self, step: int, abstract_state) -> None:
+    """Compares abstract_state against the stored array metadata (cheap: no
+    array data is read) so mismatches give a readable error, not an Orbax crash."""
+    stored = self._mngr.item_metadata(step)["state"]
+    stored = _flat(getattr(stored, "tree", stored))  # TreeMetadata wraps the tree
+    wanted = _flat(abstract_state)
+    problems = []
+    for p in sorted(set(stored) - set(wanted)):
+      problems.append(f"  {p}: in checkpoint, not in abstract_state")
+    for p in sorted(set(wanted) - set(stored)):
+      problems.append(f"  {p}: in abstract_state, not in checkpoint")
+    for p in sorted(set(stored) & set(wanted)):
+      s, w = stored[p], wanted[p]
+      s_shape, w_shape = tuple(s.shape), tuple(w.shape)
+      s_dtype, w_dtype = np.dtype(s.dtype), np.dtype(w.dtype)
+      if s_shape != w_shape or s_dtype != w_dtype:
+        problems.append(f"  {p}: checkpoint {s_dtype}{list(s_shape)} vs "
+                f"abstract_state {w_dtype}{list(w_shape)}")
+    if problems:
+      raise CheckpointError(
+        f"Checkpoint step {step} in {self.directory} does not match the "
+        f"requested state ({len(problems)} leaves differ):\n" + "\n".join(problems))
 
-    def restore(self, step: int | None, abstract_state, *, data_iter=None):
-        """Restores the state saved at `step` (latest if None) onto the shardings
-        in `abstract_state` (ShapeDtypeStructs with .sharding, so a checkpoint
-        saved on one mesh restores onto another). Restores `data_iter`'s
-        position in place when given. Returns the state."""
-        step = self._resolve(step)
-        self._check_tree(step, abstract_state)
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        return self._restore_items(step, **items)["state"]
+  def restore(self, step: int | None, abstract_state, *, data_iter=None):
+    """Restores the state saved at `step` (latest if None) onto the shardings
+    in `abstract_state` (ShapeDtypeStructs with .sharding, so a checkpoint
+    saved on one mesh restores onto another). Restores `data_iter`'s
+    position in place when given. Returns the state."""
+    step = self._resolve(step)
+    self._check_tree(step, abstract_state)
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    return self._restore_items(step, **items)["state"]
 
-    def wait(self) -> None:
-        """Blocks until pending async saves are written (and re-raises their errors)."""
-        self._mngr.wait_until_finished()
+  def wait(self) -> None:
+    """Blocks until pending async saves are written (and re-raises their errors)."""
+    self._mngr.wait_until_finished()
 
-    def close(self) -> None:
-        self._mngr.close()
+  def close(self) -> None:
+    self._mngr.close()
 
-    def __enter__(self):
-        return self
+  def __enter__(self):
+    return self
 
-    def __exit__(self, *exc):
-        self.close()
+  def __exit__(self, *exc):
+    self.close()
