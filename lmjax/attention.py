@@ -33,16 +33,40 @@ def make_mask(q_slot_L, kv_slot_T, q_segment_BxL=None, kv_segment_BxT=None):
   return (mask_LxT[None] & same_BxLxT)[:, None, None]
 
 
+def bias_from_mask(mask):
+  """Additive float32 bias (0 visible, -1e30 hidden) from make_mask's boolean mask. Adding a bias instead of
+  selecting with `where` keeps the mask out of the backward pass: the gradient of an add is the identity."""
+  return jnp.where(mask, jnp.float32(0), jnp.float32(_NEG_INF))
+
+
+def dropout_keep(rng, shape, rate):
+  """Boolean keep-mask with P(keep) = 1 - rate from one uint32 per element (a compare, no float conversion).
+
+  `rng` may be any key; the model hands over an RBG key because threefry bits cost seconds per step on CPU.
+  """
+  bits = jax.random.bits(rng, shape, jnp.uint32)
+  return bits >= jnp.uint32(min(int(rate * 2.0 ** 32), 2 ** 32 - 1))
+
+
+def _softmax_dropout(s, bias, dropout, dropout_rng):
+  p = jax.nn.softmax(s + bias, axis=-1)
+  if dropout > 0:
+    p = jnp.where(dropout_keep(dropout_rng, p.shape, dropout), p * (1.0 / (1.0 - dropout)), 0.0)
+  return p
+
+
 def _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng):
   B, L, H, K = q_BxLxHxK.shape
   N = k_BxNxTxK.shape[1]
-  q_BxLxNxGxK = q_BxLxHxK.reshape(B, L, N, H // N, K) * jnp.asarray(K ** -0.5, q_BxLxHxK.dtype)
+  q_BxLxHxK = q_BxLxHxK * jnp.asarray(K ** -0.5, q_BxLxHxK.dtype)
+  bias = bias_from_mask(mask)  # B' x 1 x 1 x L x T (B' = 1 or B)
+  if N == H:  # multi-head: 4-D contractions; XLA's CPU backward of the 5-D form adds transposes and copies
+    s_BxHxLxT = jnp.einsum('BLHK,BHTK->BHLT', q_BxLxHxK, k_BxNxTxK, preferred_element_type=jnp.float32)
+    p_BxHxLxT = _softmax_dropout(s_BxHxLxT, bias[:, 0], dropout, dropout_rng)
+    return jnp.einsum('BHLT,BHTK->BLHK', p_BxHxLxT.astype(v_BxNxTxK.dtype), v_BxNxTxK)
+  q_BxLxNxGxK = q_BxLxHxK.reshape(B, L, N, H // N, K)
   s_BxNxGxLxT = jnp.einsum('BLNGK,BNTK->BNGLT', q_BxLxNxGxK, k_BxNxTxK, preferred_element_type=jnp.float32)
-  s_BxNxGxLxT = jnp.where(mask, s_BxNxGxLxT, _NEG_INF)
-  p_BxNxGxLxT = jax.nn.softmax(s_BxNxGxLxT, axis=-1)
-  if dropout > 0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout, p_BxNxGxLxT.shape)
-    p_BxNxGxLxT = jnp.where(keep, p_BxNxGxLxT / (1.0 - dropout), 0.0)
+  p_BxNxGxLxT = _softmax_dropout(s_BxNxGxLxT, bias, dropout, dropout_rng)
   o_BxLxNxGxK = jnp.einsum('BNGLT,BNTK->BLNGK', p_BxNxGxLxT.astype(v_BxNxTxK.dtype), v_BxNxTxK)
   return o_BxLxNxGxK.reshape(B, L, H, K)
 

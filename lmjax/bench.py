@@ -1,0 +1,149 @@
+"""`lmjax bench`: compile time, step time, tokens/s, TFLOP/s and MFU of a config's real train step.
+
+No data and no checkpoints: random token batches of the config's shape go through the same `Task.train_fn` the
+training loop runs (steps_per_call, grad_accum, dropout and donation included). MFU is printed against two peaks:
+XLA's f32 matmul throughput measured in this process (the host is often shared, so the tabled peak can be stale)
+and the table in lmjax/metrics.py. experiments/bench_train.py adds the torch peer side by side.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmjax import metrics as metrics_lib, model as model_lib, runtime
+
+CHAR_VOCAB = 65  # Tiny Shakespeare's character vocabulary: what the CPU recipes train on
+
+
+def matmul_flops(n: int = 1024, repeats: int = 10) -> float:
+  """Median FLOP/s of one jitted n x n x n float32 matmul: what this device delivers to XLA right now."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2.0 * n ** 3 / statistics.median(times)
+
+
+def hardware() -> str:
+  """'CPU model name (N cores)' on Linux CPUs, else the JAX device kind and count."""
+  if jax.default_backend() == 'cpu':
+    try:
+      out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
+      name = next(l.split(':', 1)[1].strip() for l in out.splitlines() if l.startswith('Model name'))
+      return f'{name} ({os.cpu_count()} cores)'
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+      return f'{platform.processor() or "cpu"} ({os.cpu_count()} cores)'
+  return f'{jax.device_count()} x {jax.devices()[0].device_kind}'
+
+
+def git_commit() -> str:
+  try:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=root, capture_output=True, text=True)
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root, capture_output=True,
+                           text=True).stdout.strip()
+    return out.stdout.strip() + ('+dirty' if dirty else '')
+  except OSError:
+    return ''
+
+
+class Runner:
+  """A config's Task with its train step compiled and a random batch on device; `time(n)` runs n more calls."""
+
+  def __init__(self, config):
+    from lmjax import train as train_lib  # imported here: train pulls in data and checkpoint libraries
+    t_start = time.perf_counter()
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.model.vocab_size = config.model.vocab_size or CHAR_VOCAB
+    self.config = config
+    self.task = task = train_lib.Task(config)
+    K, B, L = task.train_batch_shape
+    rng = np.random.default_rng(0)
+    batch = {'inputs': rng.integers(0, task.model_cfg.vocab_size, (K, B, L), dtype=np.int32)}
+    batch['targets'] = np.roll(batch['inputs'], -1, axis=-1)
+    self.state = task.init_state()
+    self.init_s = time.perf_counter() - t_start
+    self.exec, self.compile_s = task.compile_train(batch)
+    self.batch = jax.device_put(batch, task.batch_sharding)
+    self.time(1)
+    self.first_step_s = time.perf_counter() - t_start  # start to the first step's result on the host
+
+  def time(self, calls: int) -> list:
+    """Seconds per optimizer step of each of `calls` calls (a call runs steps_per_call steps)."""
+    times = []
+    for _ in range(calls):
+      t = time.perf_counter()
+      self.state, self.metrics = self.exec(self.state, self.batch, self.task.dropout_rng)
+      jax.block_until_ready(self.metrics)
+      times.append((time.perf_counter() - t) / self.task.steps_per_call)
+    return times
+
+  def result(self, step_times) -> dict:
+    K, B, L = self.task.train_batch_shape
+    step_s = statistics.median(step_times)
+    tokens_per_s = B * L / step_s
+    model_flops = tokens_per_s * self.task.flops_per_token
+    measured_peak = matmul_flops()
+    tabled = metrics_lib.peak_flops_per_device(self.config.train.peak_flops) * jax.device_count()
+    return {
+        'n_params': self.task.n_params, 'batch': B, 'length': L, 'steps_per_call': K,
+        'init_s': round(self.init_s, 3), 'compile_s': round(self.compile_s, 3),
+        'start_to_first_step_s': round(self.first_step_s, 3),
+        'ms_per_step': round(1e3 * step_s, 3), 'tokens_per_s': round(tokens_per_s, 1),
+        'model_tflops': round(model_flops / 1e12, 5),
+        'matmul_gflops': round(measured_peak / 1e9, 2), 'mfu_measured_peak': round(model_flops / measured_peak, 4),
+        'tabled_peak_gflops': round(tabled / 1e9, 2), 'mfu_tabled_peak': round(model_flops / tabled, 4),
+        'final_loss': float(self.metrics['train_loss'][-1]),
+    }
+
+
+def measure(config, steps: int = 30, warmup: int = 2) -> dict:
+  """Compiles the config's train step and returns its numbers over `steps` calls after `warmup` more."""
+  runner = Runner(config)
+  runner.time(warmup)
+  return runner.result(runner.time(max(1, steps // runner.task.steps_per_call)))
+
+
+def describe(config) -> dict:
+  m = config.model
+  return {'model': f'{m.n_layers}L/{m.n_heads}H/{m.d_model}d len {m.max_len} dropout {m.dropout}',
+          'dtype': m.dtype, 'scan_layers': m.scan_layers, 'remat': m.remat, 'attention': m.attention}
+
+
+def record_line(config_name: str, config, result: dict, **extra) -> dict:
+  return {'date': datetime.datetime.now().isoformat(timespec='seconds'), 'hardware': hardware(),
+          'git_commit': git_commit(), 'config': config_name, **describe(config), **result, **extra}
+
+
+def print_result(r: dict, label: str = 'lmjax'):
+  print(f'{label}: {r["n_params"]:,} params | batch {r["batch"]} x {r["length"]} | steps/call {r["steps_per_call"]}')
+  print(f'  compile {r["compile_s"]:.2f} s | start to first step {r["start_to_first_step_s"]:.2f} s')
+  print(f'  {r["ms_per_step"]:.2f} ms/step (median) | {r["tokens_per_s"]:,.0f} tokens/s | '
+        f'{1e3 * r["model_tflops"]:.2f} model GFLOP/s')
+  print(f'  MFU {100 * r["mfu_measured_peak"]:.1f}% of measured f32 matmul peak {r["matmul_gflops"]:.1f} GFLOP/s | '
+        f'{100 * r["mfu_tabled_peak"]:.1f}% of tabled peak {r["tabled_peak_gflops"]:.1f} GFLOP/s')
+
+
+def run(config, steps: int = 30, record: str = '', config_name: str = ''):
+  """`lmjax bench`: measures, prints, and appends a JSON line to `record` when given."""
+  runtime.enable_compilation_cache(config.train.compilation_cache_dir)
+  r = measure(config, steps)
+  print_result(r)
+  if record:
+    with open(record, 'a') as f:
+      f.write(json.dumps(record_line(config_name or '(cli)', config, r)) + '\n')
+  return r

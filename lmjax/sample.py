@@ -10,6 +10,17 @@ whose caches grow by a factor of 4 (S = 64, 256, ... up to P + max_new_tokens): 
 see, and a stage's cache is zero-padded to the next size when the stage ends. Each stage is one while_loop of the
 same body; the model is traced once per stage (a handful), not once per step.
 
+Sliding window: when prompt + max_new_tokens exceeds the model's context max_len (a 64-token char model asked for
+500 characters), generation runs in chunks of C tokens (C = max_len // 4 unless `window_chunk` says otherwise).
+Every chunk re-prefills from the last max_len - C tokens of each row (prompt + what it generated so far) and decodes
+C tokens, so every new token conditions on at least max_len - C previous ones and positions stay below max_len.
+Smaller C gives each token more context but costs more prefills (one per chunk); C = 1 is nanoGPT's crop-the-context
+decoding (a full window forward pass per token). Every chunk is one call of the same compiled program (prompt length
+max_len - C, C new tokens); chunk k samples with the seed's key folded with k, so a seed gives one result. The
+schedule does not depend on the other prompts in the batch (chunk 0 also starts from the last max_len - C tokens of
+the prompt), so a batched prompt gets the same tokens as alone. Beam search does not slide: it needs the whole
+sequence in one cache.
+
 Decoding methods: greedy (temperature 0), temperature, top-k, top-p (nucleus), min-p -- the last four compose, in
 the order of Hugging Face's warpers: temperature, then top-k, then top-p and min-p on the renormalised top-k -- and
 beam search with the ((5 + length) / 6) ** alpha length penalty of Google's/Flax's beam search.
@@ -123,10 +134,11 @@ def _pad_time(tree, size):
   return jax.tree.map(pad, tree)
 
 
-def _program(params, tokens_RxP, segs_RxP, lens_R, key, temperature, top_p, min_p, alpha, *, cfg, max_new,
+def _program(params, tokens_RxP, segs_RxP, lens_R, done_R, key, temperature, top_p, min_p, alpha, *, cfg, max_new,
              st: _Static):
   """Prefill + decode. Returns tokens_RxN (N = max_new; rows that hit EOS are padded with it after it) and
-  scores_R (beam search: the length-penalised log-probability; sampling: zeros)."""
+  scores_R (beam search: the length-penalised log-probability; sampling: zeros). Rows already `done_R` (they
+  emitted EOS in an earlier sliding-window chunk) emit only padding; beam search ignores done_R."""
   R, P = tokens_RxP.shape
   model = model_lib.Transformer(cfg)
   pad_id = st.eos_id if st.eos_id is not None else 0
@@ -162,9 +174,9 @@ def _program(params, tokens_RxP, segs_RxP, lens_R, key, temperature, top_p, min_
     def pick(logits_RxV, t):
       return _choose(logits_RxV, jax.random.fold_in(key, t), temperature, top_p, min_p, st)
 
-    tok_R = pick(logits_RxV, 0)
+    tok_R = jnp.where(done_R, pad_id, pick(logits_RxV, 0))
     out_RxN = jnp.full((R, max_new), pad_id, jnp.int32).at[:, 0].set(tok_R)
-    done_R = tok_R == pad_id if st.eos_id is not None else jnp.zeros((R,), bool)
+    done_R = done_R | (tok_R == pad_id) if st.eos_id is not None else done_R
 
     def body(c):
       t, last_R, done_R, out_RxN, cache = c
@@ -241,7 +253,7 @@ def _compiled(cfg: model_lib.ModelConfig, max_new: int, st: _Static, param_shard
     return jax.jit(fn)
   repl = parallel.replicated(mesh)
   param_shardings = jax.tree.unflatten(*param_shardings)
-  return jax.jit(fn, in_shardings=(param_shardings,) + (repl,) * 8, out_shardings=(repl, repl))
+  return jax.jit(fn, in_shardings=(param_shardings,) + (repl,) * 9, out_shardings=(repl, repl))
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -272,11 +284,6 @@ def _check(cfg, prompts_ids, max_new_tokens, temperature, top_k, top_p, min_p, n
     if bad:
       raise tokenizers.TokenizerError(f'prompt {i} holds ids {sorted(set(bad))[:10]} outside the vocabulary '
                                       f'(0..{cfg.vocab_size - 1})')
-  longest = max(len(p) for p in prompts_ids)
-  if longest + max_new_tokens > cfg.max_len:
-    raise SampleError(f'prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} '
-                      f'exceeds the model context max_len={cfg.max_len}; use --max_new_tokens<='
-                      f'{max(cfg.max_len - longest, 0)} or a shorter prompt')
   if temperature < 0:
     raise SampleError(f'temperature must be >= 0 (0 = greedy), got {temperature}')
   if top_k is not None and top_k < 0:
