@@ -242,7 +242,7 @@ def save(tok, workdir: str) -> None:
 def _write(path, content: bytes):
   tmp = path.parent / (path.name + '.tmp')
   tmp.write_bytes(content)
-  tmp.rename(path)  # atomic: a reader never sees half a file
+  tmp.replace(path)  # atomic: a reader never sees half a file; overwrites a previous copy
 
 
 def load(workdir: str):

@@ -204,14 +204,10 @@ def check_compatible(recorded: dict, config, tokenizer_spec: dict | None, where:
     tokenizers.check_same(recorded['tokenizer'], tokenizer_spec, where)
 
 
-def prepare_workdir(config, workdir):
-  """Tokenizer (recorded one if the workdir has it), data, vocab size filled in, resolved config saved."""
+def prepare_data(config, workdir):
+  """Data and tokenizer (the workdir's recorded one when it has one), with model.vocab_size filled in."""
   os.makedirs(workdir, exist_ok=True)
-  recorded_tok = tokenizers.load(workdir)
-  if recorded_tok is not None and recorded_tok.spec()['kind'] != config.data.tokenizer:
-    raise tokenizers.TokenizerError(f'{workdir} was started with tokenizer {recorded_tok.spec()["kind"]!r} but the '
-                                    f'config asks for {config.data.tokenizer!r}; use a new --workdir')
-  data = data_lib.make_data(config, recorded_tok, workdir=workdir)
+  data = data_lib.make_data(config, tokenizers.load(workdir), workdir=workdir)
   vocab = data.tokenizer.vocab_size
   with config.unlocked():
     if config.model.vocab_size == 0:
@@ -219,11 +215,15 @@ def prepare_workdir(config, workdir):
   if config.model.vocab_size < vocab:
     raise config_lib.ConfigError(f'model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer\'s '
                                  f'vocabulary ({vocab}); set it to 0 to take the tokenizer\'s size')
-  if jax.process_index() == 0:
-    if recorded_tok is None:
-      tokenizers.save(data.tokenizer, workdir)
-    config_lib.save(config, workdir)
   return data
+
+
+def record_run(config, tokenizer, workdir):
+  """Writes the resolved config and the tokenizer into the workdir -- only after every check has passed, so a
+  refused resume never overwrites what the workdir recorded."""
+  if jax.process_index() == 0:
+    tokenizers.save(tokenizer, workdir)
+    config_lib.save(config, workdir)
 
 
 class _Preemption:
@@ -249,7 +249,7 @@ def train(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
   runtime.enable_compilation_cache(config.train.compilation_cache_dir)
   t_start = time.perf_counter()
-  data = prepare_workdir(config, workdir)
+  data = prepare_data(config, workdir)
   task = Task(config)
   tc, K = config.train, task.steps_per_call
   primary = jax.process_index() == 0
@@ -261,14 +261,15 @@ def train(config, workdir: str) -> dict:
     state = ckpt.restore(None, task.abstract_state, data_iter=data.train_iter)
   else:
     state = task.init_state()
+  record_run(config, data.tokenizer, workdir)
   step = int(state.step)
   log = metrics_lib.Logger(workdir, enabled=primary, progress_total=tc.steps, progress_start=step,
                            progress_bar=tc.progress_bar)
-  log.echo(f'lmjax: {task.n_params:,} params | mesh {dict(task.mesh.shape)} | {jax.device_count()} x '
+  log.echo(f'lmjax: {task.n_params:,} params | mesh {dict(task.mesh.shape)} | {task.mesh.size} x '
            f'{jax.devices()[0].device_kind} | {"resuming at step " + str(step) if step else "fresh start"} | {workdir}')
   batch = parallel.put_batch(_next_batches(data.train_iter, K), task.batch_sharding)
   train_exec, compile_s = task.compile_train(batch)
-  peak = metrics_lib.peak_flops_per_device(tc.peak_flops) * jax.device_count()
+  peak = metrics_lib.peak_flops_per_device(tc.peak_flops) * task.mesh.size
   log.echo(f'compiled train step in {compile_s:.2f}s; first step {time.perf_counter() - t_start:.1f}s after start')
 
   preempt = _Preemption()

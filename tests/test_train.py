@@ -81,9 +81,11 @@ def test_resumed_run_equals_the_uninterrupted_run_bitwise(tmp_path, shakespeare_
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_a_checkpoint_of_another_model_is_a_clear_error(trained, shakespeare_dirs):
+def test_a_checkpoint_of_another_model_is_a_clear_error_and_the_workdir_is_untouched(trained, shakespeare_dirs):
+  before = {f: open(os.path.join(trained, f)).read() for f in ('config.json', 'tokenizer.json', 'metrics.jsonl')}
   with pytest.raises(config_lib.ConfigError, match=r'model\.d_model: checkpoint 32 vs run 64'):
     _train(trained, shakespeare_dirs, 'model.d_model=64')
+  assert before == {f: open(os.path.join(trained, f)).read() for f in before}
 
 
 def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, shakespeare_dirs):
