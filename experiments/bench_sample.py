@@ -2,8 +2,11 @@
 transformers' GPT2LMHeadModel.generate of the same size on torch CPU when torch and transformers are importable.
 
 Run:   python experiments/bench_sample.py [--batches=1,4,16] [--new_tokens=500] [--repeats=3] [--no_hf]
+       [--max_len=64 --window_chunk=16]  (the CPU recipe's real context: 500 tokens by sliding window, no HF match)
 Model: the CPU recipe's widths (4 layers, 4 heads, d_model 128, vocab 65) with max_len 1024 so 500 new tokens fit;
        random init (speed does not depend on the weights). Sampling: temperature 1, top_k 200 (as `lmjax sample`).
+       Measured (2 shared cores, trained CPU recipe, max_len 64, batch 4, 500 tokens, steady state): sliding chunks
+       of 16: ~1,280 tok/s; 8: ~810; 4: ~520 (one prefill per chunk); first call ~8 s more for compilation.
 Timings are medians over --repeats runs (the host is shared and noisy). Goal (issue #5): >= 5x HF tokens/s at
 batch 4 and <= 5 s sampler compile.
 """
@@ -33,15 +36,15 @@ def _median_time(fn, repeats):
   return statistics.median(times)
 
 
-def bench_lmjax(batches, new_tokens, repeats, staged=True):
-  cfg = model_lib.ModelConfig(vocab_size=VOCAB, max_len=1024, n_layers=4, n_heads=4, d_model=128)
+def bench_lmjax(batches, new_tokens, repeats, staged=True, max_len=1024, window_chunk=0):
+  cfg = model_lib.ModelConfig(vocab_size=VOCAB, max_len=max_len, n_layers=4, n_heads=4, d_model=128)
   params = nn.meta.unbox(model_lib.Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
   rng = np.random.default_rng(0)
   rows = {}
   for B in batches:
     prompts = [rng.integers(0, VOCAB, PROMPT_LEN).astype(np.int32) for _ in range(B)]
     run = lambda n, seed=0: sample.generate(params, cfg, prompts, max_new_tokens=n, temperature=1.0, top_k=TOP_K,
-                                            seed=seed, staged=staged)
+                                            seed=seed, staged=staged, window_chunk=window_chunk)
     t = time.perf_counter()
     run(new_tokens)
     first = time.perf_counter() - t
@@ -80,16 +83,20 @@ def main():
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--no_hf', action='store_true')
   p.add_argument('--unstaged', action='store_true', help='one full-length cache (for comparison)')
+  p.add_argument('--max_len', type=int, default=1024, help='below prompt + new_tokens: sliding-window generation')
+  p.add_argument('--window_chunk', type=int, default=0, help='sliding-window chunk (0 = max_len // 4)')
   args = p.parse_args()
   batches = [int(b) for b in args.batches.split(',')]
-  ours = bench_lmjax(batches, args.new_tokens, args.repeats, staged=not args.unstaged)
+  ours = bench_lmjax(batches, args.new_tokens, args.repeats, staged=not args.unstaged, max_len=args.max_len,
+                     window_chunk=args.window_chunk)
   hf = None
   if not args.no_hf:
     try:
       hf = bench_hf(batches, args.new_tokens, args.repeats)
     except ImportError as e:
       print(f'(HF comparison skipped: {e})')
-  print(f'{args.new_tokens} new tokens, prompt {PROMPT_LEN}, top_k {TOP_K}, median of {args.repeats}, '
+  print(f'{args.new_tokens} new tokens, prompt {PROMPT_LEN}, max_len {args.max_len}, top_k {TOP_K}, '
+        f'median of {args.repeats}, '
         f'jax {jax.__version__} on {jax.devices()[0].platform}')
   print('batch | lmjax tok/s | TTFT ms | compile s |  HF tok/s | HF TTFT ms | lmjax/HF')
   for B in batches:

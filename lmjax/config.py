@@ -104,7 +104,12 @@ def default_config() -> ml_collections.ConfigDict:
   s.temperature = 0.8
   s.top_k = 200
   s.top_p = 1.0
+  s.min_p = 0.0  # 0 = off; keeps tokens with p >= min_p * the top token's p
   s.num_samples = 1
+  s.beam_size = 1  # > 1 runs beam search (no sliding window: prompt + max_new_tokens must fit max_len)
+  s.stop = ()  # cut a sample before the first of these strings, e.g. --config.sample.stop="('\\n\\n',)"
+  s.sliding_window = True  # prompt + max_new_tokens over max_len: generate in chunks, re-reading the last tokens
+  s.window_chunk = 0  # tokens per sliding chunk (0 = max_len // 4): smaller = more context per token, more prefills
   return c
 
 

@@ -314,50 +314,98 @@ def _check_memory(cfg, rows, cache_len, limit_bytes):
 # ------------------------------------------------------------------------------------------ Python API
 
 
+def window_chunk_len(model_cfg, window_chunk: int = 0) -> int:
+  """Tokens per sliding-window chunk: `window_chunk`, or max_len // 4 when 0 (each token then sees >= 3/4 of the
+  context, for one prefill per max_len // 4 tokens)."""
+  chunk = window_chunk or max(model_cfg.max_len // 4, 1)
+  if not 1 <= chunk < model_cfg.max_len:
+    raise SampleError(f'window_chunk must be in [1, max_len={model_cfg.max_len}), got {chunk}: each chunk re-reads '
+                      'the last max_len - window_chunk tokens, so it needs at least one')
+  return chunk
+
+
+def _left_pad(seqs, P):
+  """(tokens_RxP, segs_RxP, lens_R) of R sequences of at most P tokens, right-aligned (pad slots: segment 0)."""
+  tokens_RxP, segs_RxP = np.zeros((len(seqs), P), np.int32), np.zeros((len(seqs), P), np.int32)
+  lens_R = np.array([len(q) for q in seqs], np.int32)
+  for r, q in enumerate(seqs):
+    tokens_RxP[r, P - len(q):], segs_RxP[r, P - len(q):] = q, 1
+  return tokens_RxP, segs_RxP, lens_R
+
+
 def generate(params, model_cfg, prompts_ids: Sequence[np.ndarray], *, max_new_tokens: int, temperature=1.0,
              top_k: Optional[int] = 0, top_p=1.0, min_p=0.0, eos_id: Optional[int] = None, num_return_sequences=1,
-             seed=0, beam_size=1, length_penalty=0.6, mesh=None, staged=True, memory_limit_bytes=None):
+             seed=0, beam_size=1, length_penalty=0.6, mesh=None, staged=True, memory_limit_bytes=None,
+             sliding_window=True, window_chunk=0):
   """Continuations of token prompts: a list of len(prompts) * num_return_sequences id lists, prompt-major
   (prompt i's j-th sample is at i * num_return_sequences + j). A row that emits `eos_id` ends with it.
 
   temperature 0 is greedy; top_k 0/None, top_p 1 and min_p 0 are off. beam_size > 1 runs beam search (sampling
   options are then ignored) and returns the num_return_sequences best beams, best first. With `mesh`, params
   keep their shardings and the prompts are replicated.
+
+  When the longest prompt + max_new_tokens exceeds model_cfg.max_len, `sliding_window` generates in chunks of
+  `window_chunk` tokens (0 = max_len // 4), each conditioned on the last max_len - window_chunk tokens of its row
+  (a longer prompt keeps only its last max_len - window_chunk tokens); see the module docstring. With
+  sliding_window=False such a request is a SampleError.
   """
   top_k = top_k or 0
   _check(model_cfg, prompts_ids, max_new_tokens, temperature, top_k, top_p, min_p, num_return_sequences, beam_size)
-  n_per = beam_size if beam_size > 1 else num_return_sequences
+  L = model_cfg.max_len
   longest = max(len(p) for p in prompts_ids)
-  # Round the padded prompt length up to a multiple of 16 (when the context allows) so nearby prompt lengths share
+  slide = longest + max_new_tokens > L
+  if slide and (not sliding_window or beam_size > 1):
+    why = ('beam search needs the whole sequence in one cache, so it cannot slide' if sliding_window else
+           'sliding_window=False')
+    raise SampleError(f'prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} '
+                      f'exceeds the model context max_len={L} and {why}; use --max_new_tokens<={max(L - longest, 0)}'
+                      f' or a shorter prompt{"" if sliding_window else ", or sliding_window=True"}')
+  chunk = window_chunk_len(model_cfg, window_chunk) if slide else max_new_tokens
+  n_per = beam_size if beam_size > 1 else num_return_sequences
+  # Sliding: every chunk's prompt is the last max_len - chunk tokens (one compiled shape for all chunks). Otherwise,
+  # round the padded prompt length up to a multiple of 16 (when the context allows) so nearby prompt lengths share
   # one compiled program; extra left padding is invisible to the model.
-  P = min(-(-longest // 16) * 16, model_cfg.max_len - max_new_tokens)
+  P = L - chunk if slide else min(-(-longest // 16) * 16, L - max_new_tokens)
   rows = len(prompts_ids) * n_per
   extra = 0
   if mesh is not None:  # the batch is split over (data, fsdp): pad rows to a multiple of that with dummy copies
     shards = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
     extra = -rows % (shards * n_per) if beam_size > 1 else -rows % shards
-  _check_memory(model_cfg, rows + extra, P + max_new_tokens, memory_limit_bytes)
-
-  tokens_RxP = np.zeros((rows + extra, P), np.int32)
-  segs_RxP = np.zeros((rows + extra, P), np.int32)
-  lens_R = np.zeros((rows + extra,), np.int32)
-  for r in range(rows + extra):
-    p = np.asarray(prompts_ids[min(r // n_per, len(prompts_ids) - 1)], np.int32)
-    tokens_RxP[r, P - len(p):], segs_RxP[r, P - len(p):], lens_R[r] = p, 1, len(p)
+  R = rows + extra
+  _check_memory(model_cfg, R, P + chunk, memory_limit_bytes)
 
   st = _Static(greedy=temperature == 0, top_k=int(top_k), use_top_p=top_p < 1.0, use_min_p=min_p > 0.0,
                eos_id=eos_id, beam_size=beam_size if beam_size > 1 else 0, staged=staged)
   # (treedef, leaves): a hashable key for the compile cache
   shardings = None if mesh is None else (jax.tree.structure(params), tuple(x.sharding for x in jax.tree.leaves(params)))
-  fn = _compiled(model_cfg, max_new_tokens, st, shardings, mesh)
-  args = (params, tokens_RxP, segs_RxP, lens_R, jax.random.key(seed), np.float32(temperature or 1.0),
-          np.float32(top_p), np.float32(min_p), np.float32(length_penalty))
-  if mesh is None:
-    out_RxN, _ = fn(*args)
-  else:
+  fn = _compiled(model_cfg, chunk, st, shardings, mesh)
+  options = (np.float32(temperature or 1.0), np.float32(top_p), np.float32(min_p), np.float32(length_penalty))
+
+  def call(seqs, done_R, key):
+    args = (params, *_left_pad(seqs, P), done_R, key, *options)
+    if mesh is None:
+      return np.asarray(fn(*args)[0])
     with parallel.activate(mesh):
-      out_RxN, _ = fn(*args)
-  out_RxN = np.asarray(out_RxN)[:rows]
+      return np.asarray(fn(*args)[0])
+
+  prompts_R = [np.asarray(prompts_ids[min(r // n_per, len(prompts_ids) - 1)], np.int32)[-P:] for r in range(R)]
+  done_R = np.zeros((R,), bool)
+  if not slide:
+    out_RxN = call(prompts_R, done_R, jax.random.key(seed))
+  else:
+    pad_id = eos_id if eos_id is not None else 0
+    out_RxN = np.full((R, max_new_tokens), pad_id, np.int32)
+    windows_R = prompts_R
+    for k, start in enumerate(range(0, max_new_tokens, chunk)):
+      new_RxC = call(windows_R, done_R, jax.random.fold_in(jax.random.key(seed), k))
+      n = min(chunk, max_new_tokens - start)  # the last chunk decodes a whole chunk and keeps what was asked for
+      out_RxN[:, start:start + n] = new_RxC[:, :n]
+      if eos_id is not None:
+        done_R = done_R | np.any(new_RxC[:, :n] == eos_id, axis=1)
+        if done_R[:rows].all():
+          break
+      windows_R = [np.concatenate([w, c])[-P:] for w, c in zip(windows_R, new_RxC)]
+  out_RxN = out_RxN[:rows]
   if beam_size > 1:  # keep the best num_return_sequences of each prompt's beams (already sorted best first)
     out_RxN = out_RxN.reshape(len(prompts_ids), beam_size, -1)[:, :num_return_sequences].reshape(-1, max_new_tokens)
   results = []
@@ -394,22 +442,25 @@ def add_arguments(p):
   p.add_argument('--workdir', required=True, help='the --workdir of an `lmjax train` run')
   p.add_argument('--prompt', default=None, help="prompt text (default: the config's sample.prompt)")
   p.add_argument('--prompt_file', default='', help='a file of prompts, one per line (sampled as one batch)')
-  p.add_argument('--max_new_tokens', type=int, default=None)
+  p.add_argument('--max_new_tokens', type=int, default=None,
+                 help='beyond the model context, a sliding window (--config.sample.window_chunk) keeps going')
   p.add_argument('--temperature', type=float, default=None, help='0 = greedy')
   p.add_argument('--top_k', type=int, default=None, help='0 = off')
   p.add_argument('--top_p', type=float, default=None, help='1 = off')
   p.add_argument('--min_p', type=float, default=None, help='0 = off')
   p.add_argument('--greedy', action='store_true', help='same as --temperature=0')
   p.add_argument('--num_samples', type=int, default=None, help='samples per prompt')
-  p.add_argument('--beam_size', type=int, default=1, help='> 1 runs beam search')
+  p.add_argument('--beam_size', type=int, default=None, help='> 1 runs beam search')
   p.add_argument('--length_penalty', type=float, default=0.6, help="beam search's alpha")
-  p.add_argument('--stop', action='append', default=[], help='cut a sample before this text (repeatable)')
+  p.add_argument('--stop', action='append', default=[],
+                 help="cut a sample before this text (repeatable; adds to the config's sample.stop)")
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--format', choices=('text', 'jsonl'), default='text')
 
 
 def run(args, overrides):
   """`lmjax sample`: loads the workdir's latest checkpoint and prints the samples (flags override config.sample)."""
+  import time  # pylint: disable=import-outside-toplevel
   from lmjax import train  # pylint: disable=import-outside-toplevel  -- keeps `import lmjax.sample` light
   config, tokenizer, task, state = train.load_run(args.workdir, overrides)
   s, cfg = config.sample, task.model_cfg
@@ -419,19 +470,26 @@ def run(args, overrides):
       prompts = [line.rstrip('\n') for line in f if line.strip()]
   else:
     prompts = [pick(args.prompt, 'prompt', '\n')]
-  max_new = args.max_new_tokens
-  if max_new is None:  # the config's default may not fit a short-context model: clamp it, and say so
-    longest = max(len(tokenizer.encode(p)) or 1 for p in prompts)
-    max_new = min(int(s.get('max_new_tokens', 500)), cfg.max_len - longest)
-    if max_new < int(s.get('max_new_tokens', 500)):
-      print(f'lmjax sample: max_new_tokens={max_new} (the model context max_len={cfg.max_len} minus the '
-            f'{longest}-token prompt)', file=sys.stderr)
+  max_new = int(pick(args.max_new_tokens, 'max_new_tokens', 500))
   n = pick(args.num_samples, 'num_samples', 1)
-  texts = sample_texts(state.params, cfg, tokenizer, prompts, stop=args.stop, max_new_tokens=max_new,
+  beam_size = pick(args.beam_size, 'beam_size', 1)
+  sliding, window_chunk = bool(s.get('sliding_window', True)), int(s.get('window_chunk', 0))
+  longest = max(len(tokenizer.encode(p)) or 1 for p in prompts)
+  if sliding and beam_size <= 1 and longest + max_new > cfg.max_len:
+    keep = cfg.max_len - window_chunk_len(cfg, window_chunk)
+    print(f'lmjax sample: prompt ({longest} tokens) + max_new_tokens ({max_new}) exceed the model context '
+          f'max_len={cfg.max_len}: sliding window, every new token sees at least the {keep} tokens before it'
+          + (f'; prompts longer than {keep} tokens keep only their last {keep}' if longest > keep else ''),
+          file=sys.stderr)
+  t0 = time.perf_counter()
+  texts = sample_texts(state.params, cfg, tokenizer, prompts, stop=[*args.stop, *s.get('stop', ())],
+                       max_new_tokens=max_new,
                        temperature=0.0 if args.greedy else pick(args.temperature, 'temperature', 1.0),
                        top_k=pick(args.top_k, 'top_k', 0), top_p=pick(args.top_p, 'top_p', 1.0),
                        min_p=pick(args.min_p, 'min_p', 0.0), num_return_sequences=n, seed=args.seed,
-                       beam_size=args.beam_size, length_penalty=args.length_penalty, mesh=task.mesh)
+                       beam_size=beam_size, length_penalty=args.length_penalty, mesh=task.mesh,
+                       sliding_window=sliding, window_chunk=window_chunk)
+  seconds = time.perf_counter() - t0
   for i, text in enumerate(texts):
     prompt = prompts[i // n]
     if args.format == 'jsonl':
@@ -439,3 +497,7 @@ def run(args, overrides):
     else:
       print(prompt + text)
       print('-' * 40)
+  # Upper bound on tokens (rows may stop early at EOS or a stop string); includes compilation on a first call.
+  rows = len(prompts) * n
+  print(f'lmjax sample: {rows} x {max_new} tokens in {seconds:.2f}s ({rows * max_new / seconds:.0f} tokens/s, '
+        'compilation included)', file=sys.stderr)

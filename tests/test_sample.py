@@ -1,5 +1,6 @@
 """Sampling specs: cached decoding equals the uncached model, each filter keeps what it should, sampling follows
-softmax(logits / T), EOS and batching behave, beam search finds the best sequence, bad input is refused."""
+softmax(logits / T), EOS and batching behave, beam search finds the best sequence, generation past the context
+slides a window exactly as a plain cropped-window forward pass would, bad input is refused."""
 import functools
 import itertools
 import math
@@ -170,15 +171,16 @@ def test_same_seed_same_samples_different_seed_different_samples():
 # ------------------------------------------------------------------------------------------ EOS and beams
 
 
-def _run_program(cfg, params, st, prompts, max_new):
+def _run_program(cfg, params, st, prompts, max_new, done=None):
   """The compiled program itself on left-padded prompts (what generate() builds), before any truncation."""
   P = max(len(p) for p in prompts)
   tokens, segs = np.zeros((len(prompts), P), np.int32), np.zeros((len(prompts), P), np.int32)
   for r, p in enumerate(prompts):
     tokens[r, P - len(p):], segs[r, P - len(p):] = p, 1
   lens = np.array([len(p) for p in prompts], np.int32)
-  out, _ = sample._compiled(cfg, max_new, st, None, None)(params, tokens, segs, lens, jax.random.key(0), 1.0, 1.0,
-                                                          0.0, 0.6)
+  done = np.zeros((len(prompts),), bool) if done is None else np.asarray(done)
+  out, _ = sample._compiled(cfg, max_new, st, None, None)(params, tokens, segs, lens, done, jax.random.key(0), 1.0,
+                                                          1.0, 0.0, 0.6)
   return np.asarray(out).tolist()
 
 
@@ -231,11 +233,80 @@ def test_beam_search_returns_the_highest_scoring_sequence(eos, alpha):
   assert got[0] == _brute_force_best(cfg, params, prompt, 3, eos, alpha)
 
 
+# ------------------------------------------------------------------------------------------ sliding window
+
+
+def _sliding_greedy_reference(cfg, params, prompt, n, chunk):
+  """The sliding schedule written plainly: each chunk starts from the last max_len - chunk tokens of the row and
+  appends `chunk` argmax tokens, each from a full uncached forward pass over that chunk's window so far."""
+  last_logits, toks, new = _logits_fn(cfg), list(prompt), []
+  while len(new) < n:
+    window = toks[-(cfg.max_len - chunk):]
+    for _ in range(min(chunk, n - len(new))):
+      tok = int(np.argmax(last_logits(params, window)))
+      window.append(tok)
+      toks.append(tok)
+      new.append(tok)
+  return new
+
+
+SLIDE = dict(max_len=16)  # 3 prompts x 40 new tokens: chunks of 4 from windows of 12, 10 chunks per row
+
+
+def test_sliding_window_greedy_equals_a_forward_pass_over_each_cropped_window():
+  cfg, params = _model(**SLIDE)
+  long_prompt = np.arange(20, dtype=np.int32) % 17  # longer than max_len: only its last 12 tokens count
+  prompts = PROMPTS + [long_prompt]
+  got = sample.generate(params, cfg, prompts, max_new_tokens=40, temperature=0)
+  assert got == [_sliding_greedy_reference(cfg, params, p, 40, 4) for p in prompts]
+  # A batched prompt gets the same tokens as alone (the schedule does not depend on the batch's longest prompt).
+  assert got[1] == sample.generate(params, cfg, [PROMPTS[1]], max_new_tokens=40, temperature=0)[0]
+  # Chunks of 1 are nanoGPT's crop-every-token decoding.
+  assert sample.generate(params, cfg, PROMPTS[:1], max_new_tokens=20, temperature=0, window_chunk=1) == [
+      _sliding_greedy_reference(cfg, params, PROMPTS[0], 20, 1)]
+
+
+def test_sliding_window_runs_every_chunk_on_one_compiled_program():
+  cfg, params = _model(**SLIDE)
+  sample.generate(params, cfg, PROMPTS, max_new_tokens=40, temperature=0.8, top_k=5, num_return_sequences=2)
+  st = sample._Static(greedy=False, top_k=5, use_top_p=False, use_min_p=False, eos_id=None, beam_size=0, staged=True)
+  assert sample._compiled(cfg, 4, st, None, None)._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_sliding_window_same_seed_same_samples_and_each_chunk_draws_fresh_randomness():
+  cfg, params = _model(**SLIDE)
+  kw = dict(max_new_tokens=40, temperature=1.0, num_return_sequences=2)
+  a = sample.generate(params, cfg, PROMPTS[:2], seed=5, **kw)
+  assert a == sample.generate(params, cfg, PROMPTS[:2], seed=5, **kw)
+  assert a != sample.generate(params, cfg, PROMPTS[:2], seed=6, **kw)
+  assert all(len(row) == 40 for row in a) and a[0] != a[1]
+  # A model with all-zero weights predicts uniform logits, so each token is the random draw alone: if the chunks
+  # shared one key, every chunk of 4 would repeat the first.
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  row = sample.generate(zeros, cfg, PROMPTS[:1], max_new_tokens=40, temperature=1.0, seed=5)[0]
+  assert len({tuple(row[i:i + 4]) for i in range(0, 40, 4)}) > 1
+
+
+def test_eos_in_an_early_chunk_keeps_the_row_finished_while_others_slide_on():
+  cfg, params = _model(**SLIDE)
+  refs = [_sliding_greedy_reference(cfg, params, p, 40, 4) for p in PROMPTS[:2]]
+  eos = next(t for t in refs[0][:4] if t not in refs[1][:8])  # row 0 stops in chunk 0, row 1 runs on past chunk 1
+  stop1 = refs[1].index(eos) + 1 if eos in refs[1] else 40
+  got = sample.generate(params, cfg, PROMPTS[:2], max_new_tokens=40, temperature=0, eos_id=eos)
+  assert got == [refs[0][:refs[0].index(eos) + 1], refs[1][:stop1]]
+  # The mechanism: a row that enters a chunk finished emits only EOS, even though its window would continue.
+  greedy = _run_program(cfg, params, _static(eos_id=eos), PROMPTS[:2], 4, done=[True, False])
+  assert greedy[0] == [eos] * 4 and greedy[1] == _run_program(cfg, params, _static(eos_id=eos), PROMPTS[:2], 4)[1]
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
 @pytest.mark.parametrize('kw, message', [
-    (dict(max_new_tokens=30), r'prompt \(9 tokens\) \+ max_new_tokens \(30\) = 39 exceeds .*max_len=32'),
+    (dict(max_new_tokens=30, sliding_window=False),
+     r'prompt \(9 tokens\) \+ max_new_tokens \(30\) = 39 exceeds .*max_len=32 and sliding_window=False'),
+    (dict(max_new_tokens=30, beam_size=2), r'= 39 exceeds .*max_len=32 and beam search .* cannot slide'),
+    (dict(max_new_tokens=30, window_chunk=32), r'window_chunk must be in \[1, max_len=32\), got 32'),
     (dict(max_new_tokens=4, top_p=0.0), r'top_p must be in \(0, 1\]'),
     (dict(max_new_tokens=4, top_p=1.5), r'top_p must be in \(0, 1\]'),
     (dict(max_new_tokens=4, top_k=-1), r'top_k must be >= 1'),
