@@ -9,6 +9,11 @@ Implementations (ModelConfig.attention):
   'dot_product_attention' -- jax.nn.dot_product_attention, XLA lowering (any backend).
   'cudnn' -- jax.nn.dot_product_attention on cuDNN's fused flash kernel (GPU only, bf16/fp16, no dropout).
   'auto'  -- 'cudnn' on GPU when it applies, else 'xla'.
+Not done: a Pallas TPU flash/splash kernel (it cannot be tested on the CPU development machine); on TPU 'xla'
+runs, which materialises the L x T scores.
+
+The mask enters as an additive float32 bias (0 or -1e30) rather than a `where` select, and dropout masks come
+from one uint32 per element compared against a threshold: both measured cheaper in the CPU backward pass.
 """
 from __future__ import annotations
 

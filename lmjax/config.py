@@ -78,6 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
   t.peak_flops = 0.0  # per device, for MFU; 0 = look the device up in lmjax/metrics.py PEAK_FLOPS
   t.progress_bar = True  # shown only when stdout is a terminal
   t.compilation_cache_dir = ''  # '' = off; a directory makes repeated and resumed runs skip compilation
+  t.steps_per_call = 1  # optimizer steps per jitted call (lax.scan over K batches): less per-call overhead
 
   c.optimizer = o = ml_collections.ConfigDict()
   o.name = 'adamw'  # adamw | lion | adafactor | muon

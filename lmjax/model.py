@@ -14,7 +14,12 @@ so one rule covers causality, packing and batched prompts of different lengths.
 
 Parameters carry logical axis names (`nn.with_logical_partitioning`); lmjax/parallel.py maps them onto the mesh.
 Parameter paths are stable: `embed`, `pos_embed`, `block_{i}/{ln1,attn/{q,kv,o},ln2,mlp/{up,gate,down}}`,
-`ln_f`, `lm_head`; with scanned layers, `blocks/...` holds the same leaves with a leading layer axis.
+`ln_f`, `lm_head`; with scanned layers, `blocks/...` holds the same leaves with a leading layer axis
+(`stack_layers` / `unstack_layers` convert between the two; a checkpoint refuses to resume across them).
+
+Precision: `dtype` is the compute dtype, `param_dtype` the master weights'. On GPU/TPU use dtype='bfloat16' with
+param_dtype='float32' (bf16 matmuls, f32 weights and optimizer state); CPU configs stay float32, where bf16 is
+slower. Norm statistics, attention softmax, logits and the loss are float32 whatever `dtype` is.
 """
 from __future__ import annotations
 
@@ -145,8 +150,8 @@ def rope(x_BxLxHxK, positions_BxL, theta):
 
 @jax.custom_vjp
 def gelu(x):
-  """Exact-erf GELU, x * Phi(x), as GPT-2/nanoGPT. The hand-written backward, Phi(x) + x * phi(x), is one fused
-  elementwise pass; autodiff through erf's jvp measured slower on CPU."""
+  """Exact-erf GELU, x * Phi(x), as GPT-2/nanoGPT, with a hand-written backward, Phi(x) + x * phi(x): one
+  elementwise pass saving only x. (Measured only together with the other backward changes of issue #6.)"""
   return _gelu_fwd(x)[0]
 
 
@@ -347,6 +352,30 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None):
     return {'k': z, 'v': z}
   return {'k': [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
           'v': [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)]}
+
+
+def stack_layers(params, n_layers: int):
+  """Unscanned params (`block_0` .. `block_{n-1}`) -> the scanned layout (`blocks/block`, leading layer axis).
+  Same weights, same outputs: use it to load an unscanned checkpoint into a scan_layers=True model."""
+  missing = [f'block_{i}' for i in range(n_layers) if f'block_{i}' not in params]
+  if missing or 'blocks' in params:
+    raise ValueError(f'stack_layers wants unscanned params with block_0..block_{n_layers - 1}; '
+                     f'missing {missing or "none"}, has blocks: {"blocks" in params}')
+  out = {k: v for k, v in params.items() if not k.startswith('block_')}
+  out['blocks'] = {'block': jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f'block_{i}'] for i in range(n_layers)])}
+  return out
+
+
+def unstack_layers(params):
+  """Scanned params (`blocks/block`, leading layer axis) -> the unscanned layout (`block_{i}`); inverse of
+  stack_layers."""
+  if 'blocks' not in params:
+    raise ValueError('unstack_layers wants scanned params (a `blocks` entry); these are already unscanned')
+  out = {k: v for k, v in params.items() if k != 'blocks'}
+  stacked = params['blocks']['block']
+  for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+    out[f'block_{i}'] = jax.tree.map(lambda x: x[i], stacked)
+  return out
 
 
 def count_params(params) -> int:

@@ -101,12 +101,12 @@ class Task:
     self.model = model_lib.Transformer(self.model_cfg)
     self.tx, self.lr_schedule = optim.make(config.optimizer, config.train.steps)
     self.mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
-    self.steps_per_call = config.train.get('steps_per_call', 1)
+    self.steps_per_call = config.train.steps_per_call
     _check_train_config(config, self.mesh)
     self.rng = jax.random.key(config.seed)
 
     abstract_boxed = jax.eval_shape(self._boxed_params, self.rng)
-    self.rules = parallel.make_rules(config.mesh.get('rules', ()))
+    self.rules = parallel.make_rules(config.mesh.rules)
     self.param_shardings = parallel.param_shardings(abstract_boxed, self.mesh, self.rules)
     abstract_params = nn.meta.unbox(abstract_boxed)
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
@@ -172,7 +172,7 @@ class Task:
 
 
 def _check_train_config(config, mesh):
-  tc, K = config.train, config.train.get('steps_per_call', 1)
+  tc, K = config.train, config.train.steps_per_call
   for name in ('log_every', 'eval_every', 'checkpoint_every', 'steps'):
     if tc[name] % K:
       raise config_lib.ConfigError(f'train.{name} ({tc[name]}) must be a multiple of train.steps_per_call ({K})')
@@ -198,8 +198,10 @@ def check_compatible(recorded: dict, config, tokenizer_spec: dict | None, where:
           if k not in _RESUMABLE_MODEL_CHANGES and old.get(k) != new.get(k)}
   if diff:
     lines = ', '.join(f'model.{k}: checkpoint {a!r} vs run {b!r}' for k, b_a in diff.items() for a, b in [b_a])
+    hint = (' (lmjax.model.stack_layers / unstack_layers convert parameters between the two layouts)'
+            if 'scan_layers' in diff else '')
     raise config_lib.ConfigError(f'the checkpoint in {where} was trained with a different model ({lines}). Resume '
-                                 'with the config it was saved with, or start a new --workdir.')
+                                 f'with the config it was saved with, or start a new --workdir{hint}.')
   if tokenizer_spec is not None and 'tokenizer' in recorded:
     tokenizers.check_same(recorded['tokenizer'], tokenizer_spec, where)
 

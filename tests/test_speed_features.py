@@ -1,0 +1,133 @@
+"""Speed features must not change the math: bf16 tracks f32, scan = no scan, remat = no remat, every attention
+implementation = the reference, and the compilation cache is actually hit on a second run."""
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lmjax import attention, model as model_lib, runtime, train as train_lib
+
+SMALL = dict(vocab_size=37, max_len=16, n_layers=2, n_heads=4, d_model=32)
+
+
+def run(f, *args):
+  """Jit and run once at XLA -O0 (runtime.run_once): both sides of every comparison compile the same way, and
+  the file stays fast on a 2-core CPU."""
+  return runtime.run_once(jax.jit(f), *args)
+
+
+def make(**kw):
+  cfg = model_lib.ModelConfig(**{**SMALL, **kw}).validate()
+  m = model_lib.Transformer(cfg)
+  params = runtime.run_once(jax.jit(m.init), jax.random.key(0), jnp.zeros((1, cfg.max_len), jnp.int32))
+  return cfg, m, nn.meta.unbox(params['params'])
+
+
+def batch(b=4, l=16, seed=1):
+  t = jax.random.randint(jax.random.key(seed), (b, l + 1), 0, SMALL['vocab_size'])
+  return {'inputs': t[:, :-1], 'targets': t[:, 1:]}
+
+
+def test_bf16_compute_loss_tracks_float32_within_0p05_over_50_steps():
+  b = batch(8)
+  losses = {}
+  for dtype in ('float32', 'bfloat16'):
+    _, m, params = make(dtype=dtype)
+    tx = optax.adamw(3e-3)
+    state = train_lib.TrainState(jnp.int32(0), params, tx.init(params))
+    step = functools.partial(train_lib.train_steps, model=m, tx=tx)
+    batches = jax.tree.map(lambda x: jnp.broadcast_to(x, (50, *x.shape)), b)  # 50 steps in one scanned call
+    _, metrics = run(step, state, batches, jax.random.key(0))
+    losses[dtype] = np.asarray(metrics['train_loss'])
+  assert losses['float32'][-1] < losses['float32'][0] - 1.0  # it learns, so tracking it means something
+  np.testing.assert_allclose(losses['bfloat16'], losses['float32'], atol=0.05)
+
+
+def test_scanned_model_with_stacked_params_gives_the_unscanned_outputs():
+  cfg, m, params = make()
+  _, m_scan, _ = make(scan_layers=True)
+  tokens = batch()['inputs']
+  seg = jnp.concatenate([jnp.ones((4, 6), jnp.int32), 2 * jnp.ones((4, 10), jnp.int32)], axis=1)
+  want = run(m.apply, {'params': params}, tokens, None, seg)
+  stacked = model_lib.stack_layers(params, cfg.n_layers)
+  assert jax.tree.structure(stacked) == jax.tree.structure(make(scan_layers=True)[2])
+  got = run(m_scan.apply, {'params': stacked}, tokens, None, seg)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  back = model_lib.unstack_layers(stacked)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_every_remat_policy_gives_the_gradients_of_no_remat(scan):
+  b = batch()
+  grads = {}
+  policies = ('none', 'full') if scan else tuple(model_lib.REMAT_POLICIES)  # scan: nn.remat inside nn.scan
+  for policy in policies:
+    _, m, params = make(remat=policy, scan_layers=scan)
+    grads[policy] = run(jax.grad(lambda p: train_lib.loss_terms(p, m, b)[0]), params)
+  for policy in policies:  # recomputation may fuse differently: float32 rounding, no more
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), grads[policy], grads['none'])
+
+
+def reference_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask):
+  """Textbook attention, one head at a time in numpy float64: the spec every implementation must meet."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q_BxLxHxK, k_BxNxTxK, v_BxNxTxK))
+  B, L, H, K = q.shape
+  G = H // k.shape[1]
+  mask = np.broadcast_to(np.asarray(mask), (B, 1, 1, L, k.shape[2]))[:, 0, 0]
+  out = np.zeros_like(q)
+  for b in range(B):
+    for h in range(H):
+      s = q[b, :, h] @ k[b, h // G].T / np.sqrt(K)
+      s = np.where(mask[b], s, -np.inf)
+      p = np.exp(s - s.max(-1, keepdims=True))
+      out[b, :, h] = (p / p.sum(-1, keepdims=True)) @ v[b, h // G]
+  return out
+
+
+def cpu_implementations():
+  return [i for i in attention.IMPLEMENTATIONS if i != 'cudnn' or jax.default_backend() == 'gpu']
+
+
+@pytest.mark.parametrize('impl', cpu_implementations())
+@pytest.mark.parametrize('kv_heads', [4, 2, 1])
+def test_attention_implementation_matches_the_reference_with_causal_mask_and_segments(impl, kv_heads):
+  B, L, H, K = 2, 8, 4, 8
+  ks = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(ks[0], (B, L, H, K))
+  k, v = (jax.random.normal(kk, (B, kv_heads, L, K)) for kk in ks[1:])
+  seg_BxL = jnp.array([[1, 1, 1, 2, 2, 2, 2, 2], [0, 0, 1, 1, 1, 1, 1, 1]], jnp.int32)  # packed; left padding
+  slots = jnp.arange(L)
+  mask = attention.make_mask(slots, slots, seg_BxL, seg_BxL)
+  got = jax.jit(functools.partial(attention.attend, impl=impl))(q, k, v, mask)
+  np.testing.assert_allclose(got, reference_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
+
+
+_CACHE_PROBE = textwrap.dedent('''
+    import sys, jax, jax.numpy as jnp
+    from lmjax import runtime
+    hits = []
+    jax.monitoring.register_event_listener(lambda name, **kw: hits.append(name) if name ==
+                                           '/jax/compilation_cache/cache_hits' else None)
+    runtime.enable_compilation_cache(sys.argv[1])
+    jax.jit(lambda x: jnp.sin(x) @ x.T + 1.0)(jnp.ones((8, 8))).block_until_ready()
+    print('HITS', len(hits))
+''')
+
+
+def test_compilation_cache_is_hit_by_a_second_process(tmp_path):
+  def hits():
+    out = subprocess.run([sys.executable, '-c', _CACHE_PROBE, str(tmp_path / 'cache')], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split('HITS')[-1])
+  assert hits() == 0  # empty cache: compiled and written
+  assert hits() >= 1  # same program in a new process: loaded from the cache
