@@ -222,10 +222,10 @@ class Attention(nn.Module):
                                    dropout=cfg.dropout if train else 0.0, dropout_rng=drop_rng)
     std_out = _INIT_STD / (2 * cfg.n_layers) ** 0.5
     o_HKxD = dense('o_kernel', (H, K, D), ('heads', 'head_dim', 'embed'), std_out).reshape(H * K, D).astype(dt)
-    y_BxLxD = jnp.dot(out_BxLxHxK.reshape(B, L, H * K), o_HKxD)
+    y_BLxD = jnp.dot(out_BxLxHxK.reshape(B * L, H * K), o_HKxD)  # 2-D, as in Mlp: no transposes in its backward
     if cfg.use_bias:
-      y_BxLxD += _lead(bias('o_bias', (D,), ('embed',)).astype(dt), 3)
-    return y_BxLxD, new_cache
+      y_BLxD += _lead(bias('o_bias', (D,), ('embed',)).astype(dt), 2)
+    return y_BLxD.reshape(B, L, D), new_cache
 
 
 class Mlp(nn.Module):
@@ -243,13 +243,17 @@ class Mlp(nn.Module):
         y += _lead(self.param(f'{name}_bias', _zeros(axes[-1:]), shape[-1:], cfg.param_dtype).astype(dt), y.ndim)
       return y
 
-    h_BxLxF = dense('up', x_BxLxD, (D, F), ('embed', 'mlp'))
+    # Matmuls on (B*L, .) rows: the weight gradients become plain 2-D dots; with 3-D operands XLA's CPU backward
+    # first transposes every activation gradient to put B and L last.
+    B, L = x_BxLxD.shape[:2]
+    x_BLxD = x_BxLxD.reshape(B * L, D)
+    h_BLxF = dense('up', x_BLxD, (D, F), ('embed', 'mlp'))
     if cfg.mlp == 'swiglu':
-      h_BxLxF = nn.silu(dense('gate', x_BxLxD, (D, F), ('embed', 'mlp'))) * h_BxLxF
+      h_BLxF = nn.silu(dense('gate', x_BLxD, (D, F), ('embed', 'mlp'))) * h_BLxF
     else:
-      h_BxLxF = gelu(h_BxLxF)
-    h_BxLxF = nn.with_logical_constraint(h_BxLxF, ('batch', 'length', 'mlp'))
-    return dense('down', h_BxLxF, (F, D), ('mlp', 'embed'), std_out)
+      h_BLxF = gelu(h_BLxF)
+    h_BxLxF = nn.with_logical_constraint(h_BLxF.reshape(B, L, F), ('batch', 'length', 'mlp'))
+    return dense('down', h_BxLxF.reshape(B * L, F), (F, D), ('mlp', 'embed'), std_out).reshape(B, L, D)
 
 
 class Block(nn.Module):
@@ -333,12 +337,13 @@ class Transformer(nn.Module):
           new_cache['v'].append(c['v'])
 
     x_BxLxD = Norm(cfg, name='ln_f')(x_BxLxD)
+    x_BLxD = x_BxLxD.reshape(B * L, cfg.d_model)  # 2-D: the head's weight gradient needs no transposes
     if cfg.tied_embeddings:
-      logits_BxLxV = jnp.einsum('BLD,VD->BLV', x_BxLxD, embed.astype(cfg.dtype), preferred_element_type=jnp.float32)
+      logits_BLxV = jnp.dot(x_BLxD, embed.astype(cfg.dtype).T, preferred_element_type=jnp.float32)
     else:
       head = self.param('lm_head', _dense_init(('embed', 'vocab')), (cfg.d_model, cfg.vocab_size), cfg.param_dtype)
-      logits_BxLxV = jnp.einsum('BLD,DV->BLV', x_BxLxD, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
-    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+      logits_BLxV = jnp.dot(x_BLxD, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+    logits_BxLxV = logits_BLxV.astype(jnp.float32).reshape(B, L, cfg.vocab_size)
     return logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
 
 
