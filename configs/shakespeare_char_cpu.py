@@ -3,8 +3,9 @@
 Run:   lmjax train --config=configs/shakespeare_char_cpu.py --workdir=runs/shakespeare_char_cpu \
          --config.data.manual_dir=../shared/data/tinyshakespeare
 Then:  lmjax sample --workdir=runs/shakespeare_char_cpu --prompt="ROMEO:" --num_samples=4
-Takes: see README (2-core AVX-512 CPU); reaches val loss <= 1.89 at step 2000 over the whole validation split
-       (nanoGPT: 1.8857 on the same recipe and machine).
+Takes: 4.3 min wall on a 2-core AMD EPYC (AVX-512) CPU whose f32 matmul peak measured 73 GFLOP/s that day:
+       start to first step 11.7 s, ~88-96 ms/step, 8 evaluations over the whole validation split.
+Reaches: val loss 1.8879 at step 2000 (bits per byte 2.724); nanoGPT: 1.8857 on the same recipe.
 """
 from lmjax.config import default_config
 
