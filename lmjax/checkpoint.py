@@ -44,15 +44,7 @@ def _path_str(path) -> str:
   Orbax stores custom nodes (flax.struct.dataclass, optax states) as nested
   dicts/lists, so GetAttrKey('params') and DictKey('params') must compare equal.
   """
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _is_array_like(x) -> bool:

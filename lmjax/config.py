@@ -134,13 +134,18 @@ def load(path_and_arg: str, overrides=()) -> ml_collections.ConfigDict:
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'{path} defines no get_config(); a config file returns its ConfigDict from get_config(arg=None)')
   config = module.get_config(arg) if arg else module.get_config()
+  apply_overrides(config, overrides)
+  config.lock()
+  return config
+
+
+def apply_overrides(config, overrides=()):
+  """Applies `a.b=value` strings in order (see set_value)."""
   for item in overrides:
     key, eq, value = item.partition('=')
     if not eq:
       raise ConfigError(f'override {item!r} has no value; write --config.{key}=VALUE')
     set_value(config, key, value)
-  config.lock()
-  return config
 
 
 def _leaf_keys(config, prefix=''):
@@ -190,14 +195,28 @@ def _parse(key, text, old):
     raise ConfigError(f'--config.{key}={text!r}: expected {kind.__name__} (like the default {old!r})') from None
 
 
+_SAVED = 'config.json'
+
+
 def save(config, workdir: str) -> str:
   """Writes the resolved config as JSON into the workdir: what this run actually used."""
-  path = os.path.join(workdir, 'config.json')
+  path = os.path.join(workdir, _SAVED)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(config.to_dict(), f, indent=2, sort_keys=True)
   os.replace(tmp, path)
   return path
+
+
+def load_saved(workdir: str, overrides=()) -> ml_collections.ConfigDict:
+  """The config a workdir's run recorded (see save), with `a.b=value` overrides applied."""
+  path = os.path.join(workdir, _SAVED)
+  if not os.path.exists(path):
+    raise ConfigError(f'{workdir} holds no {_SAVED}: is it the --workdir of an `lmjax train` run?')
+  with open(path) as f:
+    config = from_dict(json.load(f))
+  apply_overrides(config, overrides)
+  return config
 
 
 def from_dict(d: dict) -> ml_collections.ConfigDict:

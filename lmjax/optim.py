@@ -13,7 +13,7 @@ OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon')
 
 
 def _leaf_name(path) -> str:
-  return str(getattr(path[-1], 'key', path[-1]))
+  return jax.tree_util.keystr(path[-1:], simple=True)
 
 
 def decay_mask(params, decay_embeddings: bool = False):

@@ -125,7 +125,8 @@ def param_shardings(boxed_params, mesh: Mesh, rules=RULES):
 
 
 def _path(keys) -> tuple:
-  return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in keys)
+  """Key path -> names, the same for dict keys and dataclass/NamedTuple fields (optax states are the latter)."""
+  return tuple(jax.tree_util.keystr((k,), simple=True) for k in keys)
 
 
 def match_shardings(tree, params, param_shardings, mesh: Mesh):

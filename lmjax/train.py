@@ -6,7 +6,6 @@ shardings and compiled steps from a config) -> train() (the loop; all I/O lives 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import time
@@ -344,14 +343,7 @@ def train(config, workdir: str) -> dict:
 def load_run(workdir: str, overrides=(), mesh=None, step=None):
   """(config, tokenizer, Task, state) of a trained workdir's checkpoint (latest unless `step`), restored onto
   `mesh` (default: the config's mesh over this process's devices) whatever mesh it was saved from."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise config_lib.ConfigError(f'{workdir} holds no config.json: is it the --workdir of an `lmjax train` run?')
-  with open(path) as f:
-    config = config_lib.from_dict(json.load(f))
-  for item in overrides:
-    key, _, value = item.partition('=')
-    config_lib.set_value(config, key, value)
+  config = config_lib.load_saved(workdir, overrides)
   tokenizer = tokenizers.load(workdir)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
   try:
