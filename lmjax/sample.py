@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax import model as model_lib
-from lmjax import parallel, tokenizers
+from lmjax import parallel, runtime, tokenizers
 
 _NEG = -1e30  # finite "minus infinity": a masked candidate must never turn a whole row into NaN
 _MIN_STAGE = 64  # smallest staged cache: below this, a stage's loop overhead costs more than the reads it saves
@@ -249,11 +249,13 @@ def _compiled(cfg: model_lib.ModelConfig, max_new: int, st: _Static, param_shard
   """One jitted program per model, length and decoding options; jax.jit then caches per input shape, so a repeated
   call with the same batch and prompt bucket never recompiles."""
   fn = functools.partial(_program, cfg=cfg, max_new=max_new, st=st)
+  options = runtime.decode_compiler_options()
   if mesh is None:
-    return jax.jit(fn)
+    return jax.jit(fn, compiler_options=options)
   repl = parallel.replicated(mesh)
   param_shardings = jax.tree.unflatten(*param_shardings)
-  return jax.jit(fn, in_shardings=(param_shardings,) + (repl,) * 9, out_shardings=(repl, repl))
+  return jax.jit(fn, in_shardings=(param_shardings,) + (repl,) * 9, out_shardings=(repl, repl),
+                 compiler_options=options)
 
 
 # ------------------------------------------------------------------------------------------ checks
