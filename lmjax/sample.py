@@ -23,7 +23,7 @@ sequence in one cache.
 
 Decoding methods: greedy (temperature 0), temperature, top-k, top-p (nucleus), min-p -- the last four compose, in
 the order of Hugging Face's warpers: temperature, then top-k, then top-p and min-p on the renormalised top-k -- and
-beam search with the ((5 + length) / 6) ** alpha length penalty of Google's/Flax's beam search.
+beam search (lmjax/beam.py) with the ((5 + length) / 6) ** alpha length penalty of Google's/Flax's beam search.
 """
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax import model as model_lib
-from lmjax import parallel, runtime, tokenizers
+from lmjax import beam, parallel, runtime, tokenizers
 
-_NEG = -1e30  # finite "minus infinity": a masked candidate must never turn a whole row into NaN
+_NEG = beam.NEG
 _MIN_STAGE = 64  # smallest staged cache: below this, a stage's loop overhead costs more than the reads it saves
 _STAGE_GROWTH = 4  # each stage's cache is this many times the last: fewer stages = fewer model copies to compile
 MEMORY_FRACTION = 0.5  # refuse a call whose KV cache alone would take more than this share of free memory
@@ -106,11 +106,6 @@ def _choose(logits_BxV, key, temperature, top_p, min_p, st: _Static):
     scaled_BxC = jnp.where(_keep(scaled_BxC, top_p, min_p, st.use_top_p, st.use_min_p), scaled_BxC, _NEG)
   pick_B = jax.random.categorical(key, scaled_BxC, axis=-1)
   return jnp.take_along_axis(ids_BxC, pick_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-
-def length_penalty_factor(length, alpha):
-  """Google NMT / Flax beam search: a finished beam scores log_prob / ((5 + length) / 6) ** alpha."""
-  return ((5.0 + length) / 6.0) ** alpha
 
 
 # ------------------------------------------------------------------------------------------ the compiled program
@@ -191,57 +186,8 @@ def _program(params, tokens_RxP, segs_RxP, lens_R, done_R, key, temperature, top
     _, _, _, out_RxN, _ = run_stages((jnp.int32(1), tok_R, done_R, out_RxN, cache), cont, body)
     return out_RxN, jnp.zeros((R,), jnp.float32)
 
-  # Beam search (rows are B groups of W beams; the W copies of a prompt start identical, so all but one beam start
-  # at -inf and the first step expands one beam only). A step proposes 2W continuations: those ending in EOS enter
-  # the finished pool, the best W others stay live.
-  W = st.beam_size
-  B = R // W
-  V = logits_RxV.shape[-1]
-  batch_axis = 1 if cfg.scan_layers else 0
-
-  def beam_step(logits_RxV, t, beams):
-    live_BxWxN, live_lp_BxW, fin_BxWxN, fin_score_BxW = beams
-    cand_BxWxV = live_lp_BxW[:, :, None] + jax.nn.log_softmax(logits_RxV).reshape(B, W, V)
-    lp_Bx2W, flat_Bx2W = jax.lax.top_k(cand_BxWxV.reshape(B, W * V), 2 * W)
-    parent_Bx2W, tok_Bx2W = flat_Bx2W // V, (flat_Bx2W % V).astype(jnp.int32)
-    seqs_Bx2WxN = jnp.take_along_axis(live_BxWxN, parent_Bx2W[:, :, None], axis=1)
-    seqs_Bx2WxN = jax.lax.dynamic_update_slice(seqs_Bx2WxN, tok_Bx2W[:, :, None], (0, 0, t))
-    eos_Bx2W = (tok_Bx2W == st.eos_id) if st.eos_id is not None else jnp.zeros_like(tok_Bx2W, bool)
-    live_lp_BxW, keep_BxW = jax.lax.top_k(jnp.where(eos_Bx2W, _NEG, lp_Bx2W), W)
-    live_BxWxN = jnp.take_along_axis(seqs_Bx2WxN, keep_BxW[:, :, None], axis=1)
-    parent_BxW = jnp.take_along_axis(parent_Bx2W, keep_BxW, axis=1)
-    new_score_Bx2W = jnp.where(eos_Bx2W, lp_Bx2W / length_penalty_factor(t + 1, alpha), _NEG)
-    fin_score_BxW, best_BxW = jax.lax.top_k(jnp.concatenate([fin_score_BxW, new_score_Bx2W], axis=1), W)
-    fin_BxWxN = jnp.take_along_axis(jnp.concatenate([fin_BxWxN, seqs_Bx2WxN], axis=1), best_BxW[:, :, None], axis=1)
-    rows_R = (jnp.arange(B)[:, None] * W + parent_BxW).reshape(R)
-    return (live_BxWxN, live_lp_BxW, fin_BxWxN, fin_score_BxW), rows_R
-
-  seqs_BxWxN = jnp.full((B, W, max_new), pad_id, jnp.int32)
-  first_lp_BxW = jnp.broadcast_to(jnp.where(jnp.arange(W) == 0, 0.0, _NEG), (B, W))
-  beams, rows_R = beam_step(logits_RxV, 0, (seqs_BxWxN, first_lp_BxW, seqs_BxWxN, jnp.full((B, W), _NEG)))
-  cache = jax.tree.map(lambda x: jnp.take(x, rows_R, axis=batch_axis), cache)
-
-  def beam_body(c):
-    t, beams, cache = c
-    logits_RxV, cache = decode_step(t, beams[0][:, :, t - 1].reshape(R), cache)
-    beams, rows_R = beam_step(logits_RxV, t, beams)
-    return t + 1, beams, jax.tree.map(lambda x: jnp.take(x, rows_R, axis=batch_axis), cache)
-
-  def beam_cont(c):
-    """Stops early once no live beam can still beat the worst finished one: log-probs only fall, so the best a
-    live beam can reach is its log-prob now over the largest length penalty left."""
-    t, (_, live_lp_BxW, _, fin_score_BxW), _ = c
-    best_live_B = live_lp_BxW[:, 0] / jnp.maximum(length_penalty_factor(t, alpha),
-                                                  length_penalty_factor(max_new, alpha))
-    return (t < max_new) & ~jnp.all(best_live_B < fin_score_BxW[:, -1])
-
-  t, (live_BxWxN, live_lp_BxW, fin_BxWxN, fin_score_BxW), _ = run_stages((jnp.int32(1), beams, cache), beam_cont,
-                                                                          beam_body)
-  # Beams still live at the end compete with the finished ones under the same length penalty.
-  live_score_BxW = live_lp_BxW / length_penalty_factor(t, alpha)
-  score_BxW, best_BxW = jax.lax.top_k(jnp.concatenate([fin_score_BxW, live_score_BxW], axis=1), W)
-  out_BxWxN = jnp.take_along_axis(jnp.concatenate([fin_BxWxN, live_BxWxN], axis=1), best_BxW[:, :, None], axis=1)
-  return out_BxWxN.reshape(R, max_new), score_BxW.reshape(R)
+  return beam.search(logits_RxV, cache, decode_step, run_stages, beam_size=st.beam_size, eos_id=st.eos_id,
+                     pad_id=pad_id, max_new=max_new, alpha=alpha, batch_axis=1 if cfg.scan_layers else 0)
 
 
 @functools.lru_cache(maxsize=32)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lmjax import model as model_lib
-from lmjax import sample, tokenizers
+from lmjax import beam, sample, tokenizers
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -219,7 +219,7 @@ def _brute_force_best(cfg, params, prompt, n, eos, alpha):
       seq = seq[:seq.index(eos) + 1]
     lp = sum(float(jax.nn.log_softmax(last_logits(params, list(prompt) + list(seq[:i])))[seq[i]])
              for i in range(len(seq)))
-    score = lp / sample.length_penalty_factor(len(seq), alpha)
+    score = lp / beam.length_penalty_factor(len(seq), alpha)
     best = max(best, (score, list(seq)))
   return best[1]
 
