@@ -141,12 +141,15 @@ class Checkpointer:
       msg = e.args[0] if isinstance(e, KeyError) and e.args else e
       raise CheckpointError(f"Restoring step {step} from {self.directory} failed: {msg}") from e
 
-  def _check_tree(self, step: int, abstract_state) -> None:
+  def _check_tree(self, step: int, abstract_state, partial: bool = False) -> None:
     """Compares abstract_state against the stored array metadata (cheap: no
-    array data is read) so mismatches give a readable error, not an Orbax crash."""
+    array data is read) so mismatches give a readable error, not an Orbax crash.
+    `partial`: abstract_state is a dict of some top-level entries; only those are compared."""
     stored = self._mngr.item_metadata(step)["state"]
     stored = _flat(getattr(stored, "tree", stored))  # TreeMetadata wraps the tree
     wanted = _flat(abstract_state)
+    if partial:
+      stored = {p: v for p, v in stored.items() if p.split("/")[0] in abstract_state}
     problems = []
     for p in sorted(set(stored) - set(wanted)):
       problems.append(f"  {p}: in checkpoint, not in abstract_state")
@@ -175,6 +178,23 @@ class Checkpointer:
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     return self._restore_items(step, **items)["state"]
+
+  def restore_params(self, step: int | None, abstract_state):
+    """Restores only `step` and `params` of the state saved at `step` (latest if None), onto the shardings in
+    `abstract_state`; opt_state comes back as None. Sampling and evaluation need no optimizer moments, which
+    for AdamW are twice the parameters' memory. Returns the (partial) state."""
+    step = self._resolve(step)
+    want = {"step": abstract_state.step, "params": abstract_state.params}
+    self._check_tree(step, want, partial=True)
+    path = os.path.join(self.directory, str(step), "state")
+    args = ocp.args.PyTreeRestore(item=want, restore_args=ocp.checkpoint_utils.construct_restore_args(want),
+                                  partial_restore=True)
+    try:
+      with ocp.PyTreeCheckpointer() as reader:
+        got = reader.restore(path, args=args)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+      raise CheckpointError(f"Restoring the parameters of step {step} from {self.directory} failed: {e}") from e
+    return abstract_state.replace(step=got["step"], params=got["params"], opt_state=None)
 
   def wait(self) -> None:
     """Blocks until pending async saves are written (and re-raises their errors)."""

@@ -410,7 +410,7 @@ def run(args, overrides):
   """`lmjax sample`: loads the workdir's latest checkpoint and prints the samples (flags override config.sample)."""
   import time  # pylint: disable=import-outside-toplevel
   from lmjax import train  # pylint: disable=import-outside-toplevel  -- keeps `import lmjax.sample` light
-  config, tokenizer, task, state = train.load_run(args.workdir, overrides)
+  config, tokenizer, task, state = train.load_run(args.workdir, overrides, params_only=True)
   s, cfg = config.sample, task.model_cfg
   pick = lambda flag, key, default: flag if flag is not None else s.get(key, default)
   if args.prompt_file:

@@ -340,9 +340,10 @@ def train(config, workdir: str) -> dict:
 # ------------------------------------------------------------------------------------------ using a trained run
 
 
-def load_run(workdir: str, overrides=(), mesh=None, step=None):
+def load_run(workdir: str, overrides=(), mesh=None, step=None, params_only=False):
   """(config, tokenizer, Task, state) of a trained workdir's checkpoint (latest unless `step`), restored onto
-  `mesh` (default: the config's mesh over this process's devices) whatever mesh it was saved from."""
+  `mesh` (default: the config's mesh over this process's devices) whatever mesh it was saved from.
+  `params_only`: state.opt_state is None and the optimizer moments are never read (sampling, evaluation)."""
   config = config_lib.load_saved(workdir, overrides)
   tokenizer = tokenizers.load(workdir)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
@@ -351,7 +352,7 @@ def load_run(workdir: str, overrides=(), mesh=None, step=None):
       raise checkpoint.CheckpointError(f'{workdir}/checkpoints holds no checkpoint yet; train first')
     check_compatible(ckpt.read_meta(step), config, tokenizer.spec(), workdir)
     task = Task(config, mesh)
-    state = ckpt.restore(step, task.abstract_state)
+    state = (ckpt.restore_params if params_only else ckpt.restore)(step, task.abstract_state)
   finally:
     ckpt.close()
   return config, tokenizer, task, state
@@ -359,6 +360,6 @@ def load_run(workdir: str, overrides=(), mesh=None, step=None):
 
 def evaluate_run(workdir: str, overrides=()) -> dict:
   """`lmjax eval`: loss and perplexity of a workdir's latest checkpoint over the whole eval split."""
-  config, tokenizer, task, state = load_run(workdir, overrides)
+  config, tokenizer, task, state = load_run(workdir, overrides, params_only=True)
   data = data_lib.make_data(config, tokenizer)
   return {'step': int(state.step), **task.evaluate(state.params, data.eval_batches, data.eval_bytes_per_token)}

@@ -146,6 +146,28 @@ def test_mismatched_tree_raises_naming_leaves(tmp_path):
       ckpt.restore(5, wrong_dtype)
 
 
+def test_restore_params_reads_step_and_params_only_onto_new_shardings(tmp_path):
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 (CPU) devices")
+  state = make_state()
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(5, state)
+    ckpt.wait()
+  sharding = NamedSharding(Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "tp")), P(None, "tp"))
+  abstract = abstract_of(state).replace(params={"dense": {
+      "kernel": jax.ShapeDtypeStruct((4, 8), jnp.float32, sharding=sharding),
+      "bias": jax.ShapeDtypeStruct((8,), jnp.bfloat16, sharding=SingleDeviceSharding(jax.devices()[3]))}})
+  with Checkpointer(tmp_path) as ckpt:  # a new process's view: nothing saved by this object
+    out = ckpt.restore_params(None, abstract)
+    assert out.opt_state is None and int(out.step) == 7
+    assert_trees_equal(out.params, state.params)
+    assert out.params["dense"]["kernel"].sharding == sharding
+    bad = abstract.replace(params={"dense": {**abstract.params["dense"],
+                                             "kernel": jax.ShapeDtypeStruct((4, 16), jnp.float32)}})
+    with pytest.raises(CheckpointError, match=r"params/dense/kernel.*\[4, 8\].*\[4, 16\]"):
+      ckpt.restore_params(5, bad)
+
+
 def test_missing_step_lists_available(tmp_path):
   with Checkpointer(tmp_path) as ckpt:
     with pytest.raises(CheckpointError, match=r"available steps: none"):
