@@ -33,6 +33,13 @@ import numpy as np
 from lmjax import sources, tokenizers
 
 ROWS = ('windows', 'packed')
+# The arrays of a training batch for each kind of row, with their dtypes: known before any batch is read, so the
+# train step can compile while a resumed iterator is still being restored.
+TRAIN_KEYS = {
+    'windows': {'inputs': np.int32, 'targets': np.int32},
+    'packed': {'inputs': np.int32, 'targets': np.int32, 'segment_ids': np.int32, 'positions': np.int32,
+               'weights': np.float32},
+}
 
 
 @dataclasses.dataclass
@@ -41,6 +48,7 @@ class Data:
   train_iter: Iterator[dict]  # a grain DatasetIterator: get_state()/set_state() make it resumable
   eval_batches: list  # fixed list of local eval batches (padded rows weighted 0)
   eval_bytes_per_token: float  # UTF-8 bytes of the eval text per weighted eval target: nats/token -> bits/byte
+  train_keys: dict  # TRAIN_KEYS of these rows: {name: dtype} of every array in a training batch
 
 
 def make_data(config, tokenizer=None, *, workdir=None, process_index=None, process_count=None) -> Data:
@@ -62,7 +70,8 @@ def make_data(config, tokenizer=None, *, workdir=None, process_index=None, proce
       raise sources.DataError(f'the train split has {len(train_ids)} tokens, fewer than one row of max_len + 1 = {L + 1}')
     return Data(tokenizer, train_iterator(train_ids, L, tc.batch_size, config.seed, dc.window_stride, pi, pc),
                 eval_rows_batches(eval_ids, L, tc.eval_batch_size, tc.eval_max_batches, pi, pc),
-                eval_bytes_per_token=len(eval_text.encode('utf-8')) / max(len(eval_ids), 1))
+                eval_bytes_per_token=len(eval_text.encode('utf-8')) / max(len(eval_ids), 1),
+                train_keys=TRAIN_KEYS['windows'])
   # The tokenizer trains on documents in a fixed shuffled order, so a capped sample (spm_train_chars) is unbiased.
   sample = lambda: (train_docs[int(i)] for i in grain.MapDataset.range(len(train_docs)).shuffle(seed=0))
   tokenizer = _tokenizer(dc, tokenizer, sample, workdir)
@@ -70,7 +79,7 @@ def make_data(config, tokenizer=None, *, workdir=None, process_index=None, proce
   rows = packed_rows(train_docs, encode, L, config.seed, pi, pc, read_threads=dc.read_threads)
   train_it = iter(rows.batch(_local_batch(tc.batch_size, pc), drop_remainder=True))
   batches, bytes_per_token = packed_eval_batches(eval_docs, encode, L, tc.eval_batch_size, tc.eval_max_batches, pi, pc)
-  return Data(tokenizer, train_it, batches, bytes_per_token)
+  return Data(tokenizer, train_it, batches, bytes_per_token, TRAIN_KEYS['packed'])
 
 
 def _join(docs) -> str:

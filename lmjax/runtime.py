@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
+import time
 
 import jax
 
@@ -65,4 +67,41 @@ def decode_compiler_options() -> dict:
   if jax.default_backend() == 'cpu':
     return {'xla_cpu_experimental_ynn_fusion_type': ''}
   return {}
+
+
+def in_background(fn, *args):
+  """Starts fn(*args) on a daemon thread; returns a function that waits for it and returns its result (or raises
+  its exception). XLA compiles without holding the GIL, so a compilation started here overlaps with Python and
+  device work on the main thread. Daemon: a run that fails before collecting the result exits at once."""
+  out = {}
+
+  def target():
+    try:
+      out['result'] = fn(*args)
+    except BaseException as e:  # pylint: disable=broad-except  -- re-raised on the caller's thread
+      out['error'] = e
+
+  thread = threading.Thread(target=target, daemon=True)
+  thread.start()
+
+  def result():
+    thread.join()
+    if 'error' in out:
+      raise out['error']
+    return out['result']
+  return result
+
+
+def seconds_since_process_start() -> float:
+  """Wall seconds since this process started (Linux: /proc/self/stat; elsewhere: since this module was
+  imported), so start-up figures include the interpreter and the imports, as a user timing the command sees."""
+  try:
+    with open('/proc/self/stat') as f:
+      start_ticks = int(f.read().rsplit(')', 1)[1].split()[19])
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf('SC_CLK_TCK')
+  except (OSError, ValueError, IndexError, AttributeError):
+    return time.perf_counter() - _IMPORTED_AT
+
+
+_IMPORTED_AT = time.perf_counter()
 

@@ -249,9 +249,12 @@ def _next_batches(it, K):
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
   runtime.enable_compilation_cache(config.train.compilation_cache_dir)
-  t_start = time.perf_counter()
   data = prepare_data(config, workdir)
   task = Task(config)
+  # The train step compiles on a second thread while the state is restored or initialised and the first batch
+  # loads (the CPU recipe's start to first step: ~2 s sooner on 2 cores).
+  compiled = runtime.in_background(task.compile_train, {
+      k: jax.ShapeDtypeStruct(task.train_batch_shape, dtype) for k, dtype in data.train_keys.items()})
   tc, K = config.train, task.steps_per_call
   primary = jax.process_index() == 0
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=tc.keep_checkpoints,
@@ -269,9 +272,10 @@ def train(config, workdir: str) -> dict:
   log.echo(f'lmjax: {task.n_params:,} params | mesh {dict(task.mesh.shape)} | {task.mesh.size} x '
            f'{jax.devices()[0].device_kind} | {"resuming at step " + str(step) if step else "fresh start"} | {workdir}')
   batch = parallel.put_batch(_next_batches(data.train_iter, K), task.batch_sharding)
-  train_exec, compile_s = task.compile_train(batch)
+  train_exec, compile_s = compiled()
   peak = metrics_lib.peak_flops_per_device(tc.peak_flops) * task.mesh.size
-  log.echo(f'compiled train step in {compile_s:.2f}s; first step {time.perf_counter() - t_start:.1f}s after start')
+  log.echo(f'compiled train step in {compile_s:.2f}s; first step {runtime.seconds_since_process_start():.1f}s '
+           'after the command started')
 
   preempt = _Preemption()
   window = [time.perf_counter(), 0]  # start time, steps: the tokens/s window between two metric reads

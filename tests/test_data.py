@@ -93,6 +93,7 @@ def test_packed_batches_from_mocked_lm1b(mock_lm1b):
   assert set(b) == {'inputs', 'targets', 'segment_ids', 'positions', 'weights'}
   assert all(b[k].shape == (4, 32) and b[k].dtype == np.int32 for k in ('inputs', 'targets', 'segment_ids', 'positions'))
   assert b['weights'].dtype == np.float32
+  assert {k: v.dtype for k, v in b.items()} == d.train_keys  # what the train step compiles for before any read
   eval_targets = sum(e['weights'].sum() for e in d.eval_batches)
   docs = sources.documents(mock_lm1b.data, 'test')
   n_bytes = sum(len(docs[i].encode()) for i in range(len(docs)))
@@ -143,6 +144,7 @@ def test_windows_rows_are_the_char_recipe(shakespeare_dirs):
   d = data.make_data(c, process_index=0, process_count=1)
   b = next(d.train_iter)
   assert set(b) == {'inputs', 'targets'} and b['inputs'].shape == (4, 32)
+  assert {k: v.dtype for k, v in b.items()} == d.train_keys
   np.testing.assert_array_equal(b['inputs'][:, 1:], b['targets'][:, :-1])
   assert d.eval_bytes_per_token == 1.0  # Tiny Shakespeare is ASCII: one byte per character
 
