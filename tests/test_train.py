@@ -81,6 +81,16 @@ def test_resumed_run_equals_the_uninterrupted_run_bitwise(tmp_path, shakespeare_
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_steps_per_call_runs_the_same_steps(tmp_path, shakespeare_dirs, trained):
+  # 10 steps inside one jitted call (lax.scan over 10 batches) are the same 60 optimizer steps on the same data.
+  _train(tmp_path / 'k10', shakespeare_dirs, 'train.steps_per_call=10')
+  loss = lambda d: [(r['step'], r['train_loss']) for r in _rows(d) if 'train_loss' in r]
+  val = lambda d: [(r['step'], r['val_loss']) for r in _rows(d) if 'val_loss' in r]
+  for got, want in ((loss(tmp_path / 'k10'), loss(trained)), (val(tmp_path / 'k10'), val(trained))):
+    assert [s for s, _ in got] == [s for s, _ in want]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-5)
+
+
 def test_a_checkpoint_of_another_model_is_a_clear_error_and_the_workdir_is_untouched(trained, shakespeare_dirs):
   before = {f: open(os.path.join(trained, f)).read() for f in ('config.json', 'tokenizer.json', 'metrics.jsonl')}
   with pytest.raises(config_lib.ConfigError, match=r'model\.d_model: checkpoint 32 vs run 64'):
