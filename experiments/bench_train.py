@@ -9,7 +9,8 @@ What:  lmjax's real train step (`lmjax.bench.Runner`: Task.train_fn, AdamW, clip
        noisy shared host slows all alike; medians over all windows. nanoGPT ran ~1.23x HF GPT-2 on this recipe.
        --peer=nanogpt|both adds a GPT written here the way nanoGPT's model.py builds it (nn.Linear projections, fused
        qkv, F.scaled_dot_product_attention(is_causal=True), exact GELU, tied head, AdamW decaying 2-D weights only,
-       eager mode as its CPU recipe's --compile=False): a same-day stand-in for nanoGPT, whose own script is not here.
+       eager, or torch.compile'd with --peer_compile as nanoGPT's train.py does by default): a same-day stand-in for
+       nanoGPT, whose own script is not here.
 """
 from __future__ import annotations
 
@@ -41,9 +42,12 @@ class TorchPeer:
     self.batch = torch.randint(0, hf.vocab_size, (t.batch_size, m.max_len))
     self.targets = torch.roll(self.batch, -1, dims=-1)
 
+  def logits(self):
+    return self.model(self.batch).logits
+
   def step(self):
     torch = self.torch
-    logits = self.model(self.batch).logits
+    logits = self.logits()
     loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), self.targets.view(-1))
     loss.backward()
     if self.clip:
@@ -62,7 +66,7 @@ class TorchPeer:
 
 
 class NanoGPTPeer(TorchPeer):
-  """nanoGPT's architecture and training step in plain torch (this file's own code, not nanoGPT's)."""
+  """nanoGPT's architecture in plain torch (this file's own code, not nanoGPT's); the step is TorchPeer's."""
 
   def __init__(self, config, threads):  # pylint: disable=super-init-not-called
     import torch
@@ -112,15 +116,8 @@ class NanoGPTPeer(TorchPeer):
     self.batch = torch.randint(0, V, (t.batch_size, L))
     self.targets = torch.roll(self.batch, -1, dims=-1)
 
-  def step(self):
-    logits = self.model(self.batch)
-    loss = self.torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), self.targets.view(-1))
-    loss.backward()
-    if self.clip:
-      self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-    self.opt.step()
-    self.opt.zero_grad(set_to_none=True)
-    return loss.item()
+  def logits(self):
+    return self.model(self.batch)
 
 
 def main(argv=None):
@@ -137,6 +134,7 @@ def main(argv=None):
                  help='torch peers timed beside lmjax: HF GPT2LMHeadModel and/or the nanoGPT-architecture GPT')
   p.add_argument('--peer_threads', type=int, default=os.cpu_count(),
                  help="torch threads; on a host other jobs share, 2 OpenMP threads can stall on each other")
+  p.add_argument('--peer_compile', action='store_true', help="torch.compile the nanoGPT-architecture peer's model")
   p.add_argument('--label', default='', help='free text stored with the record (what this run tries)')
   args = p.parse_args(rest)
   runtime.tune_host_allocator()
@@ -149,6 +147,11 @@ def main(argv=None):
       peers['hf'] = TorchPeer(config, args.peer_threads)
     if args.peer in ('nanogpt', 'both'):
       peers['nanogpt'] = NanoGPTPeer(config, args.peer_threads)
+      if args.peer_compile:
+        t0 = time.perf_counter()
+        peers['nanogpt'].model = peers['nanogpt'].torch.compile(peers['nanogpt'].model)
+        peers['nanogpt'].time(1)
+        print(f'torch.compile of the nanoGPT-architecture peer: {time.perf_counter() - t0:.1f} s')
   K = runner.task.steps_per_call
   runner.time(2)
   for peer in peers.values():
@@ -161,9 +164,10 @@ def main(argv=None):
   r = runner.result(ours)
   bench.print_result(r)
   extra = {'overrides': overrides, 'label': args.label, 'rounds': args.rounds, 'steps_per_window': args.steps,
-           'peer_threads': args.peer_threads}
+           'peer_threads': args.peer_threads, 'peer_compile': args.peer_compile}
   B, L = config.train.batch_size, config.model.max_len
-  titles = {'hf': 'HF GPT2LMHeadModel', 'nanogpt': 'nanoGPT-architecture GPT'}
+  titles = {'hf': 'HF GPT2LMHeadModel',
+            'nanogpt': 'nanoGPT-architecture GPT' + (' (torch.compile)' if args.peer_compile else ' (eager)')}
   for name, peer in peers.items():
     peer_s = statistics.median(theirs[name])
     extra.update({f'{name}_ms_per_step': round(1e3 * peer_s, 3), f'{name}_tokens_per_s': round(B * L / peer_s, 1),
