@@ -60,7 +60,7 @@ def decode_compiler_options() -> dict:
   """XLA options for token-by-token decoding programs (the sampler's while loop).
 
   On CPU, XLA hands small dots and their neighbours to YNNPACK as "ynn fusions"; a decode step is a few dozen such
-  tiny kernels, and outside them it runs 1.3-1.6x faster (experiments/bench_sample.py, batch 4: medians ~4,200 ->
+  tiny kernels, and outside them it runs 1.3-1.6x faster (experiments/bench_sample.py, batch 4: medians ~4,600 ->
   ~6,300 tokens/s over several processes). Training steps measured no gain, so only the sampler asks for this.
   Other backends get no options.
   """
