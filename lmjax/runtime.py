@@ -9,6 +9,7 @@ import time
 import jax
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_IMPORTED_AT = time.perf_counter()  # seconds_since_process_start's fallback origin
 
 
 def tune_host_allocator():
@@ -101,7 +102,3 @@ def seconds_since_process_start() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf('SC_CLK_TCK')
   except (OSError, ValueError, IndexError, AttributeError):
     return time.perf_counter() - _IMPORTED_AT
-
-
-_IMPORTED_AT = time.perf_counter()
-
