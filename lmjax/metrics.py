@@ -40,6 +40,23 @@ def peak_flops_per_device(override: float = 0.0) -> float:
   return math.nan  # unknown device: MFU is reported as NaN rather than made up
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch. tensorboardX.writer imports torch at module level
+  whenever it is installed, only to accept torch tensors; that import took 1.5-3 s of `lmjax train`'s start-up here,
+  and lmjax logs Python floats. A None entry in sys.modules makes `import torch` raise ImportError, which
+  tensorboardX handles; the entry is removed at once, so torch stays importable. A process that already imported
+  torch keeps it."""
+  if 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    return SummaryWriter
+  sys.modules['torch'] = None
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
 class Logger:
   """Writes one metrics dict per call to metrics.jsonl and TensorBoard, and prints a line for humans."""
 
@@ -50,8 +67,7 @@ class Logger:
     if not enabled:
       return
     self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-    from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._tb = _summary_writer_class()(os.path.join(workdir, 'tensorboard'))
     if progress_bar and progress_total and sys.stderr.isatty():
       from tqdm import tqdm
       self._bar = tqdm(total=progress_total, initial=progress_start, unit='step', dynamic_ncols=True, leave=False)
