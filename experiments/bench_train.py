@@ -25,22 +25,28 @@ from lmjax import bench, config as config_lib, runtime
 
 
 class TorchPeer:
+  """HF GPT2LMHeadModel; subclasses replace `build` (model and optimizer) and `logits`, and share the step."""
+
   def __init__(self, config, threads):
     import torch
-    import transformers
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     m, t, o = config.model, config.train, config.optimizer
-    hf = transformers.GPT2Config(vocab_size=m.vocab_size or bench.CHAR_VOCAB, n_positions=m.max_len, n_embd=m.d_model,
+    vocab = m.vocab_size or bench.CHAR_VOCAB
+    self.torch, self.clip = torch, o.grad_clip
+    self.model, self.opt = self.build(torch, m, o, vocab)
+    self.batch = torch.randint(0, vocab, (t.batch_size, m.max_len))
+    self.targets = torch.roll(self.batch, -1, dims=-1)
+
+  def build(self, torch, m, o, vocab):
+    import transformers
+    hf = transformers.GPT2Config(vocab_size=vocab, n_positions=m.max_len, n_embd=m.d_model,
                                  n_layer=m.n_layers, n_head=m.n_heads, n_inner=m.d_ff or None,
                                  activation_function='gelu', resid_pdrop=m.dropout, embd_pdrop=m.dropout,
                                  attn_pdrop=m.dropout, layer_norm_epsilon=m.norm_eps)
-    self.torch, self.clip = torch, o.grad_clip
-    self.model = transformers.GPT2LMHeadModel(hf).train()
-    self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
-                                 weight_decay=o.weight_decay)
-    self.batch = torch.randint(0, hf.vocab_size, (t.batch_size, m.max_len))
-    self.targets = torch.roll(self.batch, -1, dims=-1)
+    model = transformers.GPT2LMHeadModel(hf).train()
+    return model, torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
+                                    weight_decay=o.weight_decay)
 
   def logits(self):
     return self.model(self.batch).logits
@@ -68,14 +74,10 @@ class TorchPeer:
 class NanoGPTPeer(TorchPeer):
   """nanoGPT's architecture in plain torch (this file's own code, not nanoGPT's); the step is TorchPeer's."""
 
-  def __init__(self, config, threads):  # pylint: disable=super-init-not-called
-    import torch
+  def build(self, torch, m, o, vocab):
     from torch import nn
     F = torch.nn.functional
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    m, t, o = config.model, config.train, config.optimizer
-    V, D, H, L, p = m.vocab_size or bench.CHAR_VOCAB, m.d_model, m.n_heads, m.max_len, m.dropout
+    V, D, H, L, p = vocab, m.d_model, m.n_heads, m.max_len, m.dropout
 
     class Block(nn.Module):
       def __init__(self):
@@ -107,14 +109,11 @@ class NanoGPTPeer(TorchPeer):
           x = block(x)
         return self.head(self.ln_f(x))
 
-    self.torch, self.clip = torch, o.grad_clip
-    self.model = GPT().train()
-    params = [q for q in self.model.parameters() if q.requires_grad]
+    model = GPT().train()
+    params = [q for q in model.parameters() if q.requires_grad]
     groups = [{'params': [q for q in params if q.dim() >= 2], 'weight_decay': o.weight_decay},
               {'params': [q for q in params if q.dim() < 2], 'weight_decay': 0.0}]
-    self.opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
-    self.batch = torch.randint(0, V, (t.batch_size, L))
-    self.targets = torch.roll(self.batch, -1, dims=-1)
+    return model, torch.optim.AdamW(groups, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
 
   def logits(self):
     return self.model(self.batch)
