@@ -57,6 +57,32 @@ def _summary_writer_class():
   return SummaryWriter
 
 
+class StepTimer:
+  """Seconds per step between two metric reads of a loop that queues the next call before reading the last one.
+
+  `read(done)` takes the number of steps known finished at this read -- the step whose metrics were read, plus any
+  calls queued after it that have finished too (where dispatch is synchronous, all of them have). Counting those
+  keeps a window from holding their run time while another window gets their steps. A read that finds no new
+  finished step returns None: the caller keeps its previous figure instead of dividing a sliver of time by zero.
+  """
+
+  def __init__(self, step: int, clock=time.perf_counter):
+    self._clock = clock
+    self.restart(step)
+
+  def restart(self, step: int):
+    """Opens a new window at `step`, all of whose steps are finished (after an eval or a save, say)."""
+    self._t, self._done = self._clock(), step
+
+  def read(self, done: int) -> float | None:
+    now = self._clock()
+    if done <= self._done:
+      return None
+    per_step = (now - self._t) / (done - self._done)
+    self._t, self._done = now, done
+    return per_step
+
+
 class Logger:
   """Writes one metrics dict per call to metrics.jsonl and TensorBoard, and prints a line for humans."""
 

@@ -6,6 +6,7 @@ shardings and compiled steps from a config) -> train() (the loop; all I/O lives 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import signal
 import time
@@ -278,23 +279,25 @@ def train(config, workdir: str) -> dict:
            'after the command started')
 
   preempt = _Preemption()
-  window = [time.perf_counter(), 0]  # start time, steps: the tokens/s window between two metric reads
+  timer = metrics_lib.StepTimer(step)
   pending, log_due, last = [], None, {}  # metrics stay on device until a log point
+  speed = {}  # the last window's tokens/s, MFU and ms/step
 
   def read_metrics(at_step):
     nonlocal last
     stats = jax.device_get([m for s, m in pending if s <= at_step])  # the one host-device sync of a log window
-    pending[:] = [(s, m) for s, m in pending if s > at_step]  # calls still running: they open the next window
-    elapsed, n_steps = time.perf_counter() - window[0], window[1] - K * len(pending)
-    tps = n_steps * tc.batch_size * task.model_cfg.max_len / elapsed
+    pending[:] = [(s, m) for s, m in pending if s > at_step]  # calls queued after it: they may still be running
+    finished = itertools.takewhile(lambda sm: all(x.is_ready() for x in jax.tree.leaves(sm[1])), pending)
+    per_step = timer.read(max([at_step] + [s for s, _ in finished]))
+    if per_step is not None:
+      tps = tc.batch_size * task.model_cfg.max_len / per_step
+      speed.update(tokens_per_sec=tps, mfu=tps * task.flops_per_token / peak, ms_per_step=1000 * per_step)
     last = {'train_loss': float(stats[-1]['train_loss'][-1]), 'lr': float(task.lr_schedule(at_step - 1)),
-            'grad_norm': float(stats[-1]['grad_norm'][-1]), 'tokens_per_sec': tps,
-            'mfu': tps * task.flops_per_token / peak, 'ms_per_step': 1000 * elapsed / n_steps}
+            'grad_norm': float(stats[-1]['grad_norm'][-1]), **speed}
     if not np.isfinite(last['train_loss']):
       raise FloatingPointError(f'train loss is {last["train_loss"]} at step {at_step}; lower optimizer.lr or check '
                                'the data. The checkpoints already saved are kept.')
     log.write(at_step, last)
-    window[:] = [time.perf_counter(), K * len(pending)]
 
   try:
     with parallel.activate(task.mesh):
@@ -304,7 +307,6 @@ def train(config, workdir: str) -> dict:
         state, m = train_exec(state, batch, task.dropout_rng)
         batch = None
         step += K
-        window[1] += K
         log.advance(K)
         pending.append((step, m))
         if log_due is not None:  # the previous call's metrics, read while this call runs
@@ -321,7 +323,7 @@ def train(config, workdir: str) -> dict:
               last.update(ev)
             if save_due:
               ckpt.save(step, state, data_iter=data.train_iter, meta=meta, force=True)
-            window[:] = [time.perf_counter(), 0]
+            timer.restart(step)
           else:
             log_due = step
         if preempt.requested:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_overrides
 
-from lmjax import cli, config as config_lib, train
+from lmjax import cli, config as config_lib, metrics, train
 
 ONE_DEVICE = ['mesh.data=1']  # deterministic layout for bitwise comparisons; sharded runs: tests/test_parallel.py
 
@@ -54,6 +54,23 @@ def test_loss_falls_and_metrics_are_written(trained):
   assert os.listdir(os.path.join(trained, 'tensorboard'))
   saved = json.load(open(os.path.join(trained, 'config.json')))
   assert saved['model']['vocab_size'] == 65 and saved['train']['steps'] == 60
+
+
+def test_step_timer_gives_each_window_the_time_of_its_own_steps():
+  """The loop reads step N's metrics after queueing N+1. Where dispatch is synchronous, N+1 has already run by
+  then; its time must not be charged to N's window while its steps land in the next (a logged 23M tokens/s)."""
+  now = [0.0]
+  timer = metrics.StepTimer(0, clock=lambda: now[0])
+  now[0] = 2.0  # steps 1-20 ran; the read of step 10 finds step 20's call finished too
+  assert timer.read(20) == pytest.approx(0.1)
+  now[0] = 2.001  # the read of step 20 right after: nothing new finished, no figure rather than 10k steps/s
+  assert timer.read(20) is None
+  now[0] = 3.0  # asynchronous dispatch: step 30 read while 40 still runs; the window still opened at 2.0
+  assert timer.read(30) == pytest.approx(0.1)
+  now[0] = 10.0
+  timer.restart(30)  # an eval ran: its time belongs to no window
+  now[0] = 11.0
+  assert timer.read(40) == pytest.approx(0.1)
 
 
 def test_checkpoints_are_kept_at_the_configured_steps(trained):
