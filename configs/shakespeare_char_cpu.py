@@ -20,6 +20,7 @@ def get_config():
   c.train.eval_every = 250
   c.train.log_every = 50
   c.train.checkpoint_every = 500
+  c.train.compilation_cache_dir = '~/.cache/lmjax'  # a rerun or resume starts in ~3 s instead of ~10 s
   c.train.steps_per_call = 10  # 10 steps per jitted call (lax.scan): per-call overhead paid once (~10% on CPU)
   c.optimizer.lr, c.optimizer.min_lr = 1e-3, 1e-4
   c.optimizer.warmup_steps = 100

@@ -102,6 +102,7 @@ class Runner:
     return {
         'n_params': self.task.n_params, 'batch': B, 'length': L, 'steps_per_call': K,
         'init_s': round(self.init_s, 3), 'compile_s': round(self.compile_s, 3),
+        'compile_origin': self.task.executables.origin['train_step'],
         'start_to_first_step_s': round(self.first_step_s, 3),
         'ms_per_step': round(1e3 * step_s, 3), 'tokens_per_s': round(tokens_per_s, 1),
         'model_tflops': round(model_flops / 1e12, 5),
@@ -131,7 +132,7 @@ def record_line(config_name: str, config, result: dict, **extra) -> dict:
 
 def print_result(r: dict, label: str = 'lmjax'):
   print(f'{label}: {r["n_params"]:,} params | batch {r["batch"]} x {r["length"]} | steps/call {r["steps_per_call"]}')
-  print(f'  compile {r["compile_s"]:.2f} s | start to first step {r["start_to_first_step_s"]:.2f} s')
+  print(f'  compile {r["compile_s"]:.2f} s ({r["compile_origin"]}) | start to first step {r["start_to_first_step_s"]:.2f} s')
   print(f'  {r["ms_per_step"]:.2f} ms/step (median) | {r["tokens_per_s"]:,.0f} tokens/s | '
         f'{1e3 * r["model_tflops"]:.2f} model GFLOP/s')
   print(f'  MFU {100 * r["mfu_measured_peak"]:.1f}% of measured f32 matmul peak {r["matmul_gflops"]:.1f} GFLOP/s | '

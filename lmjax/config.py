@@ -77,7 +77,10 @@ def default_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.peak_flops = 0.0  # per device, for MFU; 0 = look the device up in lmjax/metrics.py PEAK_FLOPS
   t.progress_bar = True  # shown only when stdout is a terminal
-  t.compilation_cache_dir = ''  # '' = off; a directory makes repeated and resumed runs skip compilation
+  # '' = off. A directory holds JAX's persistent compilation cache and lmjax's own cache of the train-step and init
+  # executables (keyed on lmjax's source and the config: runtime.ExecutableCache), so a repeated or resumed run
+  # neither traces nor compiles them.
+  t.compilation_cache_dir = ''
   t.steps_per_call = 1  # optimizer steps per jitted call (lax.scan over K batches): less per-call overhead
 
   c.optimizer = o = ml_collections.ConfigDict()

@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import importlib.metadata
+import json
 import os
+import pickle
+import sys
 import threading
 import time
 
 import jax
+from jax.experimental import serialize_executable
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _IMPORTED_AT = time.perf_counter()  # seconds_since_process_start's fallback origin
@@ -48,13 +54,98 @@ def enable_compilation_cache(cache_dir: str):
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
-def run_once(jitted, *args):
+class ExecutableCache:
+  """Compiled programs on disk, keyed by what decides them, so a repeated run neither traces nor compiles them.
+
+  JAX's persistent cache (above) skips XLA's compile but must still trace and lower the Python function to find
+  its key: ~1.2 s of the CPU recipe's warm start. This cache keys on the inputs of tracing instead: lmjax's
+  source, the library versions, JAX's flags and XLA's environment, the run's resolved config, the devices, and
+  the arguments' shapes, dtypes and shardings. A change to any of them is a miss. Misses, unreadable entries and
+  multi-process runs (whose processes compile together) compile as usual, and JAX's cache still applies.
+  `origin[name]` says which of the three supplied each program.
+  """
+
+  def __init__(self, cache_dir: str, config_dict: dict):
+    self.dir = os.path.join(os.path.expanduser(cache_dir), 'lmjax_executables') if cache_dir else ''
+    self.enabled = bool(self.dir) and jax.process_count() == 1
+    self._config = json.dumps(config_dict, sort_keys=True, default=str)
+    self.origin = {}  # name -> 'lmjax cache' | "JAX's cache" | 'compiled': where each executable came from
+
+  def compile(self, name: str, jitted, args: tuple, compiler_options: dict | None = None):
+    """jitted.lower(*args).compile(compiler_options), or the same executable read from the cache."""
+    path = self.enabled and os.path.join(self.dir, f'{name}-{self._key(name, args, compiler_options)}.pkl')
+    if path:
+      try:
+        with open(path, 'rb') as f:
+          device_ids, serialized = pickle.load(f)
+        by_id = {d.id: d for d in jax.devices()}
+        compiled = serialize_executable.deserialize_and_load(*serialized,
+                                                             execution_devices=[by_id[i] for i in device_ids])
+        self.origin[name] = 'lmjax cache'
+        return compiled
+      except Exception:  # pylint: disable=broad-except  -- absent, stale or truncated: compile it instead
+        pass
+    _jax_cache_served.hit = False
+    compiled = jitted.lower(*args).compile(compiler_options=compiler_options)
+    self.origin[name] = "JAX's cache" if _jax_cache_served.hit else 'compiled'
+    # XLA (CPU, measured) cannot re-serialize an executable it deserialized: the entry would load, then fail at
+    # run time with 'Function ... not found'. So a program JAX's cache already holds (the lmjax source or the
+    # config changed, the program did not) is traced on every run, as it was without this cache.
+    if path and self.origin[name] == 'compiled':
+      os.makedirs(self.dir, exist_ok=True)
+      tmp = f'{path}.{os.getpid()}.tmp'
+      with open(tmp, 'wb') as f:
+        # The devices it runs on, in order: by default deserialization would spread it over all of them.
+        device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
+        pickle.dump((device_ids, serialize_executable.serialize(compiled)), f)
+      os.replace(tmp, path)  # whole or absent, whatever other processes are reading
+    return compiled
+
+  def _key(self, name, args, compiler_options) -> str:
+    arg_types = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype), str(getattr(x, 'sharding', None))), args)
+    parts = [_code_fingerprint(), name, self._config, repr(arg_types), str(jax.tree.structure(args)),
+             repr(sorted((compiler_options or {}).items())),
+             repr([(d.platform, d.device_kind, d.id) for d in jax.devices()]), jax.devices()[0].client.platform_version]
+    return hashlib.sha256('\n'.join(parts).encode()).hexdigest()[:32]
+
+
+_jax_cache_served = threading.local()  # .hit: JAX's persistent cache supplied this thread's last compile
+
+
+def _note_jax_cache_hit(event: str, **_):
+  if event == '/jax/compilation_cache/cache_hits':  # reported on the compiling thread
+    _jax_cache_served.hit = True
+
+
+jax.monitoring.register_event_listener(_note_jax_cache_hit)
+
+
+def _code_fingerprint() -> str:
+  """What decides a traced program besides its config and arguments: lmjax's source, the libraries that trace and
+  compile it, the interpreter, JAX's flags and the environment XLA reads."""
+  h = hashlib.sha256()
+  here = os.path.dirname(os.path.abspath(__file__))
+  for name in sorted(os.listdir(here)):
+    if name.endswith('.py'):
+      with open(os.path.join(here, name), 'rb') as f:
+        h.update(name.encode() + f.read())
+  versions = [(pkg, importlib.metadata.version(pkg)) for pkg in ('jax', 'jaxlib', 'flax', 'optax', 'numpy')]
+  env = sorted((k, v) for k, v in os.environ.items() if k.startswith(('XLA_', 'JAX_', 'LIBTPU')))
+  h.update(repr((versions, sys.version, env, sorted(jax.config.values.items(), key=str))).encode())
+  return h.hexdigest()
+
+
+def run_once(jitted, *args, cache: ExecutableCache | None = None, name: str = ''):
   """Runs a jitted function that executes once (parameter init): compiled without XLA's backend optimisations.
 
   Random initialisers expand into many threefry hash rounds whose optimised CPU code takes XLA tens of seconds
   to generate for a small model; at -O0 the same program compiles several times faster and runs once anyway.
+  With a `cache`, the executable is read from / written to it under `name`.
   """
-  return jitted.lower(*args).compile(compiler_options={'xla_backend_optimization_level': 0})(*args)
+  options = {'xla_backend_optimization_level': 0}
+  if cache is None:
+    return jitted.lower(*args).compile(compiler_options=options)(*args)
+  return cache.compile(name, jitted, args, options)(*args)
 
 
 def decode_compiler_options() -> dict:

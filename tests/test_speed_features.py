@@ -134,6 +134,43 @@ def test_compilation_cache_is_hit_by_a_second_process(tmp_path):
   assert hits() >= 1  # same program in a new process: loaded from the cache
 
 
+_EXECUTABLE_CACHE_PROBE = textwrap.dedent('''
+    import sys, jax, jax.numpy as jnp
+    from lmjax import runtime
+    cache_dir, run = sys.argv[1:]
+    runtime.enable_compilation_cache(cache_dir)
+    f = lambda x: jnp.sin(x) @ x.T + jnp.cos(x).sum()
+    x = jnp.arange(64.0).reshape(8, 8) / 64
+    cache = runtime.ExecutableCache(cache_dir, {'run': run})
+    got = cache.compile('f', jax.jit(f), (x,))(x)
+    assert jnp.array_equal(got, jax.jit(f)(x)), 'the cached executable computes something else'
+    print('ORIGIN', cache.origin['f'])
+''')
+
+
+def test_executable_cache_skips_tracing_and_never_stores_what_jax_cache_served(tmp_path):
+  """Run 'b' differs from 'a' only in its config: a miss for lmjax's cache, a hit for JAX's (same program). XLA
+  cannot re-serialize an executable JAX's cache deserialized -- stored, it would fail at run time -- so 'b' is
+  never stored, and a later 'b' still runs."""
+  def origin(run):
+    out = subprocess.run([sys.executable, '-c', _EXECUTABLE_CACHE_PROBE, str(tmp_path), run], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split('ORIGIN ')[-1].strip()
+  assert [origin(r) for r in ('a', 'a', 'b', 'b')] == ['compiled', 'lmjax cache', "JAX's cache", "JAX's cache"]
+  assert len(os.listdir(tmp_path / 'lmjax_executables')) == 1
+
+
+def test_an_unreadable_cache_entry_is_compiled_again(tmp_path):
+  f, x = jax.jit(lambda x: jnp.tanh(x) * 3.0), jnp.arange(5.0)
+  runtime.ExecutableCache(str(tmp_path), {'a': 1}).compile('f', f, (x,))
+  [entry] = (tmp_path / 'lmjax_executables').iterdir()
+  entry.write_bytes(entry.read_bytes()[:100])  # truncated, as by a crash mid-write on a filesystem without rename
+  cache = runtime.ExecutableCache(str(tmp_path), {'a': 1})
+  np.testing.assert_array_equal(cache.compile('f', f, (x,))(x), jnp.tanh(x) * 3.0)
+  assert cache.origin['f'] != 'lmjax cache'
+
+
 @pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='needs torch installed (tensorboardX imports it)')
 def test_the_logger_writes_tensorboard_events_without_importing_torch(tmp_path):
   # tensorboardX imports torch whenever it is installed, for seconds of start-up; the logger keeps it out, and

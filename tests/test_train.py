@@ -98,6 +98,24 @@ def test_resumed_run_equals_the_uninterrupted_run_bitwise(tmp_path, shakespeare_
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_a_repeated_run_loads_its_programs_without_tracing_and_computes_the_same(tmp_path, shakespeare_dirs, capsys):
+  # A width no other test trains keeps JAX's own persistent cache, which the tests share, from serving it.
+  extra = ('model.d_model=24', 'train.steps=20', 'train.eval_every=20', 'train.checkpoint_every=20')
+  cache = str(tmp_path / 'cache')
+  _train(tmp_path / 'first', shakespeare_dirs, *extra, cache=cache)
+  assert 'compiled train step' in capsys.readouterr().out
+  _train(tmp_path / 'again', shakespeare_dirs, *extra, cache=cache)
+  assert 'loaded the train step from the cache' in capsys.readouterr().out
+  assert sorted(n.split('-')[0] for n in os.listdir(os.path.join(cache, 'lmjax_executables'))) == [
+      'init_state', 'train_step']
+  assert _rows_without_time(tmp_path / 'first') == _rows_without_time(tmp_path / 'again')
+
+
+def _rows_without_time(workdir):
+  skip = ('time', 'tokens_per_sec', 'mfu', 'ms_per_step')
+  return [{k: v for k, v in r.items() if k not in skip} for r in _rows(workdir)]
+
+
 def test_steps_per_call_runs_the_same_steps(tmp_path, shakespeare_dirs, trained):
   # 10 steps inside one jitted call (lax.scan over 10 batches) are the same 60 optimizer steps on the same data.
   _train(tmp_path / 'k10', shakespeare_dirs, 'train.steps_per_call=10')
