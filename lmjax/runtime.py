@@ -62,7 +62,8 @@ class ExecutableCache:
   source, the library versions, JAX's flags and XLA's environment, the run's resolved config, the devices, and
   the arguments' shapes, dtypes and shardings. A change to any of them is a miss. Misses, unreadable entries and
   multi-process runs (whose processes compile together) compile as usual, and JAX's cache still applies.
-  `origin[name]` says which of the three supplied each program.
+  `origin[name]` says which of the three supplied each program. Like JAX's cache, the directory is trusted: its
+  entries are loaded as code.
   """
 
   def __init__(self, cache_dir: str, config_dict: dict):
@@ -92,14 +93,24 @@ class ExecutableCache:
     # run time with 'Function ... not found'. So a program JAX's cache already holds (the lmjax source or the
     # config changed, the program did not) is traced on every run, as it was without this cache.
     if path and self.origin[name] == 'compiled':
-      os.makedirs(self.dir, exist_ok=True)
-      tmp = f'{path}.{os.getpid()}.tmp'
-      with open(tmp, 'wb') as f:
-        # The devices it runs on, in order: by default deserialization would spread it over all of them.
-        device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
-        pickle.dump((device_ids, serialize_executable.serialize(compiled)), f)
-      os.replace(tmp, path)  # whole or absent, whatever other processes are reading
+      self._store(path, compiled)
     return compiled
+
+  def _store(self, path, compiled):
+    """Writes the entry whole or not at all; a cache that cannot be written (disk full, read-only) costs the next
+    run its head start, never this run."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+      os.makedirs(self.dir, exist_ok=True)
+      # The devices it runs on, in order: by default deserialization would spread it over all of them.
+      device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
+      with open(tmp, 'wb') as f:
+        pickle.dump((device_ids, serialize_executable.serialize(compiled)), f)
+      os.replace(tmp, path)  # atomic: other processes read the old entry or the new one
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'lmjax: could not write {path} ({e}); the next run will compile again', file=sys.stderr)
+      if os.path.exists(tmp):
+        os.remove(tmp)
 
   def _key(self, name, args, compiler_options) -> str:
     arg_types = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype), str(getattr(x, 'sharding', None))), args)

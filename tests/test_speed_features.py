@@ -171,6 +171,14 @@ def test_an_unreadable_cache_entry_is_compiled_again(tmp_path):
   assert cache.origin['f'] != 'lmjax cache'
 
 
+def test_a_cache_that_cannot_be_written_costs_only_the_next_runs_head_start(tmp_path, capsys):
+  (tmp_path / 'a_file').write_text('not a directory')
+  cache = runtime.ExecutableCache(str(tmp_path / 'a_file'), {})
+  x = jnp.arange(3.0)
+  np.testing.assert_array_equal(cache.compile('f', jax.jit(lambda x: x * 7.0), (x,))(x), x * 7.0)
+  assert 'could not write' in capsys.readouterr().err
+
+
 @pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='needs torch installed (tensorboardX imports it)')
 def test_the_logger_writes_tensorboard_events_without_importing_torch(tmp_path):
   # tensorboardX imports torch whenever it is installed, for seconds of start-up; the logger keeps it out, and
