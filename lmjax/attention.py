@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 IMPLEMENTATIONS = ('xla', 'dot_product_attention', 'cudnn', 'auto')
 
@@ -44,34 +45,38 @@ def bias_from_mask(mask):
   return jnp.where(mask, jnp.float32(0), jnp.float32(_NEG_INF))
 
 
-def dropout_keep(rng, shape, rate):
-  """Boolean keep-mask with P(keep) = 1 - rate from one uint32 per element (a compare, no float conversion).
+def dropout_keep(seed_4, shape, rate):
+  """Boolean keep-mask with P(keep) = 1 - rate: one uint32 per element from XLA's RngBitGenerator seeded with
+  `seed_4` (uint32[4]), compared with a threshold (no float conversion).
 
-  `rng` may be any key; the model hands over an RBG key because threefry bits cost seconds per step on CPU.
+  On CPU the generator runs ThreeFry: 25M mask bits took 106 ms, against 292 ms with XLA's default generator
+  (Philox) and 363 ms with jax.random's threefry; the 6-layer/384 recipe's step (dropout 0.2) went from 21.0 to
+  18.0 s (no dropout: 16.5 s) in one process. Other backends keep their default, the fast one on their hardware.
   """
-  bits = jax.random.bits(rng, shape, jnp.uint32)
+  algorithm = lax.RandomAlgorithm.RNG_THREE_FRY if jax.default_backend() == 'cpu' else lax.RandomAlgorithm.RNG_DEFAULT
+  _, bits = lax.rng_bit_generator(seed_4, shape, jnp.uint32, algorithm=algorithm)
   return bits >= jnp.uint32(min(int(rate * 2.0 ** 32), 2 ** 32 - 1))
 
 
-def _softmax_dropout(s, bias, dropout, dropout_rng):
+def _softmax_dropout(s, bias, dropout, dropout_seed):
   p = jax.nn.softmax(s + bias, axis=-1)
   if dropout > 0:
-    p = jnp.where(dropout_keep(dropout_rng, p.shape, dropout), p * (1.0 / (1.0 - dropout)), 0.0)
+    p = jnp.where(dropout_keep(dropout_seed, p.shape, dropout), p * (1.0 / (1.0 - dropout)), 0.0)
   return p
 
 
-def _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng):
+def _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_seed):
   B, L, H, K = q_BxLxHxK.shape
   N = k_BxNxTxK.shape[1]
   q_BxLxHxK = q_BxLxHxK * jnp.asarray(K ** -0.5, q_BxLxHxK.dtype)
   bias = bias_from_mask(mask)  # B' x 1 x 1 x L x T (B' = 1 or B)
   if N == H:  # multi-head: 4-D contractions; XLA's CPU backward of the 5-D form adds transposes and copies
     s_BxHxLxT = jnp.einsum('BLHK,BHTK->BHLT', q_BxLxHxK, k_BxNxTxK, preferred_element_type=jnp.float32)
-    p_BxHxLxT = _softmax_dropout(s_BxHxLxT, bias[:, 0], dropout, dropout_rng)
+    p_BxHxLxT = _softmax_dropout(s_BxHxLxT, bias[:, 0], dropout, dropout_seed)
     return jnp.einsum('BHLT,BHTK->BLHK', p_BxHxLxT.astype(v_BxNxTxK.dtype), v_BxNxTxK)
   q_BxLxNxGxK = q_BxLxHxK.reshape(B, L, N, H // N, K)
   s_BxNxGxLxT = jnp.einsum('BLNGK,BNTK->BNGLT', q_BxLxNxGxK, k_BxNxTxK, preferred_element_type=jnp.float32)
-  p_BxNxGxLxT = _softmax_dropout(s_BxNxGxLxT, bias, dropout, dropout_rng)
+  p_BxNxGxLxT = _softmax_dropout(s_BxNxGxLxT, bias, dropout, dropout_seed)
   o_BxLxNxGxK = jnp.einsum('BNGLT,BNTK->BLNGK', p_BxNxGxLxT.astype(v_BxNxTxK.dtype), v_BxNxTxK)
   return o_BxLxNxGxK.reshape(B, L, H, K)
 
@@ -91,10 +96,10 @@ def resolve(impl: str, dtype, dropout: float) -> str:
   return 'cudnn' if cudnn_ok else 'xla'
 
 
-def attend(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, *, impl='xla', dropout=0.0, dropout_rng=None):
+def attend(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, *, impl='xla', dropout=0.0, dropout_seed=None):
   impl = resolve(impl, q_BxLxHxK.dtype, dropout)
   if impl == 'xla':
-    return _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng)
+    return _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_seed)
   if dropout > 0:
     raise ValueError(f"attention={impl!r} has no attention dropout; use model.attention='xla' or dropout=0")
   return _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask,

@@ -169,16 +169,15 @@ def _gelu_bwd(x, g):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
-def _dropout_key(module: nn.Module):
-  """The module's 'dropout' key (threefry, deterministic per seed, step and module path) turned into an RBG key:
-  XLA's RngBitGenerator makes mask bits far faster than threefry on CPU (threefry masks took ~3.4 s of a 14.6 s
-  step on the 6-layer recipe). Same key, same mask: resumed runs stay exact."""
-  seed_4 = jax.random.bits(module.make_rng('dropout'), (4,), jnp.uint32)
-  return jax.random.wrap_key_data(seed_4, impl='rbg')
+def _dropout_seed(module: nn.Module):
+  """Four uint32 from the module's 'dropout' key (deterministic per seed, step and module path) that seed XLA's
+  RngBitGenerator (attention.dropout_keep): it makes mask bits far faster than jax.random's threefry on CPU
+  (threefry masks took ~3.4 s of a 14.6 s step on the 6-layer recipe). Same key, same mask: resumed runs stay exact."""
+  return jax.random.bits(module.make_rng('dropout'), (4,), jnp.uint32)
 
 
 def dropout(module: nn.Module, x, rate: float):
-  keep = attention.dropout_keep(_dropout_key(module), x.shape, rate)
+  keep = attention.dropout_keep(_dropout_seed(module), x.shape, rate)
   return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
 
 
@@ -217,9 +216,9 @@ class Attention(nn.Module):
       new_cache = {'k': upd(cache['k'], k_BxNxLxK), 'v': upd(cache['v'], v_BxNxLxK)}
       k_BxNxLxK, v_BxNxLxK = new_cache['k'].astype(dt), new_cache['v'].astype(dt)
 
-    drop_rng = _dropout_key(self) if (train and cfg.dropout > 0) else None
+    drop_seed = _dropout_seed(self) if (train and cfg.dropout > 0) else None
     out_BxLxHxK = attention.attend(q_BxLxHxK, k_BxNxLxK, v_BxNxLxK, mask, impl=cfg.attention,
-                                   dropout=cfg.dropout if train else 0.0, dropout_rng=drop_rng)
+                                   dropout=cfg.dropout if train else 0.0, dropout_seed=drop_seed)
     std_out = _INIT_STD / (2 * cfg.n_layers) ** 0.5
     o_HKxD = dense('o_kernel', (H, K, D), ('heads', 'head_dim', 'embed'), std_out).reshape(H * K, D).astype(dt)
     y_BLxD = jnp.dot(out_BxLxHxK.reshape(B * L, H * K), o_HKxD)  # 2-D, as in Mlp: no transposes in its backward

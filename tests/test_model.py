@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import model as model_lib, runtime
+from lmjax import attention, model as model_lib, runtime
 
 VARIANTS = {
     'gpt2': {},
@@ -87,3 +87,22 @@ def test_invalid_config_names_the_field():
     model_lib.ModelConfig(vocab_size=10, max_len=8, d_model=30, n_heads=4).validate()
   with pytest.raises(ValueError, match="norm must be"):
     model_lib.ModelConfig(vocab_size=10, max_len=8, norm='batchnorm').validate()
+
+
+def test_dropout_masks_keep_one_minus_rate_and_follow_their_seed():
+  keep = jax.jit(lambda seed: attention.dropout_keep(seed, (1000, 1000), 0.2))
+  a, b = keep(jnp.array([1, 2, 3, 4], jnp.uint32)), keep(jnp.array([1, 2, 3, 5], jnp.uint32))
+  assert abs(float(a.mean()) - 0.8) < 0.002  # 5 standard deviations of a mean over 1e6 draws
+  assert np.array_equal(a, keep(jnp.array([1, 2, 3, 4], jnp.uint32)))
+  assert 0.6 < float((a == b).mean()) < 0.76  # independent masks agree on 0.8^2 + 0.2^2 = 68% of entries
+
+
+def test_training_dropout_is_random_per_key_and_off_in_evaluation():
+  cfg, _, params = make(dropout=0.2)
+  apply = jax.jit(model_lib.Transformer(cfg).apply, static_argnames='train')
+  x = tokens(2, cfg.max_len)
+  run = lambda seed, train: apply({'params': params}, x, train=train, rngs={'dropout': jax.random.key(seed)})
+  np.testing.assert_array_equal(run(0, True), run(0, True))
+  assert not np.allclose(run(0, True), run(1, True))
+  np.testing.assert_array_equal(run(0, False), run(1, False))
+  assert not np.allclose(run(0, True), run(0, False))
