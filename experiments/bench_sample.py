@@ -13,10 +13,17 @@ batch 4 and <= 5 s sampler compile.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
-import flax.linen as nn
+from lmjax import hostenv
+
+if __name__ == '__main__':  # the allocator `lmjax` runs with (lmjax/hostenv.py), for lmjax and the peer alike
+  hostenv.reexec_tuned([os.path.abspath(__file__), *sys.argv[1:]])
+
+import flax.linen as nn  # pylint: disable=wrong-import-position
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -21,7 +21,12 @@ import statistics
 import sys
 import time
 
-from lmjax import bench, config as config_lib, runtime
+from lmjax import hostenv
+
+if __name__ == '__main__':  # the allocator `lmjax` runs with (lmjax/hostenv.py), for lmjax and the peers alike
+  hostenv.reexec_tuned([os.path.abspath(__file__), *sys.argv[1:]])
+
+from lmjax import bench, config as config_lib, runtime  # pylint: disable=wrong-import-position
 
 
 class TorchPeer:

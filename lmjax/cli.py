@@ -9,8 +9,7 @@ import argparse
 import json
 import sys
 
-from lmjax import runtime
-
+from lmjax import hostenv  # the one lmjax import before the process is set up: it imports nothing heavy
 
 
 def _user_errors():
@@ -68,6 +67,9 @@ def _parser():
 
 
 def main(argv=None):
+  if argv is None:  # a command, not a call from Python: restart with the allocator tuned (lmjax/hostenv.py)
+    hostenv.reexec_tuned(['-m', 'lmjax', *sys.argv[1:]])
+  from lmjax import runtime  # imports JAX
   runtime.tune_host_allocator()  # before JAX allocates anything
   argv = sys.argv[1:] if argv is None else argv
   rest, overrides = _split_overrides(argv)
@@ -80,7 +82,7 @@ def main(argv=None):
 
 
 def _run(args, overrides):
-  from lmjax import config as config_lib
+  from lmjax import config as config_lib, runtime
   if hasattr(args, 'coordinator'):
     runtime.init_distributed(args.coordinator, args.num_processes, args.process_id)
   if args.command == 'train':

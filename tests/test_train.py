@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_overrides
 
-from lmjax import cli, config as config_lib, metrics, train
+from lmjax import cli, config as config_lib, hostenv, metrics, train
 
 ONE_DEVICE = ['mesh.data=1']  # deterministic layout for bitwise comparisons; sharded runs: tests/test_parallel.py
 
@@ -145,6 +145,8 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, shakespeare_dirs):
     while not (workdir / 'metrics.jsonl').exists() or not (workdir / 'metrics.jsonl').read_text():
       assert proc.poll() is None and time.time() < deadline, 'training did not start'
       time.sleep(0.5)
+    # lmjax restarted itself (same pid: the signal still reaches it) with huge pages for malloc (lmjax/hostenv.py).
+    assert b'glibc.malloc.hugetlb=1' in open(f'/proc/{proc.pid}/environ', 'rb').read()
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
   finally:
@@ -153,6 +155,14 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, shakespeare_dirs):
   steps = [int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit()]
   assert len(steps) == 1 and 0 < steps[0] < 100000
   assert f'saved a checkpoint at step {steps[0]}' in out
+
+
+def test_the_command_restarts_with_huge_pages_for_malloc_once_and_respects_the_users_choice():
+  env = hostenv.tuned_environ({'GLIBC_TUNABLES': 'glibc.malloc.check=0', 'HOME': '/h'})
+  assert env == {'GLIBC_TUNABLES': 'glibc.malloc.check=0:glibc.malloc.hugetlb=1', 'HOME': '/h'}
+  assert hostenv.tuned_environ(env) is None  # the restarted process does not restart again
+  assert hostenv.tuned_environ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}) is None
+  assert hostenv.tuned_environ({'LMJAX_NO_REEXEC': '1'}) is None
 
 
 def test_missing_input_txt_is_a_clear_error_naming_path_size_and_checksum(tmp_path, capsys, no_network):
