@@ -72,29 +72,22 @@ class ExecutableCache:
     self._config = json.dumps(config_dict, sort_keys=True, default=str)
     self.origin = {}  # name -> 'lmjax cache' | "JAX's cache" | 'compiled': where each executable came from
 
-  def compile(self, name: str, jitted, args: tuple, compiler_options: dict | None = None,
-              traced: threading.Event | None = None):
-    """jitted.lower(*args).compile(compiler_options), or the same executable read from the cache. `traced` is set
-    once no more Python tracing is to come (XLA's compile, which follows, does not hold the GIL)."""
+  def compile(self, name: str, jitted, args: tuple, compiler_options: dict | None = None):
+    """jitted.lower(*args).compile(compiler_options), or the same executable read from the cache."""
     path = self.enabled and os.path.join(self.dir, f'{name}-{self._key(name, args, compiler_options)}.pkl')
-    try:
-      if path:
-        try:
-          with open(path, 'rb') as f:
-            device_ids, serialized = pickle.load(f)
-          by_id = {d.id: d for d in jax.devices()}
-          compiled = serialize_executable.deserialize_and_load(*serialized,
-                                                               execution_devices=[by_id[i] for i in device_ids])
-          self.origin[name] = 'lmjax cache'
-          return compiled
-        except Exception:  # pylint: disable=broad-except  -- absent, stale or truncated: compile it instead
-          pass
-      lowered = jitted.lower(*args)
-    finally:
-      if traced is not None:
-        traced.set()
+    if path:
+      try:
+        with open(path, 'rb') as f:
+          device_ids, serialized = pickle.load(f)
+        by_id = {d.id: d for d in jax.devices()}
+        compiled = serialize_executable.deserialize_and_load(*serialized,
+                                                             execution_devices=[by_id[i] for i in device_ids])
+        self.origin[name] = 'lmjax cache'
+        return compiled
+      except Exception:  # pylint: disable=broad-except  -- absent, stale or truncated: compile it instead
+        pass
     _jax_cache_served.hit = False
-    compiled = lowered.compile(compiler_options=compiler_options)
+    compiled = jitted.lower(*args).compile(compiler_options=compiler_options)
     self.origin[name] = "JAX's cache" if _jax_cache_served.hit else 'compiled'
     # XLA (CPU, measured) cannot re-serialize an executable it deserialized: the entry would load, then fail at
     # run time with 'Function ... not found'. So a program JAX's cache already holds (the lmjax source or the

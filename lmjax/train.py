@@ -9,7 +9,6 @@ import functools
 import itertools
 import os
 import signal
-import threading
 import time
 from typing import Any
 
@@ -146,19 +145,13 @@ class Task:
       return runtime.run_once(jax.jit(init, out_shardings=self.state_shardings), jax.random.fold_in(self.rng, 0),
                               cache=self.executables, name='init_state')
 
-  def compile_train(self, batch, traced: threading.Event | None = None):
+  def compile_train(self, batch):
     """Ahead-of-time compilation of the train step for batches shaped like `batch` (global arrays or
-    ShapeDtypeStructs), or its executable from train.compilation_cache_dir; returns (executable, seconds).
-    `traced` is set when the Python part (tracing, lowering) is over."""
+    ShapeDtypeStructs), or its executable from train.compilation_cache_dir; returns (executable, seconds)."""
     t0 = time.perf_counter()
-    try:
-      batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in batch.items()}
-      with parallel.activate(self.mesh):
-        compiled = self.executables.compile('train_step', self.train_fn,
-                                            (self.abstract_state, batch, self.dropout_rng), traced=traced)
-    finally:
-      if traced is not None:  # on errors too: a thread waiting for it then collects the error
-        traced.set()
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in batch.items()}
+    with parallel.activate(self.mesh):
+      compiled = self.executables.compile('train_step', self.train_fn, (self.abstract_state, batch, self.dropout_rng))
     return compiled, time.perf_counter() - t0
 
   @property
@@ -262,12 +255,9 @@ def train(config, workdir: str) -> dict:
   data = prepare_data(config, workdir)
   task = Task(config)
   # The train step compiles on a second thread while the state is restored or initialised and the first batch
-  # loads (the CPU recipe's start to first step: ~2 s sooner on 2 cores). Tracing it holds the GIL, so this thread
-  # waits for that part to end rather than slow it down.
-  traced = threading.Event()
+  # loads (the CPU recipe's start to first step: ~2 s sooner on 2 cores).
   compiled = runtime.in_background(task.compile_train, {
-      k: jax.ShapeDtypeStruct(task.train_batch_shape, dtype) for k, dtype in data.train_keys.items()}, traced)
-  traced.wait()
+      k: jax.ShapeDtypeStruct(task.train_batch_shape, dtype) for k, dtype in data.train_keys.items()})
   tc, K = config.train, task.steps_per_call
   primary = jax.process_index() == 0
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=tc.keep_checkpoints,
