@@ -5,8 +5,10 @@ Run:   python experiments/bench_train.py --config=configs/shakespeare_char_cpu.p
 What:  lmjax's real train step (`lmjax.bench.Runner`: Task.train_fn, AdamW, clipping, dropout as configured) and
        a torch step doing the same work: GPT2LMHeadModel (n_layer, n_head, n_embd, n_positions=max_len, vocab 65,
        exact-erf GELU, dropout as the config), cross-entropy, backward, clip_grad_norm_, torch.optim.AdamW.
-       torch.set_num_threads(--peer_threads, default all cores). The sides alternate in --rounds windows of --steps steps each, so a
-       noisy shared host slows all alike; medians over all windows. nanoGPT ran ~1.23x HF GPT-2 on this recipe.
+       torch.set_num_threads(--peer_threads, default all cores). Each peer runs in a process of its own (lmjax's step
+       ran ~1.5x slower in a process where a 6-layer/384 torch step had just run; --peer_in_process restores the
+       old way). The sides alternate in --rounds windows of --steps steps each, so a noisy shared host slows all
+       alike; medians over all windows. nanoGPT ran ~1.23x HF GPT-2 on this recipe.
        --peer=nanogpt|both adds a GPT written here the way nanoGPT's model.py builds it (nn.Linear projections, fused
        qkv, F.scaled_dot_product_attention(is_causal=True), exact GELU, tied head, AdamW decaying 2-D weights only,
        eager, or torch.compile'd with --peer_compile as nanoGPT's train.py does by default): a same-day stand-in for
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -124,6 +127,55 @@ class NanoGPTPeer(TorchPeer):
     return self.model(self.batch)
 
 
+
+PEERS = {'hf': TorchPeer, 'nanogpt': NanoGPTPeer}
+
+
+class PeerProcess:
+  """A torch peer in a process of its own, timed on request. In lmjax's process, after a torch step at the
+  6-layer/384 size, lmjax's own step ran ~1.5x slower (22.9 against 14.9 s) than alone; apart, neither side
+  touches the other's heap, threads or allocator state. Blocked on its pipe between windows, it uses no CPU."""
+
+  def __init__(self, name, argv, threads, compile_model):
+    cmd = [sys.executable, os.path.abspath(__file__), f'--serve_peer={name}', f'--peer_threads={threads}', *argv]
+    self.proc = subprocess.Popen(cmd + (['--peer_compile'] if compile_model else []), stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+    ready = json.loads(self._line())
+    self.version, self.threads, self.compile_s = ready['torch'], ready['threads'], ready['compile_s']
+
+  def _line(self):
+    while True:  # torch and transformers may print their own lines first
+      line = self.proc.stdout.readline()
+      if not line:
+        raise RuntimeError(f'the torch peer process exited with {self.proc.wait()}')
+      if line.startswith('{') or line.startswith('['):
+        return line
+
+  def time(self, steps):
+    self.proc.stdin.write(f'{steps}\n')
+    self.proc.stdin.flush()
+    return json.loads(self._line())
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def serve_peer(name, config, threads, compile_model):
+  """The peer process: builds the peer, says so, then times `n` steps for every `n` read from stdin."""
+  peer = PEERS[name](config, threads)
+  compile_s = 0.0
+  if compile_model:
+    t0 = time.perf_counter()
+    peer.model = peer.torch.compile(peer.model)
+    peer.time(1)
+    compile_s = time.perf_counter() - t0
+  print(json.dumps({'torch': peer.torch.__version__, 'threads': peer.torch.get_num_threads(),
+                    'compile_s': compile_s}), flush=True)
+  for line in sys.stdin:
+    print(json.dumps(peer.time(int(line))), flush=True)
+
+
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   from lmjax.cli import _split_overrides
@@ -140,22 +192,28 @@ def main(argv=None):
                  help="torch threads; on a host other jobs share, 2 OpenMP threads can stall on each other")
   p.add_argument('--peer_compile', action='store_true', help="torch.compile the nanoGPT-architecture peer's model")
   p.add_argument('--label', default='', help='free text stored with the record (what this run tries)')
+  p.add_argument('--peer_in_process', action='store_true',
+                 help="time the peers in lmjax's process (the old way; slows lmjax at large sizes)")
+  p.add_argument('--serve_peer', default='', help=argparse.SUPPRESS)  # set on the peer processes this one starts
   args = p.parse_args(rest)
   runtime.tune_host_allocator()
   config = config_lib.load(args.config, overrides)
+  if args.serve_peer:
+    return serve_peer(args.serve_peer, config, args.peer_threads, args.peer_compile)
 
   runner = bench.Runner(config)
   peers = {}
   if not args.no_peer:
-    if args.peer in ('hf', 'both'):
-      peers['hf'] = TorchPeer(config, args.peer_threads)
-    if args.peer in ('nanogpt', 'both'):
-      peers['nanogpt'] = NanoGPTPeer(config, args.peer_threads)
-      if args.peer_compile:
-        t0 = time.perf_counter()
-        peers['nanogpt'].model = peers['nanogpt'].torch.compile(peers['nanogpt'].model)
-        peers['nanogpt'].time(1)
-        print(f'torch.compile of the nanoGPT-architecture peer: {time.perf_counter() - t0:.1f} s')
+    for name in (('hf', 'nanogpt') if args.peer == 'both' else (args.peer,)):
+      if args.peer_in_process:
+        peers[name] = PEERS[name](config, args.peer_threads)
+        if args.peer_compile and name == 'nanogpt':
+          peers[name].model = peers[name].torch.compile(peers[name].model)
+      else:
+        peers[name] = PeerProcess(name, [f'--config={args.config}', *(f'--config.{o}' for o in overrides)],
+                                  args.peer_threads, args.peer_compile and name == 'nanogpt')
+        if peers[name].compile_s:
+          print(f'torch.compile of the nanoGPT-architecture peer: {peers[name].compile_s:.1f} s')
   K = runner.task.steps_per_call
   runner.time(2)
   for peer in peers.values():
@@ -168,7 +226,9 @@ def main(argv=None):
   r = runner.result(ours)
   bench.print_result(r)
   extra = {'overrides': overrides, 'label': args.label, 'rounds': args.rounds, 'steps_per_window': args.steps,
-           'peer_threads': args.peer_threads, 'peer_compile': args.peer_compile}
+           'peer_threads': args.peer_threads, 'peer_compile': args.peer_compile,
+           'peer_in_process': args.peer_in_process}
+  where = "lmjax's process" if args.peer_in_process else 'own process'
   B, L = config.train.batch_size, config.model.max_len
   titles = {'hf': 'HF GPT2LMHeadModel',
             'nanogpt': 'nanoGPT-architecture GPT' + (' (torch.compile)' if args.peer_compile else ' (eager)')}
@@ -176,7 +236,9 @@ def main(argv=None):
     peer_s = statistics.median(theirs[name])
     extra.update({f'{name}_ms_per_step': round(1e3 * peer_s, 3), f'{name}_tokens_per_s': round(B * L / peer_s, 1),
                   f'ratio_vs_{name}': round(peer_s * 1e3 / r['ms_per_step'], 3)})
-    print(f'{titles[name]} (torch {peer.torch.__version__}, {peer.torch.get_num_threads()} threads): '
+    version, threads = (peer.torch.__version__, peer.torch.get_num_threads()) if args.peer_in_process else (
+        peer.version, peer.threads)
+    print(f'{titles[name]} (torch {version}, {threads} threads, {where}): '
           f'{1e3 * peer_s:.2f} ms/step | {B * L / peer_s:,.0f} tokens/s | lmjax / it: '
           f'{extra[f"ratio_vs_{name}"]:.2f}x')
   if 'hf' in peers:
