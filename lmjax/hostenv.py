@@ -4,8 +4,9 @@ XLA on CPU takes every executable call's temporaries from malloc, and buffers ov
 threshold) are fresh mmaps that fault in page by page on each call. The 6-layer/384 recipe's step faulted ~1.7M
 4 KiB pages; with glibc's `glibc.malloc.hugetlb=1` tunable (transparent huge pages for malloc, glibc >= 2.35, where
 the kernel's THP mode is `madvise`) the same run faulted 65k pages in all and its step went from 17.3 to 14.3 s.
-A tunable is read once, when the process starts, so `lmjax` re-executes itself with it: same pid, same arguments,
-~30 ms before JAX is imported. LMJAX_NO_REEXEC=1 turns this off. Nothing here imports JAX.
+A tunable is read once, when the process starts, so `lmjax` re-executes itself with it (same pid, same
+arguments), before JAX is imported: the cost is one more interpreter start. LMJAX_NO_REEXEC=1 turns this off.
+Nothing here imports JAX.
 """
 from __future__ import annotations
 
