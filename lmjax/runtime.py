@@ -1,4 +1,5 @@
-"""Process-level set-up done once before any JAX work: allocator tuning, multi-host join, compilation cache."""
+"""Process-level set-up done once before any JAX work (allocator tuning, multi-host join, compilation caches), and
+the helpers that compile and start programs: the executable cache, -O0 one-shot programs, background compiles."""
 from __future__ import annotations
 
 import ctypes
@@ -74,7 +75,7 @@ class ExecutableCache:
 
   def compile(self, name: str, jitted, args: tuple, compiler_options: dict | None = None):
     """jitted.lower(*args).compile(compiler_options), or the same executable read from the cache."""
-    path = self.enabled and os.path.join(self.dir, f'{name}-{self._key(name, args, compiler_options)}.pkl')
+    path = os.path.join(self.dir, f'{name}-{self._key(name, args, compiler_options)}.pkl') if self.enabled else ''
     if path:
       try:
         with open(path, 'rb') as f:
