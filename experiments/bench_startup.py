@@ -6,7 +6,7 @@ Runs alternate between the three so that a noisy host slows them alike; the medi
 
 - lmjax cold: `lmjax train` with an empty compilation cache directory;
 - lmjax rerun: the same command again (the train step and init come from the cache, untraced);
-- prototype: ~60 lines of plain Flax Linen + Optax AdamW of the same model, jitted with donation, no data
+- prototype: ~40 lines of plain Flax Linen + Optax AdamW of the same model, jitted with donation, no data
   pipeline, checkpointing or logging: the floor that importing JAX, tracing and compiling put under any JAX run.
 
   python experiments/bench_startup.py --repeats=3 [--record=experiments/results.jsonl]

@@ -42,6 +42,7 @@ class TorchPeer:
     m, t, o = config.model, config.train, config.optimizer
     vocab = m.vocab_size or bench.CHAR_VOCAB
     self.torch, self.clip = torch, o.grad_clip
+    self.version, self.threads = torch.__version__, torch.get_num_threads()
     self.model, self.opt = self.build(torch, m, o, vocab)
     self.batch = torch.randint(0, vocab, (t.batch_size, m.max_len))
     self.targets = torch.roll(self.batch, -1, dims=-1)
@@ -161,8 +162,8 @@ class PeerProcess:
     self.proc.wait()
 
 
-def serve_peer(name, config, threads, compile_model):
-  """The peer process: builds the peer, says so, then times `n` steps for every `n` read from stdin."""
+def build_peer(name, config, threads, compile_model):
+  """(peer, seconds torch.compile and its first step took; 0 when not compiled)."""
   peer = PEERS[name](config, threads)
   compile_s = 0.0
   if compile_model:
@@ -170,8 +171,13 @@ def serve_peer(name, config, threads, compile_model):
     peer.model = peer.torch.compile(peer.model)
     peer.time(1)
     compile_s = time.perf_counter() - t0
-  print(json.dumps({'torch': peer.torch.__version__, 'threads': peer.torch.get_num_threads(),
-                    'compile_s': compile_s}), flush=True)
+  return peer, compile_s
+
+
+def serve_peer(name, config, threads, compile_model):
+  """The peer process: builds the peer, says so, then times `n` steps for every `n` read from stdin."""
+  peer, compile_s = build_peer(name, config, threads, compile_model)
+  print(json.dumps({'torch': peer.version, 'threads': peer.threads, 'compile_s': compile_s}), flush=True)
   for line in sys.stdin:
     print(json.dumps(peer.time(int(line))), flush=True)
 
@@ -205,15 +211,15 @@ def main(argv=None):
   peers = {}
   if not args.no_peer:
     for name in (('hf', 'nanogpt') if args.peer == 'both' else (args.peer,)):
+      compile_model = args.peer_compile and name == 'nanogpt'
       if args.peer_in_process:
-        peers[name] = PEERS[name](config, args.peer_threads)
-        if args.peer_compile and name == 'nanogpt':
-          peers[name].model = peers[name].torch.compile(peers[name].model)
+        peers[name], compile_s = build_peer(name, config, args.peer_threads, compile_model)
       else:
         peers[name] = PeerProcess(name, [f'--config={args.config}', *(f'--config.{o}' for o in overrides)],
-                                  args.peer_threads, args.peer_compile and name == 'nanogpt')
-        if peers[name].compile_s:
-          print(f'torch.compile of the nanoGPT-architecture peer: {peers[name].compile_s:.1f} s')
+                                  args.peer_threads, compile_model)
+        compile_s = peers[name].compile_s
+      if compile_s:
+        print(f'torch.compile of the nanoGPT-architecture peer: {compile_s:.1f} s')
   K = runner.task.steps_per_call
   runner.time(2)
   for peer in peers.values():
@@ -236,14 +242,15 @@ def main(argv=None):
     peer_s = statistics.median(theirs[name])
     extra.update({f'{name}_ms_per_step': round(1e3 * peer_s, 3), f'{name}_tokens_per_s': round(B * L / peer_s, 1),
                   f'ratio_vs_{name}': round(peer_s * 1e3 / r['ms_per_step'], 3)})
-    version, threads = (peer.torch.__version__, peer.torch.get_num_threads()) if args.peer_in_process else (
-        peer.version, peer.threads)
-    print(f'{titles[name]} (torch {version}, {threads} threads, {where}): '
+    print(f'{titles[name]} (torch {peer.version}, {peer.threads} threads, {where}): '
           f'{1e3 * peer_s:.2f} ms/step | {B * L / peer_s:,.0f} tokens/s | lmjax / it: '
           f'{extra[f"ratio_vs_{name}"]:.2f}x')
   if 'hf' in peers:
     extra['ratio_vs_nanogpt_est'] = round(extra['ratio_vs_hf'] / 1.23, 3)
     print(f'vs nanoGPT estimated as 1.23x HF (figures in the project brief): {extra["ratio_vs_nanogpt_est"]:.2f}x')
+  for peer in peers.values():
+    if isinstance(peer, PeerProcess):
+      peer.close()
   if args.record:
     name = os.path.basename(args.config)
     with open(args.record, 'a') as f:
