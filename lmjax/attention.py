@@ -14,6 +14,13 @@ runs, which materialises the L x T scores.
 
 The mask enters as an additive float32 bias (0 or -1e30) rather than a `where` select, and dropout masks come
 from one uint32 per element compared against a threshold: both measured cheaper in the CPU backward pass.
+
+Causal chunks ('xla', a whole sequence attending to itself: training, eval): queries go in chunks of `causal_chunk`,
+and chunk i reads only the keys up to its own last query; the score blocks above the diagonal, which the causal mask
+hides anyway, are never computed, stored or given dropout bits. Same math, about half the score work at many
+chunks, and far smaller score buffers. On CPU (2-core host, dropout 0.2, forward + backward of one layer's
+attention core, 16k tokens, 6 heads of 64) it measured: L=128 311 -> 184 ms, L=256 ~400-600 -> 232 ms,
+L=512 1918 -> 531 ms, L=1024 2885 -> 935 ms. `chunk_for` picks the length; other backends keep one block.
 """
 from __future__ import annotations
 
@@ -65,11 +72,37 @@ def _softmax_dropout(s, bias, dropout, dropout_seed):
   return p
 
 
-def _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_seed):
+def chunk_for(length: int, setting: int) -> int:
+  """Query-chunk length for causal chunks (module docstring). setting > 0: that length; 0: off; -1 (auto): on CPU,
+  length / 4 clamped to [32, 128] (at most 16 chunks) from sequences of 128 up, the best of the lengths measured
+  there; off elsewhere, where fused kernels ('cudnn') or the MXU's wide tiles change the trade."""
+  if setting >= 0:
+    return setting if 0 < setting < length else 0
+  if jax.default_backend() != 'cpu' or length < 128:
+    return 0
+  return max(min(128, max(32, length // 4)), -(-length // 16))
+
+
+def _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng, causal_chunk):
   B, L, H, K = q_BxLxHxK.shape
-  N = k_BxNxTxK.shape[1]
   q_BxLxHxK = q_BxLxHxK * jnp.asarray(K ** -0.5, q_BxLxHxK.dtype)
   bias = bias_from_mask(mask)  # B' x 1 x 1 x L x T (B' = 1 or B)
+  chunk = causal_chunk if 0 < causal_chunk < L and k_BxNxTxK.shape[2] == L else L
+  starts = range(0, L, chunk)
+  seeds = (jax.random.bits(dropout_rng, (len(starts), 4), jnp.uint32) if dropout > 0 else [None] * len(starts))
+  outs = []
+  for q0, seed in zip(starts, seeds):
+    q1 = min(q0 + chunk, L)
+    t1 = q1 if chunk < L else k_BxNxTxK.shape[2]  # keys after the chunk's last query are hidden from all of it
+    outs.append(_block(q_BxLxHxK[:, q0:q1], k_BxNxTxK[:, :, :t1], v_BxNxTxK[:, :, :t1], bias[..., q0:q1, :t1],
+                       dropout, seed))
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def _block(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, bias, dropout, dropout_seed):
+  """Scaled queries against keys and values under an additive bias: one softmax block."""
+  B, L, H, K = q_BxLxHxK.shape
+  N = k_BxNxTxK.shape[1]
   if N == H:  # multi-head: 4-D contractions; XLA's CPU backward of the 5-D form adds transposes and copies
     s_BxHxLxT = jnp.einsum('BLHK,BHTK->BHLT', q_BxLxHxK, k_BxNxTxK, preferred_element_type=jnp.float32)
     p_BxHxLxT = _softmax_dropout(s_BxHxLxT, bias[:, 0], dropout, dropout_seed)
@@ -96,10 +129,14 @@ def resolve(impl: str, dtype, dropout: float) -> str:
   return 'cudnn' if cudnn_ok else 'xla'
 
 
-def attend(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, *, impl='xla', dropout=0.0, dropout_seed=None):
+def attend(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, *, impl='xla', dropout=0.0, dropout_rng=None,
+           causal_chunk=0):
+  """Attention output o_BxLxHxK. dropout_rng: a JAX key, needed when dropout > 0. causal_chunk > 0 ('xla' only)
+  asserts that the mask hides every key after its query's own slot -- a sequence attending to itself, no cache --
+  and skips the blocks above the diagonal (module docstring)."""
   impl = resolve(impl, q_BxLxHxK.dtype, dropout)
   if impl == 'xla':
-    return _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_seed)
+    return _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng, causal_chunk)
   if dropout > 0:
     raise ValueError(f"attention={impl!r} has no attention dropout; use model.attention='xla' or dropout=0")
   return _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask,

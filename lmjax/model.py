@@ -57,6 +57,7 @@ class ModelConfig:
   scan_layers: bool = False  # nn.scan over blocks: compile time flat in depth
   remat: str = 'none'  # see REMAT_POLICIES
   attention: str = 'xla'  # see lmjax/attention.py
+  attention_chunk: int = -1  # 'xla' causal query chunks: -1 auto, 0 off (lmjax/attention.py chunk_for)
 
   @property
   def kv_heads(self) -> int:
@@ -88,6 +89,7 @@ class ModelConfig:
     need(0.0 <= self.dropout < 1.0, f'dropout must be in [0, 1), got {self.dropout}')
     need(self.attention in attention.IMPLEMENTATIONS,
          f'attention must be one of {sorted(attention.IMPLEMENTATIONS)}, got {self.attention!r}')
+    need(self.attention_chunk >= -1, f'attention_chunk must be -1 (auto), 0 (off) or a length, got {self.attention_chunk}')
     return self
 
 
@@ -216,9 +218,10 @@ class Attention(nn.Module):
       new_cache = {'k': upd(cache['k'], k_BxNxLxK), 'v': upd(cache['v'], v_BxNxLxK)}
       k_BxNxLxK, v_BxNxLxK = new_cache['k'].astype(dt), new_cache['v'].astype(dt)
 
-    drop_seed = _dropout_seed(self) if (train and cfg.dropout > 0) else None
+    drop_rng = self.make_rng('dropout') if (train and cfg.dropout > 0) else None
+    chunk = attention.chunk_for(L, cfg.attention_chunk) if cache is None else 0  # no cache: the causal mask holds
     out_BxLxHxK = attention.attend(q_BxLxHxK, k_BxNxLxK, v_BxNxLxK, mask, impl=cfg.attention,
-                                   dropout=cfg.dropout if train else 0.0, dropout_seed=drop_seed)
+                                   dropout=cfg.dropout if train else 0.0, dropout_rng=drop_rng, causal_chunk=chunk)
     std_out = _INIT_STD / (2 * cfg.n_layers) ** 0.5
     o_HKxD = dense('o_kernel', (H, K, D), ('heads', 'head_dim', 'embed'), std_out).reshape(H * K, D).astype(dt)
     y_BLxD = jnp.dot(out_BxLxHxK.reshape(B * L, H * K), o_HKxD)  # 2-D, as in Mlp: no transposes in its backward

@@ -190,7 +190,7 @@ def _check_train_config(config, mesh):
 # ------------------------------------------------------------------------------------------ the loop
 
 # Model fields a resumed run may change: they alter how the step computes, not what the parameters are.
-_RESUMABLE_MODEL_CHANGES = ('dropout', 'attention', 'remat', 'dtype')
+_RESUMABLE_MODEL_CHANGES = ('dropout', 'attention', 'attention_chunk', 'remat', 'dtype')
 
 
 def check_compatible(recorded: dict, config, tokenizer_spec: dict | None, where: str):

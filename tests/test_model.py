@@ -12,6 +12,7 @@ VARIANTS = {
     'llama': dict(norm='rmsnorm', positions='rope', mlp='swiglu', n_kv_heads=2, use_bias=False, tied_embeddings=False),
     'mqa': dict(n_kv_heads=1),
     'scan': dict(scan_layers=True),
+    'chunked': dict(attention_chunk=5, n_kv_heads=2),  # causal query chunks of 5, 5, 5 and 1
 }
 
 
@@ -97,8 +98,9 @@ def test_dropout_masks_keep_one_minus_rate_and_follow_their_seed():
   assert 0.6 < float((a == b).mean()) < 0.76  # independent masks agree on 0.8^2 + 0.2^2 = 68% of entries
 
 
-def test_training_dropout_is_random_per_key_and_off_in_evaluation():
-  cfg, _, params = make(dropout=0.2)
+@pytest.mark.parametrize('chunk', [0, 4])
+def test_training_dropout_is_random_per_key_and_off_in_evaluation(chunk):
+  cfg, _, params = make(dropout=0.2, attention_chunk=chunk)
   apply = jax.jit(model_lib.Transformer(cfg).apply, static_argnames='train')
   x = tokens(2, cfg.max_len)
   run = lambda seed, train: apply({'params': params}, x, train=train, rngs={'dropout': jax.random.key(seed)})

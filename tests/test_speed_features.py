@@ -98,18 +98,37 @@ def cpu_implementations():
   return [i for i in attention.IMPLEMENTATIONS if i != 'cudnn' or jax.default_backend() == 'gpu']
 
 
-@pytest.mark.parametrize('impl', cpu_implementations())
-@pytest.mark.parametrize('kv_heads', [4, 2, 1])
-def test_attention_implementation_matches_the_reference_with_causal_mask_and_segments(impl, kv_heads):
-  B, L, H, K = 2, 8, 4, 8
+def attention_inputs(kv_heads, B=2, L=8, H=4, K=8):
   ks = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(ks[0], (B, L, H, K))
   k, v = (jax.random.normal(kk, (B, kv_heads, L, K)) for kk in ks[1:])
   seg_BxL = jnp.array([[1, 1, 1, 2, 2, 2, 2, 2], [0, 0, 1, 1, 1, 1, 1, 1]], jnp.int32)  # packed; left padding
   slots = jnp.arange(L)
-  mask = attention.make_mask(slots, slots, seg_BxL, seg_BxL)
+  return q, k, v, attention.make_mask(slots, slots, seg_BxL, seg_BxL)
+
+
+@pytest.mark.parametrize('impl', cpu_implementations())
+@pytest.mark.parametrize('kv_heads', [4, 2, 1])
+def test_attention_implementation_matches_the_reference_with_causal_mask_and_segments(impl, kv_heads):
+  q, k, v, mask = attention_inputs(kv_heads)
   got = jax.jit(functools.partial(attention.attend, impl=impl))(q, k, v, mask)
   np.testing.assert_allclose(got, reference_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize('chunk', [1, 3, 4])  # 3: a shorter last chunk
+@pytest.mark.parametrize('kv_heads', [4, 1])
+def test_causal_chunks_match_the_reference_and_their_gradients_match_one_block(chunk, kv_heads):
+  q, k, v, mask = attention_inputs(kv_heads)
+  attend = lambda c: jax.jit(lambda *a: attention.attend(*a, mask, causal_chunk=c))
+  np.testing.assert_allclose(attend(chunk)(q, k, v), reference_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
+  grad = lambda c: jax.grad(lambda *a: jnp.sum(jnp.sin(attend(c)(*a))), argnums=(0, 1, 2))(q, k, v)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=2e-5, rtol=2e-5), grad(chunk), grad(0))
+
+
+def test_causal_chunk_auto_rule():
+  assert attention.chunk_for(256, 0) == 0 and attention.chunk_for(256, 64) == 64 and attention.chunk_for(64, 64) == 0
+  if jax.default_backend() == 'cpu':
+    assert [attention.chunk_for(n, -1) for n in (64, 128, 256, 512, 1024, 4096)] == [0, 32, 64, 128, 128, 256]
 
 
 _CACHE_PROBE = textwrap.dedent('''
