@@ -108,3 +108,11 @@ def test_training_dropout_is_random_per_key_and_off_in_evaluation(chunk):
   assert not np.allclose(run(0, True), run(1, True))
   np.testing.assert_array_equal(run(0, False), run(1, False))
   assert not np.allclose(run(0, True), run(0, False))
+
+
+def test_hand_written_gelu_matches_exact_gelu_and_its_autodiff_gradient():
+  x = jnp.linspace(-6.0, 6.0, 1001)
+  f = lambda g: jax.jit(jax.value_and_grad(lambda x: jnp.sum(jnp.sin(g(x)))))(x)
+  (v, dx), (v_ref, dx_ref) = f(model_lib.gelu), f(lambda x: jax.nn.gelu(x, approximate=False))
+  np.testing.assert_allclose(v, v_ref, rtol=1e-6)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-6)
