@@ -9,6 +9,11 @@ What:  lmjax's real train step (`lmjax.bench.Runner`: Task.train_fn, AdamW, clip
        ran ~1.5x slower in a process where a 6-layer/384 torch step had just run; --peer_in_process restores the
        old way). The sides alternate in --rounds windows of --steps steps each, so a noisy shared host slows all
        alike; medians over all windows. nanoGPT ran ~1.23x HF GPT-2 on this recipe.
+       Each window starts with --rewarm untimed steps (default 1). On this Firecracker VM the kernel reports freed
+       memory to the host (page_reporting) after ~2 s, so a side that sat idle while the others ran re-faults its
+       temporaries through the host: a 6-layer/384 lmjax step took 17-18 s after 12 s idle against 12 s back to
+       back, the same page-fault count but 16 s of kernel time instead of 3.5 s. Training never sits idle between
+       steps, so the timed steps are the back-to-back ones; torch keeps its freed memory and barely notices.
        --peer=nanogpt|both adds a GPT written here the way nanoGPT's model.py builds it (nn.Linear projections, fused
        qkv, F.scaled_dot_product_attention(is_causal=True), exact GELU, tied head, AdamW decaying 2-D weights only,
        eager, or torch.compile'd with --peer_compile as nanoGPT's train.py does by default): a same-day stand-in for
@@ -190,6 +195,7 @@ def main(argv=None):
   p.add_argument('--config', required=True)
   p.add_argument('--rounds', type=int, default=30)
   p.add_argument('--steps', type=int, default=2, help='optimizer steps per timed window (small: the two sides alternate often)')
+  p.add_argument('--rewarm', type=int, default=1, help='untimed steps at the start of every window (docstring)')
   p.add_argument('--record', default='')
   p.add_argument('--no_peer', action='store_true')
   p.add_argument('--peer', choices=('hf', 'nanogpt', 'both'), default='both',
@@ -226,12 +232,14 @@ def main(argv=None):
     peer.time(2)
   ours, theirs = [], {name: [] for name in peers}
   for _ in range(args.rounds):
+    runner.time(-(-args.rewarm // K))
     ours += runner.time(max(1, args.steps // K))
     for name, peer in peers.items():
+      peer.time(args.rewarm)
       theirs[name] += peer.time(args.steps)
   r = runner.result(ours)
   bench.print_result(r)
-  extra = {'overrides': overrides, 'label': args.label, 'rounds': args.rounds, 'steps_per_window': args.steps,
+  extra = {'overrides': overrides, 'label': args.label, 'rounds': args.rounds, 'steps_per_window': args.steps, 'rewarm': args.rewarm,
            'peer_threads': args.peer_threads, 'peer_compile': args.peer_compile,
            'peer_in_process': args.peer_in_process}
   where = "lmjax's process" if args.peer_in_process else 'own process'
