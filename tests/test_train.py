@@ -145,8 +145,8 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, shakespeare_dirs):
     while not (workdir / 'metrics.jsonl').exists() or not (workdir / 'metrics.jsonl').read_text():
       assert proc.poll() is None and time.time() < deadline, 'training did not start'
       time.sleep(0.5)
-    # lmjax restarted itself (same pid: the signal still reaches it) with its allocator tunables (lmjax/hostenv.py).
-    assert b'glibc.malloc.mmap_max=0' in open(f'/proc/{proc.pid}/environ', 'rb').read()
+    # lmjax restarted itself (same pid: the signal still reaches it) with huge pages for malloc (lmjax/hostenv.py).
+    assert b'glibc.malloc.hugetlb=1' in open(f'/proc/{proc.pid}/environ', 'rb').read()
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
   finally:
@@ -157,14 +157,11 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, shakespeare_dirs):
   assert f'saved a checkpoint at step {steps[0]}' in out
 
 
-def test_the_command_restarts_with_the_allocator_tunables_once_and_respects_the_users_choice():
-  ours = ':'.join(f'{k}={v}' for k, v in hostenv.TUNABLES)
+def test_the_command_restarts_with_huge_pages_for_malloc_once_and_respects_the_users_choice():
   env = hostenv.tuned_environ({'GLIBC_TUNABLES': 'glibc.malloc.check=0', 'HOME': '/h'})
-  assert env == {'GLIBC_TUNABLES': 'glibc.malloc.check=0:' + ours, 'HOME': '/h'}
+  assert env == {'GLIBC_TUNABLES': 'glibc.malloc.check=0:glibc.malloc.hugetlb=1', 'HOME': '/h'}
   assert hostenv.tuned_environ(env) is None  # the restarted process does not restart again
-  mine = hostenv.tuned_environ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'})['GLIBC_TUNABLES'].split(':')
-  assert mine[0] == 'glibc.malloc.hugetlb=0' and 'glibc.malloc.hugetlb=1' not in mine and len(mine) == len(ours.split(':'))
-  assert hostenv.tuned_environ({'GLIBC_TUNABLES': ours}) is None
+  assert hostenv.tuned_environ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}) is None
   assert hostenv.tuned_environ({'LMJAX_NO_REEXEC': '1'}) is None
 
 
