@@ -5,9 +5,9 @@ Run:   python experiments/bench_train.py --config=configs/shakespeare_char_cpu.p
 What:  lmjax's real train step (`lmjax.bench.Runner`: Task.train_fn, AdamW, clipping, dropout as configured) and
        a torch step doing the same work: GPT2LMHeadModel (n_layer, n_head, n_embd, n_positions=max_len, vocab 65,
        exact-erf GELU, dropout as the config), cross-entropy, backward, clip_grad_norm_, torch.optim.AdamW.
-       torch.set_num_threads(--peer_threads, default all cores). Each peer runs in a process of its own (lmjax's step
-       ran ~1.5x slower in a process where a 6-layer/384 torch step had just run; --peer_in_process restores the
-       old way). The sides alternate in --rounds windows of --steps steps each, so a noisy shared host slows all
+       torch.set_num_threads(--peer_threads, default all cores). Each peer runs in a process of its own, so neither
+       side touches the other's heap or threads (in one process, 3 GB of torch tensors made and freed between two
+       lmjax steps slowed the next by 6-31%; --peer_in_process restores the old way). The sides alternate in --rounds windows of --steps steps each, so a noisy shared host slows all
        alike; medians over all windows. nanoGPT ran ~1.23x HF GPT-2 on this recipe.
        Each window starts with --rewarm untimed steps (default 1). On this Firecracker VM the kernel reports freed
        memory to the host (page_reporting) after ~2 s, so a side that sat idle while the others ran re-faults its
@@ -138,9 +138,10 @@ PEERS = {'hf': TorchPeer, 'nanogpt': NanoGPTPeer}
 
 
 class PeerProcess:
-  """A torch peer in a process of its own, timed on request. In lmjax's process, after a torch step at the
-  6-layer/384 size, lmjax's own step ran ~1.5x slower (22.9 against 14.9 s) than alone; apart, neither side
-  touches the other's heap, threads or allocator state. Blocked on its pipe between windows, it uses no CPU."""
+  """A torch peer in a process of its own, timed on request: neither side touches the other's heap, threads or
+  allocator state. (The 1.5x slower lmjax steps first blamed on a torch step in the same process were mostly this
+  VM's idle-memory effect; see --rewarm in the module docstring.) Blocked on its pipe between windows, it uses no
+  CPU (sampled: 0% while lmjax runs)."""
 
   def __init__(self, name, argv, threads, compile_model):
     cmd = [sys.executable, os.path.abspath(__file__), f'--serve_peer={name}', f'--peer_threads={threads}', *argv]
@@ -239,8 +240,8 @@ def main(argv=None):
       theirs[name] += peer.time(args.steps)
   r = runner.result(ours)
   bench.print_result(r)
-  extra = {'overrides': overrides, 'label': args.label, 'rounds': args.rounds, 'steps_per_window': args.steps, 'rewarm': args.rewarm,
-           'peer_threads': args.peer_threads, 'peer_compile': args.peer_compile,
+  extra = {'overrides': overrides, 'label': args.label, 'rounds': args.rounds, 'steps_per_window': args.steps,
+           'rewarm': args.rewarm, 'peer_threads': args.peer_threads, 'peer_compile': args.peer_compile,
            'peer_in_process': args.peer_in_process}
   where = "lmjax's process" if args.peer_in_process else 'own process'
   B, L = config.train.batch_size, config.model.max_len

@@ -89,7 +89,8 @@ class ModelConfig:
     need(0.0 <= self.dropout < 1.0, f'dropout must be in [0, 1), got {self.dropout}')
     need(self.attention in attention.IMPLEMENTATIONS,
          f'attention must be one of {sorted(attention.IMPLEMENTATIONS)}, got {self.attention!r}')
-    need(self.attention_chunk >= -1, f'attention_chunk must be -1 (auto), 0 (off) or a length, got {self.attention_chunk}')
+    need(self.attention_chunk >= -1,
+         f'attention_chunk must be -1 (auto), 0 (off) or a length, got {self.attention_chunk}')
     return self
 
 
