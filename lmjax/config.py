@@ -70,8 +70,9 @@ def default_config() -> ml_collections.ConfigDict:
   t.steps = 2000
   t.batch_size = 12  # global batch, in rows of model.max_len tokens
   t.grad_accum = 1  # micro-batches per step; batch_size must be divisible by it
-  t.log_every = 50  # steps between train-loss / tokens-per-second / MFU lines
-  t.eval_every = 250  # steps between evaluations over the whole eval split (and at the last step)
+  # The three intervals below: steps between events, which also happen at the last step; 0 = only at the last step.
+  t.log_every = 50  # train-loss / tokens-per-second / MFU lines
+  t.eval_every = 250  # evaluations over the whole eval split
   t.eval_batch_size = 64
   t.eval_max_batches = 0  # 0 = the whole eval split
   t.checkpoint_every = 500

@@ -176,6 +176,8 @@ class Task:
 def _check_train_config(config, mesh):
   tc, K = config.train, config.train.steps_per_call
   for name in ('log_every', 'eval_every', 'checkpoint_every', 'steps'):
+    if tc[name] < 0:
+      raise config_lib.ConfigError(f'train.{name} ({tc[name]}) must be >= 0 (0 = only at the last step)')
     if tc[name] % K:
       raise config_lib.ConfigError(f'train.{name} ({tc[name]}) must be a multiple of train.steps_per_call ({K})')
   rows = mesh.shape['data'] * mesh.shape['fsdp']
@@ -249,6 +251,11 @@ def _next_batches(it, K):
   return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
+def _due(step: int, every: int, last: int) -> bool:
+  """An event with interval `every` (0: none before the last step) is due at `step`."""
+  return step == last or (every > 0 and step % every == 0)
+
+
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
   runtime.enable_compilation_cache(config.train.compilation_cache_dir)
@@ -261,7 +268,7 @@ def train(config, workdir: str) -> dict:
   tc, K = config.train, task.steps_per_call
   primary = jax.process_index() == 0
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=tc.keep_checkpoints,
-                                 save_interval_steps=tc.checkpoint_every)
+                                 save_interval_steps=tc.checkpoint_every or tc.steps)
   meta = {'config': config.to_dict(), 'tokenizer': data.tokenizer.spec()}
   if ckpt.latest_step() is not None:
     check_compatible(ckpt.read_meta(), config, data.tokenizer.spec(), workdir)
@@ -316,9 +323,8 @@ def train(config, workdir: str) -> dict:
         if log_due is not None:  # the previous call's metrics, read while this call runs
           read_metrics(log_due)
           log_due = None
-        eval_due = step % tc.eval_every == 0 or step == tc.steps
-        save_due = step % tc.checkpoint_every == 0 or step == tc.steps
-        if step % tc.log_every == 0 or eval_due or save_due:
+        eval_due, save_due = _due(step, tc.eval_every, tc.steps), _due(step, tc.checkpoint_every, tc.steps)
+        if _due(step, tc.log_every, tc.steps) or eval_due or save_due:
           if eval_due or save_due:  # about to sync anyway: log now, then keep eval/save out of the window
             read_metrics(step)
             if eval_due:

@@ -77,6 +77,18 @@ def test_checkpoints_are_kept_at_the_configured_steps(trained):
   assert sorted(int(s) for s in os.listdir(os.path.join(trained, 'checkpoints')) if s.isdigit()) == [30, 60]
 
 
+def test_intervals_of_zero_mean_only_at_the_last_step_and_negative_ones_are_refused(tmp_path, shakespeare_dirs,
+                                                                                    cache_dir):
+  _train(tmp_path / 'run', shakespeare_dirs, 'train.steps=20', 'optimizer.decay_steps=60', 'train.eval_every=0',
+         'train.checkpoint_every=0', 'train.log_every=0', cache=cache_dir)
+  rows = _rows(tmp_path / 'run')
+  assert [r['step'] for r in rows if 'val_loss' in r] == [20]
+  assert [r['step'] for r in rows if 'train_loss' in r] == [20]
+  assert [s for s in os.listdir(tmp_path / 'run' / 'checkpoints') if s.isdigit()] == ['20']
+  with pytest.raises(config_lib.ConfigError, match=r'train\.eval_every \(-10\) must be >= 0'):
+    _train(tmp_path / 'bad', shakespeare_dirs, 'train.eval_every=-10')
+
+
 def test_eval_of_a_workdir_reproduces_the_final_val_loss(trained):
   result = train.evaluate_run(trained, ONE_DEVICE)
   last = [r for r in _rows(trained) if 'val_loss' in r][-1]
