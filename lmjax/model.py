@@ -210,9 +210,11 @@ class Attention(nn.Module):
       b_C = jnp.concatenate([bias('q_bias', (H, K), ('heads', 'head_dim')).reshape(H * K),
                              bias('kv_bias', (2, N, K), (None, 'kv_heads', 'head_dim')).reshape(2 * N * K)])
       qkv_BLxC = qkv_BLxC + b_C.astype(dt)[None, :]
-    q_BxLxHxK = qkv_BLxC[:, :H * K].reshape(B, L, H, K)
-    k_BxNxLxK = qkv_BLxC[:, H * K:(H + N) * K].reshape(B, L, N, K).transpose(0, 2, 1, 3)
-    v_BxNxLxK = qkv_BLxC[:, (H + N) * K:].reshape(B, L, N, K).transpose(0, 2, 1, 3)
+    # split, not three slices: its backward is one concatenate, where slices' is three pads and their sum
+    q_BLxHK, k_BLxNK, v_BLxNK = jnp.split(qkv_BLxC, [H * K, (H + N) * K], axis=1)
+    q_BxLxHxK = q_BLxHK.reshape(B, L, H, K)
+    k_BxNxLxK = k_BLxNK.reshape(B, L, N, K).transpose(0, 2, 1, 3)
+    v_BxNxLxK = v_BLxNK.reshape(B, L, N, K).transpose(0, 2, 1, 3)
     if cfg.positions == 'rope':
       q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
       k_BxNxLxK = rope(k_BxNxLxK.transpose(0, 2, 1, 3), positions_BxL, cfg.rope_theta).transpose(0, 2, 1, 3)
