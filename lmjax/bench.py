@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax import metrics as metrics_lib, model as model_lib, runtime
+from lmjax import hostenv, metrics as metrics_lib, model as model_lib, runtime
 
 CHAR_VOCAB = 65  # Tiny Shakespeare's character vocabulary: what the CPU recipes train on
 
@@ -37,15 +37,28 @@ def matmul_flops(n: int = 1024, repeats: int = 10) -> float:
   return 2.0 * n ** 3 / statistics.median(times)
 
 
+def cpu_isa(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """The widest x86 vector extension the CPU reports (Linux), '' when unknown. Recorded with every result because
+  hosts of one model name differ: the project brief's figures come from an AVX-512 host, while this VM reported
+  AVX2 only on 2026-11-27, and the torch peers' kernels depend on it."""
+  try:
+    with open(cpuinfo) as f:
+      flags = next((l.split(':', 1)[1].split() for l in f if l.startswith('flags')), [])
+  except OSError:
+    return ''
+  return next((name for flag, name in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'), ('avx', 'AVX')) if flag in flags), '')
+
+
 def hardware() -> str:
-  """'CPU model name (N cores)' on Linux CPUs, else the JAX device kind and count."""
+  """'CPU model name (N cores, ISA)' on Linux CPUs, else the JAX device kind and count."""
   if jax.default_backend() == 'cpu':
+    cores = ', '.join(x for x in (f'{os.cpu_count()} cores', cpu_isa()) if x)
     try:
       out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
       name = next(l.split(':', 1)[1].strip() for l in out.splitlines() if l.startswith('Model name'))
-      return f'{name} ({os.cpu_count()} cores)'
+      return f'{name} ({cores})'
     except (OSError, subprocess.CalledProcessError, StopIteration):
-      return f'{platform.processor() or "cpu"} ({os.cpu_count()} cores)'
+      return f'{platform.processor() or "cpu"} ({cores})'
   return f'{jax.device_count()} x {jax.devices()[0].device_kind}'
 
 
@@ -127,7 +140,8 @@ def describe(config) -> dict:
 
 def record_line(config_name: str, config, result: dict, **extra) -> dict:
   return {'date': datetime.datetime.now().isoformat(timespec='seconds'), 'hardware': hardware(),
-          'git_commit': git_commit(), 'config': config_name, **describe(config), **result, **extra}
+          'git_commit': git_commit(), 'allocator': hostenv.allocator(), 'config': config_name, **describe(config),
+          **result, **extra}
 
 
 def print_result(r: dict, label: str = 'lmjax'):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from lmjax import hostenv  # the one lmjax import before the process is set up: it imports nothing heavy
@@ -96,7 +97,7 @@ def _run(args, overrides):
     sample.run(args, overrides)
   elif args.command == 'bench':
     from lmjax import bench
-    bench.run(config_lib.load(args.config, overrides), args.steps, args.record)
+    bench.run(config_lib.load(args.config, overrides), args.steps, args.record, os.path.basename(args.config))
   elif args.command == 'plan':
     from lmjax import plan
     plan.run(args, overrides)
