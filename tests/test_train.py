@@ -157,8 +157,10 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, shakespeare_dirs):
     while not (workdir / 'metrics.jsonl').exists() or not (workdir / 'metrics.jsonl').read_text():
       assert proc.poll() is None and time.time() < deadline, 'training did not start'
       time.sleep(0.5)
-    # lmjax restarted itself (same pid: the signal still reaches it) with huge pages for malloc (lmjax/hostenv.py).
+    # lmjax restarted itself (same pid: the signal still reaches it) with huge pages for malloc, and on jemalloc
+    # where it is installed (lmjax/hostenv.py).
     assert b'glibc.malloc.hugetlb=1' in open(f'/proc/{proc.pid}/environ', 'rb').read()
+    assert ('libjemalloc' in open(f'/proc/{proc.pid}/maps').read()) == bool(hostenv.find_jemalloc())
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
   finally:
@@ -169,12 +171,20 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, shakespeare_dirs):
   assert f'saved a checkpoint at step {steps[0]}' in out
 
 
-def test_the_command_restarts_with_huge_pages_for_malloc_once_and_respects_the_users_choice():
-  env = hostenv.tuned_environ({'GLIBC_TUNABLES': 'glibc.malloc.check=0', 'HOME': '/h'})
+def test_the_command_restarts_with_a_tuned_allocator_once_and_respects_the_users_choice():
+  env = hostenv.tuned_environ({'GLIBC_TUNABLES': 'glibc.malloc.check=0', 'HOME': '/h'}, jemalloc='')
   assert env == {'GLIBC_TUNABLES': 'glibc.malloc.check=0:glibc.malloc.hugetlb=1', 'HOME': '/h'}
   assert hostenv.tuned_environ(env) is None  # the restarted process does not restart again
   assert hostenv.tuned_environ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}) is None
   assert hostenv.tuned_environ({'LMJAX_NO_REEXEC': '1'}) is None
+  # jemalloc, where installed, is preloaded with purging off; the user's preload and MALLOC_CONF stand
+  je = '/usr/lib/libjemalloc.so.2'
+  env = hostenv.tuned_environ({'LD_PRELOAD': '/x/libfoo.so'}, jemalloc=je)
+  assert env['LD_PRELOAD'] == f'{je}:/x/libfoo.so' and env['MALLOC_CONF'] == 'dirty_decay_ms:-1,muzzy_decay_ms:-1'
+  assert hostenv.tuned_environ({'MALLOC_CONF': 'narenas:2'}, jemalloc=je)['MALLOC_CONF'] == 'narenas:2'
+  for preload in ('/opt/libtcmalloc_minimal.so.4', '/opt/libjemalloc.so'):
+    assert hostenv.tuned_environ({'LD_PRELOAD': preload}, jemalloc=je)['LD_PRELOAD'] == preload
+  assert 'LD_PRELOAD' not in hostenv.tuned_environ({'LMJAX_ALLOCATOR': 'glibc'})
 
 
 def test_missing_input_txt_is_a_clear_error_naming_path_size_and_checksum(tmp_path, capsys, no_network):
