@@ -5,7 +5,7 @@ Run:   lmjax train --config=configs/shakespeare_spm.py --workdir=runs/shakespear
          --config.data.manual_dir=../shared/data/tinyshakespeare
 Then:  lmjax sample --workdir=runs/shakespeare_spm --prompt="ROMEO:" --num_samples=4
 The tokenizer trains on the train split on first use (~0.3 s) and is cached in the workdir (tokenizer.model).
-Takes: ~35 min on a 2-core AVX-512 CPU shared with other runs (~0.7-1.2 s/step under that load); val bits per
+Takes: ~35 min on the 2-core AMD EPYC VM shared with other runs (~0.7-1.2 s/step under that load); val bits per
        byte 2.92 / 2.70 / 2.59 / 2.54 at steps 250 / 500 / 750 / 1000 (val loss 3.89 nats/token at 1000), already
        below the char recipe's 2.73 bpb (val loss 1.89 nats/char) at step 2000.
 """

@@ -14,8 +14,9 @@ import time
 import jax
 
 # Dense peak FLOP/s per device at the compute dtype researchers use there (bf16 on accelerators). Matched by
-# substring of jax.devices()[0].device_kind, first hit wins. The CPU figure is XLA's f32 matmul peak measured on
-# the 2-core AVX-512 development machine (lmjax bench prints its own measurement; set train.peak_flops to use it).
+# substring of jax.devices()[0].device_kind, first hit wins. The CPU figure is XLA's f32 matmul peak the project
+# brief measured on its 2-core development VM (lmjax bench prints its own measurement, 145-180 GFLOP/s on the AVX2
+# VM of 2026-11-27; set train.peak_flops to use one).
 PEAK_FLOPS = (
     ('TPU v6', 918e12),
     ('TPU v5p', 459e12),
