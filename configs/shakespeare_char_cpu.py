@@ -3,9 +3,9 @@
 Run:   lmjax train --config=configs/shakespeare_char_cpu.py --workdir=runs/shakespeare_char_cpu \
          --config.data.manual_dir=../shared/data/tinyshakespeare
 Then:  lmjax sample --workdir=runs/shakespeare_char_cpu --prompt="ROMEO:" --num_samples=4
-Takes: 2 min 25 s wall on a 2-core AMD EPYC (AVX-512) VM (2026-11-25): start to first step 8-10 s cold, 3.1-3.6 s
-       when rerun or resumed (executables from ~/.cache/lmjax), ~35-58 ms/step (a noisy shared host), 8 evaluations
-       over the whole validation split.
+Takes: 1 min 53 s wall on the 2-core AMD EPYC VM (AVX2, jemalloc installed; 2026-11-27): start to first step
+       6-7 s cold, 2.4-2.7 s when rerun or resumed (executables from ~/.cache/lmjax), ~40-50 ms/step (a noisy
+       shared host), 8 evaluations over the whole validation split.
 Reaches: val loss 1.8879 at step 2000 (bits per byte 2.724); nanoGPT: 1.8857 on the same recipe.
 """
 from lmjax.config import default_config

@@ -145,7 +145,8 @@ def record_line(config_name: str, config, result: dict, **extra) -> dict:
 
 
 def print_result(r: dict, label: str = 'lmjax'):
-  print(f'{label}: {r["n_params"]:,} params | batch {r["batch"]} x {r["length"]} | steps/call {r["steps_per_call"]}')
+  print(f'{label}: {r["n_params"]:,} params | batch {r["batch"]} x {r["length"]} | steps/call {r["steps_per_call"]} | '
+        f'{hostenv.allocator()}')
   print(f'  compile {r["compile_s"]:.2f} s ({r["compile_origin"]}) | '
         f'start to first step {r["start_to_first_step_s"]:.2f} s')
   print(f'  {r["ms_per_step"]:.2f} ms/step (median) | {r["tokens_per_s"]:,.0f} tokens/s | '
