@@ -3,58 +3,70 @@
 XLA on CPU takes every executable call's temporaries from malloc. glibc serves buffers over 32 MiB (its largest mmap
 threshold) as fresh mmaps that fault in page by page on every call, and hands freed memory back to the kernel.
 Two settings fix that, both read once when a process starts, so `lmjax` re-executes itself with them (same pid,
-same arguments) before JAX is imported; the cost is one more interpreter start:
+same arguments) before JAX is imported; the cost is one more interpreter start. The measurements behind them are
+in README.md (Speed, "Host memory").
 
-- jemalloc, when installed (Debian/Ubuntu: `apt-get install libjemalloc2`), preloaded with its purging turned off
-  (MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1): freed temporaries stay mapped in the process and the next call
-  reuses them. 6-layer/384 recipe on the 2-core VM: 17.4-18.7 s per step after 12 s idle and ~10.0 s back to back
-  with glibc, 9.0-9.9 s either way with jemalloc, at the same resident size (~5.9 GB): this VM reports freed memory
-  to its host, and faulting it back after an idle gap cost 15 s of kernel time per step. (glibc kept from trimming,
-  the other way to retain memory, fragmented its one heap to 2.6x the resident size.) The price: the process keeps
-  its peak heap until it exits, as torch's allocator does.
+- jemalloc, when installed (Debian/Ubuntu: `apt-get install libjemalloc2`) and no accelerator is present, preloaded
+  with its purging turned off (MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1): freed temporaries stay mapped in
+  the process and the next call reuses them, at the price of keeping the peak heap until the process exits.
 - glibc's `glibc.malloc.hugetlb=1` (transparent huge pages for malloc, glibc >= 2.35, where the kernel's THP mode is
-  `madvise`), which serves whatever glibc still allocates: without jemalloc the 6-layer/384 run faulted 65k pages
-  instead of ~1.7M and its step went from 17.3 to 14.3 s.
+  `madvise`), which serves whatever glibc still allocates.
 
-LMJAX_NO_REEXEC=1 turns all of this off; LMJAX_ALLOCATOR=glibc keeps glibc; a user's own LD_PRELOAD of jemalloc or
-tcmalloc, MALLOC_CONF or glibc.malloc.hugetlb setting stands. Nothing here imports JAX.
+Opting out: LMJAX_NO_REEXEC=1 changes nothing; LMJAX_ALLOCATOR=glibc keeps glibc; a user's own LD_PRELOAD or
+MALLOC_CONF, or glibc.malloc.hugetlb setting, stands. The restarted process carries LMJAX_TUNED=1 (so it never
+restarts again), and its children inherit the settings. Nothing here imports JAX.
 """
 from __future__ import annotations
 
 import os
+import platform
 import sys
 
 _HUGE_PAGES = 'glibc.malloc.hugetlb=1'
 _JEMALLOC_CONF = 'dirty_decay_ms:-1,muzzy_decay_ms:-1'  # never purge: freed pages stay for the next call
-_JEMALLOC_DIRS = ('/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64', '/usr/lib',
-                  '/usr/local/lib')
+_TUNED = 'LMJAX_TUNED'
+# Device nodes of GPUs and TPUs: there XLA's temporaries live in device memory, so a no-purge host heap buys
+# nothing and would only keep the input pipeline's peak.
+_ACCELERATOR_NODES = ('/dev/nvidia0', '/dev/accel0', '/dev/kfd')
 
 
 def find_jemalloc() -> str:
   """Path of an installed libjemalloc.so.2, or ''."""
-  return next((p for p in (os.path.join(d, 'libjemalloc.so.2') for d in _JEMALLOC_DIRS) if os.path.exists(p)), '')
+  dirs = (f'/usr/lib/{platform.machine()}-linux-gnu', '/usr/lib64', '/usr/lib', '/usr/local/lib')
+  return next((p for p in (os.path.join(d, 'libjemalloc.so.2') for d in dirs) if os.path.exists(p)), '')
+
+
+def _cpu_only(environ) -> bool:
+  platforms = environ.get('JAX_PLATFORMS', '')
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  return not any(os.path.exists(p) for p in _ACCELERATOR_NODES)
 
 
 def tuned_environ(environ, jemalloc: str | None = None) -> dict | None:
-  """`environ` with the allocator settings added, or None when there is nothing to do: they are set already, the
-  user set glibc.malloc.hugetlb to something else, LMJAX_NO_REEXEC is set, or this is not Linux.
-  `jemalloc`: the library to preload ('' for none); by default, find_jemalloc() unless LMJAX_ALLOCATOR=glibc."""
-  tunables = environ.get('GLIBC_TUNABLES', '')
-  if not sys.platform.startswith('linux') or environ.get('LMJAX_NO_REEXEC') or 'glibc.malloc.hugetlb' in tunables:
+  """`environ` with the allocator settings added and the LMJAX_TUNED marker, or None when there is nothing to do:
+  this process is the restarted one, LMJAX_NO_REEXEC is set, or this is not Linux. `jemalloc`: the library to
+  preload ('' for none); by default find_jemalloc(), unless LMJAX_ALLOCATOR=glibc or an accelerator is present."""
+  if not sys.platform.startswith('linux') or environ.get('LMJAX_NO_REEXEC') or environ.get(_TUNED):
     return None
-  env = {**environ, 'GLIBC_TUNABLES': ':'.join(t for t in (tunables, _HUGE_PAGES) if t)}
+  env = {**environ, _TUNED: '1'}
+  tunables = environ.get('GLIBC_TUNABLES', '')
+  if 'glibc.malloc.hugetlb' not in tunables:
+    env['GLIBC_TUNABLES'] = ':'.join(t for t in (tunables, _HUGE_PAGES) if t)
   if jemalloc is None:
-    jemalloc = '' if environ.get('LMJAX_ALLOCATOR') == 'glibc' else find_jemalloc()
-  preload = environ.get('LD_PRELOAD', '')
-  if jemalloc and 'jemalloc' not in preload and 'tcmalloc' not in preload:
-    env['LD_PRELOAD'] = ':'.join(p for p in (jemalloc, preload) if p)
+    wanted = environ.get('LMJAX_ALLOCATOR') != 'glibc' and _cpu_only(environ)
+    jemalloc = find_jemalloc() if wanted else ''
+  if jemalloc and not environ.get('LD_PRELOAD'):  # a preload of the user's own (ASan, another allocator) stands
+    env['LD_PRELOAD'] = jemalloc
     env.setdefault('MALLOC_CONF', _JEMALLOC_CONF)
   return env
 
 
 def allocator() -> str:
-  """The allocator this process runs on, for benchmark records: 'jemalloc (MALLOC_CONF=...)', 'tcmalloc',
-  'glibc (hugetlb)' or 'glibc'."""
+  """The allocator this process runs on, for start-up lines and benchmark records: 'jemalloc (MALLOC_CONF=...)',
+  'tcmalloc', 'glibc (hugetlb)', 'glibc', or 'system' off Linux."""
+  if not sys.platform.startswith('linux'):
+    return 'system'
   try:
     with open('/proc/self/maps') as f:
       maps = f.read()
@@ -65,6 +77,14 @@ def allocator() -> str:
   if 'libtcmalloc' in maps:
     return 'tcmalloc'
   return 'glibc (hugetlb)' if _HUGE_PAGES in os.environ.get('GLIBC_TUNABLES', '') else 'glibc'
+
+
+def jemalloc_hint(current: str) -> str:
+  """What to tell a CPU user whose run is not on jemalloc, or '' when there is nothing useful to say."""
+  if current.startswith(('jemalloc', 'tcmalloc', 'system')) or os.environ.get('LMJAX_ALLOCATOR') == 'glibc' \
+      or os.environ.get('LMJAX_NO_REEXEC') or find_jemalloc():
+    return ''
+  return ' (larger models step faster on jemalloc: apt-get install libjemalloc2; see lmjax/hostenv.py)'
 
 
 def reexec_tuned(args: list[str]):

@@ -15,6 +15,8 @@ import time
 import jax
 from jax.experimental import serialize_executable
 
+from lmjax import hostenv
+
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _IMPORTED_AT = time.perf_counter()  # seconds_since_process_start's fallback origin
 
@@ -25,8 +27,11 @@ def tune_host_allocator():
   On CPU every executable call allocates fresh temporaries; above glibc's default 128 KiB mmap threshold each
   one is an mmap/munmap pair that page-faults on first touch. Raising the thresholds (the same as
   MALLOC_MMAP_THRESHOLD_=32MiB MALLOC_TRIM_THRESHOLD_=2GiB MALLOC_TOP_PAD_=256MiB in the environment) measured
-  52.8 -> 43.7 ms per step on the CPU recipe. A no-op where glibc is absent.
+  52.8 -> 43.7 ms per step on the CPU recipe. A no-op where glibc is absent and when lmjax/hostenv.py preloaded
+  another allocator (glibc's malloc then serves nothing).
   """
+  if not hostenv.allocator().startswith('glibc'):
+    return
   try:
     libc = ctypes.CDLL('libc.so.6')
   except OSError:

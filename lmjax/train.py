@@ -175,6 +175,8 @@ class Task:
 
 def _check_train_config(config, mesh):
   tc, K = config.train, config.train.steps_per_call
+  if tc.steps <= 0:
+    raise config_lib.ConfigError(f'train.steps ({tc.steps}) must be > 0')
   for name in ('log_every', 'eval_every', 'checkpoint_every', 'steps'):
     if tc[name] < 0:
       raise config_lib.ConfigError(f'train.{name} ({tc[name]}) must be >= 0 (0 = only at the last step)')
@@ -186,7 +188,8 @@ def _check_train_config(config, mesh):
         f'train.batch_size ({tc.batch_size}) must be divisible by grad_accum ({tc.grad_accum}) x the batch-sharding '
         f'devices (mesh data x fsdp = {rows})')
   if tc.eval_batch_size % rows:
-    raise config_lib.ConfigError(f'train.eval_batch_size ({tc.eval_batch_size}) must be divisible by mesh data x fsdp ({rows})')
+    raise config_lib.ConfigError(
+        f'train.eval_batch_size ({tc.eval_batch_size}) must be divisible by mesh data x fsdp ({rows})')
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -281,9 +284,9 @@ def train(config, workdir: str) -> dict:
                            progress_bar=tc.progress_bar)
   log.echo(f'lmjax: {task.n_params:,} params | mesh {dict(task.mesh.shape)} | {task.mesh.size} x '
            f'{jax.devices()[0].device_kind} | {"resuming at step " + str(step) if step else "fresh start"} | {workdir}')
-  if jax.default_backend() == 'cpu':  # XLA's CPU temporaries live in malloc: the allocator sets the step time
-    log.echo(f'allocator: {hostenv.allocator()}' + ('' if 'jemalloc' in hostenv.allocator() else
-             ' (the 6-layer recipe steps ~20% faster on jemalloc: apt-get install libjemalloc2; lmjax/hostenv.py)'))
+  host_allocator = hostenv.allocator()  # on CPU, XLA's temporaries live in malloc: the allocator sets the step time
+  log.echo(f'allocator: {host_allocator}' + (hostenv.jemalloc_hint(host_allocator) if jax.default_backend() == 'cpu'
+                                             else ''))
   batch = parallel.put_batch(_next_batches(data.train_iter, K), task.batch_sharding)
   train_exec, compile_s = compiled()
   peak = metrics_lib.peak_flops_per_device(tc.peak_flops) * task.mesh.size

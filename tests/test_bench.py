@@ -33,4 +33,7 @@ def test_cpu_isa_names_the_widest_vector_extension(tmp_path, flags, isa):
   cpuinfo = tmp_path / 'cpuinfo'
   cpuinfo.write_text(f'processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n')
   assert bench.cpu_isa(str(cpuinfo)) == isa
+
+
+def test_cpu_isa_of_an_unreadable_cpuinfo_is_empty(tmp_path):
   assert bench.cpu_isa(str(tmp_path / 'missing')) == ''

@@ -77,16 +77,13 @@ def test_checkpoints_are_kept_at_the_configured_steps(trained):
   assert sorted(int(s) for s in os.listdir(os.path.join(trained, 'checkpoints')) if s.isdigit()) == [30, 60]
 
 
-def test_intervals_of_zero_mean_only_at_the_last_step_and_negative_ones_are_refused(tmp_path, shakespeare_dirs,
-                                                                                    cache_dir):
+def test_intervals_of_zero_mean_only_at_the_last_step(tmp_path, shakespeare_dirs, cache_dir):
   _train(tmp_path / 'run', shakespeare_dirs, 'train.steps=20', 'optimizer.decay_steps=60', 'train.eval_every=0',
          'train.checkpoint_every=0', 'train.log_every=0', cache=cache_dir)
   rows = _rows(tmp_path / 'run')
   assert [r['step'] for r in rows if 'val_loss' in r] == [20]
   assert [r['step'] for r in rows if 'train_loss' in r] == [20]
   assert [s for s in os.listdir(tmp_path / 'run' / 'checkpoints') if s.isdigit()] == ['20']
-  with pytest.raises(config_lib.ConfigError, match=r'train\.eval_every \(-10\) must be >= 0'):
-    _train(tmp_path / 'bad', shakespeare_dirs, 'train.eval_every=-10')
 
 
 def test_eval_of_a_workdir_reproduces_the_final_val_loss(trained):
@@ -159,8 +156,10 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, shakespeare_dirs):
       time.sleep(0.5)
     # lmjax restarted itself (same pid: the signal still reaches it) with huge pages for malloc, and on jemalloc
     # where it is installed (lmjax/hostenv.py).
-    assert b'glibc.malloc.hugetlb=1' in open(f'/proc/{proc.pid}/environ', 'rb').read()
-    assert ('libjemalloc' in open(f'/proc/{proc.pid}/maps').read()) == bool(hostenv.find_jemalloc())
+    environ = dict(kv.split(b'=', 1) for kv in open(f'/proc/{proc.pid}/environ', 'rb').read().split(b'\0') if kv)
+    assert b'glibc.malloc.hugetlb=1' in environ[b'GLIBC_TUNABLES'] and environ[b'LMJAX_TUNED'] == b'1'
+    preload = environ.get(b'LD_PRELOAD', b'').decode()
+    assert ('libjemalloc' in preload) == ('libjemalloc' in open(f'/proc/{proc.pid}/maps').read())
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
   finally:
@@ -171,20 +170,34 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, shakespeare_dirs):
   assert f'saved a checkpoint at step {steps[0]}' in out
 
 
-def test_the_command_restarts_with_a_tuned_allocator_once_and_respects_the_users_choice():
-  env = hostenv.tuned_environ({'GLIBC_TUNABLES': 'glibc.malloc.check=0', 'HOME': '/h'}, jemalloc='')
-  assert env == {'GLIBC_TUNABLES': 'glibc.malloc.check=0:glibc.malloc.hugetlb=1', 'HOME': '/h'}
+def test_the_command_restarts_with_a_tuned_allocator_once_and_respects_the_users_choice(monkeypatch):
+  monkeypatch.setattr(hostenv, '_cpu_only', lambda environ: True)
+  monkeypatch.setattr(hostenv, 'find_jemalloc', lambda: '')  # a host without jemalloc: huge pages for glibc only
+  env = hostenv.tuned_environ({'GLIBC_TUNABLES': 'glibc.malloc.check=0', 'HOME': '/h'})
+  assert env == {'GLIBC_TUNABLES': 'glibc.malloc.check=0:glibc.malloc.hugetlb=1', 'HOME': '/h', 'LMJAX_TUNED': '1'}
   assert hostenv.tuned_environ(env) is None  # the restarted process does not restart again
-  assert hostenv.tuned_environ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}) is None
   assert hostenv.tuned_environ({'LMJAX_NO_REEXEC': '1'}) is None
-  # jemalloc, where installed, is preloaded with purging off; the user's preload and MALLOC_CONF stand
   je = '/usr/lib/libjemalloc.so.2'
-  env = hostenv.tuned_environ({'LD_PRELOAD': '/x/libfoo.so'}, jemalloc=je)
-  assert env['LD_PRELOAD'] == f'{je}:/x/libfoo.so' and env['MALLOC_CONF'] == 'dirty_decay_ms:-1,muzzy_decay_ms:-1'
-  assert hostenv.tuned_environ({'MALLOC_CONF': 'narenas:2'}, jemalloc=je)['MALLOC_CONF'] == 'narenas:2'
-  for preload in ('/opt/libtcmalloc_minimal.so.4', '/opt/libjemalloc.so'):
-    assert hostenv.tuned_environ({'LD_PRELOAD': preload}, jemalloc=je)['LD_PRELOAD'] == preload
+  monkeypatch.setattr(hostenv, 'find_jemalloc', lambda: je)  # a host with jemalloc: preloaded, purging off
+  env = hostenv.tuned_environ({'HOME': '/h'})
+  assert env['LD_PRELOAD'] == je and env['MALLOC_CONF'] == hostenv._JEMALLOC_CONF
+  assert hostenv.tuned_environ(env) is None
+  # the user's own choices stand: huge pages off, their MALLOC_CONF, any preload of theirs, glibc, accelerators
+  env = hostenv.tuned_environ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0', 'MALLOC_CONF': 'narenas:2'})
+  assert (env['GLIBC_TUNABLES'], env['LD_PRELOAD'], env['MALLOC_CONF']) == ('glibc.malloc.hugetlb=0', je, 'narenas:2')
+  for preload in ('/opt/libtcmalloc_minimal.so.4', '/opt/libasan.so.8'):
+    assert hostenv.tuned_environ({'LD_PRELOAD': preload})['LD_PRELOAD'] == preload
   assert 'LD_PRELOAD' not in hostenv.tuned_environ({'LMJAX_ALLOCATOR': 'glibc'})
+  monkeypatch.undo()
+  assert 'LD_PRELOAD' not in hostenv.tuned_environ({'JAX_PLATFORMS': 'cuda,cpu'})
+  assert hostenv._cpu_only({'JAX_PLATFORMS': 'cpu'}) and not hostenv._cpu_only({'JAX_PLATFORMS': 'tpu'})
+
+
+@pytest.mark.parametrize('key, value', [('steps', 0), ('log_every', -1), ('eval_every', -10), ('checkpoint_every', -5)])
+def test_a_negative_interval_or_no_steps_is_a_clear_error(tmp_path, shakespeare_dirs, key, value):
+  with pytest.raises(config_lib.ConfigError, match=rf'train\.{key} \({value}\) must be'):
+    _train(tmp_path / 'bad', shakespeare_dirs, f'train.{key}={value}')
+  assert not (tmp_path / 'bad' / 'checkpoints').exists()
 
 
 def test_missing_input_txt_is_a_clear_error_naming_path_size_and_checksum(tmp_path, capsys, no_network):
