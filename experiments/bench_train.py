@@ -7,8 +7,9 @@ What:  lmjax's real train step (`lmjax.bench.Runner`: Task.train_fn, AdamW, clip
        exact-erf GELU, dropout as the config), cross-entropy, backward, clip_grad_norm_, torch.optim.AdamW.
        torch.set_num_threads(--peer_threads, default all cores). Each peer runs in a process of its own, so neither
        side touches the other's heap or threads (in one process, 3 GB of torch tensors made and freed between two
-       lmjax steps slowed the next by 6-31%; --peer_in_process restores the old way). The sides alternate in --rounds windows of --steps steps each, so a noisy shared host slows all
-       alike; medians over all windows. nanoGPT ran ~1.23x HF GPT-2 on this recipe.
+       lmjax steps slowed the next by 6-31%; --peer_in_process restores the old way). The sides alternate in
+       --rounds windows of --steps steps each, so a noisy shared host slows all alike; medians over all windows.
+       nanoGPT ran ~1.23x HF GPT-2 on this recipe.
        Each window starts with --rewarm untimed steps (default 1). On this Firecracker VM the kernel reports freed
        memory to the host (page_reporting) after ~2 s, so a side that sat idle while the others ran re-faults its
        temporaries through the host: a 6-layer/384 lmjax step took 17-18 s after 12 s idle against 12 s back to
