@@ -114,12 +114,12 @@ def _block(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, bias, dropout, dropout_seed):
   return o_BxLxNxGxK.reshape(B, L, H, K)
 
 
-def _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, implementation):
-  B, L, H, K = q_BxLxHxK.shape
-  N, T = k_BxNxTxK.shape[1], k_BxNxTxK.shape[2]
-  mask_BxHxLxT = jnp.broadcast_to(mask, (mask.shape[0], N, H // N, L, T)).reshape(mask.shape[0], H, L, T)
+def _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, causal, implementation):
+  # is_causal lets cuDNN skip the blocks above the diagonal and read no mask at all; a mask (segments, cache slots)
+  # stays B' x 1 x L x T: broadcast over heads by the kernel, never materialised per head.
+  mask_BxHxLxT = None if mask is None else mask.reshape(mask.shape[0], 1, *mask.shape[-2:])
   return jax.nn.dot_product_attention(q_BxLxHxK, k_BxNxTxK.transpose(0, 2, 1, 3), v_BxNxTxK.transpose(0, 2, 1, 3),
-                                      mask=mask_BxHxLxT, implementation=implementation)
+                                      mask=mask_BxHxLxT, is_causal=causal, implementation=implementation)
 
 
 def resolve(impl: str, dtype, dropout: float) -> str:
@@ -129,15 +129,22 @@ def resolve(impl: str, dtype, dropout: float) -> str:
   return 'cudnn' if cudnn_ok else 'xla'
 
 
-def attend(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, *, impl='xla', dropout=0.0, dropout_rng=None,
+def attend(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, *, impl='xla', dropout=0.0, dropout_rng=None, causal=False,
            causal_chunk=0):
-  """Attention output o_BxLxHxK. dropout_rng: a JAX key, needed when dropout > 0. causal_chunk > 0 ('xla' only)
-  asserts that the mask hides every key after its query's own slot -- a sequence attending to itself, no cache --
-  and skips the blocks above the diagonal (module docstring)."""
+  """Attention output o_BxLxHxK. mask: make_mask's visibility mask, or None with causal=True (the causal mask
+  alone). causal=True asserts a sequence attending to itself, no cache: query i and key i are the same slot, so
+  the mask hides every key after its query -- fused kernels then skip the blocks above the diagonal, and
+  causal_chunk > 0 ('xla') splits the queries into chunks that do the same (module docstring). dropout_rng: a
+  JAX key, needed when dropout > 0."""
+  if not causal and (mask is None or causal_chunk > 0):
+    raise ValueError('attend: mask=None (the causal mask alone) and causal_chunk > 0 need causal=True')
   impl = resolve(impl, q_BxLxHxK.dtype, dropout)
   if impl == 'xla':
-    return _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng, causal_chunk)
+    if mask is None:
+      slots_L = jnp.arange(q_BxLxHxK.shape[1], dtype=jnp.int32)
+      mask = make_mask(slots_L, slots_L)
+    return _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng, causal_chunk if causal else 0)
   if dropout > 0:
     raise ValueError(f"attention={impl!r} has no attention dropout; use model.attention='xla' or dropout=0")
-  return _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask,
+  return _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, causal,
                                 'cudnn' if impl == 'cudnn' else 'xla')

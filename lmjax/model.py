@@ -226,9 +226,11 @@ class Attention(nn.Module):
       k_BxNxLxK, v_BxNxLxK = new_cache['k'].astype(dt), new_cache['v'].astype(dt)
 
     drop_rng = self.make_rng('dropout') if (train and cfg.dropout > 0) else None
-    chunk = attention.chunk_for(L, cfg.attention_chunk) if cache is None else 0  # no cache: the causal mask holds
+    causal = cache is None  # a sequence attending to itself: kernels may skip the blocks above the diagonal
+    chunk = attention.chunk_for(L, cfg.attention_chunk) if causal else 0
     out_BxLxHxK = attention.attend(q_BxLxHxK, k_BxNxLxK, v_BxNxLxK, mask, impl=cfg.attention,
-                                   dropout=cfg.dropout if train else 0.0, dropout_rng=drop_rng, causal_chunk=chunk)
+                                   dropout=cfg.dropout if train else 0.0, dropout_rng=drop_rng, causal=causal,
+                                   causal_chunk=chunk)
     std_out = _INIT_STD / (2 * cfg.n_layers) ** 0.5
     o_HKxD = dense('o_kernel', (H, K, D), ('heads', 'head_dim', 'embed'), std_out).reshape(H * K, D).astype(dt)
     y_BLxD = jnp.dot(out_BxLxHxK.reshape(B * L, H * K), o_HKxD)  # 2-D, as in Mlp: no transposes in its backward
@@ -313,7 +315,9 @@ class Transformer(nn.Module):
     else:
       q_slot_L = q_slot_L + cache_index
       kv_slot_T = jnp.arange(cache['k'][0].shape[-2] if not cfg.scan_layers else cache['k'].shape[-2], dtype=jnp.int32)
-    mask = attention.make_mask(q_slot_L, kv_slot_T, segment_ids_BxL, kv_segment_ids_BxT)
+    # No cache and no segments: the causal mask alone, which attention builds (or a fused kernel skips) itself.
+    mask = (None if cache is None and segment_ids_BxL is None else
+            attention.make_mask(q_slot_L, kv_slot_T, segment_ids_BxL, kv_segment_ids_BxT))
 
     embed = self.param('embed', _dense_init(('vocab', 'embed')), (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
     x_BxLxD = jnp.take(embed, tokens_BxL, axis=0).astype(cfg.dtype)

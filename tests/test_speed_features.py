@@ -95,7 +95,8 @@ def reference_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask):
 
 
 def cpu_implementations():
-  return [i for i in attention.IMPLEMENTATIONS if i != 'cudnn' or jax.default_backend() == 'gpu']
+  """The implementations that take float32 inputs (cuDNN's kernel takes bf16/fp16 only: tested below, on GPU)."""
+  return [i for i in attention.IMPLEMENTATIONS if i != 'cudnn']
 
 
 def attention_inputs(kv_heads, B=2, L=8, H=4, K=8):
@@ -109,17 +110,62 @@ def attention_inputs(kv_heads, B=2, L=8, H=4, K=8):
 
 @pytest.mark.parametrize('impl', cpu_implementations())
 @pytest.mark.parametrize('kv_heads', [4, 2, 1])
-def test_attention_implementation_matches_the_reference_with_causal_mask_and_segments(impl, kv_heads):
+@pytest.mark.parametrize('causal', [False, True])
+def test_attention_implementation_matches_the_reference_with_causal_mask_and_segments(impl, kv_heads, causal):
+  # causal=True is the model's self-attention path: kernels get is_causal on top of the segment mask.
   q, k, v, mask = attention_inputs(kv_heads)
-  got = jax.jit(functools.partial(attention.attend, impl=impl))(q, k, v, mask)
+  got = jax.jit(functools.partial(attention.attend, impl=impl, causal=causal))(q, k, v, mask)
   np.testing.assert_allclose(got, reference_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize('impl', cpu_implementations())
+@pytest.mark.parametrize('kv_heads', [4, 1])
+def test_attention_without_a_mask_is_causal_self_attention(impl, kv_heads):
+  q, k, v, _ = attention_inputs(kv_heads)
+  slots = jnp.arange(q.shape[1])
+  got = jax.jit(functools.partial(attention.attend, mask=None, impl=impl, causal=True))(q, k, v)
+  np.testing.assert_allclose(got, reference_attention(q, k, v, attention.make_mask(slots, slots)), atol=2e-5,
+                             rtol=2e-5)
+  with pytest.raises(ValueError, match='causal=True'):
+    attention.attend(q, k, v, None, impl=impl)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')
+@pytest.mark.parametrize('segments', [False, True])
+@pytest.mark.parametrize('kv_heads', [8, 2])
+def test_cudnn_attention_matches_the_reference_in_bfloat16_values_and_gradients(segments, kv_heads):
+  # Shapes cuDNN's flash kernel takes (head dim 64, length a multiple of 64). The reference is 'xla' attention on the
+  # same bf16-rounded inputs in float32, so the tolerance covers bf16 rounding inside the kernel, not input rounding.
+  B, L, H, K = 2, 128, 8, 64
+  ks = jax.random.split(jax.random.key(3), 4)
+  q = jax.random.normal(ks[0], (B, L, H, K)).astype(jnp.bfloat16)
+  k, v = (jax.random.normal(kk, (B, kv_heads, L, K)).astype(jnp.bfloat16) for kk in ks[1:3])
+  slots = jnp.arange(L)
+  seg_BxL = jnp.concatenate([jnp.ones((B, 50), jnp.int32), jnp.full((B, L - 50), 2, jnp.int32)], axis=1)
+  mask = attention.make_mask(slots, slots, seg_BxL, seg_BxL) if segments else None
+  w = jax.random.normal(ks[3], (B, L, H, K))  # a loss that weighs every output element differently
+
+  def loss(impl, q, k, v):
+    o = attention.attend(q, k, v, mask, impl=impl, causal=True)
+    return jnp.sum(o.astype(jnp.float32) * w), o
+
+  f32 = lambda *a: [x.astype(jnp.float32) for x in a]
+  (_, want), want_grads = jax.jit(jax.value_and_grad(functools.partial(loss, 'xla'), argnums=(0, 1, 2),
+                                                     has_aux=True))(*f32(q, k, v))
+  (_, got), got_grads = jax.jit(jax.value_and_grad(functools.partial(loss, 'cudnn'), argnums=(0, 1, 2),
+                                                   has_aux=True))(q, k, v)
+  assert got.dtype == jnp.bfloat16
+  rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+  assert rel(got, want) < 1e-2
+  for g, r in zip(got_grads, want_grads):
+    assert rel(g, r) < 2e-2
 
 
 @pytest.mark.parametrize('chunk', [1, 3, 4])  # 3: a shorter last chunk
 @pytest.mark.parametrize('kv_heads', [4, 1])
 def test_causal_chunks_match_the_reference_and_their_gradients_match_one_block(chunk, kv_heads):
   q, k, v, mask = attention_inputs(kv_heads)
-  attend = lambda c: jax.jit(lambda *a: attention.attend(*a, mask, causal_chunk=c))
+  attend = lambda c: jax.jit(lambda *a: attention.attend(*a, mask, causal=True, causal_chunk=c))
   np.testing.assert_allclose(attend(chunk)(q, k, v), reference_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
   grad = lambda c: jax.grad(lambda *a: jnp.sum(jnp.sin(attend(c)(*a))), argnums=(0, 1, 2))(q, k, v)
   jax.tree.map(functools.partial(np.testing.assert_allclose, atol=2e-5, rtol=2e-5), grad(chunk), grad(0))
