@@ -7,9 +7,10 @@ Measure:  lmjax bench --config=configs/gpu_1b.py --steps=10
 Prepare (once, a machine with network): tfds build c4/en --data_dir=DATA --file_format=array_record
 Run:      lmjax train --config=configs/gpu_1b.py --workdir=runs/gpu_1b --config.data.data_dir=DATA
 Why these settings (one H100 80GB HBM3, 2026-11-27, `lmjax bench`, MFU against the tabled 989 TFLOP/s):
-  remat none, batch 8: 61.3-61.5k tokens/s, 42.4-42.6% (batch 12: 43.6%); save_proj, batch 16: 49.2%, batch 24:
-  50.3%, batch 32: 50.6%. save_proj beat no remat even at batch 16 against 12, although it recomputes; XLA flags
-  tried there (no Triton GEMMs, latency-hiding scheduler): no gain. Details in experiments/results.jsonl.
+  remat none: batch 8 42.4-42.6%, batch 12 43.6%. save_proj: batch 8 46.2%, 16 49.2%, 24 50.3%, 32 50.1-50.6%.
+  Recomputing beat storing even at equal batch (245.7 against 266-267 ms/step at batch 8), and the memory it frees
+  buys the larger batch. XLA flags tried (no Triton GEMMs, latency-hiding scheduler): no gain. All in
+  experiments/results.jsonl.
 Takes: NOT RUN end to end (no C4 on the lent GPU). At the measured 0.90 s/step, 15k steps (~1B tokens) would take
        ~3.7 h on one H100, plus evals.
 """

@@ -1,9 +1,11 @@
 """nanoGPT's GPU recipe: a 10.7M-parameter character-level GPT on Tiny Shakespeare (6 layers, 6 heads, d 384).
 
 Run:   lmjax train --config=configs/shakespeare_char.py --workdir=runs/shakespeare_char \
-         --config.data.manual_dir=../shared/data/tinyshakespeare
-Takes: minutes on one GPU; far too slow for a 2-core CPU (see README's benchmark table for its step time there).
-Reaches: val loss ~1.47 at step 5000 in nanoGPT's run of this recipe (not yet reproduced by lmjax on a GPU).
+         --config.data.manual_dir=../shared/data/tinyshakespeare [--config.model.dtype=bfloat16 on a GPU, as nanoGPT]
+Takes: 96 s on one H100 with --config.model.dtype=bfloat16 (10.0 ms/step, 28 s of it compiling; 2026-11-27); far
+       too slow for a 2-core CPU (see README's benchmark table for its step time there).
+Reaches: best val loss 1.4736 at step 2000 on that H100 run, 1.7448 at step 5000: the recipe overfits after step
+       2000. nanoGPT reports 1.4697 as its best.
 """
 import os
 

@@ -2,7 +2,7 @@
 # Issue #6's checks on one NVIDIA GPU, in one call (a lent GPU's time is short): each step has its own time limit,
 # so one failure leaves the others' results. Logs and a results.jsonl go to $OUT (default gpu_out/).
 #   1. `lmjax bench` of configs/gpu_1b.py (1.06B params, bf16, cuDNN attention): MFU against the tabled and the
-#      measured bf16 matmul peak; remat 'save_proj' again if 'none' does not fit.
+#      measured bf16 matmul peak.
 #   2. The numerics tests on the GPU (cuDNN attention against the reference, bf16 vs f32, scan, remat), with f32
 #      matmuls at full precision so the float32 tolerances mean what they mean on CPU.
 #   3. nanoGPT's GPU recipe end to end (configs/shakespeare_char.py, bf16 as nanoGPT's GPU default), real data
@@ -28,14 +28,10 @@ EOF
 step 'bench configs/gpu_1b.py'
 timeout 190 python3 -m lmjax bench --config=configs/gpu_1b.py --steps=10 --record="$OUT/results.jsonl" \
   2>&1 | tee "$OUT/bench_1b.log"
-if [ "${PIPESTATUS[0]}" != 0 ]; then
-  step 'bench configs/gpu_1b.py, remat save_proj'
-  timeout 150 python3 -m lmjax bench --config=configs/gpu_1b.py --steps=10 --record="$OUT/results.jsonl" \
-    --config.model.remat=save_proj 2>&1 | tee "$OUT/bench_1b_remat.log"
-fi
 
 step 'numerics tests on the GPU'
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 130 python3 -m pytest -q -p no:cacheprovider \
+# 4-6 s a test on an H100 (each compiles for the GPU): 56 of them took 4 minutes there.
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 900 python3 -m pytest -q -p no:cacheprovider \
   tests/test_speed_features.py tests/test_model.py 2>&1 | tee "$OUT/pytest.log" | tail -25
 
 step 'nanoGPT GPU recipe end to end'
