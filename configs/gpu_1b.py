@@ -11,27 +11,25 @@ Why these settings (one H100 80GB HBM3, 2026-11-27, `lmjax bench`, MFU against t
   Recomputing beat storing even at equal batch (245.7 against 266-267 ms/step at batch 8), and the memory it frees
   buys the larger batch. XLA flags tried (no Triton GEMMs, latency-hiding scheduler): no gain. All in
   experiments/results.jsonl.
+Memory: it ran in the H100's 80 GB (XLA_PYTHON_CLIENT_MEM_FRACTION=0.95). `lmjax plan --devices=1` on a CPU
+       analyses the CPU's program ('xla' attention, no cuDNN) and says 124 GiB: it does not predict a GPU's memory.
 Takes: NOT RUN end to end (no C4 on the lent GPU). At the measured 0.90 s/step, 15k steps (~1B tokens) would take
        ~3.7 h on one H100, plus evals.
 """
-from lmjax.config import default_config
+import os
+
+from lmjax import config as config_lib
 
 
 def get_config():
-  c = default_config()
-  c.data.dataset, c.data.feature = 'c4/en', 'text'
-  c.data.train_split, c.data.eval_split = 'train', 'validation'
-  c.data.rows = 'packed'
-  c.data.tokenizer, c.data.spm_model_type, c.data.spm_vocab_size = 'spm', 'bpe', 32_000
-  c.data.spm_train_chars = 50_000_000
-  c.data.read_threads = 16
+  # configs/c4.py's data (C4 en, 32k SentencePiece BPE, packed 2048-token rows) and Llama-style block; bigger here.
+  c = config_lib.load(os.path.join(os.path.dirname(__file__), 'c4.py'))
   m = c.model
   m.vocab_size = 32_000  # the tokenizer's size, set so `lmjax bench` and `lmjax plan` need no tokenizer
   m.max_len, m.n_layers, m.n_heads, m.d_model, m.d_ff = 2048, 18, 16, 2048, 5632
-  m.norm, m.positions, m.mlp, m.use_bias, m.tied_embeddings = 'rmsnorm', 'rope', 'swiglu', False, False
-  m.dtype, m.param_dtype = 'bfloat16', 'float32'
-  m.attention, m.scan_layers, m.remat = 'auto', True, 'save_proj'
-  c.train.batch_size, c.train.steps = 32, 15_000  # ~1B tokens
+  m.tied_embeddings, m.param_dtype, m.attention = False, 'float32', 'auto'
+  m.dtype, m.scan_layers, m.remat = 'bfloat16', True, 'save_proj'
+  c.train.batch_size, c.train.steps, c.train.steps_per_call = 32, 15_000, 1  # ~1B tokens; 0.9 s steps need no K
   c.train.eval_every, c.train.eval_batch_size, c.train.eval_max_batches = 1000, 32, 20
   c.train.log_every, c.train.checkpoint_every = 50, 1000
   c.optimizer.lr, c.optimizer.min_lr, c.optimizer.warmup_steps = 3e-4, 3e-5, 500
