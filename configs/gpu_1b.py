@@ -6,15 +6,17 @@ remat 'save_proj' (projection outputs kept, norms, activations and attention rec
 Measure:  lmjax bench --config=configs/gpu_1b.py --steps=10
 Prepare (once, a machine with network): tfds build c4/en --data_dir=DATA --file_format=array_record
 Run:      lmjax train --config=configs/gpu_1b.py --workdir=runs/gpu_1b --config.data.data_dir=DATA
-Why these settings (one H100 80GB HBM3, 2026-11-27, `lmjax bench`, MFU against the tabled 989 TFLOP/s):
+Why these settings (one H100 80GB HBM3, 2026-11-27, `lmjax bench` on random unpacked rows, so cuDNN ran with
+  is_causal and no segment mask; MFU against the tabled 989 TFLOP/s):
   remat none: batch 8 42.4-42.6%, batch 12 43.6%. save_proj: batch 8 46.2%, 16 49.2%, 24 50.3%, 32 50.1-50.6%.
   Recomputing beat storing even at equal batch (245.7 against 266-267 ms/step at batch 8), and the memory it frees
-  buys the larger batch. XLA flags tried (no Triton GEMMs, latency-hiding scheduler): no gain. All in
-  experiments/results.jsonl.
+  buys the larger batch. XLA flags tried (no Triton GEMMs, latency-hiding scheduler): no faster step, though
+  --xla_gpu_enable_triton_gemm=false compiled in 2.9 s instead of 8.0. All in experiments/results.jsonl.
 Memory: it ran in the H100's 80 GB (XLA_PYTHON_CLIENT_MEM_FRACTION=0.95). `lmjax plan --devices=1` on a CPU
-       analyses the CPU's program ('xla' attention, no cuDNN) and says 124 GiB: it does not predict a GPU's memory.
-Takes: NOT RUN end to end (no C4 on the lent GPU). At the measured 0.90 s/step, 15k steps (~1B tokens) would take
-       ~3.7 h on one H100, plus evals.
+       analyses the CPU's program ('xla' attention, no cuDNN) and reports 124 GiB of temporaries (136 GiB in
+       all): it does not predict a GPU's memory.
+Takes: NOT RUN end to end (no C4 on the lent GPU). At the benchmarked 0.90 s/step (unpacked rows), 15k steps
+       (~1B tokens) would take ~3.7 h on one H100, plus evals.
 """
 import os
 

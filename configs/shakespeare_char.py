@@ -2,8 +2,8 @@
 
 Run:   lmjax train --config=configs/shakespeare_char.py --workdir=runs/shakespeare_char \
          --config.data.manual_dir=../shared/data/tinyshakespeare [--config.model.dtype=bfloat16 on a GPU, as nanoGPT]
-Takes: 96 s on one H100 with --config.model.dtype=bfloat16 (10.0 ms/step, 28 s of it compiling; 2026-11-27); far
-       too slow for a 2-core CPU (see README's benchmark table for its step time there).
+Takes: 96 s from command to end on one H100 with --config.model.dtype=bfloat16 (10.0 ms/step; 28 s compiling;
+       2026-11-27); far too slow for a 2-core CPU (see README's benchmark table for its step time there).
 Reaches: best val loss 1.4736 at step 2000 on that H100 run, 1.7448 at step 5000: the recipe overfits after step
        2000. nanoGPT reports 1.4697 as its best.
 """

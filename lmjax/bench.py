@@ -144,7 +144,8 @@ def describe(config) -> dict:
 
 def record_line(config_name: str, config, result: dict, **extra) -> dict:
   return {'date': datetime.datetime.now().isoformat(timespec='seconds'), 'hardware': hardware(),
-          'git_commit': git_commit(), 'allocator': hostenv.allocator(), 'config': config_name, **describe(config),
+          'git_commit': git_commit(), 'allocator': hostenv.allocator(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'config': config_name, **describe(config),
           **result, **extra}
 
 

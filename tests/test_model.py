@@ -13,6 +13,7 @@ VARIANTS = {
     'mqa': dict(n_kv_heads=1),
     'scan': dict(scan_layers=True),
     'chunked': dict(attention_chunk=5, n_kv_heads=2),  # causal query chunks of 5, 5, 5 and 1
+    'dpa': dict(attention='dot_product_attention', n_kv_heads=2),  # jax.nn's kernel: is_causal, B' x 1 x L x T mask
 }
 
 

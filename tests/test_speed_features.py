@@ -69,8 +69,10 @@ def test_scanned_model_with_stacked_params_gives_the_unscanned_outputs():
 @pytest.mark.parametrize('scan', [False, True])
 def test_every_remat_policy_gives_the_gradients_of_no_remat(scan):
   b = batch()
+  if scan:  # packed rows: the segment mask goes through nn.remat inside nn.scan too (unscanned: no mask at all)
+    b['segment_ids'] = jnp.concatenate([jnp.ones((4, 6), jnp.int32), jnp.full((4, 10), 2, jnp.int32)], axis=1)
   grads = {}
-  policies = ('none', 'full') if scan else tuple(model_lib.REMAT_POLICIES)  # scan: nn.remat inside nn.scan
+  policies = ('none', 'full', 'save_proj') if scan else tuple(model_lib.REMAT_POLICIES)
   for policy in policies:
     _, m, params = make(remat=policy, scan_layers=scan)
     grads[policy] = run(jax.grad(lambda p: train_lib.loss_terms(p, m, b)[0]), params)
@@ -94,7 +96,7 @@ def reference_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask):
   return out
 
 
-def cpu_implementations():
+def float32_implementations():
   """The implementations that take float32 inputs (cuDNN's kernel takes bf16/fp16 only: tested below, on GPU)."""
   return [i for i in attention.IMPLEMENTATIONS if i != 'cudnn']
 
@@ -108,7 +110,7 @@ def attention_inputs(kv_heads, B=2, L=8, H=4, K=8):
   return q, k, v, attention.make_mask(slots, slots, seg_BxL, seg_BxL)
 
 
-@pytest.mark.parametrize('impl', cpu_implementations())
+@pytest.mark.parametrize('impl', float32_implementations())
 @pytest.mark.parametrize('kv_heads', [4, 2, 1])
 @pytest.mark.parametrize('causal', [False, True])
 def test_attention_implementation_matches_the_reference_with_causal_mask_and_segments(impl, kv_heads, causal):
@@ -118,7 +120,7 @@ def test_attention_implementation_matches_the_reference_with_causal_mask_and_seg
   np.testing.assert_allclose(got, reference_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize('impl', cpu_implementations())
+@pytest.mark.parametrize('impl', float32_implementations())
 @pytest.mark.parametrize('kv_heads', [4, 1])
 def test_attention_without_a_mask_is_causal_self_attention(impl, kv_heads):
   q, k, v, _ = attention_inputs(kv_heads)
@@ -128,25 +130,35 @@ def test_attention_without_a_mask_is_causal_self_attention(impl, kv_heads):
                              rtol=2e-5)
   with pytest.raises(ValueError, match='causal=True'):
     attention.attend(q, k, v, None, impl=impl)
+  with pytest.raises(ValueError, match='causal=True'):
+    attention.attend(q, k, v, attention.make_mask(slots, slots), impl=impl, causal_chunk=4)
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')
-@pytest.mark.parametrize('segments', [False, True])
+@pytest.mark.parametrize('case', ['causal', 'segments', 'decode'])
 @pytest.mark.parametrize('kv_heads', [8, 2])
-def test_cudnn_attention_matches_the_reference_in_bfloat16_values_and_gradients(segments, kv_heads):
-  # Shapes cuDNN's flash kernel takes (head dim 64, length a multiple of 64). The reference is 'xla' attention on the
-  # same bf16-rounded inputs in float32, so the tolerance covers bf16 rounding inside the kernel, not input rounding.
+def test_cudnn_attention_matches_the_reference_in_bfloat16_values_and_gradients(case, kv_heads):
+  # Shapes cuDNN's flash kernel takes (head dim 64, lengths multiples of 64). 'segments': packed rows, different in
+  # each batch row, with is_causal; 'decode': 64 queries at slots 64..127 over a 128-slot cache (causal=False, a
+  # mask of batch 1). The reference is 'xla' attention on the same bf16-rounded inputs in float32, so the tolerance
+  # covers bf16 rounding inside the kernel, not input rounding.
   B, L, H, K = 2, 128, 8, 64
   ks = jax.random.split(jax.random.key(3), 4)
-  q = jax.random.normal(ks[0], (B, L, H, K)).astype(jnp.bfloat16)
+  q = jax.random.normal(ks[0], (B, L // 2 if case == 'decode' else L, H, K)).astype(jnp.bfloat16)
   k, v = (jax.random.normal(kk, (B, kv_heads, L, K)).astype(jnp.bfloat16) for kk in ks[1:3])
   slots = jnp.arange(L)
-  seg_BxL = jnp.concatenate([jnp.ones((B, 50), jnp.int32), jnp.full((B, L - 50), 2, jnp.int32)], axis=1)
-  mask = attention.make_mask(slots, slots, seg_BxL, seg_BxL) if segments else None
-  w = jax.random.normal(ks[3], (B, L, H, K))  # a loss that weighs every output element differently
+  causal = case != 'decode'
+  if case == 'segments':
+    seg_BxL = jnp.stack([jnp.where(slots < 50, 1, 2), jnp.where(slots < 90, 1, 2)]).astype(jnp.int32)
+    mask = attention.make_mask(slots, slots, seg_BxL, seg_BxL)
+  elif case == 'decode':
+    mask = attention.make_mask(slots[L // 2:], slots)
+  else:
+    mask = None
+  w = jax.random.normal(ks[3], q.shape)  # a loss that weighs every output element differently
 
   def loss(impl, q, k, v):
-    o = attention.attend(q, k, v, mask, impl=impl, causal=True)
+    o = attention.attend(q, k, v, mask, impl=impl, causal=causal)
     return jnp.sum(o.astype(jnp.float32) * w), o
 
   f32 = lambda *a: [x.astype(jnp.float32) for x in a]
