@@ -10,7 +10,7 @@ Implementations (ModelConfig.attention):
   'cudnn' -- jax.nn.dot_product_attention on cuDNN's fused flash kernel (GPU only, bf16/fp16, no dropout).
              Self-attention passes is_causal (the kernel skips the blocks above the diagonal); on an H100 the
              1B config (configs/gpu_1b.py) benchmarks at 50% MFU with it (`lmjax bench`).
-  'auto'  -- 'cudnn' on GPU when it applies, else 'xla'.
+  'auto'  -- 'cudnn' for causal self-attention on GPU when it applies, else 'xla' (see resolve).
 Not done: a Pallas TPU flash/splash kernel (it cannot be tested on the CPU development machine); on TPU 'xla'
 runs, which materialises the L x T scores.
 
@@ -124,10 +124,13 @@ def _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, causal, implem
                                       mask=mask_Bx1xLxT, is_causal=causal, implementation=implementation)
 
 
-def resolve(impl: str, dtype, dropout: float) -> str:
+def resolve(impl: str, dtype, dropout: float, causal: bool) -> str:
+  """'auto' picks cuDNN for causal self-attention on GPU (training, eval) where it applies. Decoding over a KV cache
+  stays on 'xla': a step of one query gains little from a flash kernel, and that path was never run on a GPU here."""
   if impl != 'auto':
     return impl
-  cudnn_ok = jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and dropout == 0
+  cudnn_ok = (jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and dropout == 0
+              and causal)
   return 'cudnn' if cudnn_ok else 'xla'
 
 
@@ -140,7 +143,7 @@ def attend(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, *, impl='xla', dropout=0.0, dr
   JAX key, needed when dropout > 0."""
   if not causal and (mask is None or causal_chunk > 0):
     raise ValueError('attend: mask=None (the causal mask alone) and causal_chunk > 0 need causal=True')
-  impl = resolve(impl, q_BxLxHxK.dtype, dropout)
+  impl = resolve(impl, q_BxLxHxK.dtype, dropout, causal)
   if impl == 'xla':
     if mask is None:
       slots_L = jnp.arange(q_BxLxHxK.shape[1], dtype=jnp.int32)

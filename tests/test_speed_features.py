@@ -134,6 +134,17 @@ def test_attention_without_a_mask_is_causal_self_attention(impl, kv_heads):
     attention.attend(q, k, v, attention.make_mask(slots, slots), impl=impl, causal_chunk=4)
 
 
+def test_auto_attention_picks_cudnn_only_for_causal_bf16_self_attention_without_dropout_on_gpu(monkeypatch):
+  assert attention.resolve('auto', jnp.bfloat16, 0.0, True) == ('cudnn' if jax.default_backend() == 'gpu' else 'xla')
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')  # the rule itself, on any host
+  assert attention.resolve('auto', jnp.bfloat16, 0.0, True) == 'cudnn'
+  assert attention.resolve('auto', jnp.float16, 0.0, True) == 'cudnn'
+  assert attention.resolve('auto', jnp.float32, 0.0, True) == 'xla'  # the kernel takes 16-bit inputs only
+  assert attention.resolve('auto', jnp.bfloat16, 0.1, True) == 'xla'  # attention dropout: 'xla' only
+  assert attention.resolve('auto', jnp.bfloat16, 0.0, False) == 'xla'  # decoding over a cache
+  assert attention.resolve('cudnn', jnp.bfloat16, 0.0, False) == 'cudnn'  # asked for by name: as asked
+
+
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')
 @pytest.mark.parametrize('case', ['causal', 'segments', 'decode'])
 @pytest.mark.parametrize('kv_heads', [8, 2])
