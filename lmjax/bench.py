@@ -94,6 +94,7 @@ class Runner:
     self.state = task.init_state()
     self.init_s = time.perf_counter() - t_start
     self.exec, self.compile_s = task.compile_train(batch)
+    train_lib.check_host_memory(self.exec)
     self.batch = jax.device_put(batch, task.batch_sharding)
     self.time(1)
     self.first_step_s = time.perf_counter() - t_start  # start to the first step's result on the host

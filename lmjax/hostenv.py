@@ -97,3 +97,18 @@ def reexec_tuned(args: list[str]):
     os.execve(sys.executable, [sys.executable, *args], env)
   except OSError as e:
     print(f'lmjax: could not restart with a tuned allocator ({e}); continuing without it', file=sys.stderr)
+
+
+def memory_bytes(meminfo: str = '/proc/meminfo', statm: str = '/proc/self/statm') -> int | None:
+  """Host memory this process can use, in bytes: what it holds now (resident) plus what the kernel reports available,
+  swap included. None off Linux."""
+  try:
+    with open(meminfo) as f:
+      kib = {line.split(':')[0]: int(line.split()[1]) for line in f if line.split()[1:2] and line.split()[1].isdigit()}
+    with open(statm) as f:
+      resident = int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+  except (OSError, ValueError, IndexError):
+    return None
+  if 'MemAvailable' not in kib:
+    return None
+  return 1024 * (kib['MemAvailable'] + kib.get('SwapFree', 0)) + resident

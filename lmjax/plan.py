@@ -61,7 +61,8 @@ def plan(config) -> dict:
                            'arguments': getattr(mem, 'argument_size_in_bytes', None),
                            'outputs': getattr(mem, 'output_size_in_bytes', None),
                            'aliased': getattr(mem, 'alias_size_in_bytes', None),
-                           'temporaries': getattr(mem, 'temp_size_in_bytes', None)},
+                           'temporaries': getattr(mem, 'temp_size_in_bytes', None),
+                           'step_total': train.step_bytes_per_device(compiled)},
       'compile_s': compile_s,
   }
 
@@ -111,11 +112,10 @@ def report(p: dict, notes=()) -> str:
   lines += ['', f'training FLOPs: {fpt / 1e6:,.2f} MFLOPs per token (6N + 12 x layers x d_model x length), '
                 f'{fpt * p["tokens_per_step"] / 1e12:,.4f} TFLOPs per step of {p["tokens_per_step"]:,} tokens']
   b = p['bytes_per_device']
-  peak = None if b['temporaries'] is None else b['arguments'] + b['outputs'] - b['aliased'] + b['temporaries']
   lines += ['', 'memory per device (from the compiled train step):',
             f'  params            {_size(b["params"]):>12}',
             f'  optimizer state   {_size(b["optimizer"]):>12}',
             f'  activations/temps {_size(b["temporaries"]):>12}   (XLA temporaries of one train step)',
-            f'  step total        {_size(peak):>12}   (arguments + outputs not donated + temporaries)',
+            f'  step total        {_size(b["step_total"]):>12}   (arguments + outputs not donated + temporaries)',
             f'(compiled in {p["compile_s"]:.1f}s)']
   return '\n'.join(lines)

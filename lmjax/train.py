@@ -198,6 +198,33 @@ def _check_train_config(config, mesh):
 _RESUMABLE_MODEL_CHANGES = ('dropout', 'attention', 'attention_chunk', 'remat', 'dtype')
 
 
+def step_bytes_per_device(compiled) -> int | None:
+  """Bytes one device needs while the compiled step runs, from XLA's buffer plan: arguments + outputs not donated +
+  temporaries (`lmjax plan` prints the parts). None where the backend gives no analysis."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
+def check_host_memory(compiled, memory_bytes=None):
+  """On CPU, XLA's buffers are host memory. A step that cannot fit is refused with what to change, before it runs:
+  otherwise the kernel's OOM killer ends the process without a word (seen: the 6L/384 recipe at batch 2048). The
+  plan is a floor, not a guess: the 6L/384 step (a 5.2 GiB plan) ran at 5.9 GB resident, runtime and data beside."""
+  if jax.default_backend() != 'cpu':
+    return
+  need, have = step_bytes_per_device(compiled), memory_bytes or hostenv.memory_bytes()
+  if need is None or have is None:
+    return
+  need *= jax.local_device_count()
+  if need > have:
+    raise config_lib.ConfigError(
+        f'the train step needs {need / 2**30:.1f} GiB of host memory (XLA\'s plan for {jax.local_device_count()} CPU '
+        f'device(s)) and this machine has {have / 2**30:.1f} GiB for it. Lower train.batch_size (train.grad_accum '
+        'keeps the effective batch), set model.remat=\'full\', or shorten model.max_len; `lmjax plan --config=...` '
+        'shows where the memory goes')
+
+
 def check_compatible(recorded: dict, config, tokenizer_spec: dict | None, where: str):
   """Raises ConfigError when a checkpoint's model or tokenizer differs from this run's, naming the fields."""
   old, new = recorded['config']['model'], config.model.to_dict()
@@ -289,6 +316,7 @@ def train(config, workdir: str) -> dict:
                                              else ''))
   batch = parallel.put_batch(_next_batches(data.train_iter, K), task.batch_sharding)
   train_exec, compile_s = compiled()
+  check_host_memory(train_exec)
   peak = metrics_lib.peak_flops_per_device(tc.peak_flops) * task.mesh.size
   how = {'compiled': 'compiled train step', 'lmjax cache': 'loaded the train step from the cache',
          "JAX's cache": "traced the train step and loaded it from JAX's cache"}[task.executables.origin['train_step']]

@@ -207,3 +207,24 @@ def test_missing_input_txt_is_a_clear_error_naming_path_size_and_checksum(tmp_pa
   assert code == 2
   assert str(tmp_path / 'input.txt') in err and '1115394' in err
   assert '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed' in err
+
+
+def test_a_step_larger_than_host_memory_is_refused_before_it_runs(tmp_path, shakespeare_dirs, monkeypatch):
+  # The tiny config's step needs a few MiB; a host with 64 KiB to give cannot run it.
+  monkeypatch.setattr(hostenv, 'memory_bytes', lambda: 64 << 10)
+  with pytest.raises(config_lib.ConfigError, match=r'needs [\d.]+ GiB of host memory .* train\.batch_size'):
+    _train(tmp_path / 'big', shakespeare_dirs)
+  assert not list((tmp_path / 'big').glob('checkpoints/*'))  # refused before any step: nothing half-written
+  monkeypatch.setattr(hostenv, 'memory_bytes', lambda: 64 << 30)
+  assert _train(tmp_path / 'fits', shakespeare_dirs, 'train.steps=2')['train_loss'] > 0
+
+
+def test_host_memory_is_available_plus_swap_plus_what_the_process_holds(tmp_path):
+  meminfo, statm = tmp_path / 'meminfo', tmp_path / 'statm'
+  meminfo.write_text('MemTotal:       24000000 kB\nMemFree:         1000 kB\nMemAvailable:    2000 kB\n'
+                     'SwapTotal:       5000 kB\nSwapFree:        3000 kB\nHugePages_Total:       0\n')
+  statm.write_text('1000 10 5 1 0 20 0\n')
+  assert hostenv.memory_bytes(str(meminfo), str(statm)) == 1024 * (2000 + 3000) + 10 * os.sysconf('SC_PAGE_SIZE')
+  meminfo.write_text('MemTotal:       24000000 kB\n')  # an old kernel without MemAvailable: no guess
+  assert hostenv.memory_bytes(str(meminfo), str(statm)) is None
+  assert hostenv.memory_bytes(str(tmp_path / 'missing'), str(statm)) is None
