@@ -102,9 +102,14 @@ def reexec_tuned(args: list[str]):
 def memory_bytes(meminfo: str = '/proc/meminfo', statm: str = '/proc/self/statm') -> int | None:
   """Host memory this process can use, in bytes: what it holds now (resident) plus what the kernel reports available,
   swap included. None off Linux."""
+  kib = {}
   try:
     with open(meminfo) as f:
-      kib = {line.split(':')[0]: int(line.split()[1]) for line in f if line.split()[1:2] and line.split()[1].isdigit()}
+      for line in f:  # 'MemAvailable:    2000 kB'
+        name, _, rest = line.partition(':')
+        fields = rest.split()
+        if fields and fields[0].isdigit():
+          kib[name] = int(fields[0])
     with open(statm) as f:
       resident = int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
   except (OSError, ValueError, IndexError):

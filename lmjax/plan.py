@@ -62,7 +62,7 @@ def plan(config) -> dict:
                            'outputs': getattr(mem, 'output_size_in_bytes', None),
                            'aliased': getattr(mem, 'alias_size_in_bytes', None),
                            'temporaries': getattr(mem, 'temp_size_in_bytes', None),
-                           'step_total': train.step_bytes_per_device(compiled)},
+                           'step_total': train.step_bytes_per_device(mem)},
       'compile_s': compile_s,
   }
 

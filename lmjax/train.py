@@ -198,22 +198,23 @@ def _check_train_config(config, mesh):
 _RESUMABLE_MODEL_CHANGES = ('dropout', 'attention', 'attention_chunk', 'remat', 'dtype')
 
 
-def step_bytes_per_device(compiled) -> int | None:
-  """Bytes one device needs while the compiled step runs, from XLA's buffer plan: arguments + outputs not donated +
-  temporaries (`lmjax plan` prints the parts). None where the backend gives no analysis."""
-  m = compiled.memory_analysis()
+def step_bytes_per_device(memory_stats) -> int | None:
+  """Bytes one device needs while a compiled step runs, from XLA's buffer plan (`compiled.memory_analysis()`):
+  arguments + outputs not donated + temporaries (`lmjax plan` prints the parts). None where the backend gives no
+  analysis."""
+  m = memory_stats
   if m is None:
     return None
   return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
-def check_host_memory(compiled, memory_bytes=None):
+def check_host_memory(compiled):
   """On CPU, XLA's buffers are host memory. A step that cannot fit is refused with what to change, before it runs:
   otherwise the kernel's OOM killer ends the process without a word (seen: the 6L/384 recipe at batch 2048). The
   plan is a floor, not a guess: the 6L/384 step (a 5.2 GiB plan) ran at 5.9 GB resident, runtime and data beside."""
   if jax.default_backend() != 'cpu':
     return
-  need, have = step_bytes_per_device(compiled), memory_bytes or hostenv.memory_bytes()
+  need, have = step_bytes_per_device(compiled.memory_analysis()), hostenv.memory_bytes()
   if need is None or have is None:
     return
   need *= jax.local_device_count()
