@@ -27,6 +27,7 @@ def get_config():
   m.max_len, m.n_layers, m.n_heads, m.d_model = 1024, 12, 12, 768
   m.norm, m.positions, m.mlp, m.use_bias = 'rmsnorm', 'rope', 'swiglu', False
   m.d_ff, m.dtype, m.remat, m.scan_layers = 2048, 'bfloat16', 'save_proj', True
+  m.attention = 'auto'  # TPU: Pallas splash attention; GPU: cuDNN (lmjax/attention.py)
   c.train.batch_size, c.train.steps = 256, 100_000
   c.train.eval_every, c.train.eval_batch_size, c.train.eval_max_batches = 2000, 256, 20  # fixed 5k-row subset
   c.train.log_every, c.train.checkpoint_every, c.train.steps_per_call = 100, 2000, 10

@@ -10,9 +10,12 @@ Implementations (ModelConfig.attention):
   'cudnn' -- jax.nn.dot_product_attention on cuDNN's fused flash kernel (GPU only, bf16/fp16, no dropout).
              Self-attention passes is_causal (the kernel skips the blocks above the diagonal); on an H100 the
              1B config (configs/gpu_1b.py) benchmarks at 50% MFU with it (`lmjax bench`).
-  'auto'  -- 'cudnn' for causal self-attention on GPU when it applies, else 'xla' (see resolve).
-Not done: a Pallas TPU flash/splash kernel (it cannot be tested on the CPU development machine); on TPU 'xla'
-runs, which materialises the L x T scores.
+  'splash' -- JAX's Pallas splash-attention kernel (jax.experimental.pallas.ops.tpu), the flash kernel for TPU:
+             causal self-attention with segment ids, grouped kv heads, no dropout, lengths a multiple of 128.
+             Under a mesh of several devices it runs per shard (batch over data/fsdp, kv heads over tensor). Calls
+             with a KV cache (decoding) run 'xla'. Off TPU it runs in Pallas's interpreter: exact and slow, which is
+             how the CPU tests check it; it has not yet run on a TPU here.
+  'auto'  -- 'cudnn' on GPU or 'splash' on TPU for causal self-attention when they apply, else 'xla' (resolve).
 
 The mask enters as an additive float32 bias (0 or -1e30) rather than a `where` select, and dropout masks come
 from one uint32 per element compared against a threshold: both measured cheaper in the CPU backward pass.
@@ -26,11 +29,15 @@ L=512 1918 -> 531 ms, L=1024 2885 -> 935 ms. `chunk_for` picks the length; other
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLEMENTATIONS = ('xla', 'dot_product_attention', 'cudnn', 'auto')
+from lmjax import parallel
+
+IMPLEMENTATIONS = ('xla', 'dot_product_attention', 'cudnn', 'splash', 'auto')
 
 _NEG_INF = -1e30  # finite: a fully masked row (never produced by make_mask) would give uniform weights, not NaN
 
@@ -124,32 +131,95 @@ def _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, causal, implem
                                       mask=mask_Bx1xLxT, is_causal=causal, implementation=implementation)
 
 
-def resolve(impl: str, dtype, dropout: float, causal: bool) -> str:
-  """'auto' picks cuDNN for causal self-attention on GPU (training, eval) where it applies. Decoding over a KV cache
-  stays on 'xla': a step of one query gains little from a flash kernel, and that path was never run on a GPU here."""
+def resolve(impl: str, dtype, dropout: float, causal: bool, length: int = 0) -> str:
+  """'auto' picks cuDNN on GPU, splash on TPU, for causal self-attention (training, eval) where they apply. Decoding
+  over a KV cache stays on 'xla' (as 'splash' does): a step of one query gains little from a flash kernel, and
+  that path was never run on a GPU here."""
+  if impl == 'splash' and not causal:
+    return 'xla'
   if impl != 'auto':
     return impl
-  cudnn_ok = (jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and dropout == 0
-              and causal)
-  return 'cudnn' if cudnn_ok else 'xla'
+  backend = jax.default_backend()
+  if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and dropout == 0 and causal:
+    return 'cudnn'
+  if backend == 'tpu' and dropout == 0 and causal and length % 128 == 0:
+    return 'splash'
+  return 'xla'
+
+
+@functools.lru_cache(maxsize=16)
+def _splash_kernel(length: int, heads: int, grouped: bool, interpret: bool):
+  """The splash kernel for one sequence: causal masks for `heads` query heads, each reading its own kv head, or
+  (grouped) all reading one kv head. Its block-sparsity tables are built here, once per shape."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  if length % 128:
+    raise ValueError(f"attention='splash' needs a sequence length that is a multiple of 128 (the kernel's tiles), "
+                     f"got {length}; change model.max_len or use model.attention='xla'")
+  block = next(b for b in (512, 256, 128) if length % b == 0)
+  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads)])
+  make = sk.make_splash_mqa if grouped else sk.make_splash_mha
+  with jax.ensure_compile_time_eval():  # concrete tables, safe to cache across traces, not the caller's tracers
+    return make(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret), sk.SegmentIds
+
+
+def _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL):
+  B, L, H, K = q_BxLxHxK.shape
+  N = k_BxNxTxK.shape[1]
+  # Queries grouped by kv head (B x L x N x G x K), so a mesh splits query heads and kv heads alike.
+  q_BxLxNxGxK = (q_BxLxHxK * jnp.asarray(K ** -0.5, q_BxLxHxK.dtype)).reshape(B, L, N, H // N, K)
+
+  def per_shard(q_BxLxNxGxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL):
+    n, G = q_BxLxNxGxK.shape[2:4]
+    kernel, SegmentIds = _splash_kernel(L, G if G > 1 else n, G > 1, jax.default_backend() != 'tpu')
+    q_BxNxGxLxK = q_BxLxNxGxK.transpose(0, 2, 3, 1, 4)
+    one = lambda q, k, v, s: kernel(q, k, v, segment_ids=None if s is None else SegmentIds(q=s, kv=s))
+    if G > 1:  # one grouped (MQA) kernel per kv head: G x L x K queries against T x K keys
+      o_BxNxGxLxK = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))(q_BxNxGxLxK, k_BxNxTxK, v_BxNxTxK,
+                                                                     segment_ids_BxL)
+    else:
+      o_BxNxGxLxK = jax.vmap(one)(q_BxNxGxLxK[:, :, 0], k_BxNxTxK, v_BxNxTxK, segment_ids_BxL)[:, :, None]
+    return o_BxNxGxLxK.transpose(0, 3, 1, 2, 4)
+
+  o_BxLxNxGxK = parallel.shard_map_logical(
+      per_shard, (q_BxLxNxGxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL),
+      (('batch', 'length', 'kv_heads', None, 'head_dim'), ('batch', 'kv_heads', 'length', 'head_dim'),
+       ('batch', 'kv_heads', 'length', 'head_dim'), ('batch', 'length')))
+  return o_BxLxNxGxK.reshape(B, L, H, K)
 
 
 def attend(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, *, impl='xla', dropout=0.0, dropout_rng=None, causal=False,
            causal_chunk=0):
-  """Attention output o_BxLxHxK. mask: make_mask's visibility mask, or None with causal=True (the causal mask
-  alone). causal=True asserts a sequence attending to itself, no cache: query i and key i are the same slot, so
-  the mask hides every key after its query -- fused kernels then skip the blocks above the diagonal, and
-  causal_chunk > 0 ('xla') splits the queries into chunks that do the same (module docstring). dropout_rng: a
-  JAX key, needed when dropout > 0."""
+  """Attention output o_BxLxHxK.
+
+  causal=True asserts a sequence attending to itself, no cache: query i and key i are the same slot, so the mask
+  hides every key after its query -- fused kernels then skip the blocks above the diagonal, and causal_chunk > 0
+  ('xla') splits the queries into chunks that do the same (module docstring). `mask` is then None (one sequence
+  per row) or the int32 segment ids B x L of packed rows (0 = padding); each kernel builds its own mask from them,
+  and 'splash' reads them as they are. Without causal, `mask` is make_mask's boolean mask (decoding over a cache).
+  dropout_rng: a JAX key, needed when dropout > 0."""
+  segment_ids_BxL = None
+  if mask is not None and mask.dtype != jnp.bool_:
+    if not causal:
+      raise ValueError('attend: segment ids as the mask need causal=True; pass make_mask(...) otherwise')
+    segment_ids_BxL = mask
   if not causal and (mask is None or causal_chunk > 0):
     raise ValueError('attend: mask=None (the causal mask alone) and causal_chunk > 0 need causal=True')
-  impl = resolve(impl, q_BxLxHxK.dtype, dropout, causal)
-  if impl == 'xla':
-    if mask is None:
-      slots_L = jnp.arange(q_BxLxHxK.shape[1], dtype=jnp.int32)
-      mask = make_mask(slots_L, slots_L)
-    return _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng, causal_chunk)
-  if dropout > 0:
+  impl = resolve(impl, q_BxLxHxK.dtype, dropout, causal, q_BxLxHxK.shape[1])
+  if dropout > 0 and impl != 'xla':
     raise ValueError(f"attention={impl!r} has no attention dropout; use model.attention='xla' or dropout=0")
+  if impl == 'splash':
+    if mask is not None and segment_ids_BxL is None:
+      raise ValueError("attention='splash' reads segment ids, not a boolean mask: pass the B x L segment ids")
+    return _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL)
+  if causal and (mask is None or segment_ids_BxL is not None):
+    slots_L = jnp.arange(q_BxLxHxK.shape[1], dtype=jnp.int32)
+    mask = make_mask(slots_L, slots_L, segment_ids_BxL, segment_ids_BxL)
+    if impl != 'xla' and segment_ids_BxL is None:
+      mask = None  # the causal mask alone: is_causal says it, no mask array needed
+  if impl == 'xla':
+    return _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng, causal_chunk)
   return _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, causal,
                                 'cudnn' if impl == 'cudnn' else 'xla')

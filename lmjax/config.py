@@ -44,7 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.param_dtype = 'float32'  # master weights and optimizer state
   m.scan_layers = False  # nn.scan over layers: compile time flat in depth
   m.remat = 'none'  # none | full | save_dots | save_proj (see lmjax/model.py REMAT_POLICIES)
-  m.attention = 'xla'  # xla | dot_product_attention | cudnn | auto (see lmjax/attention.py)
+  m.attention = 'xla'  # xla | dot_product_attention | cudnn | splash | auto (see lmjax/attention.py)
   m.attention_chunk = -1  # 'xla': queries in causal chunks of this length (-1 auto: CPU from length 128; 0 off)
 
   c.data = d = ml_collections.ConfigDict()

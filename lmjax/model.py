@@ -309,14 +309,12 @@ class Transformer(nn.Module):
     B, L = tokens_BxL.shape
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-    q_slot_L = jnp.arange(L, dtype=jnp.int32)
-    if cache is None:
-      kv_slot_T, kv_segment_ids_BxT = q_slot_L, segment_ids_BxL
-    else:
-      q_slot_L = q_slot_L + cache_index
+    if cache is not None:
+      q_slot_L = jnp.arange(L, dtype=jnp.int32) + cache_index
       kv_slot_T = jnp.arange(cache['k'][0].shape[-2] if not cfg.scan_layers else cache['k'].shape[-2], dtype=jnp.int32)
-    # No cache and no segments: the causal mask alone, which attention builds (or a fused kernel skips) itself.
-    mask = (None if cache is None and segment_ids_BxL is None else
+    # Without a cache, attention gets the segment ids (None: one sequence per row) and builds the causal mask itself,
+    # or a fused kernel skips the hidden blocks; nothing L x T crosses the layers. With a cache, the slots' mask.
+    mask = (segment_ids_BxL if cache is None else
             attention.make_mask(q_slot_L, kv_slot_T, segment_ids_BxL, kv_segment_ids_BxT))
 
     embed = self.param('embed', _dense_init(('vocab', 'embed')), (cfg.vocab_size, cfg.d_model), cfg.param_dtype)

@@ -98,6 +98,20 @@ def traced_with(fn, mesh: Mesh, rules=RULES):
   return wrapped
 
 
+def shard_map_logical(fn, args, arg_axes):
+  """fn(*args) run on each device's shard (jax.shard_map), for kernels XLA cannot partition itself (Pallas).
+  Each argument's spec comes from its logical axis names (`arg_axes`, None for a replicated argument or a None
+  argument) under the mesh and rules being traced with; the output is laid out like the first argument. Without a
+  mesh of several devices, fn(*args)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(*args)
+  rules = nn.get_logical_axis_rules() or RULES
+  specs = tuple(P() if axes is None or x is None else spec_for(axes, x.shape, mesh, rules)
+                for axes, x in zip(arg_axes, args))
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
+
+
 def spec_for(logical_axes, shape, mesh: Mesh, rules=RULES) -> P:
   """PartitionSpec for one array from its logical axis names; indivisible dims and reused mesh axes replicate."""
   rules = dict(rules)

@@ -71,6 +71,35 @@ def test_sharded_train_steps_match_single_device(name):
   assert losses[-1] < losses[0]  # it is training, not replaying the same number
 
 
+def packed_batches(n, B=8, L=128, seed=0):
+  """n packed batches (steps_per_call=1): documents of random lengths, positions restarting in each."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    tokens = rng.integers(0, 64, size=(1, B, L + 1), dtype=np.int32)
+    ends = np.sort(rng.integers(1, L, size=(B, 2)), axis=1)  # three documents per row
+    slots = np.arange(L)
+    seg = (1 + (slots[None] >= ends[:, :1]) + (slots[None] >= ends[:, 1:])).astype(np.int32)
+    starts = np.where(seg == 1, 0, np.where(seg == 2, ends[:, :1], ends[:, 1:]))
+    out.append({'inputs': tokens[..., :-1], 'targets': tokens[..., 1:], 'segment_ids': seg[None],
+                'positions': (slots[None] - starts)[None].astype(np.int32), 'weights': np.ones((1, B, L), np.float32)})
+  return out
+
+
+def test_splash_attention_trains_on_a_mesh_as_xla_attention_does_on_one_device():
+  # The Pallas kernel cannot be partitioned by XLA: it runs per shard (batch over data x fsdp, kv heads over
+  # tensor), here in Pallas's interpreter. Packed rows with grouped kv heads, layers scanned and rematerialised as
+  # configs/c4.py runs them on TPU; two steps, so gradients count too.
+  def losses(data, fsdp, tensor, impl):
+    config = tiny_config(data, fsdp, tensor, 'model.max_len=128', f'model.attention={impl}', 'model.n_kv_heads=2',
+                         'model.scan_layers=true', 'model.remat=save_proj')
+    task = train.Task(config, parallel.make_mesh(config.mesh, jax.devices()[:data * fsdp * tensor]))
+    return run_steps(task, task.init_state(), packed_batches(2))[1]
+  want = losses(1, 1, 1, 'xla')
+  np.testing.assert_allclose(losses(2, 2, 2, 'splash'), want, rtol=2e-5)
+  assert want[1] < want[0]
+
+
 def test_parameters_are_laid_out_by_their_logical_names():
   task = task_on(1, 4, 2)
   params = task.init_state().params

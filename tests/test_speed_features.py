@@ -97,8 +97,9 @@ def reference_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask):
 
 
 def float32_implementations():
-  """The implementations that take float32 inputs (cuDNN's kernel takes bf16/fp16 only: tested below, on GPU)."""
-  return [i for i in attention.IMPLEMENTATIONS if i != 'cudnn']
+  """The implementations that take float32 inputs at any length (cuDNN's kernel takes bf16/fp16 only: tested below,
+  on GPU; splash takes lengths in multiples of 128: tested below, in Pallas's interpreter)."""
+  return [i for i in attention.IMPLEMENTATIONS if i not in ('cudnn', 'splash')]
 
 
 def attention_inputs(kv_heads, B=2, L=8, H=4, K=8):
@@ -118,6 +119,18 @@ def test_attention_implementation_matches_the_reference_with_causal_mask_and_seg
   q, k, v, mask = attention_inputs(kv_heads)
   got = jax.jit(functools.partial(attention.attend, impl=impl, causal=causal))(q, k, v, mask)
   np.testing.assert_allclose(got, reference_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize('impl', float32_implementations())
+@pytest.mark.parametrize('kv_heads', [4, 1])
+def test_segment_ids_as_the_mask_give_what_their_boolean_mask_gives(impl, kv_heads):
+  # Self-attention in the model passes segment ids (B x L), never an L x T mask; each kernel builds its own.
+  q, k, v, mask = attention_inputs(kv_heads)
+  seg_BxL = jnp.array([[1, 1, 1, 2, 2, 2, 2, 2], [0, 0, 1, 1, 1, 1, 1, 1]], jnp.int32)  # attention_inputs' rows
+  got = jax.jit(functools.partial(attention.attend, impl=impl, causal=True))(q, k, v, seg_BxL)
+  np.testing.assert_allclose(got, reference_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
+  with pytest.raises(ValueError, match='causal=True'):
+    attention.attend(q, k, v, seg_BxL, impl=impl)
 
 
 @pytest.mark.parametrize('impl', float32_implementations())
@@ -143,6 +156,57 @@ def test_auto_attention_picks_cudnn_only_for_causal_bf16_self_attention_without_
   assert attention.resolve('auto', jnp.bfloat16, 0.1, True) == 'xla'  # attention dropout: 'xla' only
   assert attention.resolve('auto', jnp.bfloat16, 0.0, False) == 'xla'  # decoding over a cache
   assert attention.resolve('cudnn', jnp.bfloat16, 0.0, False) == 'cudnn'  # asked for by name: as asked
+
+
+def test_auto_attention_picks_splash_on_tpu_for_causal_self_attention_in_tiles_of_128(monkeypatch):
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')  # the rule itself, on any host
+  assert attention.resolve('auto', jnp.bfloat16, 0.0, True, 2048) == 'splash'
+  assert attention.resolve('auto', jnp.float32, 0.0, True, 128) == 'splash'
+  assert attention.resolve('auto', jnp.bfloat16, 0.0, True, 100) == 'xla'  # not in whole tiles
+  assert attention.resolve('auto', jnp.bfloat16, 0.1, True, 2048) == 'xla'  # attention dropout: 'xla' only
+  assert attention.resolve('auto', jnp.bfloat16, 0.0, False, 2048) == 'xla'  # decoding over a cache
+  assert attention.resolve('splash', jnp.bfloat16, 0.0, False, 2048) == 'xla'  # decoding, even when asked by name
+
+
+def splash_inputs(kv_heads, B=2, L=128, H=4, K=8):
+  """Inputs at the kernel's smallest tile (128); packed rows that differ per batch row, the second padded first."""
+  ks = jax.random.split(jax.random.key(5), 3)
+  q = jax.random.normal(ks[0], (B, L, H, K))
+  k, v = (jax.random.normal(kk, (B, kv_heads, L, K)) for kk in ks[1:])
+  slots = jnp.arange(L)
+  seg_BxL = jnp.stack([jnp.where(slots < 50, 1, 2), jnp.where(slots < 20, 0, jnp.where(slots < 90, 1, 2))])
+  return q, k, v, seg_BxL.astype(jnp.int32)
+
+
+@pytest.mark.parametrize('kv_heads', [4, 2, 1])
+@pytest.mark.parametrize('packed', [False, True])
+def test_splash_attention_matches_the_reference_and_its_gradients_match_xla(kv_heads, packed):
+  # Off TPU the Pallas kernel runs in its interpreter: the kernel's own code (tiles, online softmax, block
+  # skipping, its backward) on CPU.
+  q, k, v, seg_BxL = splash_inputs(kv_heads)
+  seg_BxL = seg_BxL if packed else None
+  slots = jnp.arange(q.shape[1])
+  attend = lambda impl: functools.partial(attention.attend, mask=seg_BxL, impl=impl, causal=True)
+  got = jax.jit(attend('splash'))(q, k, v)
+  want = reference_attention(q, k, v, attention.make_mask(slots, slots, seg_BxL, seg_BxL))
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+  w = jax.random.normal(jax.random.key(6), q.shape)  # a loss that weighs every output element differently
+  grads = lambda impl: jax.jit(jax.grad(lambda *a: jnp.sum(attend(impl)(*a) * w), argnums=(0, 1, 2)))(q, k, v)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-4, rtol=1e-4), grads('splash'), grads('xla'))
+
+
+def test_splash_attention_refuses_what_it_cannot_do_and_decodes_with_xla():
+  q, k, v, seg_BxL = splash_inputs(2)
+  slots = jnp.arange(q.shape[1])
+  with pytest.raises(ValueError, match='multiple of 128'):
+    attention.attend(q[:, :64], k[:, :, :64], v[:, :, :64], None, impl='splash', causal=True)
+  with pytest.raises(ValueError, match='segment ids'):
+    attention.attend(q, k, v, attention.make_mask(slots, slots, seg_BxL, seg_BxL), impl='splash', causal=True)
+  with pytest.raises(ValueError, match='no attention dropout'):
+    attention.attend(q, k, v, None, impl='splash', causal=True, dropout=0.1, dropout_rng=jax.random.key(0))
+  decode_mask = attention.make_mask(slots[96:], slots)  # 32 queries at slots 96..127 over a 128-slot cache
+  got = attention.attend(q[:, 96:], k, v, decode_mask, impl='splash')
+  np.testing.assert_allclose(got, reference_attention(q[:, 96:], k, v, decode_mask), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')
