@@ -30,6 +30,7 @@ L=512 1918 -> 531 ms, L=1024 2885 -> 935 ms. `chunk_for` picks the length; other
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -131,7 +132,7 @@ def _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, causal, implem
                                       mask=mask_Bx1xLxT, is_causal=causal, implementation=implementation)
 
 
-def resolve(impl: str, dtype, dropout: float, causal: bool, length: int = 0) -> str:
+def resolve(impl: str, dtype, dropout: float, causal: bool, length: int) -> str:
   """'auto' picks cuDNN on GPU, splash on TPU, for causal self-attention (training, eval) where they apply. Decoding
   over a KV cache stays on 'xla' (as 'splash' does): a step of one query gains little from a flash kernel, and
   that path was never run on a GPU here."""
@@ -147,10 +148,11 @@ def resolve(impl: str, dtype, dropout: float, causal: bool, length: int = 0) -> 
   return 'xla'
 
 
-@functools.lru_cache(maxsize=16)
-def _splash_kernel(length: int, heads: int, grouped: bool, interpret: bool):
+def _splash_kernel(length: int, heads: int, grouped: bool):
   """The splash kernel for one sequence: causal masks for `heads` query heads, each reading its own kv head, or
-  (grouped) all reading one kv head. Its block-sparsity tables are built here, once per shape."""
+  (grouped) all reading one kv head. Built on every trace: its block tables become constants of the program being
+  traced (a kernel kept across traces would carry the first trace's mesh); the costly mask analysis behind them
+  is cached by the splash module itself."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   if length % 128:
@@ -161,19 +163,28 @@ def _splash_kernel(length: int, heads: int, grouped: bool, interpret: bool):
                         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
   mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads)])
   make = sk.make_splash_mqa if grouped else sk.make_splash_mha
-  with jax.ensure_compile_time_eval():  # concrete tables, safe to cache across traces, not the caller's tracers
-    return make(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret), sk.SegmentIds
+  interpret = jax.default_backend() != 'tpu'
+  if interpret:
+    _warn_interpreted()
+  return make(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret), sk.SegmentIds
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_interpreted():
+  warnings.warn(f"attention='splash' on {jax.default_backend()}: the TPU kernel runs in Pallas's interpreter, "
+                "exact but orders of magnitude slower; use model.attention='auto' or 'xla' off TPU", stacklevel=2)
 
 
 def _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL):
   B, L, H, K = q_BxLxHxK.shape
   N = k_BxNxTxK.shape[1]
-  # Queries grouped by kv head (B x L x N x G x K), so a mesh splits query heads and kv heads alike.
+  # Queries grouped by kv head (B x L x N x G x K): a mesh splits kv heads and their query heads alike, or, when
+  # it cannot split the kv heads (MQA), each group's query heads, every shard holding all kv heads.
   q_BxLxNxGxK = (q_BxLxHxK * jnp.asarray(K ** -0.5, q_BxLxHxK.dtype)).reshape(B, L, N, H // N, K)
 
   def per_shard(q_BxLxNxGxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL):
     n, G = q_BxLxNxGxK.shape[2:4]
-    kernel, SegmentIds = _splash_kernel(L, G if G > 1 else n, G > 1, jax.default_backend() != 'tpu')
+    kernel, SegmentIds = _splash_kernel(L, G if G > 1 else n, G > 1)
     q_BxNxGxLxK = q_BxLxNxGxK.transpose(0, 2, 3, 1, 4)
     one = lambda q, k, v, s: kernel(q, k, v, segment_ids=None if s is None else SegmentIds(q=s, kv=s))
     if G > 1:  # one grouped (MQA) kernel per kv head: G x L x K queries against T x K keys
@@ -185,8 +196,9 @@ def _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL):
 
   o_BxLxNxGxK = parallel.shard_map_logical(
       per_shard, (q_BxLxNxGxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL),
-      (('batch', 'length', 'kv_heads', None, 'head_dim'), ('batch', 'kv_heads', 'length', 'head_dim'),
-       ('batch', 'kv_heads', 'length', 'head_dim'), ('batch', 'length')))
+      # Lengths stay whole whatever the rules say: the kernel is built for the whole sequence.
+      (('batch', None, 'kv_heads', 'heads', 'head_dim'), ('batch', 'kv_heads', None, 'head_dim'),
+       ('batch', 'kv_heads', None, 'head_dim'), ('batch', None)))
   return o_BxLxNxGxK.reshape(B, L, H, K)
 
 
@@ -197,8 +209,9 @@ def attend(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, *, impl='xla', dropout=0.0, dr
   causal=True asserts a sequence attending to itself, no cache: query i and key i are the same slot, so the mask
   hides every key after its query -- fused kernels then skip the blocks above the diagonal, and causal_chunk > 0
   ('xla') splits the queries into chunks that do the same (module docstring). `mask` is then None (one sequence
-  per row) or the int32 segment ids B x L of packed rows (0 = padding); each kernel builds its own mask from them,
-  and 'splash' reads them as they are. Without causal, `mask` is make_mask's boolean mask (decoding over a cache).
+  per row) or the int32 segment ids B x L of packed rows (0 = padding), as the model passes them: each kernel
+  builds its own mask, and 'splash' reads the ids as they are. make_mask's boolean mask is accepted too, by every
+  kernel but 'splash'. Without causal, `mask` is make_mask's boolean mask (decoding over a cache).
   dropout_rng: a JAX key, needed when dropout > 0."""
   segment_ids_BxL = None
   if mask is not None and mask.dtype != jnp.bool_:
@@ -207,12 +220,15 @@ def attend(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, *, impl='xla', dropout=0.0, dr
     segment_ids_BxL = mask
   if not causal and (mask is None or causal_chunk > 0):
     raise ValueError('attend: mask=None (the causal mask alone) and causal_chunk > 0 need causal=True')
-  impl = resolve(impl, q_BxLxHxK.dtype, dropout, causal, q_BxLxHxK.shape[1])
-  if dropout > 0 and impl != 'xla':
-    raise ValueError(f"attention={impl!r} has no attention dropout; use model.attention='xla' or dropout=0")
-  if impl == 'splash':
-    if mask is not None and segment_ids_BxL is None:
+  requested, impl = impl, resolve(impl, q_BxLxHxK.dtype, dropout, causal, q_BxLxHxK.shape[1])
+  if impl == 'splash' and mask is not None and segment_ids_BxL is None:
+    if requested != 'splash':
+      impl = 'xla'  # 'auto' handed a boolean mask: the kernel cannot read it
+    else:
       raise ValueError("attention='splash' reads segment ids, not a boolean mask: pass the B x L segment ids")
+  if dropout > 0 and impl != 'xla':
+    raise ValueError(f"attention={impl!r} has no attention dropout; set model.dropout=0 or model.attention='xla'")
+  if impl == 'splash':
     return _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL)
   if causal and (mask is None or segment_ids_BxL is not None):
     slots_L = jnp.arange(q_BxLxHxK.shape[1], dtype=jnp.int32)

@@ -89,6 +89,10 @@ class ModelConfig:
     need(0.0 <= self.dropout < 1.0, f'dropout must be in [0, 1), got {self.dropout}')
     need(self.attention in attention.IMPLEMENTATIONS,
          f'attention must be one of {sorted(attention.IMPLEMENTATIONS)}, got {self.attention!r}')
+    need(self.attention not in ('cudnn', 'splash') or self.dropout == 0,
+         f"attention={self.attention!r} has no attention dropout: set dropout=0 or attention='xla' or 'auto'")
+    need(self.attention != 'splash' or self.max_len % 128 == 0,
+         f"attention='splash' works in tiles of 128: max_len must be a multiple of 128, got {self.max_len}")
     need(self.attention_chunk >= -1,
          f'attention_chunk must be -1 (auto), 0 (off) or a length, got {self.attention_chunk}')
     return self

@@ -12,10 +12,12 @@ try:  # tests/conftest.py does this for the whole suite; alone, this file must d
 except RuntimeError:  # backend already initialised (by conftest or another module): keep what it has
   pass
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from lmjax import checkpoint, config as config_lib, parallel, plan, train
+from lmjax import attention, checkpoint, config as config_lib, parallel, plan, train
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (simulated) devices')
 
@@ -86,10 +88,16 @@ def packed_batches(n, B=8, L=128, seed=0):
   return out
 
 
-def test_splash_attention_trains_on_a_mesh_as_xla_attention_does_on_one_device():
+@pytest.mark.filterwarnings("ignore:attention='splash' on cpu")
+def test_splash_attention_trains_on_a_mesh_as_xla_attention_does_on_one_device(monkeypatch):
   # The Pallas kernel cannot be partitioned by XLA: it runs per shard (batch over data x fsdp, kv heads over
   # tensor), here in Pallas's interpreter. Packed rows with grouped kv heads, layers scanned and rematerialised as
-  # configs/c4.py runs them on TPU; two steps, so gradients count too.
+  # configs/c4.py runs them on TPU; two steps, so gradients count too. Then the same on one device, in the same
+  # process: nothing of the first mesh may stick to the kernel.
+  specs = []
+  shard_map = jax.shard_map
+  monkeypatch.setattr(jax, 'shard_map', lambda f, **kw: specs.append(kw['in_specs']) or shard_map(f, **kw))
+
   def losses(data, fsdp, tensor, impl):
     config = tiny_config(data, fsdp, tensor, 'model.max_len=128', f'model.attention={impl}', 'model.n_kv_heads=2',
                          'model.scan_layers=true', 'model.remat=save_proj')
@@ -97,7 +105,30 @@ def test_splash_attention_trains_on_a_mesh_as_xla_attention_does_on_one_device()
     return run_steps(task, task.init_state(), packed_batches(2))[1]
   want = losses(1, 1, 1, 'xla')
   np.testing.assert_allclose(losses(2, 2, 2, 'splash'), want, rtol=2e-5)
+  # the train step's q (B x L x N x G x K) and k (B x N x T x K): rows over data x fsdp, kv heads over tensor
+  rows = ('data', 'fsdp')
+  assert (P(rows, None, 'tensor', None, None), P(rows, 'tensor', None, None)) in [s[:2] for s in specs]
+  np.testing.assert_allclose(losses(1, 1, 1, 'splash'), want, rtol=2e-5)
   assert want[1] < want[0]
+
+
+@pytest.mark.filterwarnings("ignore:attention='splash' on cpu")
+def test_splash_attention_on_meshes_that_split_some_axes_or_none():
+  # One process, several meshes: rows that data does not divide (3 on 2), MQA (its one kv head cannot be split, so
+  # tensor splits each group's query heads), and no mesh at all after the others.
+  from test_speed_features import reference_attention
+  for B, H, N, shape in ((4, 4, 2, (2, 2, 2)), (4, 4, 2, (4, 1, 2)), (3, 4, 1, (2, 1, 2)), (4, 4, 2, (1, 1, 1))):
+    ks = jax.random.split(jax.random.key(B + N), 3)
+    q = jax.random.normal(ks[0], (B, 128, H, 8))
+    k, v = (jax.random.normal(kk, (B, N, 128, 8)) for kk in ks[1:])
+    seg_BxL = jnp.where(jnp.arange(128) < 40 + B, 1, 2)[None].repeat(B, 0).astype(jnp.int32)
+    mesh = parallel.make_mesh(dict(zip(parallel.AXES, shape)), jax.devices()[:int(np.prod(shape))])
+    attend = functools.partial(attention.attend, impl='splash', causal=True)
+    with parallel.activate(mesh):
+      got = jax.jit(parallel.traced_with(attend, mesh))(q, k, v, seg_BxL)
+    slots = jnp.arange(128)
+    want = reference_attention(q, k, v, attention.make_mask(slots, slots, seg_BxL, seg_BxL))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=f'mesh {shape}')
 
 
 def test_parameters_are_laid_out_by_their_logical_names():

@@ -148,16 +148,18 @@ def test_attention_without_a_mask_is_causal_self_attention(impl, kv_heads):
 
 
 def test_auto_attention_picks_cudnn_only_for_causal_bf16_self_attention_without_dropout_on_gpu(monkeypatch):
-  assert attention.resolve('auto', jnp.bfloat16, 0.0, True) == ('cudnn' if jax.default_backend() == 'gpu' else 'xla')
+  here = 'cudnn' if jax.default_backend() == 'gpu' else 'xla'
+  assert attention.resolve('auto', jnp.bfloat16, 0.0, True, 1024) == here
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')  # the rule itself, on any host
-  assert attention.resolve('auto', jnp.bfloat16, 0.0, True) == 'cudnn'
-  assert attention.resolve('auto', jnp.float16, 0.0, True) == 'cudnn'
-  assert attention.resolve('auto', jnp.float32, 0.0, True) == 'xla'  # the kernel takes 16-bit inputs only
-  assert attention.resolve('auto', jnp.bfloat16, 0.1, True) == 'xla'  # attention dropout: 'xla' only
-  assert attention.resolve('auto', jnp.bfloat16, 0.0, False) == 'xla'  # decoding over a cache
-  assert attention.resolve('cudnn', jnp.bfloat16, 0.0, False) == 'cudnn'  # asked for by name: as asked
+  assert attention.resolve('auto', jnp.bfloat16, 0.0, True, 1024) == 'cudnn'
+  assert attention.resolve('auto', jnp.float16, 0.0, True, 1024) == 'cudnn'
+  assert attention.resolve('auto', jnp.float32, 0.0, True, 1024) == 'xla'  # the kernel takes 16-bit inputs only
+  assert attention.resolve('auto', jnp.bfloat16, 0.1, True, 1024) == 'xla'  # attention dropout: 'xla' only
+  assert attention.resolve('auto', jnp.bfloat16, 0.0, False, 1024) == 'xla'  # decoding over a cache
+  assert attention.resolve('cudnn', jnp.bfloat16, 0.0, False, 1024) == 'cudnn'  # asked for by name: as asked
 
 
+@pytest.mark.filterwarnings("ignore:attention='splash' on cpu")
 def test_auto_attention_picks_splash_on_tpu_for_causal_self_attention_in_tiles_of_128(monkeypatch):
   monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')  # the rule itself, on any host
   assert attention.resolve('auto', jnp.bfloat16, 0.0, True, 2048) == 'splash'
@@ -166,6 +168,11 @@ def test_auto_attention_picks_splash_on_tpu_for_causal_self_attention_in_tiles_o
   assert attention.resolve('auto', jnp.bfloat16, 0.1, True, 2048) == 'xla'  # attention dropout: 'xla' only
   assert attention.resolve('auto', jnp.bfloat16, 0.0, False, 2048) == 'xla'  # decoding over a cache
   assert attention.resolve('splash', jnp.bfloat16, 0.0, False, 2048) == 'xla'  # decoding, even when asked by name
+  q, k, v, seg_BxL = splash_inputs(2)
+  slots = jnp.arange(q.shape[1])
+  mask = attention.make_mask(slots, slots, seg_BxL, seg_BxL)  # a boolean mask, which the kernel cannot read: 'xla'
+  got = attention.attend(q, k, v, mask, impl='auto', causal=True)
+  np.testing.assert_allclose(got, reference_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
 
 
 def splash_inputs(kv_heads, B=2, L=128, H=4, K=8):
@@ -178,6 +185,7 @@ def splash_inputs(kv_heads, B=2, L=128, H=4, K=8):
   return q, k, v, seg_BxL.astype(jnp.int32)
 
 
+@pytest.mark.filterwarnings("ignore:attention='splash' on cpu")
 @pytest.mark.parametrize('kv_heads', [4, 2, 1])
 @pytest.mark.parametrize('packed', [False, True])
 def test_splash_attention_matches_the_reference_and_its_gradients_match_xla(kv_heads, packed):
@@ -195,7 +203,11 @@ def test_splash_attention_matches_the_reference_and_its_gradients_match_xla(kv_h
   jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-4, rtol=1e-4), grads('splash'), grads('xla'))
 
 
+@pytest.mark.filterwarnings("ignore:attention='splash' on cpu")
 def test_splash_attention_refuses_what_it_cannot_do_and_decodes_with_xla():
+  for bad, match in (({'max_len': 64}, 'multiple of 128'), ({'max_len': 128, 'dropout': 0.1}, 'no attention dropout')):
+    with pytest.raises(ValueError, match=match):  # the config says what to change before anything is traced
+      model_lib.ModelConfig(**{**SMALL, 'attention': 'splash', **bad}).validate()
   q, k, v, seg_BxL = splash_inputs(2)
   slots = jnp.arange(q.shape[1])
   with pytest.raises(ValueError, match='multiple of 128'):
