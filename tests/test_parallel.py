@@ -100,9 +100,9 @@ def test_splash_attention_trains_on_a_mesh_as_xla_attention_does_on_one_device(m
 
   def losses(data, fsdp, tensor, impl):
     config = tiny_config(data, fsdp, tensor, 'model.max_len=128', f'model.attention={impl}', 'model.n_kv_heads=2',
-                         'model.scan_layers=true', 'model.remat=save_proj')
+                         'model.scan_layers=true', 'model.remat=save_proj', 'model.n_layers=1', 'train.batch_size=4')
     task = train.Task(config, parallel.make_mesh(config.mesh, jax.devices()[:data * fsdp * tensor]))
-    return run_steps(task, task.init_state(), packed_batches(2))[1]
+    return run_steps(task, task.init_state(), packed_batches(2, B=4))[1]
   want = losses(1, 1, 1, 'xla')
   np.testing.assert_allclose(losses(2, 2, 2, 'splash'), want, rtol=2e-5)
   # the train step's q (B x L x N x G x K) and k (B x N x T x K): rows over data x fsdp, kv heads over tensor
