@@ -132,10 +132,10 @@ def _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, causal, implem
                                       mask=mask_Bx1xLxT, is_causal=causal, implementation=implementation)
 
 
-def resolve(impl: str, dtype, dropout: float, causal: bool, length: int) -> str:
-  """'auto' picks cuDNN on GPU, splash on TPU, for causal self-attention (training, eval) where they apply. Decoding
-  over a KV cache stays on 'xla' (as 'splash' does): a step of one query gains little from a flash kernel, and
-  that path was never run on a GPU here."""
+def resolve(impl: str, dtype, dropout: float, causal: bool, length: int, boolean_mask: bool = False) -> str:
+  """'auto' picks cuDNN on GPU, splash on TPU, for causal self-attention (training, eval) where they apply; splash
+  reads segment ids, so a boolean mask keeps 'auto' on 'xla' there. Decoding over a KV cache stays on 'xla' (as
+  'splash' does): a step of one query gains little from a flash kernel, and that path was never run on a GPU here."""
   if impl == 'splash' and not causal:
     return 'xla'
   if impl != 'auto':
@@ -143,7 +143,7 @@ def resolve(impl: str, dtype, dropout: float, causal: bool, length: int) -> str:
   backend = jax.default_backend()
   if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and dropout == 0 and causal:
     return 'cudnn'
-  if backend == 'tpu' and dropout == 0 and causal and length % 128 == 0:
+  if backend == 'tpu' and dropout == 0 and causal and length % 128 == 0 and not boolean_mask:
     return 'splash'
   return 'xla'
 
@@ -220,21 +220,19 @@ def attend(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, *, impl='xla', dropout=0.0, dr
     segment_ids_BxL = mask
   if not causal and (mask is None or causal_chunk > 0):
     raise ValueError('attend: mask=None (the causal mask alone) and causal_chunk > 0 need causal=True')
-  requested, impl = impl, resolve(impl, q_BxLxHxK.dtype, dropout, causal, q_BxLxHxK.shape[1])
-  if impl == 'splash' and mask is not None and segment_ids_BxL is None:
-    if requested != 'splash':
-      impl = 'xla'  # 'auto' handed a boolean mask: the kernel cannot read it
-    else:
-      raise ValueError("attention='splash' reads segment ids, not a boolean mask: pass the B x L segment ids")
+  boolean_mask = mask is not None and segment_ids_BxL is None
+  impl = resolve(impl, q_BxLxHxK.dtype, dropout, causal, q_BxLxHxK.shape[1], boolean_mask)
+  if impl == 'splash' and boolean_mask:
+    raise ValueError("attention='splash' reads segment ids, not a boolean mask: pass the B x L segment ids")
   if dropout > 0 and impl != 'xla':
     raise ValueError(f"attention={impl!r} has no attention dropout; set model.dropout=0 or model.attention='xla'")
   if impl == 'splash':
     return _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL)
-  if causal and (mask is None or segment_ids_BxL is not None):
-    slots_L = jnp.arange(q_BxLxHxK.shape[1], dtype=jnp.int32)
+  slots_L = jnp.arange(q_BxLxHxK.shape[1], dtype=jnp.int32)
+  if segment_ids_BxL is not None:
     mask = make_mask(slots_L, slots_L, segment_ids_BxL, segment_ids_BxL)
-    if impl != 'xla' and segment_ids_BxL is None:
-      mask = None  # the causal mask alone: is_causal says it, no mask array needed
+  elif mask is None and impl == 'xla':  # the causal mask alone; fused kernels get is_causal and no mask array
+    mask = make_mask(slots_L, slots_L)
   if impl == 'xla':
     return _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng, causal_chunk)
   return _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, causal,

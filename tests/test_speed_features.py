@@ -171,6 +171,7 @@ def test_auto_attention_picks_splash_on_tpu_for_causal_self_attention_in_tiles_o
   q, k, v, seg_BxL = splash_inputs(2)
   slots = jnp.arange(q.shape[1])
   mask = attention.make_mask(slots, slots, seg_BxL, seg_BxL)  # a boolean mask, which the kernel cannot read: 'xla'
+  assert attention.resolve('auto', jnp.bfloat16, 0.0, True, 128, boolean_mask=True) == 'xla'
   got = attention.attend(q, k, v, mask, impl='auto', causal=True)
   np.testing.assert_allclose(got, reference_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
 
