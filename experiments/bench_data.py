@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from lmjax import config as config_lib, data, parallel, sources, train  # noqa: E402
+from lmjax import config as config_lib, data, parallel, sources, task as task_lib  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(__file__), '..')
 
@@ -36,7 +36,7 @@ def bench(name, config, n_batches, n_steps, repeats):
   next(d.train_iter)  # warm: threads started, first documents read
   pipe = median_rate(lambda n: [next(d.train_iter) for _ in range(n)], n_batches, repeats)
 
-  task = train.Task(config)
+  task = task_lib.Task(config)
   K, B, L = task.train_batch_shape
   rng = np.random.default_rng(0)
   batch = {k: rng.integers(0, config.model.vocab_size, (K, B, L)).astype(np.int32) for k in ('inputs', 'targets')}

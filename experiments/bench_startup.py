@@ -65,8 +65,8 @@ def step(params, opt_state, tokens):
 step = jax.jit(step.__wrapped__, donate_argnums=(0, 1))
 params, opt_state, value = step(params, opt_state, tokens)
 value.block_until_ready()
-from lmjax import runtime  # after the step: JAX is imported already, this costs nothing
-print('FIRST_STEP', runtime.seconds_since_process_start())
+from lmjax import hostenv  # after the step: imports nothing heavy
+print('FIRST_STEP', hostenv.seconds_since_process_start())
 '''
 
 
@@ -101,9 +101,9 @@ def main():
   for k, v in times.items():
     print(f'{k:22s} median {statistics.median(v):5.2f} s  (min {min(v):.2f}, max {max(v):.2f}, n={len(v)})')
   if args.record:
-    from lmjax import bench  # pylint: disable=import-outside-toplevel
-    row = {'date': datetime.datetime.now().isoformat(timespec='seconds'), 'hardware': bench.hardware(),
-           'git_commit': bench.git_commit(), 'benchmark': 'start to first step, CPU recipe',
+    from lmjax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    row = {'date': datetime.datetime.now().isoformat(timespec='seconds'), 'hardware': workdir_lib.hardware(),
+           'git_commit': workdir_lib.git_commit(), 'benchmark': 'start to first step, CPU recipe',
            **{k: {'median_s': statistics.median(v), 'all_s': v} for k, v in times.items()}}
     with open(args.record, 'a') as f:
       f.write(json.dumps(row) + '\n')

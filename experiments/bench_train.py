@@ -35,7 +35,7 @@ from lmjax import hostenv
 if __name__ == '__main__':  # the allocator `lmjax` runs with (lmjax/hostenv.py), for lmjax and the peers alike
   hostenv.reexec_tuned([os.path.abspath(__file__), *sys.argv[1:]])
 
-from lmjax import bench, config as config_lib, runtime  # pylint: disable=wrong-import-position
+from lmjax import bench, config as config_lib  # pylint: disable=wrong-import-position
 
 
 class TorchPeer:
@@ -210,7 +210,7 @@ def main(argv=None):
                  help="time the peers in lmjax's process (the old way; slows lmjax at large sizes)")
   p.add_argument('--serve_peer', default='', help=argparse.SUPPRESS)  # set on the peer processes this one starts
   args = p.parse_args(rest)
-  runtime.tune_host_allocator()
+  hostenv.tune_host_allocator()
   config = config_lib.load(args.config, overrides)
   if args.serve_peer:
     return serve_peer(args.serve_peer, config, args.peer_threads, args.peer_compile)

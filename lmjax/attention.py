@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lmjax import parallel
+from lmjax import config as config_lib, parallel
 
-IMPLEMENTATIONS = ('xla', 'dot_product_attention', 'cudnn', 'splash', 'auto')
+IMPLEMENTATIONS = config_lib.ATTENTION  # the names config.validate accepts
 
 _NEG_INF = -1e30  # finite: a fully masked row (never produced by make_mask) would give uniform weights, not NaN
 

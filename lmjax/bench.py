@@ -11,16 +11,14 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax import hostenv, metrics as metrics_lib, model as model_lib, runtime
+from lmjax import compiling, hostenv, metrics as metrics_lib, workdir as workdir_lib
 
 CHAR_VOCAB = 65  # Tiny Shakespeare's character vocabulary: what the CPU recipes train on
 
@@ -40,61 +38,23 @@ def matmul_flops(dtype='float32', n: int = 0, repeats: int = 10) -> float:
   return 2.0 * n ** 3 / statistics.median(times)
 
 
-def cpu_isa(cpuinfo: str = '/proc/cpuinfo') -> str:
-  """The widest x86 vector extension the CPU reports (Linux), '' when unknown. Recorded with every result because
-  hosts of one model name differ: the project brief's figures come from an AVX-512 host, while this VM reported
-  AVX2 only on 2026-11-27, and the torch peers' kernels depend on it."""
-  try:
-    with open(cpuinfo) as f:
-      flags = next((l.split(':', 1)[1].split() for l in f if l.startswith('flags')), [])
-  except OSError:
-    return ''
-  return next((name for flag, name in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'), ('avx', 'AVX')) if flag in flags), '')
-
-
-def hardware() -> str:
-  """'CPU model name (N cores, ISA)' on Linux CPUs, else the JAX device kind and count."""
-  if jax.default_backend() == 'cpu':
-    cores = ', '.join(x for x in (f'{os.cpu_count()} cores', cpu_isa()) if x)
-    try:
-      out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
-      name = next(l.split(':', 1)[1].strip() for l in out.splitlines() if l.startswith('Model name'))
-      return f'{name} ({cores})'
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-      return f'{platform.processor() or "cpu"} ({cores})'
-  return f'{jax.device_count()} x {jax.devices()[0].device_kind}'
-
-
-def git_commit() -> str:
-  try:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=root, capture_output=True, text=True)
-    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root, capture_output=True,
-                           text=True).stdout.strip()
-    return out.stdout.strip() + ('+dirty' if dirty else '')
-  except OSError:
-    return ''
-
-
 class Runner:
   """A config's Task with its train step compiled and a random batch on device; `time(n)` runs n more calls."""
 
   def __init__(self, config):
-    from lmjax import train as train_lib  # imported here: train pulls in data and checkpoint libraries
+    from lmjax import task as task_lib  # pylint: disable=import-outside-toplevel
     t_start = time.perf_counter()
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.model.vocab_size = config.model.vocab_size or CHAR_VOCAB
     self.config = config
-    self.task = task = train_lib.Task(config)
-    K, B, L = task.train_batch_shape
-    rng = np.random.default_rng(0)
-    batch = {'inputs': rng.integers(0, task.model_cfg.vocab_size, (K, B, L), dtype=np.int32)}
-    batch['targets'] = np.roll(batch['inputs'], -1, axis=-1)
+    self.task = task = task_lib.Task(config)
+    task_lib.check_training(config, task.mesh)
+    batch = random_batch(task.train_batch_spec(), task.model_cfg.vocab_size)
     self.state = task.init_state()
     self.init_s = time.perf_counter() - t_start
     self.exec, self.compile_s = task.compile_train(batch)
-    train_lib.check_host_memory(self.exec)
+    task_lib.check_host_memory(self.exec)
     self.batch = jax.device_put(batch, task.batch_sharding)
     self.time(1)
     self.first_step_s = time.perf_counter() - t_start  # start to the first step's result on the host
@@ -130,6 +90,24 @@ class Runner:
     }
 
 
+def random_batch(spec: dict, vocab_size: int, seed: int = 0) -> dict:
+  """A batch of random tokens with the keys and shapes of `spec` (K x B x L). Packed keys hold what the packer
+  makes of rows of two documents each, so the benchmark runs the program training runs."""
+  rng = np.random.default_rng(seed)
+  shape = next(iter(spec.values())).shape
+  L = shape[-1]
+  batch = {'inputs': rng.integers(0, vocab_size, shape, dtype=np.int32)}
+  batch['targets'] = np.roll(batch['inputs'], -1, axis=-1)
+  if 'segment_ids' in spec:
+    first = np.arange(L) < L // 2
+    batch['segment_ids'] = np.broadcast_to(np.where(first, 1, 2), shape).astype(np.int32)
+    batch['positions'] = np.broadcast_to(np.where(first, np.arange(L), np.arange(L) - L // 2), shape).astype(np.int32)
+    batch['weights'] = np.ones(shape, np.float32)
+  missing = set(spec) - set(batch)
+  assert not missing, f'random_batch makes no {missing}'
+  return {k: batch[k].astype(spec[k].dtype) for k in spec}
+
+
 def measure(config, steps: int = 30, warmup: int = 2) -> dict:
   """Compiles the config's train step and returns its numbers over `steps` calls after `warmup` more."""
   runner = Runner(config)
@@ -144,8 +122,8 @@ def describe(config) -> dict:
 
 
 def record_line(config_name: str, config, result: dict, **extra) -> dict:
-  return {'date': datetime.datetime.now().isoformat(timespec='seconds'), 'hardware': hardware(),
-          'git_commit': git_commit(), 'allocator': hostenv.allocator(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+  return {'date': datetime.datetime.now().isoformat(timespec='seconds'), 'hardware': workdir_lib.hardware(),
+          'git_commit': workdir_lib.git_commit(), 'allocator': hostenv.allocator(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
           'config': config_name, **describe(config),
           **result, **extra}
 
@@ -164,7 +142,7 @@ def print_result(r: dict, label: str = 'lmjax'):
 
 def run(config, steps: int = 30, record: str = '', config_name: str = ''):
   """`lmjax bench`: measures, prints, and appends a JSON line to `record` when given."""
-  runtime.enable_compilation_cache(config.train.compilation_cache_dir)
+  compiling.enable_compilation_cache(config.train.compilation_cache_dir)
   r = measure(config, steps)
   print_result(r)
   if record:

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
+from lmjax.errors import CheckpointError
 
 _ITEMS = ("state", "data", "meta")
 
@@ -32,10 +33,6 @@ def _drop_orbax_info(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("absl").addFilter(_drop_orbax_info)
-
-
-class CheckpointError(ValueError):
-  """A checkpoint is missing or does not match what the caller expects."""
 
 
 def _path_str(path) -> str:
@@ -112,7 +109,23 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     if meta is not None:
       items["meta"] = ocp.args.JsonSave(meta)
-    return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
+    except (OSError, ValueError, RuntimeError) as e:
+      raise self._write_error(step, e) from e
+
+  def _write_error(self, step, e) -> CheckpointError:
+    """A failed write (a full disk, a read-only or vanished directory) as one line saying where and what to do."""
+    text = ' '.join(str(e).split())
+    if 'RESOURCE_EXHAUSTED' in text or 'No space' in text or getattr(e, 'errno', None) == 28:
+      why = 'the disk is full'
+    elif 'PERMISSION_DENIED' in text or 'Read-only' in text or getattr(e, 'errno', None) in (13, 30):
+      why = 'the directory is not writable'
+    else:
+      why = text[:300]
+    return CheckpointError(f'saving the checkpoint of step {step} to {self.directory} failed: {why}. Free space or '
+                           'fix the permissions there, then run the same command again: it resumes from the last '
+                           'complete checkpoint')
 
   def _resolve(self, step: int | None) -> int:
     """Checks `step` exists (latest if None); waits for pending saves first."""
@@ -135,9 +148,10 @@ class Checkpointer:
   def _restore_items(self, step: int, **items):
     try:
       return self._mngr.restore(step, args=ocp.args.Composite(**items))
-    except (KeyError, ValueError, FileNotFoundError) as e:
-      # e.g. an item was never saved at this step (KeyError), or the
-      # checkpoint was written by a different number of processes.
+    except (KeyError, ValueError, OSError) as e:
+      # e.g. an item was never saved at this step (KeyError), damaged array
+      # files (tensorstore's DATA_LOSS / OUT_OF_RANGE come as ValueError), or
+      # a checkpoint written by a different number of processes.
       msg = e.args[0] if isinstance(e, KeyError) and e.args else e
       raise CheckpointError(f"Restoring step {step} from {self.directory} failed: {msg}") from e
 
@@ -192,13 +206,16 @@ class Checkpointer:
     try:
       with ocp.PyTreeCheckpointer() as reader:
         got = reader.restore(path, args=args)
-    except (KeyError, ValueError, FileNotFoundError) as e:
+    except (KeyError, ValueError, OSError) as e:
       raise CheckpointError(f"Restoring the parameters of step {step} from {self.directory} failed: {e}") from e
     return abstract_state.replace(step=got["step"], params=got["params"], opt_state=None)
 
   def wait(self) -> None:
-    """Blocks until pending async saves are written (and re-raises their errors)."""
-    self._mngr.wait_until_finished()
+    """Blocks until pending async saves are written (and raises their errors as CheckpointError)."""
+    try:
+      self._mngr.wait_until_finished()
+    except (OSError, ValueError, RuntimeError) as e:
+      raise self._write_error(self._mngr.latest_step(), e) from e
 
   def close(self) -> None:
     self._mngr.close()

@@ -1,26 +1,153 @@
-"""The one entry point: `lmjax {train,eval,sample,bench,plan} ...` (also `python -m lmjax`).
+"""The one entry point: `lmjax COMMAND ...` (also `python -m lmjax`), as a table of commands.
 
-Flags and nothing else: every subcommand calls one function in a module that does the work.
-`--config.a.b=value` overrides any config field (type-checked; unknown keys name the closest valid ones).
+Each command is its arguments and one function to run; the functions import what they use, so `lmjax --help`
+imports no JAX. `--config.a.b=value` overrides any config field (type-checked; unknown keys name the closest valid
+ones). Exit codes are decided here: 0 done, 2 a user error (one line, `lmjax CMD: error: ...`), 143 stopped by
+SIGTERM after checkpointing; anything else is a bug and shows its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
 import sys
+from typing import Callable
 
-from lmjax import hostenv  # the one lmjax import before the process is set up: it imports nothing heavy
+from lmjax import hostenv  # imports nothing heavy: the process is set up before JAX loads
+from lmjax.errors import UserError
 
-
-def _user_errors():
-  """Errors the user can fix: printed as one clear line, exit code 2, no traceback."""
-  from lmjax import checkpoint, config, sample, sources, tokenizers
-  return (config.ConfigError, sources.DataError, tokenizers.TokenizerError, checkpoint.CheckpointError,
-          sample.SampleError)
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 143  # 128 + SIGTERM
 
 
-def _split_overrides(argv):
+def _multihost(p):
+  g = p.add_argument_group('multi-host (TPU VMs, SLURM and Open MPI are auto-detected; others pass these)')
+  g.add_argument('--coordinator', default='', help='host:port of process 0')
+  g.add_argument('--num_processes', type=int, default=0)
+  g.add_argument('--process_id', type=int, default=-1)
+
+
+def _step(text: str):
+  if text == 'best' or text.isdigit():
+    return int(text) if text.isdigit() else text
+  raise argparse.ArgumentTypeError(f'--step must be a step number or "best", got {text!r}')
+
+
+def _workdir_args(p, what: str):
+  p.add_argument('--workdir', required=True, help=f'the --workdir of an `lmjax train` run to {what}')
+  p.add_argument('--step', type=_step, default=None, help='a checkpoint step, or "best" (train.keep_best); '
+                 'default: the latest')
+
+
+# ---------------------------------------------------------------------------------------------- the commands
+
+
+def _train_args(p):
+  p.add_argument('--config', required=True, help='configs/NAME.py[:variant]')
+  p.add_argument('--workdir', required=True, help='run directory: checkpoints, metrics, config; re-run to resume')
+  _multihost(p)
+
+
+def _train(args, overrides):
+  from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  config = config_lib.load(args.config, overrides)  # validated before JAX is imported or any data is read
+  from lmjax import train  # pylint: disable=import-outside-toplevel
+  hostenv.init_distributed(args.coordinator, args.num_processes, args.process_id)
+  try:
+    train.train(config, args.workdir)
+  except train.Preempted:
+    return EXIT_PREEMPTED
+  return 0
+
+
+def _eval_args(p):
+  _workdir_args(p, 'evaluate')
+  _multihost(p)
+
+
+def _eval(args, overrides):
+  from lmjax import inference  # pylint: disable=import-outside-toplevel
+  hostenv.init_distributed(args.coordinator, args.num_processes, args.process_id)
+  print(json.dumps(inference.evaluate_run(args.workdir, overrides, step=args.step)))
+  return 0
+
+
+def _sample_args(p):
+  _workdir_args(p, 'sample from')
+  p.add_argument('--prompt', default=None, help="prompt text (default: the config's sample.prompt)")
+  p.add_argument('--prompt_file', default='', help='a file of prompts, one per line (sampled as one batch)')
+  p.add_argument('--max_new_tokens', type=int, default=None,
+                 help='beyond the model context, a sliding window (--config.sample.window_chunk) keeps going')
+  p.add_argument('--temperature', type=float, default=None, help='0 = greedy')
+  p.add_argument('--top_k', type=int, default=None, help='0 = off')
+  p.add_argument('--top_p', type=float, default=None, help='1 = off')
+  p.add_argument('--min_p', type=float, default=None, help='0 = off')
+  p.add_argument('--greedy', action='store_true', help='same as --temperature=0')
+  p.add_argument('--num_samples', type=int, default=None, help='samples per prompt')
+  p.add_argument('--beam_size', type=int, default=None, help='> 1 runs beam search')
+  p.add_argument('--length_penalty', type=float, default=0.6, help="beam search's alpha")
+  p.add_argument('--stop', action='append', default=[],
+                 help="cut a sample before this text (repeatable; adds to the config's sample.stop)")
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--format', choices=('text', 'jsonl'), default='text')
+
+
+def _sample(args, overrides):
+  from lmjax import sample  # pylint: disable=import-outside-toplevel
+  sample.run(args, overrides)
+  return 0
+
+
+def _bench_args(p):
+  p.add_argument('--config', required=True, help='configs/NAME.py[:variant]')
+  p.add_argument('--steps', type=int, default=30, help='timed steps after warm-up')
+  p.add_argument('--record', default='', help='append the result as a JSON line to this file')
+
+
+def _bench(args, overrides):
+  import os  # pylint: disable=import-outside-toplevel
+  from lmjax import bench, config as config_lib  # pylint: disable=import-outside-toplevel
+  config = config_lib.load(args.config, overrides)
+  bench.run(config, args.steps, args.record, os.path.basename(args.config))
+  return 0
+
+
+def _plan_args(p):
+  p.add_argument('--config', required=True, help='configs/NAME.py[:variant]')
+  p.add_argument('--vocab_size', type=int, default=65,
+                 help='vocabulary to plan with when the config leaves model.vocab_size at 0 (= the tokenizer\'s; '
+                      '65 is tiny_shakespeare\'s characters)')
+  p.add_argument('--devices', type=int, default=0,
+                 help='plan for this many simulated CPU devices instead of the machine\'s accelerators')
+
+
+def _plan(args, overrides):
+  from lmjax import plan  # pylint: disable=import-outside-toplevel
+  plan.run(args, overrides)
+  return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  help: str
+  add_arguments: Callable[[argparse.ArgumentParser], None]
+  run: Callable[[argparse.Namespace, list], int]
+
+
+COMMANDS = {
+    'train': Command('train (or resume) a run', _train_args, _train),
+    'eval': Command("evaluate a workdir's checkpoint over the whole eval split", _eval_args, _eval),
+    'sample': Command('sample text from a trained workdir', _sample_args, _sample),
+    'bench': Command('compile time, ms/step, tokens/s and MFU of a config (no data, no checkpoints)', _bench_args,
+                     _bench),
+    'plan': Command('parameters, FLOPs and per-device memory of a config, without training', _plan_args, _plan),
+}
+
+
+# ---------------------------------------------------------------------------------------------- parsing, exit codes
+
+
+def split_overrides(argv):
   """Pulls `--config.a.b=value` (or `--config.a.b value`) out of argv; the rest goes to argparse."""
   rest, overrides, i = [], [], 0
   while i < len(argv):
@@ -36,72 +163,31 @@ def _split_overrides(argv):
   return rest, overrides
 
 
-def _parser():
+def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='lmjax', description=__doc__.split('\n')[0])
-  sub = p.add_subparsers(dest='command', required=True)
-
-  def multihost(sp):
-    g = sp.add_argument_group('multi-host (TPU VMs are auto-detected; GPU clusters and local tests pass these)')
-    g.add_argument('--coordinator', default='', help='host:port of process 0')
-    g.add_argument('--num_processes', type=int, default=0)
-    g.add_argument('--process_id', type=int, default=-1)
-
-  t = sub.add_parser('train', help='train (or resume) a run')
-  t.add_argument('--config', required=True, help='configs/NAME.py[:variant]')
-  t.add_argument('--workdir', required=True, help='run directory: checkpoints, metrics, config; re-run to resume')
-  multihost(t)
-
-  e = sub.add_parser('eval', help="evaluate a workdir's latest checkpoint over the whole eval split")
-  e.add_argument('--workdir', required=True)
-  multihost(e)
-
-  from lmjax import sample
-  sample.add_arguments(sub.add_parser('sample', help='sample text from a trained workdir'))
-
-  b = sub.add_parser('bench', help='compile time, ms/step, tokens/s and MFU of a config (no data, no checkpoints)')
-  b.add_argument('--config', required=True)
-  b.add_argument('--steps', type=int, default=30, help='timed steps after warm-up')
-  b.add_argument('--record', default='', help='append the result as a JSON line to this file')
-  from lmjax import plan
-  plan.add_arguments(sub.add_parser('plan', help='parameters, FLOPs and per-device memory of a config, without training'))
+  sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
+  for name, command in COMMANDS.items():
+    command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
   return p
 
 
-def main(argv=None):
-  if argv is None:  # a command, not a call from Python: restart with the allocator tuned (lmjax/hostenv.py)
-    hostenv.reexec_tuned(['-m', 'lmjax', *sys.argv[1:]])
-  from lmjax import runtime  # imports JAX
-  runtime.tune_host_allocator()  # before JAX allocates anything
-  argv = sys.argv[1:] if argv is None else argv
-  rest, overrides = _split_overrides(argv)
-  args = _parser().parse_args(rest)
+def main(argv=None) -> int:
+  as_command = argv is None
+  argv = sys.argv[1:] if argv is None else list(argv)
+  rest, overrides = split_overrides(argv)
+  args = parser().parse_args(rest)  # --help and usage errors end here, before anything heavy is imported
+  if as_command:  # a command, not a call from Python: restart with the allocator tuned (lmjax/hostenv.py)
+    hostenv.reexec_tuned(['-m', 'lmjax', *argv])
+  hostenv.tune_host_allocator()  # before JAX allocates anything
   try:
-    return _run(args, overrides)
-  except _user_errors() as e:
-    print(f'lmjax {args.command}: error: {e}', file=sys.stderr)
-    return 2
+    return COMMANDS[args.command].run(args, overrides)
+  except UserError as e:
+    print(f'lmjax {args.command}: error: {_one_line(e)}', file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
-def _run(args, overrides):
-  from lmjax import config as config_lib, runtime
-  if hasattr(args, 'coordinator'):
-    runtime.init_distributed(args.coordinator, args.num_processes, args.process_id)
-  if args.command == 'train':
-    from lmjax import train
-    train.train(config_lib.load(args.config, overrides), args.workdir)
-  elif args.command == 'eval':
-    from lmjax import train
-    print(json.dumps(train.evaluate_run(args.workdir, overrides)))
-  elif args.command == 'sample':
-    from lmjax import sample
-    sample.run(args, overrides)
-  elif args.command == 'bench':
-    from lmjax import bench
-    bench.run(config_lib.load(args.config, overrides), args.steps, args.record, os.path.basename(args.config))
-  elif args.command == 'plan':
-    from lmjax import plan
-    plan.run(args, overrides)
-  return 0
+def _one_line(e: Exception) -> str:
+  return ' '.join(str(e).split())
 
 
 if __name__ == '__main__':

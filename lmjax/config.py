@@ -1,51 +1,134 @@
-"""Experiment configs: every field with its default and meaning, loading a config file, command-line overrides.
+"""Experiment configs: every field with its default and meaning, the model's schema, loading a config file,
+command-line overrides, and the one validation pass.
 
 A config file in configs/ defines `get_config(arg=None)` that starts from `default_config()` and changes what the
 experiment changes. `--config=configs/x.py:variant` passes 'variant' as `arg` (one file, a family of ablations).
 `--config.a.b=value` overrides a field; the value is parsed to the field's type and an unknown key is an error
-that names the closest valid keys.
+that names the closest valid keys. `validate(config)` checks the whole config at once, before any data is read.
+
+A leaf: this module imports nothing else of lmjax but the error classes, so every other module can import it.
 """
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
-import json
 import os
 
 import ml_collections
 
+from lmjax.errors import ConfigError  # noqa: F401  -- re-exported: `config.ConfigError` is the same class
 
-class ConfigError(ValueError):
-  """A config file or override that cannot be used; the message says how to fix it."""
+# The names each choice accepts: the modules that implement them assert they implement exactly these.
+NORMS = ('layernorm', 'rmsnorm')
+POSITIONS = ('learned', 'rope')
+MLPS = ('gelu', 'swiglu')
+REMAT = ('none', 'full', 'save_dots', 'save_proj')  # lmjax/model.py REMAT_POLICIES
+ATTENTION = ('xla', 'dot_product_attention', 'cudnn', 'splash', 'auto')  # lmjax/attention.py
+OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon')  # lmjax/optim.py
+ROWS = ('windows', 'packed')  # lmjax/data.py
+TOKENIZERS = ('char', 'byte', 'spm')  # lmjax/tokenizers.py
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The model's fields, declared once: `default_config().model` is built from these defaults, and the model
+  reads this frozen dataclass (`model_config(config)`). A new model option is one field here, one check in
+  `problems`, and its use in lmjax/model.py."""
+
+  vocab_size: int = 0  # 0 = the tokenizer's vocabulary size (filled in before the model is built)
+  max_len: int = 64  # context length; training rows are this long
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 0  # 0 = n_heads (multi-head); 1 = multi-query; otherwise grouped-query
+  d_model: int = 128
+  d_ff: int = 0  # 0 = 4 * d_model
+  dropout: float = 0.0  # on embeddings, attention weights and both residual branches (as nanoGPT)
+  norm: str = 'layernorm'  # layernorm | rmsnorm
+  norm_eps: float = 1e-5
+  positions: str = 'learned'  # learned | rope
+  rope_theta: float = 10000.0
+  mlp: str = 'gelu'  # gelu (exact erf, as GPT-2/nanoGPT) | swiglu
+  tied_embeddings: bool = True  # output projection = input embedding transposed
+  use_bias: bool = True  # biases in projections and LayerNorm
+  dtype: str = 'float32'  # compute dtype (bfloat16 on GPU/TPU); logits, softmax and loss stay float32
+  param_dtype: str = 'float32'  # master weights and optimizer state
+  scan_layers: bool = False  # nn.scan over layers: compile time flat in depth
+  remat: str = 'none'  # none | full | save_dots | save_proj (see lmjax/model.py REMAT_POLICIES)
+  attention: str = 'xla'  # xla | dot_product_attention | cudnn | splash | auto (see lmjax/attention.py)
+  attention_chunk: int = -1  # 'xla': queries in causal chunks of this length (-1 auto: CPU from length 128; 0 off)
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def ff_dim(self) -> int:
+    return self.d_ff or 4 * self.d_model
+
+  def problems(self, need_vocab: bool = True) -> list[str]:
+    """Every field that cannot be used, as 'model.FIELD ...: how to fix it' lines (empty when all is well)."""
+    out = []
+
+    def need(ok, msg):
+      if not ok:
+        out.append(f'model.{msg}')
+
+    def one_of(field, names):
+      value = getattr(self, field)
+      need(value in names, f'{field} must be one of {", ".join(names)}; got {value!r}')
+
+    if need_vocab:
+      need(self.vocab_size > 0, f'vocab_size must be > 0, got {self.vocab_size}')
+    need(self.vocab_size >= 0, f'vocab_size must be >= 0 (0 = the tokenizer\'s size), got {self.vocab_size}')
+    for field in ('max_len', 'n_layers', 'n_heads', 'd_model'):
+      need(getattr(self, field) > 0, f'{field} must be > 0, got {getattr(self, field)}')
+    need(self.n_kv_heads >= 0 and self.d_ff >= 0, f'n_kv_heads and d_ff must be >= 0 (0 = the default), got '
+         f'{self.n_kv_heads} and {self.d_ff}')
+    if self.n_heads > 0 and self.n_kv_heads >= 0:
+      need(self.d_model % self.n_heads == 0,
+           f'd_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})')
+      need(self.n_heads % self.kv_heads == 0,
+           f'n_kv_heads ({self.kv_heads}) must divide n_heads ({self.n_heads})')
+      need(self.positions != 'rope' or self.head_dim % 2 == 0,
+           f'positions=\'rope\' needs an even head dim (d_model / n_heads), got {self.head_dim}')
+    one_of('norm', NORMS)
+    one_of('positions', POSITIONS)
+    one_of('mlp', MLPS)
+    one_of('remat', REMAT)
+    one_of('attention', ATTENTION)
+    one_of('dtype', DTYPES)
+    one_of('param_dtype', DTYPES)
+    need(0.0 <= self.dropout < 1.0, f'dropout must be in [0, 1), got {self.dropout}')
+    need(self.attention not in ('cudnn', 'splash') or self.dropout == 0,
+         f"attention={self.attention!r} has no attention dropout: set model.dropout=0 or model.attention='xla' or "
+         "'auto'")
+    need(self.attention != 'splash' or self.max_len % 128 == 0,
+         f"attention='splash' works in tiles of 128: max_len must be a multiple of 128, got {self.max_len}")
+    need(self.attention_chunk >= -1,
+         f'attention_chunk must be -1 (auto), 0 (off) or a length, got {self.attention_chunk}')
+    need(self.norm_eps > 0, f'norm_eps must be > 0, got {self.norm_eps}')
+    return out
+
+  def validate(self):
+    """Raises ConfigError naming every offending field; returns self."""
+    problems = self.problems()
+    if problems:
+      raise ConfigError('; '.join(problems))
+    return self
 
 
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # one seed for init, data order and dropout; the same seed and config give the same run
 
-  c.model = m = ml_collections.ConfigDict()
-  m.vocab_size = 0  # 0 = the tokenizer's vocabulary size
-  m.max_len = 64  # context length; training rows are this long
-  m.n_layers = 4
-  m.n_heads = 4
-  m.n_kv_heads = 0  # 0 = n_heads; fewer gives grouped-query (1 = multi-query) attention
-  m.d_model = 128
-  m.d_ff = 0  # 0 = 4 * d_model
-  m.dropout = 0.0  # on embeddings, attention weights and both residual branches (as nanoGPT)
-  m.norm = 'layernorm'  # layernorm | rmsnorm
-  m.norm_eps = 1e-5
-  m.positions = 'learned'  # learned | rope
-  m.rope_theta = 10000.0
-  m.mlp = 'gelu'  # gelu (exact erf) | swiglu
-  m.tied_embeddings = True  # output projection = input embedding transposed
-  m.use_bias = True  # biases in projections and LayerNorm
-  m.dtype = 'float32'  # compute dtype (bfloat16 on GPU/TPU); logits, softmax and loss stay float32
-  m.param_dtype = 'float32'  # master weights and optimizer state
-  m.scan_layers = False  # nn.scan over layers: compile time flat in depth
-  m.remat = 'none'  # none | full | save_dots | save_proj (see lmjax/model.py REMAT_POLICIES)
-  m.attention = 'xla'  # xla | dot_product_attention | cudnn | splash | auto (see lmjax/attention.py)
-  m.attention_chunk = -1  # 'xla': queries in causal chunks of this length (-1 auto: CPU from length 128; 0 off)
+  c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))  # fields and meanings: ModelConfig
 
   c.data = d = ml_collections.ConfigDict()
   d.dataset = 'tiny_shakespeare'  # a TFDS name (lm1b, c4/en, ...) read from array_record without TF; or text_files
@@ -76,11 +159,16 @@ def default_config() -> ml_collections.ConfigDict:
   t.eval_batch_size = 64
   t.eval_max_batches = 0  # 0 = the whole eval split
   t.checkpoint_every = 500
-  t.keep_checkpoints = 3
+  t.keep_checkpoints = 3  # the last K checkpoints are kept; older ones are deleted
+  t.keep_best = ''  # '' = off; a metric (val_loss, val_ppl, val_bpb): its best checkpoint is kept in WORKDIR/best/
+  t.checkpoint_minutes = 0.0  # 0 = off; also checkpoint when this many minutes passed since the last save
+  # '' = a fresh init. WORKDIR or WORKDIR:STEP of another run: start from its parameters (fresh optimizer state,
+  # this config's schedule and data, that run's tokenizer): fine-tuning and continued pre-training.
+  t.init_from = ''
   t.peak_flops = 0.0  # per device, for MFU; 0 = look the device up in lmjax/metrics.py PEAK_FLOPS
   t.progress_bar = True  # shown only when stdout is a terminal
   # '' = off. A directory holds JAX's persistent compilation cache and lmjax's own cache of the train-step and init
-  # executables (keyed on lmjax's source and the config: runtime.ExecutableCache), so a repeated or resumed run
+  # executables (keyed on lmjax's source and the config: compiling.ExecutableCache), so a repeated or resumed run
   # neither traces nor compiles them.
   t.compilation_cache_dir = ''
   t.steps_per_call = 1  # optimizer steps per jitted call (lax.scan over K batches): less per-call overhead
@@ -119,9 +207,8 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def model_config(config):
+def model_config(config) -> ModelConfig:
   """The model's frozen dataclass from the experiment config (vocab size already filled in)."""
-  from lmjax.model import ModelConfig
   return ModelConfig(**config.model.to_dict()).validate()
 
 
@@ -135,12 +222,24 @@ def load(path_and_arg: str, overrides=()) -> ml_collections.ConfigDict:
     raise ConfigError(f'config file {path!r} not found (expected a Python file such as configs/shakespeare_char_cpu.py)')
   spec = importlib.util.spec_from_file_location(f'lmjax_config_{abs(hash(path))}', path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f'{path} line {e.lineno}: {e.msg}; fix the config file') from None
+  except Exception as e:  # pylint: disable=broad-except  -- whatever a user's file raises, say where
+    raise ConfigError(f'{path} failed to load: {type(e).__name__}: {e}') from None
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'{path} defines no get_config(); a config file returns its ConfigDict from get_config(arg=None)')
-  config = module.get_config(arg) if arg else module.get_config()
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except TypeError as e:
+    raise ConfigError(f'{path}:{arg} -- get_config() takes no variant here ({e}); drop the ":{arg}"') from None
+  except (ValueError, KeyError, AssertionError) as e:
+    what = e.args[0] if e.args else type(e).__name__
+    raise ConfigError(f'{path}:{arg} -- {what}') from None
   apply_overrides(config, overrides)
   config.lock()
+  validate(config)
   return config
 
 
@@ -200,27 +299,60 @@ def _parse(key, text, old):
     raise ConfigError(f'--config.{key}={text!r}: expected {kind.__name__} (like the default {old!r})') from None
 
 
-_SAVED = 'config.json'
+def problems(config) -> list[str]:
+  """Every field of a whole config that cannot be used (empty when all is well). Needs no data, devices or mesh:
+  what depends on those (batch over the mesh, the tokenizer's vocabulary) is checked where they are known."""
+  out = ModelConfig(**config.model.to_dict()).problems(need_vocab=False)
+
+  def need(ok, msg):
+    if not ok:
+      out.append(msg)
+
+  t, o, d, s = config.train, config.optimizer, config.data, config.sample
+  K = t.steps_per_call
+  need(t.steps > 0, f'train.steps ({t.steps}) must be > 0')
+  need(K > 0, f'train.steps_per_call must be > 0, got {K}')
+  need(t.batch_size > 0, f'train.batch_size must be > 0, got {t.batch_size}')
+  need(t.grad_accum > 0 and t.batch_size % max(t.grad_accum, 1) == 0,
+       f'train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})')
+  need(t.eval_batch_size > 0, f'train.eval_batch_size must be > 0, got {t.eval_batch_size}')
+  for name in ('log_every', 'eval_every', 'checkpoint_every', 'steps'):
+    if name == 'steps' and t.steps <= 0:
+      continue
+    if t[name] < 0:
+      out.append(f'train.{name} ({t[name]}) must be >= 0 (0 = only at the last step)')
+    elif K > 0 and t[name] % K:
+      out.append(f'train.{name} ({t[name]}) must be a multiple of train.steps_per_call ({K})')
+  need(t.keep_checkpoints >= 1, f'train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}')
+  need(t.keep_best in ('',) + BEST_METRICS,
+       f'train.keep_best must be \'\' (off) or one of {", ".join(BEST_METRICS)}; got {t.keep_best!r}')
+  need(t.checkpoint_minutes >= 0, f'train.checkpoint_minutes must be >= 0 (0 = off), got {t.checkpoint_minutes}')
+  need(o.name in OPTIMIZERS, f'optimizer.name must be one of {", ".join(OPTIMIZERS)}; got {o.name!r}')
+  need(o.lr > 0, f'optimizer.lr must be > 0, got {o.lr}')
+  need(o.warmup_steps >= 0 and o.decay_steps >= 0,
+       f'optimizer.warmup_steps and decay_steps must be >= 0, got {o.warmup_steps} and {o.decay_steps}')
+  need(o.grad_clip >= 0, f'optimizer.grad_clip must be >= 0 (0 = off), got {o.grad_clip}')
+  need(d.rows in ROWS, f'data.rows must be one of {", ".join(ROWS)}; got {d.rows!r}')
+  need(d.tokenizer in TOKENIZERS, f'data.tokenizer must be one of {", ".join(TOKENIZERS)}; got {d.tokenizer!r}')
+  need(d.file_docs in ('file', 'line'), f"data.file_docs must be 'file' or 'line'; got {d.file_docs!r}")
+  need(d.window_stride > 0, f'data.window_stride must be > 0, got {d.window_stride}')
+  for axis in ('data', 'fsdp', 'tensor'):
+    need(config.mesh[axis] == -1 or config.mesh[axis] > 0,
+         f'mesh.{axis} must be a device count or -1 (the devices left over), got {config.mesh[axis]}')
+  need(s.max_new_tokens >= 0, f'sample.max_new_tokens must be >= 0, got {s.max_new_tokens}')
+  need(s.temperature >= 0, f'sample.temperature must be >= 0 (0 = greedy), got {s.temperature}')
+  return out
 
 
-def save(config, workdir: str) -> str:
-  """Writes the resolved config as JSON into the workdir: what this run actually used."""
-  path = os.path.join(workdir, _SAVED)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-  return path
+# Metrics train.keep_best can rank by; every one of them is better when lower.
+BEST_METRICS = ('val_loss', 'val_ppl', 'val_bpb')
 
 
-def load_saved(workdir: str, overrides=()) -> ml_collections.ConfigDict:
-  """The config a workdir's run recorded (see save), with `a.b=value` overrides applied."""
-  path = os.path.join(workdir, _SAVED)
-  if not os.path.exists(path):
-    raise ConfigError(f'{workdir} holds no {_SAVED}: is it the --workdir of an `lmjax train` run?')
-  with open(path) as f:
-    config = from_dict(json.load(f))
-  apply_overrides(config, overrides)
+def validate(config):
+  """Raises one ConfigError naming every bad field of `config` at once; returns the config."""
+  found = problems(config)
+  if found:
+    raise ConfigError('; '.join(found))
   return config
 
 

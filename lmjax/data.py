@@ -30,9 +30,9 @@ import grain.experimental as grain_exp
 import jax
 import numpy as np
 
-from lmjax import sources, tokenizers
+from lmjax import config as config_lib, sources, tokenizers
 
-ROWS = ('windows', 'packed')
+ROWS = config_lib.ROWS
 # The arrays of a training batch for each kind of row, with their dtypes: known before any batch is read, so the
 # train step can compile while a resumed iterator is still being restored.
 TRAIN_KEYS = {

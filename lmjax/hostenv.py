@@ -1,4 +1,5 @@
-"""The process environment a run needs before Python imports anything heavy: the memory allocator.
+"""Process set-up: the memory allocator (before Python imports anything heavy), joining a multi-host job, and the
+process clock.
 
 XLA on CPU takes every executable call's temporaries from malloc. glibc serves buffers over 32 MiB (its largest mmap
 threshold) as fresh mmaps that fault in page by page on every call, and hands freed memory back to the kernel.
@@ -18,13 +19,17 @@ restarts again), and its children inherit the settings. Nothing here imports JAX
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import sys
+import time
 
 _HUGE_PAGES = 'glibc.malloc.hugetlb=1'
 _JEMALLOC_CONF = 'dirty_decay_ms:-1,muzzy_decay_ms:-1'  # never purge: freed pages stay for the next call
 _TUNED = 'LMJAX_TUNED'
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # mallopt's parameter numbers
+_IMPORTED_AT = time.perf_counter()  # seconds_since_process_start's fallback origin
 # Device nodes of GPUs and TPUs: there XLA's temporaries live in device memory, so a no-purge host heap buys
 # nothing and would only keep the input pipeline's peak.
 _ACCELERATOR_NODES = ('/dev/nvidia0', '/dev/accel0', '/dev/kfd')
@@ -117,3 +122,45 @@ def memory_bytes(meminfo: str = '/proc/meminfo', statm: str = '/proc/self/statm'
   if 'MemAvailable' not in kib:
     return None
   return 1024 * (kib['MemAvailable'] + kib.get('SwapFree', 0)) + resident
+
+
+def tune_host_allocator():
+  """Keep freed buffers in glibc's heap instead of returning them to the OS.
+
+  On CPU every executable call allocates fresh temporaries; above glibc's default 128 KiB mmap threshold each
+  one is an mmap/munmap pair that page-faults on first touch. Raising the thresholds (the same as
+  MALLOC_MMAP_THRESHOLD_=32MiB MALLOC_TRIM_THRESHOLD_=2GiB MALLOC_TOP_PAD_=256MiB in the environment) keeps
+  those buffers mapped between calls (docs/performance.md has the measurements). A no-op where glibc is absent and when lmjax/hostenv.py preloaded
+  another allocator (glibc's malloc then serves nothing). Needs no JAX; call it before JAX allocates anything.
+  """
+  if not allocator().startswith('glibc'):
+    return
+  try:
+    libc = ctypes.CDLL('libc.so.6')
+  except OSError:
+    return
+  libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+  libc.mallopt(_M_TRIM_THRESHOLD, 2 << 30)
+  libc.mallopt(_M_TOP_PAD, 256 << 20)
+
+
+def init_distributed(coordinator: str = '', num_processes: int = 0, process_id: int = -1):
+  """Joins the multi-host job. With no arguments: auto-detection (TPU VMs, SLURM, Open MPI) when the environment
+  describes a cluster, otherwise a single process. Explicit values are for GPU clusters and local tests."""
+  import jax  # pylint: disable=import-outside-toplevel  -- this module stays importable before JAX
+  if coordinator:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+  elif any(k in os.environ for k in ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE',
+                                     'JAX_COORDINATOR_ADDRESS')):
+    jax.distributed.initialize()
+
+
+def seconds_since_process_start() -> float:
+  """Wall seconds since this process started (Linux: /proc/self/stat; elsewhere: since this module was
+  imported), so start-up figures include the interpreter and the imports, as a user timing the command sees."""
+  try:
+    with open('/proc/self/stat') as f:
+      start_ticks = int(f.read().rsplit(')', 1)[1].split()[19])
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf('SC_CLK_TCK')
+  except (OSError, ValueError, IndexError, AttributeError):
+    return time.perf_counter() - _IMPORTED_AT

@@ -31,72 +31,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmjax import attention
+from lmjax import attention, config as config_lib
+from lmjax.config import ModelConfig  # the schema lives with the config: one declaration of each field
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  vocab_size: int
-  max_len: int
-  n_layers: int = 4
-  n_heads: int = 4
-  n_kv_heads: int = 0  # 0 = n_heads (multi-head); 1 = multi-query; otherwise grouped-query
-  d_model: int = 128
-  d_ff: int = 0  # 0 = 4 * d_model
-  dropout: float = 0.0
-  norm: str = 'layernorm'  # layernorm | rmsnorm
-  norm_eps: float = 1e-5
-  positions: str = 'learned'  # learned | rope
-  rope_theta: float = 10000.0
-  mlp: str = 'gelu'  # gelu (exact erf, as GPT-2/nanoGPT) | swiglu
-  tied_embeddings: bool = True
-  use_bias: bool = True
-  dtype: str = 'float32'  # compute dtype; logits, softmax and loss are always float32
-  param_dtype: str = 'float32'
-  scan_layers: bool = False  # nn.scan over blocks: compile time flat in depth
-  remat: str = 'none'  # see REMAT_POLICIES
-  attention: str = 'xla'  # see lmjax/attention.py
-  attention_chunk: int = -1  # 'xla' causal query chunks: -1 auto, 0 off (lmjax/attention.py chunk_for)
-
-  @property
-  def kv_heads(self) -> int:
-    return self.n_kv_heads or self.n_heads
-
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.n_heads
-
-  @property
-  def ff_dim(self) -> int:
-    return self.d_ff or 4 * self.d_model
-
-  def validate(self):
-    """Raises ValueError naming the offending field; called before anything is built."""
-    def need(ok, msg):
-      if not ok:
-        raise ValueError(f'model config: {msg}')
-    need(self.vocab_size > 0, f'vocab_size must be > 0, got {self.vocab_size}')
-    need(self.d_model % self.n_heads == 0,
-         f'd_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})')
-    need(self.n_heads % self.kv_heads == 0,
-         f'n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})')
-    need(self.norm in ('layernorm', 'rmsnorm'), f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
-    need(self.positions in ('learned', 'rope'), f"positions must be 'learned' or 'rope', got {self.positions!r}")
-    need(self.positions != 'rope' or self.head_dim % 2 == 0, f'rope needs an even head_dim, got {self.head_dim}')
-    need(self.mlp in ('gelu', 'swiglu'), f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
-    need(self.remat in REMAT_POLICIES, f'remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}')
-    need(0.0 <= self.dropout < 1.0, f'dropout must be in [0, 1), got {self.dropout}')
-    need(self.attention in attention.IMPLEMENTATIONS,
-         f'attention must be one of {sorted(attention.IMPLEMENTATIONS)}, got {self.attention!r}')
-    need(self.attention not in ('cudnn', 'splash') or self.dropout == 0,
-         f"attention={self.attention!r} has no attention dropout: set dropout=0 or attention='xla' or 'auto'")
-    need(self.attention != 'splash' or self.max_len % 128 == 0,
-         f"attention='splash' works in tiles of 128: max_len must be a multiple of 128, got {self.max_len}")
-    need(self.attention_chunk >= -1,
-         f'attention_chunk must be -1 (auto), 0 (off) or a length, got {self.attention_chunk}')
-    return self
 
 
 # What the backward pass keeps of each block (the rest is recomputed). 'none' keeps everything (no remat);
@@ -108,6 +46,7 @@ REMAT_POLICIES = {
     'save_dots': jax.checkpoint_policies.checkpoint_dots,
     'save_proj': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+assert tuple(REMAT_POLICIES) == config_lib.REMAT
 
 _INIT_STD = 0.02  # GPT-2's init; residual projections are scaled by 1/sqrt(2 * n_layers) on top.
 

@@ -9,7 +9,8 @@ import jax
 import optax
 from optax import contrib
 
-OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon')
+from lmjax.errors import ConfigError
+from lmjax.config import OPTIMIZERS  # the names config.validate accepts
 
 
 def _leaf_name(path) -> str:
@@ -67,7 +68,7 @@ def make(oc, total_steps: int):
     tx = contrib.muon(lr, beta=oc.b1, eps=oc.eps, weight_decay=oc.weight_decay, weight_decay_mask=mask,
                       adam_b1=oc.b1, adam_b2=oc.b2, muon_weight_dimension_numbers=_muon_dims)
   else:
-    raise ValueError(f'optimizer.name must be one of {OPTIMIZERS}, got {oc.name!r}')
+    raise ConfigError(f'optimizer.name must be one of {", ".join(OPTIMIZERS)}; got {oc.name!r}')
   if oc.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(oc.grad_clip), tx)
   return tx, lr

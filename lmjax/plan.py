@@ -15,15 +15,6 @@ _BLOCK_PARTS = {'attn': 'attention', 'mlp': 'mlp', 'ln1': 'norms', 'ln2': 'norms
 _TOP_PARTS = {'embed': 'embeddings', 'pos_embed': 'embeddings', 'lm_head': 'embeddings', 'ln_f': 'norms'}
 
 
-def add_arguments(parser):
-  parser.add_argument('--config', required=True, help='configs/NAME.py[:variant]')
-  parser.add_argument('--vocab_size', type=int, default=65,
-                      help='vocabulary to plan with when the config leaves model.vocab_size at 0 (= the tokenizer\'s; '
-                           '65 is tiny_shakespeare\'s characters)')
-  parser.add_argument('--devices', type=int, default=0,
-                      help='plan for this many simulated CPU devices instead of the machine\'s accelerators')
-
-
 def run(args, overrides):
   import jax
   if args.devices:  # must precede the first JAX call that starts a backend
@@ -43,26 +34,26 @@ def run(args, overrides):
 def plan(config) -> dict:
   """The numbers `lmjax plan` prints, as a dict (tests and notebooks read it directly)."""
   import jax
-  import jax.numpy as jnp
-  from lmjax import train
+  from lmjax import task as task_lib
 
-  task = train.Task(config)
+  task = task_lib.Task(config)
+  task_lib.check_training(config, task.mesh)
   cfg = task.model_cfg
   params = task.abstract_state.params
   K, B, L = task.train_batch_shape
-  batch_spec = {k: jax.ShapeDtypeStruct((K, B, L), jnp.int32) for k in ('inputs', 'targets')}
+  batch_spec = task.train_batch_spec()  # the keys training feeds the step (packed rows add segments, positions)
   compiled, compile_s = task.compile_train(batch_spec)
   mem = compiled.memory_analysis()
   return {
       'mesh': dict(task.mesh.shape), 'n_devices': task.mesh.size, 'device_kind': jax.devices()[0].device_kind,
       'params': count_by_component(params, cfg.n_layers), 'n_params': task.n_params,
-      'flops_per_token': task.flops_per_token, 'tokens_per_step': B * L,
+      'flops_per_token': task.flops_per_token, 'tokens_per_step': B * L, 'batch_keys': sorted(batch_spec),
       'bytes_per_device': {'params': device_bytes(params), 'optimizer': device_bytes(task.abstract_state.opt_state),
                            'arguments': getattr(mem, 'argument_size_in_bytes', None),
                            'outputs': getattr(mem, 'output_size_in_bytes', None),
                            'aliased': getattr(mem, 'alias_size_in_bytes', None),
                            'temporaries': getattr(mem, 'temp_size_in_bytes', None),
-                           'step_total': train.step_bytes_per_device(mem)},
+                           'step_total': task_lib.step_bytes_per_device(mem)},
       'compile_s': compile_s,
   }
 

@@ -38,16 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax import model as model_lib
-from lmjax import beam, parallel, runtime, tokenizers
+from lmjax import beam, compiling, parallel, tokenizers
+from lmjax.errors import SampleError
 
 _NEG = beam.NEG
 _MIN_STAGE = 64  # smallest staged cache: below this, a stage's loop overhead costs more than the reads it saves
 _STAGE_GROWTH = 4  # each stage's cache is this many times the last: fewer stages = fewer model copies to compile
 MEMORY_FRACTION = 0.5  # refuse a call whose KV cache alone would take more than this share of free memory
-
-
-class SampleError(ValueError):
-  """Sampling options or prompts that cannot be used; the message says what to change."""
 
 
 # ------------------------------------------------------------------------------------------ token choice
@@ -195,7 +192,7 @@ def _compiled(cfg: model_lib.ModelConfig, max_new: int, st: _Static, param_shard
   """One jitted program per model, length and decoding options; jax.jit then caches per input shape, so a repeated
   call with the same batch and prompt bucket never recompiles."""
   fn = functools.partial(_program, cfg=cfg, max_new=max_new, st=st)
-  options = runtime.decode_compiler_options()
+  options = compiling.decode_compiler_options()
   if mesh is None:
     return jax.jit(fn, compiler_options=options)
   repl = parallel.replicated(mesh)
@@ -386,31 +383,11 @@ def sample_texts(params, model_cfg, tokenizer, prompts: Sequence[str], *, stop: 
 # ------------------------------------------------------------------------------------------ `lmjax sample`
 
 
-def add_arguments(p):
-  p.add_argument('--workdir', required=True, help='the --workdir of an `lmjax train` run')
-  p.add_argument('--prompt', default=None, help="prompt text (default: the config's sample.prompt)")
-  p.add_argument('--prompt_file', default='', help='a file of prompts, one per line (sampled as one batch)')
-  p.add_argument('--max_new_tokens', type=int, default=None,
-                 help='beyond the model context, a sliding window (--config.sample.window_chunk) keeps going')
-  p.add_argument('--temperature', type=float, default=None, help='0 = greedy')
-  p.add_argument('--top_k', type=int, default=None, help='0 = off')
-  p.add_argument('--top_p', type=float, default=None, help='1 = off')
-  p.add_argument('--min_p', type=float, default=None, help='0 = off')
-  p.add_argument('--greedy', action='store_true', help='same as --temperature=0')
-  p.add_argument('--num_samples', type=int, default=None, help='samples per prompt')
-  p.add_argument('--beam_size', type=int, default=None, help='> 1 runs beam search')
-  p.add_argument('--length_penalty', type=float, default=0.6, help="beam search's alpha")
-  p.add_argument('--stop', action='append', default=[],
-                 help="cut a sample before this text (repeatable; adds to the config's sample.stop)")
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--format', choices=('text', 'jsonl'), default='text')
-
-
 def run(args, overrides):
-  """`lmjax sample`: loads the workdir's latest checkpoint and prints the samples (flags override config.sample)."""
+  """`lmjax sample`: loads the workdir's checkpoint (--step, default the latest) and prints the samples (flags override config.sample)."""
   import time  # pylint: disable=import-outside-toplevel
-  from lmjax import train  # pylint: disable=import-outside-toplevel  -- keeps `import lmjax.sample` light
-  config, tokenizer, task, state = train.load_run(args.workdir, overrides, params_only=True)
+  from lmjax import inference  # pylint: disable=import-outside-toplevel  -- keeps `import lmjax.sample` light
+  config, tokenizer, task, state = inference.load_run(args.workdir, overrides, step=args.step)
   s, cfg = config.sample, task.model_cfg
   pick = lambda flag, key, default: flag if flag is not None else s.get(key, default)
   if args.prompt_file:

@@ -23,16 +23,13 @@ from etils import epath
 
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.file_adapters import FileFormat
+from lmjax.errors import DataError
 
 TINY_SHAKESPEARE = 'tiny_shakespeare'
 TEXT_FILES = 'text_files'
 _TS_FILE = 'input.txt'
 _FORMAT = 'array_record'
 _StockTinyShakespeare = tfds.builder_cls(TINY_SHAKESPEARE)
-
-
-class DataError(ValueError):
-  """A dataset is missing, corrupt or unprepared; the message says how to fix it."""
 
 
 def _registered_checksum() -> tuple[int, str]:

@@ -25,10 +25,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from etils import epath
-
-
-class TokenizerError(ValueError):
-  """Text or ids the tokenizer cannot handle, or a tokenizer that differs from the recorded one."""
+from lmjax import config as config_lib
+from lmjax.errors import TokenizerError
 
 
 def _check_ids(ids: Sequence[int], vocab_size: int, kind: str) -> np.ndarray:
@@ -122,7 +120,7 @@ class SentencePieceTokenizer:
             'model_file': self.MODEL_FILE}
 
 
-KINDS = ('char', 'byte', 'spm')
+KINDS = config_lib.TOKENIZERS
 _FILE = 'tokenizer.json'
 
 

@@ -1,266 +1,67 @@
-"""Training: the pure, jitted train and eval steps, and the loop that feeds, logs, evaluates and checkpoints.
+"""The training loop: feeds batches to the compiled train step, logs, and runs the periodic actions.
 
-Read top to bottom: TrainState -> loss -> train_step / eval_step (pure) -> Task (builds model, optimizer, mesh,
-shardings and compiled steps from a config) -> train() (the loop; all I/O lives here, outside the steps).
+Read top to bottom: prepare (data, tokenizer, the starting state: a checkpoint, another run's parameters, or a
+fresh init) -> the loop (dispatch step N+1, then read step N's metrics, so the host never stalls the device) ->
+periodic actions (lmjax/actions.py) -> a clean stop. All I/O lives here, outside the pure steps (lmjax/steps.py);
+the static build of a run is lmjax/task.py.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import signal
-import time
-from typing import Any
 
-import flax
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from lmjax import checkpoint, config as config_lib, data as data_lib, hostenv, metrics as metrics_lib
-from lmjax import model as model_lib, optim, parallel, runtime, tokenizers
+from lmjax import actions as actions_lib, checkpoint, compiling, data as data_lib, hostenv
+from lmjax import metrics as metrics_lib, parallel, tokenizers, workdir as workdir_lib
+from lmjax.errors import ConfigError, WorkdirError
+from lmjax.task import Task, check_host_memory, check_training
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # int32 scalar: optimizer steps taken
-  params: Any
-  opt_state: Any
+class Preempted(Exception):
+  """The run stopped on SIGTERM after saving a checkpoint; running the same command again resumes it. The CLI turns
+  it into exit code 143 (128 + SIGTERM), as a scheduler expects of a job it stopped."""
 
 
-# ------------------------------------------------------------------------------------------ pure functions
-
-
-def loss_terms(params, model, batch, *, train=False, rng=None):
-  """(summed token NLL, number of target tokens) in float32. `weights` (if present) masks padding."""
-  logits_BxLxV = model.apply({'params': params}, batch['inputs'], batch.get('positions'), batch.get('segment_ids'),
-                             train=train, rngs={'dropout': rng} if rng is not None else None)
-  logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-  target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch['targets'][..., None], axis=-1)[..., 0]
-  nll_BxL = logz_BxL - target_logit_BxL
-  if 'weights' in batch:
-    return jnp.sum(nll_BxL * batch['weights']), jnp.sum(batch['weights'])
-  return jnp.sum(nll_BxL), jnp.float32(nll_BxL.size)
-
-
-def train_step(state: TrainState, batch, rng, *, model, tx, grad_accum: int = 1):
-  """One optimizer step on one global batch -> (new state, metrics). Dropout keys derive from (rng, step), so a
-  resumed run draws exactly the masks the uninterrupted run drew."""
-  rng = jax.random.fold_in(rng, state.step)
-
-  def loss_fn(params, micro, micro_rng):
-    total, count = loss_terms(params, model, micro, train=True, rng=micro_rng)
-    return total / count, (total, count)
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  if grad_accum == 1:
-    (_, (total, count)), grads = grad_fn(state.params, batch, rng)
-  else:
-    # Micro-batches in a scan: gradients of per-micro-batch means, averaged (equal-sized micro-batches).
-    micro_batches = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
-
-    def accumulate(carry, xs):
-      micro, i = xs
-      (_, (t, c)), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
-      return jax.tree.map(jnp.add, carry, (g, t, c)), None
-
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0), jnp.float32(0))
-    (grads, total, count), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(grad_accum)))
-    grads = jax.tree.map(lambda g: g / grad_accum, grads)
-
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = jax.tree.map(jnp.add, state.params, updates)  # optax.apply_updates, minus its dtype casts
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  return new_state, {'train_loss': total / count, 'grad_norm': _global_norm(grads)}
-
-
-def _global_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
-def train_steps(state, batches_KxBxL, rng, **kw):
-  """K optimizer steps in one call (lax.scan over K stacked batches): the per-call cost of launching an executable
-  is paid once per K steps. Metrics come back stacked, one value per step."""
-  return jax.lax.scan(lambda s, b: train_step(s, b, rng, **kw), state, batches_KxBxL)
-
-
-def eval_step(params, batch, *, model):
-  return loss_terms(params, model, batch)
-
-
-# ------------------------------------------------------------------------------------------ the task
-
-
-class Task:
-  """Everything static about a run, built from its config: model, optimizer, mesh, shardings, compiled steps."""
-
-  def __init__(self, config, mesh=None):
-    self.config = config
-    self.model_cfg = config_lib.model_config(config)
-    self.model = model_lib.Transformer(self.model_cfg)
-    self.tx, self.lr_schedule = optim.make(config.optimizer, config.train.steps)
-    self.mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
-    self.steps_per_call = config.train.steps_per_call
-    _check_train_config(config, self.mesh)
-    self.rng = jax.random.key(config.seed)
-    self.executables = runtime.ExecutableCache(config.train.compilation_cache_dir, config.to_dict())
-
-    abstract_boxed = jax.eval_shape(self._boxed_params, self.rng)
-    self.rules = parallel.make_rules(config.mesh.rules)
-    self.param_shardings = parallel.param_shardings(abstract_boxed, self.mesh, self.rules)
-    abstract_params = nn.meta.unbox(abstract_boxed)
-    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-    repl = parallel.replicated(self.mesh)
-    self.state_shardings = TrainState(step=repl, params=self.param_shardings,
-                                      opt_state=parallel.match_shardings(abstract_opt, abstract_params,
-                                                                         self.param_shardings, self.mesh))
-    abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, abstract_opt)
-    self.abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                       abstract, self.state_shardings)
-    self.n_params = model_lib.count_params(abstract_params)
-    self.flops_per_token = model_lib.flops_per_token(self.model_cfg, self.model_cfg.max_len)
-
-    K = self.steps_per_call
-    self.batch_sharding = parallel.batch_sharding(self.mesh, ndim=3)
-    self.eval_batch_sharding = parallel.batch_sharding(self.mesh, ndim=2)
-    step_kw = dict(model=self.model, tx=self.tx, grad_accum=config.train.grad_accum)
-    self.train_fn = jax.jit(parallel.traced_with(functools.partial(train_steps, **step_kw), self.mesh, self.rules),
-                            in_shardings=(self.state_shardings, self.batch_sharding, repl),
-                            out_shardings=(self.state_shardings, repl), donate_argnums=0)
-    self.eval_fn = jax.jit(parallel.traced_with(functools.partial(eval_step, model=self.model), self.mesh, self.rules),
-                           in_shardings=(self.param_shardings, self.eval_batch_sharding), out_shardings=repl)
-    self.train_batch_shape = (K, config.train.batch_size, self.model_cfg.max_len)
-
-  def _boxed_params(self, rng):
-    tokens = jnp.zeros((1, self.model_cfg.max_len), jnp.int32)
-    return self.model.init({'params': rng}, tokens)['params']
-
-  def init_state(self) -> TrainState:
-    """Fresh state, created directly in its sharded layout (never materialised whole on one device)."""
-    def init(rng):
-      params = nn.meta.unbox(self._boxed_params(rng))
-      return TrainState(jnp.int32(0), params, self.tx.init(params))
-    with parallel.activate(self.mesh, self.rules):
-      return runtime.run_once(jax.jit(init, out_shardings=self.state_shardings), jax.random.fold_in(self.rng, 0),
-                              cache=self.executables, name='init_state')
-
-  def compile_train(self, batch):
-    """Ahead-of-time compilation of the train step for batches shaped like `batch` (global arrays or
-    ShapeDtypeStructs), or its executable from train.compilation_cache_dir; returns (executable, seconds)."""
-    t0 = time.perf_counter()
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in batch.items()}
-    with parallel.activate(self.mesh):
-      compiled = self.executables.compile('train_step', self.train_fn, (self.abstract_state, batch, self.dropout_rng))
-    return compiled, time.perf_counter() - t0
-
-  @property
-  def dropout_rng(self):
-    return jax.random.fold_in(self.rng, 1)
-
-  def evaluate(self, params, batches, bytes_per_token: float = 0.0) -> dict:
-    """Mean loss, perplexity and bits per byte (tokenizer-independent) over the given eval batches; one host
-    sync at the end."""
-    total = count = 0.0
-    with parallel.activate(self.mesh):
-      for b in batches:
-        t, c = self.eval_fn(params, parallel.put_batch(b, self.eval_batch_sharding))
-        total, count = total + t, count + c
-    loss = float(total) / max(float(count), 1.0)
-    out = {'val_loss': loss, 'val_ppl': float(np.exp(min(loss, 50.0)))}
-    if bytes_per_token:
-      out['val_bpb'] = float(loss / np.log(2) / bytes_per_token)
-    return out
-
-
-def _check_train_config(config, mesh):
-  tc, K = config.train, config.train.steps_per_call
-  if tc.steps <= 0:
-    raise config_lib.ConfigError(f'train.steps ({tc.steps}) must be > 0')
-  for name in ('log_every', 'eval_every', 'checkpoint_every', 'steps'):
-    if tc[name] < 0:
-      raise config_lib.ConfigError(f'train.{name} ({tc[name]}) must be >= 0 (0 = only at the last step)')
-    if tc[name] % K:
-      raise config_lib.ConfigError(f'train.{name} ({tc[name]}) must be a multiple of train.steps_per_call ({K})')
-  rows = mesh.shape['data'] * mesh.shape['fsdp']
-  if tc.batch_size % (rows * tc.grad_accum):
-    raise config_lib.ConfigError(
-        f'train.batch_size ({tc.batch_size}) must be divisible by grad_accum ({tc.grad_accum}) x the batch-sharding '
-        f'devices (mesh data x fsdp = {rows})')
-  if tc.eval_batch_size % rows:
-    raise config_lib.ConfigError(
-        f'train.eval_batch_size ({tc.eval_batch_size}) must be divisible by mesh data x fsdp ({rows})')
-
-
-# ------------------------------------------------------------------------------------------ the loop
-
-# Model fields a resumed run may change: they alter how the step computes, not what the parameters are.
-_RESUMABLE_MODEL_CHANGES = ('dropout', 'attention', 'attention_chunk', 'remat', 'dtype')
-
-
-def step_bytes_per_device(memory_stats) -> int | None:
-  """Bytes one device needs while a compiled step runs, from XLA's buffer plan (`compiled.memory_analysis()`):
-  arguments + outputs not donated + temporaries (`lmjax plan` prints the parts). None where the backend gives no
-  analysis."""
-  m = memory_stats
-  if m is None:
-    return None
-  return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-
-
-def check_host_memory(compiled):
-  """On CPU, XLA's buffers are host memory. A step that cannot fit is refused with what to change, before it runs:
-  otherwise the kernel's OOM killer ends the process without a word (seen: the 6L/384 recipe at batch 2048). The
-  plan is a floor, not a guess: the 6L/384 step (a 5.2 GiB plan) ran at 5.9 GB resident, runtime and data beside."""
-  if jax.default_backend() != 'cpu':
-    return
-  need, have = step_bytes_per_device(compiled.memory_analysis()), hostenv.memory_bytes()
-  if need is None or have is None:
-    return
-  need *= jax.local_device_count()
-  if need > have:
-    raise config_lib.ConfigError(
-        f'the train step needs {need / 2**30:.1f} GiB of host memory (XLA\'s plan for {jax.local_device_count()} CPU '
-        f'device(s)) and this machine has {have / 2**30:.1f} GiB for it. Lower train.batch_size (train.grad_accum '
-        'keeps the effective batch), set model.remat=\'full\', or shorten model.max_len; `lmjax plan --config=...` '
-        'shows where the memory goes')
-
-
-def check_compatible(recorded: dict, config, tokenizer_spec: dict | None, where: str):
-  """Raises ConfigError when a checkpoint's model or tokenizer differs from this run's, naming the fields."""
-  old, new = recorded['config']['model'], config.model.to_dict()
-  diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-          if k not in _RESUMABLE_MODEL_CHANGES and old.get(k) != new.get(k)}
-  if diff:
-    lines = ', '.join(f'model.{k}: checkpoint {a!r} vs run {b!r}' for k, b_a in diff.items() for a, b in [b_a])
-    hint = (' (lmjax.model.stack_layers / unstack_layers convert parameters between the two layouts)'
-            if 'scan_layers' in diff else '')
-    raise config_lib.ConfigError(f'the checkpoint in {where} was trained with a different model ({lines}). Resume '
-                                 f'with the config it was saved with, or start a new --workdir{hint}.')
-  if tokenizer_spec is not None and 'tokenizer' in recorded:
-    tokenizers.check_same(recorded['tokenizer'], tokenizer_spec, where)
-
-
-def prepare_data(config, workdir):
-  """Data and tokenizer (the workdir's recorded one when it has one), with model.vocab_size filled in."""
-  os.makedirs(workdir, exist_ok=True)
-  data = data_lib.make_data(config, tokenizers.load(workdir), workdir=workdir)
+def prepare_data(config, workdir, tokenizer=None):
+  """Data and tokenizer (the workdir's recorded one when it has one, else `tokenizer`, else one built from the
+  data), with model.vocab_size filled in."""
+  data = data_lib.make_data(config, workdir_lib.load_tokenizer(workdir) or tokenizer, workdir=workdir)
   vocab = data.tokenizer.vocab_size
   with config.unlocked():
     if config.model.vocab_size == 0:
       config.model.vocab_size = vocab
   if config.model.vocab_size < vocab:
-    raise config_lib.ConfigError(f'model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer\'s '
-                                 f'vocabulary ({vocab}); set it to 0 to take the tokenizer\'s size')
+    raise ConfigError(f'model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer\'s '
+                      f'vocabulary ({vocab}); set it to 0 to take the tokenizer\'s size')
   return data
 
 
-def record_run(config, tokenizer, workdir):
-  """Writes the resolved config and the tokenizer into the workdir -- only after every check has passed, so a
-  refused resume never overwrites what the workdir recorded."""
-  if jax.process_index() == 0:
-    tokenizers.save(tokenizer, workdir)
-    config_lib.save(config, workdir)
+class _InitFrom:
+  """train.init_from=WORKDIR[:STEP]: another run's checkpoint, whose parameters start this run."""
+
+  def __init__(self, ref: str):
+    self.workdir, self.step = workdir_lib.split_ref(ref)
+    if not os.path.isdir(self.workdir):
+      raise WorkdirError(f'train.init_from={ref!r}: {self.workdir} is not a directory; give the --workdir of a '
+                         'trained run, optionally with :STEP or :best')
+    self.tokenizer = workdir_lib.load_tokenizer(self.workdir)
+    if self.tokenizer is None:
+      raise WorkdirError(f'train.init_from={ref!r}: {self.workdir} holds no tokenizer.json; is it a trained run?')
+    best = self.step == 'best'
+    self.checkpointer = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(self.workdir, best=best))
+    self.step = None if best else self.step
+
+  def params(self, task: Task, config, tokenizer):
+    """The source's parameters, restored onto this task's shardings (its optimizer state is never read)."""
+    try:
+      meta = self.checkpointer.read_meta(self.step)
+      workdir_lib.check_compatible(meta, config, tokenizer.spec(), self.workdir, what='Initialise from it')
+      return self.checkpointer.restore_params(self.step, task.abstract_state).params
+    finally:
+      self.checkpointer.close()
 
 
 class _Preemption:
@@ -282,48 +83,66 @@ def _next_batches(it, K):
   return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
-def _due(step: int, every: int, last: int) -> bool:
-  """An event with interval `every` (0: none before the last step) is due at `step`."""
-  return step == last or (every > 0 and step % every == 0)
+def _agree(flags: list[bool]) -> list[bool]:
+  """Process 0's verdicts, for every process: hosts must take a checkpoint, or stop, at the same step."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return [bool(x) for x in multihost_utils.broadcast_one_to_all(np.array(flags, np.int32))]
 
 
-def train(config, workdir: str) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
-  runtime.enable_compilation_cache(config.train.compilation_cache_dir)
-  data = prepare_data(config, workdir)
+def train(config, workdir: str, actions=None, clock=None) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the last logged metrics. `actions`: periodic actions run
+  after the ones the config asks for (lmjax/actions.py). Raises Preempted after a SIGTERM's checkpoint."""
+  compiling.enable_compilation_cache(config.train.compilation_cache_dir)
+  tc, primary = config.train, jax.process_index() == 0
+  workdir_lib.ensure_writable(workdir)
+  init_from = _InitFrom(tc.init_from) if tc.init_from else None
+  data = prepare_data(config, workdir, init_from.tokenizer if init_from else None)
   task = Task(config)
+  check_training(config, task.mesh)
+  K = task.steps_per_call
   # The train step compiles on a second thread while the state is restored or initialised and the first batch
-  # loads (the CPU recipe's start to first step: ~2 s sooner on 2 cores).
-  compiled = runtime.in_background(task.compile_train, {
-      k: jax.ShapeDtypeStruct(task.train_batch_shape, dtype) for k, dtype in data.train_keys.items()})
-  tc, K = config.train, task.steps_per_call
-  primary = jax.process_index() == 0
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=tc.keep_checkpoints,
-                                 save_interval_steps=tc.checkpoint_every or tc.steps)
-  meta = {'config': config.to_dict(), 'tokenizer': data.tokenizer.spec()}
-  if ckpt.latest_step() is not None:
-    check_compatible(ckpt.read_meta(), config, data.tokenizer.spec(), workdir)
-    state = ckpt.restore(None, task.abstract_state, data_iter=data.train_iter)
-  else:
-    state = task.init_state()
-  record_run(config, data.tokenizer, workdir)
+  # loads.
+  compiled = compiling.in_background(task.compile_train, task.train_batch_spec())
+  try:
+    ckpt = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(workdir), max_to_keep=tc.keep_checkpoints,
+                                   save_interval_steps=tc.checkpoint_every or tc.steps)
+    best = (checkpoint.Checkpointer(workdir_lib.checkpoint_dir(workdir, best=True), max_to_keep=1)
+            if tc.keep_best else None)
+    meta = {'config': config.to_dict(), 'tokenizer': data.tokenizer.spec()}
+    if ckpt.latest_step() is not None:
+      workdir_lib.check_compatible(ckpt.read_meta(), config, data.tokenizer.spec(), workdir)
+      state = ckpt.restore(None, task.abstract_state, data_iter=data.train_iter)
+      start = f'resuming at step {int(state.step)}'
+    elif init_from is not None:
+      state = task.init_state(params=init_from.params(task, config, data.tokenizer))
+      start = f'parameters from {tc.init_from}'
+    else:
+      state = task.init_state()
+      start = 'fresh start'
+    workdir_lib.record(config, data.tokenizer, workdir, primary)
+    batch = parallel.put_batch(_next_batches(data.train_iter, K), task.batch_sharding)
+    train_exec, compile_s = compiled()
+    check_host_memory(train_exec)
+  except BaseException:
+    compiled.wait()  # XLA must not be compiling when the process exits: that aborts it (exit 134)
+    raise
   step = int(state.step)
   log = metrics_lib.Logger(workdir, enabled=primary, progress_total=tc.steps, progress_start=step,
                            progress_bar=tc.progress_bar)
   log.echo(f'lmjax: {task.n_params:,} params | mesh {dict(task.mesh.shape)} | {task.mesh.size} x '
-           f'{jax.devices()[0].device_kind} | {"resuming at step " + str(step) if step else "fresh start"} | {workdir}')
+           f'{jax.devices()[0].device_kind} | {start} | {workdir}')
   host_allocator = hostenv.allocator()  # on CPU, XLA's temporaries live in malloc: the allocator sets the step time
   log.echo(f'allocator: {host_allocator}' + (hostenv.jemalloc_hint(host_allocator) if jax.default_backend() == 'cpu'
                                              else ''))
-  batch = parallel.put_batch(_next_batches(data.train_iter, K), task.batch_sharding)
-  train_exec, compile_s = compiled()
-  check_host_memory(train_exec)
   peak = metrics_lib.peak_flops_per_device(tc.peak_flops) * task.mesh.size
   how = {'compiled': 'compiled train step', 'lmjax cache': 'loaded the train step from the cache',
          "JAX's cache": "traced the train step and loaded it from JAX's cache"}[task.executables.origin['train_step']]
-  log.echo(f'{how} in {compile_s:.2f}s; first step {runtime.seconds_since_process_start():.1f}s after the command '
+  log.echo(f'{how} in {compile_s:.2f}s; first step {hostenv.seconds_since_process_start():.1f}s after the command '
            'started')
 
+  periodic = actions_lib.from_config(config, best) + list(actions or ())
+  clock = clock or actions_lib.Clock()
+  multihost = jax.process_count() > 1
   preempt = _Preemption()
   timer = metrics_lib.StepTimer(step)
   pending, log_due, last = [], None, {}  # metrics stay on device until a log point
@@ -345,6 +164,19 @@ def train(config, workdir: str) -> dict:
                                'the data. The checkpoints already saved are kept.')
     log.write(at_step, last)
 
+  def run_actions(due):
+    read_metrics(step)  # about to sync anyway: log now, then keep the actions' time out of the window
+    loop = actions_lib.Loop(config=config, workdir=workdir, task=task, data=data, state=state, step=step,
+                            metrics=dict(last), checkpointer=ckpt, meta=meta, echo=log.echo)
+    for action in due:
+      out = action.run(loop)
+      action.ran(clock.minutes())
+      if out:
+        log.write(step, out)
+        last.update(out)
+        loop.metrics.update(out)
+    timer.restart(step)
+
   try:
     with parallel.activate(task.mesh):
       while step < tc.steps:
@@ -358,20 +190,25 @@ def train(config, workdir: str) -> dict:
         if log_due is not None:  # the previous call's metrics, read while this call runs
           read_metrics(log_due)
           log_due = None
-        eval_due, save_due = _due(step, tc.eval_every, tc.steps), _due(step, tc.checkpoint_every, tc.steps)
-        if _due(step, tc.log_every, tc.steps) or eval_due or save_due:
-          if eval_due or save_due:  # about to sync anyway: log now, then keep eval/save out of the window
-            read_metrics(step)
-            if eval_due:
-              ev = task.evaluate(state.params, data.eval_batches, data.eval_bytes_per_token)
-              log.write(step, ev)
-              last.update(ev)
-            if save_due:
-              ckpt.save(step, state, data_iter=data.train_iter, meta=meta, force=True)
-            timer.restart(step)
-          else:
-            log_due = step
-        if preempt.requested:
+        minutes = clock.minutes()
+        due = [a for a in periodic if a.due(step, tc.steps, minutes)]
+        log_point = step == tc.steps or (tc.log_every > 0 and step % tc.log_every == 0)
+        stop = preempt.requested
+        if multihost and (due or log_point):
+          # The clock and SIGTERM differ between hosts; at a point where they sync anyway, process 0 decides for
+          # all, so every host saves the same steps and stops at the same one.
+          timed_due, stop = _agree([any(a.timed for a in due), stop])
+          due = [a for a in due if not a.timed or timed_due]
+          due += [a for a in periodic if a.timed and timed_due and a not in due]
+          due = [a for a in periodic if a in due]
+        elif multihost:
+          due, stop = [], False
+        if due:
+          run_actions(due)
+        elif log_point:
+          log_due = step
+        if stop:
+          preempt.requested = True
           break
       if pending:
         read_metrics(log_due or step)
@@ -382,35 +219,10 @@ def train(config, workdir: str) -> dict:
     preempt.restore()
     ckpt.wait()
     ckpt.close()
+    if best is not None:
+      best.wait()
+      best.close()
     log.close()
   if preempt.requested:
-    raise SystemExit(143)
+    raise Preempted(f'stopped by SIGTERM at step {step}; the checkpoint is saved')
   return last
-
-
-# ------------------------------------------------------------------------------------------ using a trained run
-
-
-def load_run(workdir: str, overrides=(), mesh=None, step=None, params_only=False):
-  """(config, tokenizer, Task, state) of a trained workdir's checkpoint (latest unless `step`), restored onto
-  `mesh` (default: the config's mesh over this process's devices) whatever mesh it was saved from.
-  `params_only`: state.opt_state is None and the optimizer moments are never read (sampling, evaluation)."""
-  config = config_lib.load_saved(workdir, overrides)
-  tokenizer = tokenizers.load(workdir)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
-  try:
-    if ckpt.latest_step() is None:
-      raise checkpoint.CheckpointError(f'{workdir}/checkpoints holds no checkpoint yet; train first')
-    check_compatible(ckpt.read_meta(step), config, tokenizer.spec(), workdir)
-    task = Task(config, mesh)
-    state = (ckpt.restore_params if params_only else ckpt.restore)(step, task.abstract_state)
-  finally:
-    ckpt.close()
-  return config, tokenizer, task, state
-
-
-def evaluate_run(workdir: str, overrides=()) -> dict:
-  """`lmjax eval`: loss and perplexity of a workdir's latest checkpoint over the whole eval split."""
-  config, tokenizer, task, state = load_run(workdir, overrides, params_only=True)
-  data = data_lib.make_data(config, tokenizer)
-  return {'step': int(state.step), **task.evaluate(state.params, data.eval_batches, data.eval_bytes_per_token)}

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from lmjax import bench, cli, metrics
+from lmjax import bench, cli, metrics, workdir
 
 
 def test_bench_records_a_consistent_result_line(tmp_path, capsys):
@@ -32,8 +32,8 @@ def test_bench_records_a_consistent_result_line(tmp_path, capsys):
 def test_cpu_isa_names_the_widest_vector_extension(tmp_path, flags, isa):
   cpuinfo = tmp_path / 'cpuinfo'
   cpuinfo.write_text(f'processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n')
-  assert bench.cpu_isa(str(cpuinfo)) == isa
+  assert workdir.cpu_isa(str(cpuinfo)) == isa
 
 
 def test_cpu_isa_of_an_unreadable_cpuinfo_is_empty(tmp_path):
-  assert bench.cpu_isa(str(tmp_path / 'missing')) == ''
+  assert workdir.cpu_isa(str(tmp_path / 'missing')) == ''

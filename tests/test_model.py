@@ -5,7 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import attention, model as model_lib, runtime
+import functools
+
+import optax
+
+from lmjax import attention, compiling, model as model_lib, steps
 
 VARIANTS = {
     'gpt2': {},
@@ -21,7 +25,7 @@ def make(variant='gpt2', **kw):
   cfg = model_lib.ModelConfig(vocab_size=37, max_len=16, n_layers=2, n_heads=4, d_model=32,
                               **{**VARIANTS[variant], **kw}).validate()
   m = model_lib.Transformer(cfg)
-  params = runtime.run_once(jax.jit(m.init), jax.random.key(0), jnp.zeros((1, cfg.max_len), jnp.int32))
+  params = compiling.run_once(jax.jit(m.init), jax.random.key(0), jnp.zeros((1, cfg.max_len), jnp.int32))
   params = nn.meta.unbox(params['params'])
   return cfg, Jitted(m), params
 
@@ -131,3 +135,72 @@ def test_hand_written_norm_backward_matches_autodiff_of_the_textbook_formula(cen
   (v, dx), (v_ref, dx_ref) = f(lambda x: model_lib.standardize(x, 1e-5, center)), f(textbook)
   np.testing.assert_allclose(v, v_ref, rtol=1e-5)
   np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- speed options keep the math
+
+SMALL = dict(vocab_size=37, max_len=16, n_layers=2, n_heads=4, d_model=32)
+
+
+def run(f, *args):
+  """Jit and run once at XLA -O0 (compiling.run_once): both sides of every comparison compile the same way, and
+  the file stays fast on a 2-core CPU."""
+  return compiling.run_once(jax.jit(f), *args)
+
+
+def make_small(**kw):
+  cfg = model_lib.ModelConfig(**{**SMALL, **kw}).validate()
+  m = model_lib.Transformer(cfg)
+  params = compiling.run_once(jax.jit(m.init), jax.random.key(0), jnp.zeros((1, cfg.max_len), jnp.int32))
+  return cfg, m, nn.meta.unbox(params['params'])
+
+
+def batch(b=4, l=16, seed=1):
+  t = jax.random.randint(jax.random.key(seed), (b, l + 1), 0, SMALL['vocab_size'])
+  return {'inputs': t[:, :-1], 'targets': t[:, 1:]}
+
+
+
+def test_bf16_compute_loss_tracks_float32_within_0p05_over_50_steps():
+  b = batch(8)
+  losses = {}
+  for dtype in ('float32', 'bfloat16'):
+    _, m, params = make_small(dtype=dtype)
+    tx = optax.adamw(3e-3)
+    state = steps.TrainState(jnp.int32(0), params, tx.init(params))
+    step = functools.partial(steps.train_steps, model=m, tx=tx)
+    batches = jax.tree.map(lambda x: jnp.broadcast_to(x, (50, *x.shape)), b)  # 50 steps in one scanned call
+    _, metrics = run(step, state, batches, jax.random.key(0))
+    losses[dtype] = np.asarray(metrics['train_loss'])
+  assert losses['float32'][-1] < losses['float32'][0] - 1.0  # it learns, so tracking it means something
+  np.testing.assert_allclose(losses['bfloat16'], losses['float32'], atol=0.05)
+
+
+def test_scanned_model_with_stacked_params_gives_the_unscanned_outputs():
+  cfg, m, params = make_small()
+  _, m_scan, _ = make_small(scan_layers=True)
+  tokens = batch()['inputs']
+  seg = jnp.concatenate([jnp.ones((4, 6), jnp.int32), 2 * jnp.ones((4, 10), jnp.int32)], axis=1)
+  want = run(m.apply, {'params': params}, tokens, None, seg)
+  stacked = model_lib.stack_layers(params, cfg.n_layers)
+  assert jax.tree.structure(stacked) == jax.tree.structure(make_small(scan_layers=True)[2])
+  got = run(m_scan.apply, {'params': stacked}, tokens, None, seg)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  back = model_lib.unstack_layers(stacked)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_every_remat_policy_gives_the_gradients_of_no_remat(scan):
+  b = batch()
+  if scan:  # packed rows: the segment mask goes through nn.remat inside nn.scan too (unscanned: no mask at all)
+    b['segment_ids'] = jnp.concatenate([jnp.ones((4, 6), jnp.int32), jnp.full((4, 10), 2, jnp.int32)], axis=1)
+  grads = {}
+  policies = ('none', 'full', 'save_proj') if scan else tuple(model_lib.REMAT_POLICIES)
+  for policy in policies:
+    _, m, params = make_small(remat=policy, scan_layers=scan)
+    grads[policy] = run(jax.grad(lambda p: steps.loss_terms(p, m, b)[0]), params)
+  for policy in policies:  # recomputation may fuse differently: float32 rounding, no more
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), grads[policy], grads['none'])
+
+

@@ -19,7 +19,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from lmjax import config as config_lib, data as data_lib, parallel, sources, train
+from lmjax import config as config_lib, data as data_lib, inference, parallel, sources, train
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (simulated) devices')
 
@@ -82,7 +82,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
       'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
 
   # The checkpoint written by 2 processes x 4 devices restores onto one device and evaluates to the same loss.
-  config, tokenizer, task, state = train.load_run(two, mesh=parallel.make_mesh(
+  config, tokenizer, task, state = inference.load_run(two, mesh=parallel.make_mesh(
       {'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1]), overrides=('mesh.data=1', 'mesh.fsdp=1'), params_only=True)
   assert int(state.step) == 6 and state.params['embed'].sharding.mesh.size == 1 and state.opt_state is None
   data = data_lib.make_data(config, tokenizer)

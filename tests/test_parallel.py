@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lmjax import attention, checkpoint, config as config_lib, parallel, plan, train
+from lmjax import attention, checkpoint, config as config_lib, model as model_lib, parallel, plan, task as task_lib
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (simulated) devices')
 
@@ -35,11 +35,11 @@ def tiny_config(data=1, fsdp=1, tensor=1, *overrides):
 
 
 @functools.lru_cache(maxsize=None)
-def task_on(data, fsdp, tensor) -> train.Task:
+def task_on(data, fsdp, tensor) -> task_lib.Task:
   """One Task per mesh: its jitted step compiles once for the whole file. (1, 1, 1) is a single device."""
   config = tiny_config(data, fsdp, tensor)
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:data * fsdp * tensor])
-  return train.Task(config, mesh)
+  return task_lib.Task(config, mesh)
 
 
 def batches(n, seed=0):
@@ -101,7 +101,7 @@ def test_splash_attention_trains_on_a_mesh_as_xla_attention_does_on_one_device(m
   def losses(data, fsdp, tensor, impl):
     config = tiny_config(data, fsdp, tensor, 'model.max_len=128', f'model.attention={impl}', 'model.n_kv_heads=2',
                          'model.scan_layers=true', 'model.remat=save_proj', 'model.n_layers=1', 'train.batch_size=4')
-    task = train.Task(config, parallel.make_mesh(config.mesh, jax.devices()[:data * fsdp * tensor]))
+    task = task_lib.Task(config, parallel.make_mesh(config.mesh, jax.devices()[:data * fsdp * tensor]))
     return run_steps(task, task.init_state(), packed_batches(2, B=4))[1]
   want = losses(1, 1, 1, 'xla')
   np.testing.assert_allclose(losses(2, 2, 2, 'splash'), want, rtol=2e-5)
@@ -116,7 +116,7 @@ def test_splash_attention_trains_on_a_mesh_as_xla_attention_does_on_one_device(m
 def test_splash_attention_on_meshes_that_split_some_axes_or_none():
   # One process, several meshes: rows that data does not divide (3 on 2), MQA (its one kv head cannot be split, so
   # tensor splits each group's query heads), and no mesh at all after the others.
-  from test_speed_features import reference_attention
+  from test_attention import reference_attention
   for B, H, N, shape in ((4, 4, 2, (2, 2, 2)), (4, 4, 2, (4, 1, 2)), (3, 4, 1, (2, 1, 2)), (4, 4, 2, (1, 1, 1))):
     ks = jax.random.split(jax.random.key(B + N), 3)
     q = jax.random.normal(ks[0], (B, 128, H, 8))
@@ -152,7 +152,7 @@ def test_parameters_are_laid_out_by_their_logical_names():
 def test_indivisible_dims_stay_replicated():
   # vocab 65 does not divide over tensor=2: the embedding keeps whole rows and shards only d_model over fsdp.
   config = tiny_config(1, 4, 2, 'model.vocab_size=65')
-  task = train.Task(config)
+  task = task_lib.Task(config)
   assert tuple(task.param_shardings['embed'].spec) == (None, 'fsdp')
   assert tuple(task.param_shardings['block_0']['attn']['q_kernel'].spec) == ('fsdp', 'tensor', None)
 
@@ -160,7 +160,7 @@ def test_indivisible_dims_stay_replicated():
 def test_fsdp8_device_holds_an_eighth_of_the_train_state():
   # No biases and d_model 64: everything but the norm scales divides by 8, so the replicated remainder is small.
   overrides = ('model.d_model=64', 'model.use_bias=False', 'model.norm=rmsnorm')
-  state = train.Task(tiny_config(1, 8, 1, *overrides)).init_state()
+  state = task_lib.Task(tiny_config(1, 8, 1, *overrides)).init_state()
   device0 = jax.devices()[0]
   on_device0 = sum(s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards
                    if s.device == device0)
@@ -181,7 +181,7 @@ def test_config_rules_override_the_default_mapping():
   config = tiny_config(1, 4, 2)
   with config.unlocked():
     config.mesh.rules = (('embed', None), ('mlp', ('fsdp', 'tensor')))
-  task = train.Task(config)
+  task = task_lib.Task(config)
   assert tuple(task.param_shardings['block_0']['mlp']['up_kernel'].spec) == (None, ('fsdp', 'tensor'))
   assert tuple(task.param_shardings['block_0']['attn']['q_kernel'].spec) == (None, 'tensor', None)
   with pytest.raises(config_lib.ConfigError, match='not mesh axes'):
@@ -210,7 +210,7 @@ def test_plan_reports_sharded_memory_without_a_dataset():
   p = plan.plan(config)
   assert p['n_params'] == sum(c['total'] for c in p['params'].values())
   assert p['params']['attention']['per_layer'] * 2 == p['params']['attention']['total']
-  assert p['flops_per_token'] == train.model_lib.flops_per_token(config_lib.model_config(config), 32)
+  assert p['flops_per_token'] == model_lib.flops_per_token(config_lib.model_config(config), 32)
   replicated = 4 * p['n_params']  # float32
   assert p['bytes_per_device']['params'] < replicated / 4
   assert p['bytes_per_device']['temporaries'] > 0

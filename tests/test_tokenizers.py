@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from lmjax import config as config_lib, data, tokenizers, train
+from lmjax import config as config_lib, data, tokenizers, workdir
 
 TEXT = ('First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n' * 40
         + 'You are all resolved rather to die than to famish?\n' * 40)
@@ -85,7 +85,7 @@ def test_checkpoint_with_a_different_tokenizer_is_an_error(spm_tok):
   config = config_lib.default_config()
   recorded = {'config': config.to_dict(), 'tokenizer': tokenizers.ByteTokenizer().spec()}
   with pytest.raises(tokenizers.TokenizerError, match='differs from the one recorded'):
-    train.check_compatible(recorded, config, spm_tok.spec(), '/ckpt')
+    workdir.check_compatible(recorded, config, spm_tok.spec(), '/ckpt')
 
 
 def test_workdir_tokenizer_that_differs_from_the_config_is_an_error(shakespeare_dirs, spm_tok):

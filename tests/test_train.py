@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_overrides
 
-from lmjax import cli, config as config_lib, hostenv, metrics, train
+from lmjax import cli, config as config_lib, hostenv, inference, metrics, train
 
 ONE_DEVICE = ['mesh.data=1']  # deterministic layout for bitwise comparisons; sharded runs: tests/test_parallel.py
 
@@ -87,7 +87,7 @@ def test_intervals_of_zero_mean_only_at_the_last_step(tmp_path, shakespeare_dirs
 
 
 def test_eval_of_a_workdir_reproduces_the_final_val_loss(trained):
-  result = train.evaluate_run(trained, ONE_DEVICE)
+  result = inference.evaluate_run(trained, ONE_DEVICE)
   last = [r for r in _rows(trained) if 'val_loss' in r][-1]
   assert result['step'] == 60
   assert result['val_loss'] == pytest.approx(last['val_loss'], rel=1e-6)
@@ -101,8 +101,8 @@ def test_resumed_run_equals_the_uninterrupted_run_bitwise(tmp_path, shakespeare_
   loss = lambda d: {r['step']: r['train_loss'] for r in _rows(d) if 'train_loss' in r}
   whole, split = loss(tmp_path / 'whole'), loss(tmp_path / 'split')
   assert [split[s] for s in (40, 50, 60)] == [whole[s] for s in (40, 50, 60)]
-  _, _, _, a = train.load_run(str(tmp_path / 'whole'), ONE_DEVICE)
-  _, _, _, b = train.load_run(str(tmp_path / 'split'), ONE_DEVICE)
+  _, _, _, a = inference.load_run(str(tmp_path / 'whole'), ONE_DEVICE)
+  _, _, _, b = inference.load_run(str(tmp_path / 'split'), ONE_DEVICE)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

@@ -1,8 +1,7 @@
-"""Process-level set-up done once before any JAX work (allocator tuning, multi-host join, compilation caches), and
-the helpers that compile and start programs: the executable cache, -O0 one-shot programs, background compiles."""
+"""Compiling and starting programs: JAX's persistent compilation cache, lmjax's cache of whole executables, -O0
+one-shot programs, the decoder's XLA options, and compiles on a background thread."""
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib.metadata
 import json
@@ -10,45 +9,9 @@ import os
 import pickle
 import sys
 import threading
-import time
 
 import jax
 from jax.experimental import serialize_executable
-
-from lmjax import hostenv
-
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_IMPORTED_AT = time.perf_counter()  # seconds_since_process_start's fallback origin
-
-
-def tune_host_allocator():
-  """Keep freed buffers in glibc's heap instead of returning them to the OS.
-
-  On CPU every executable call allocates fresh temporaries; above glibc's default 128 KiB mmap threshold each
-  one is an mmap/munmap pair that page-faults on first touch. Raising the thresholds (the same as
-  MALLOC_MMAP_THRESHOLD_=32MiB MALLOC_TRIM_THRESHOLD_=2GiB MALLOC_TOP_PAD_=256MiB in the environment) measured
-  52.8 -> 43.7 ms per step on the CPU recipe. A no-op where glibc is absent and when lmjax/hostenv.py preloaded
-  another allocator (glibc's malloc then serves nothing).
-  """
-  if not hostenv.allocator().startswith('glibc'):
-    return
-  try:
-    libc = ctypes.CDLL('libc.so.6')
-  except OSError:
-    return
-  libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-  libc.mallopt(_M_TRIM_THRESHOLD, 2 << 30)
-  libc.mallopt(_M_TOP_PAD, 256 << 20)
-
-
-def init_distributed(coordinator: str = '', num_processes: int = 0, process_id: int = -1):
-  """Joins the multi-host job. With no arguments: auto-detection (TPU VMs, SLURM, Open MPI) when the environment
-  describes a cluster, otherwise a single process. Explicit values are for GPU clusters and local tests."""
-  if coordinator:
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
-  elif any(k in os.environ for k in ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE',
-                                     'JAX_COORDINATOR_ADDRESS')):
-    jax.distributed.initialize()
 
 
 def enable_compilation_cache(cache_dir: str):
@@ -64,10 +27,11 @@ class ExecutableCache:
   """Compiled programs on disk, keyed by what decides them, so a repeated run neither traces nor compiles them.
 
   JAX's persistent cache (above) skips XLA's compile but must still trace and lower the Python function to find
-  its key: ~1.2 s of the CPU recipe's warm start. This cache keys on the inputs of tracing instead: lmjax's
-  source, the library versions, JAX's flags and XLA's environment, the run's resolved config, the devices, and
-  the arguments' shapes, dtypes and shardings. A change to any of them is a miss. Misses, unreadable entries and
-  multi-process runs (whose processes compile together) compile as usual, and JAX's cache still applies.
+  its key, which costs a warm start more than loading the executable does. This cache keys on the inputs of
+  tracing instead: lmjax's source, the library versions, JAX's flags and XLA's environment, the run's resolved
+  config, the devices, and the arguments' shapes, dtypes and shardings. A change to any of them is a miss. Misses,
+  unreadable entries and multi-process runs (whose processes compile together) compile as usual, and JAX's cache
+  still applies.
   `origin[name]` says which of the three supplied each program. Like JAX's cache, the directory is trusted: its
   entries are loaded as code.
   """
@@ -169,8 +133,8 @@ def decode_compiler_options() -> dict:
   """XLA options for token-by-token decoding programs (the sampler's while loop).
 
   On CPU, XLA hands small dots and their neighbours to YNNPACK as "ynn fusions"; a decode step is a few dozen such
-  tiny kernels, and outside them it runs 1.3-1.6x faster (experiments/bench_sample.py, batch 4: medians ~4,600 ->
-  ~6,300 tokens/s over several processes). Training steps measured no gain, so only the sampler asks for this.
+  tiny kernels whose hand-offs cost more than they save, and the decode loop runs faster without them
+  (experiments/bench_sample.py measures it). Training steps gain nothing, so only the sampler asks for this.
   Other backends get no options.
   """
   if jax.default_backend() == 'cpu':
@@ -181,7 +145,8 @@ def decode_compiler_options() -> dict:
 def in_background(fn, *args):
   """Starts fn(*args) on a daemon thread; returns a function that waits for it and returns its result (or raises
   its exception). XLA compiles without holding the GIL, so a compilation started here overlaps with Python and
-  device work on the main thread. Daemon: a run that fails before collecting the result exits at once."""
+  device work on the main thread. `result.wait()` only waits: a caller that fails before collecting the result
+  calls it, because a process that exits while XLA compiles on another thread aborts (exit 134)."""
   out = {}
 
   def target():
@@ -198,15 +163,5 @@ def in_background(fn, *args):
     if 'error' in out:
       raise out['error']
     return out['result']
+  result.wait = thread.join
   return result
-
-
-def seconds_since_process_start() -> float:
-  """Wall seconds since this process started (Linux: /proc/self/stat; elsewhere: since this module was
-  imported), so start-up figures include the interpreter and the imports, as a user timing the command sees."""
-  try:
-    with open('/proc/self/stat') as f:
-      start_ticks = int(f.read().rsplit(')', 1)[1].split()[19])
-    return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf('SC_CLK_TCK')
-  except (OSError, ValueError, IndexError, AttributeError):
-    return time.perf_counter() - _IMPORTED_AT

@@ -1,0 +1,141 @@
+"""Periodic actions of the training loop: evaluate, checkpoint, keep the best checkpoint, checkpoint on a clock,
+and whatever another module registers (an evaluation task, an export, a fault injector).
+
+An action says when it is due (`due(step, last_step, minutes_since_start)`) and does its work in `run(loop)`,
+returning metrics to log (or None). The loop (lmjax/train.py) syncs the device once before the actions due at a
+step and runs them in order, so an action listed after `Evaluate` sees this step's eval metrics in
+`loop.metrics`. To add one without editing the loop, pass it to `train.train(config, workdir, actions=[...])`, or
+`register(factory)` where factory(config) returns an Action or None; registered factories run for every train().
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable
+
+
+@dataclasses.dataclass
+class Loop:
+  """What an action may read or use at a step: the loop's live objects (read-only by convention)."""
+  config: Any
+  workdir: str
+  task: Any  # lmjax.task.Task
+  data: Any  # lmjax.data.Data
+  state: Any  # the train state after `step` optimizer steps
+  step: int
+  metrics: dict  # this step's metrics so far (train loss, and what earlier actions returned)
+  checkpointer: Any  # lmjax.checkpoint.Checkpointer of WORKDIR/checkpoints
+  meta: dict  # what a checkpoint records beside the arrays (config, tokenizer spec)
+  echo: Callable[[str], None]
+
+
+class Action:
+  """Base class: `every` steps (0 = only at the last step) and/or `minutes` of wall time (0 = off)."""
+  name = 'action'
+
+  def __init__(self, every: int = 0, minutes: float = 0.0, at_last_step: bool = True):
+    self.every, self.minutes, self.at_last_step = every, minutes, at_last_step
+    self._last_minutes = 0.0
+
+  @property
+  def timed(self) -> bool:
+    """Due by the clock: on several hosts the clock's verdict is agreed on before the action runs."""
+    return self.minutes > 0
+
+  def due(self, step: int, last_step: int, minutes: float) -> bool:
+    if self.at_last_step and step == last_step:
+      return True
+    if self.every > 0 and step % self.every == 0:
+      return True
+    return self.timed and minutes - self._last_minutes >= self.minutes
+
+  def ran(self, minutes: float):
+    """Called by the loop after run(): the clock of a timed action restarts."""
+    self._last_minutes = minutes
+
+  def run(self, loop: Loop) -> dict | None:
+    raise NotImplementedError
+
+
+class Evaluate(Action):
+  """Loss, perplexity and bits per byte over the eval split."""
+  name = 'evaluate'
+
+  def run(self, loop):
+    return loop.task.evaluate(loop.state.params, loop.data.eval_batches, loop.data.eval_bytes_per_token)
+
+
+class Checkpoint(Action):
+  """Saves the state, the data iterator's position and the metadata into WORKDIR/checkpoints (async)."""
+  name = 'checkpoint'
+
+  def run(self, loop):
+    loop.checkpointer.save(loop.step, loop.state, data_iter=loop.data.train_iter, meta=loop.meta, force=True)
+
+
+class TimedCheckpoint(Checkpoint):
+  """A checkpoint every `minutes` of wall time, whatever the step (preemptible machines)."""
+  name = 'timed_checkpoint'
+
+  def __init__(self, minutes: float):
+    super().__init__(every=0, minutes=minutes, at_last_step=False)
+
+
+class KeepBest(Action):
+  """Keeps the checkpoint with the lowest `metric` seen so far in WORKDIR/best/ (one step), beside the last K in
+  checkpoints/. Runs where the metric is computed: list it after the action that returns it. The best value
+  survives a resume: it is read back from the kept checkpoint's metadata."""
+  name = 'keep_best'
+
+  def __init__(self, metric: str, checkpointer, every: int = 0):
+    super().__init__(every=every)
+    self.metric, self.checkpointer = metric, checkpointer
+    steps = checkpointer.all_steps()
+    self.best = checkpointer.read_meta(steps[-1]).get('best', {}).get('value', math.inf) if steps else math.inf
+
+  def run(self, loop):
+    value = loop.metrics.get(self.metric)
+    if value is None or not math.isfinite(value) or value >= self.best:
+      return None
+    self.best = value
+    meta = {**loop.meta, 'best': {'metric': self.metric, 'value': value, 'step': loop.step}}
+    self.checkpointer.save(loop.step, loop.state, data_iter=loop.data.train_iter, meta=meta, force=True)
+    return {f'best_{self.metric}': value}
+
+
+_REGISTERED: list[Callable[[Any], Action | None]] = []
+
+
+def register(factory: Callable[[Any], Action | None]) -> Callable:
+  """Adds an action to every train(): `factory(config)` returns the Action (or None to stay out). Usable as a
+  decorator; returns the factory."""
+  _REGISTERED.append(factory)
+  return factory
+
+
+def unregister(factory) -> None:
+  _REGISTERED.remove(factory)
+
+
+def from_config(config, best_checkpointer=None) -> list[Action]:
+  """The built-in actions a config asks for, in the order they run at a step, then the registered ones."""
+  t = config.train
+  out: list[Action] = [Evaluate(t.eval_every)]
+  if t.keep_best:
+    out.append(KeepBest(t.keep_best, best_checkpointer, every=t.eval_every))
+  out.append(Checkpoint(t.checkpoint_every))
+  if t.checkpoint_minutes:
+    out.append(TimedCheckpoint(t.checkpoint_minutes))
+  out += [a for a in (f(config) for f in _REGISTERED) if a is not None]
+  return out
+
+
+class Clock:
+  """Minutes since the loop started (a function so tests can drive time-based actions)."""
+
+  def __init__(self, now=time.monotonic):
+    self._now, self._t0 = now, now()
+
+  def minutes(self) -> float:
+    return (self._now() - self._t0) / 60.0

@@ -1,0 +1,34 @@
+"""Every error a user can fix, in one place. Imports nothing.
+
+The CLI prints any `UserError` as one line, `lmjax CMD: error: <message>`, and exits with code 2; every other
+exception is a programming error and keeps its traceback. A message says what was wrong and how to fix it.
+"""
+from __future__ import annotations
+
+
+class UserError(ValueError):
+  """Base of every user-fixable error (a ValueError, so callers that catch ValueError keep working)."""
+
+
+class ConfigError(UserError):
+  """A config file, an override or a combination of fields that cannot be used."""
+
+
+class DataError(UserError):
+  """A dataset, split or file that cannot be read as asked."""
+
+
+class TokenizerError(UserError):
+  """A tokenizer that cannot be built, loaded, or does not match a run's recorded one."""
+
+
+class CheckpointError(UserError):
+  """A checkpoint that is missing, damaged, or does not match the model it is restored into."""
+
+
+class SampleError(UserError):
+  """A sampling request that cannot be served (bad flags, a prompt that does not fit, too much memory)."""
+
+
+class WorkdirError(UserError):
+  """A workdir that cannot be created, written or read (a file in its place, a read-only or full disk)."""

@@ -1,0 +1,44 @@
+"""Using a trained run: its config, tokenizer and checkpoint restored onto this host's devices, with none of
+training's checks (a run trained on one device samples and evaluates on eight), and `lmjax eval`.
+
+Sampling (lmjax/sample.py), evaluation and export start here. Parameters only are restored by default: the
+optimizer moments (twice the parameters' memory for AdamW) are never read.
+"""
+from __future__ import annotations
+
+from lmjax import checkpoint, workdir as workdir_lib
+from lmjax.errors import CheckpointError
+from lmjax.task import Task
+
+
+def load_run(workdir: str, overrides=(), mesh=None, step=None, params_only=True):
+  """(config, tokenizer, Task, state) of a trained workdir's checkpoint, restored onto `mesh` (default: the
+  config's mesh over this process's devices) whatever mesh it was saved from. `step`: a step number, 'best' (the
+  train.keep_best checkpoint) or None (the latest). `params_only`: state.opt_state is None."""
+  config = workdir_lib.load_config(workdir, overrides)
+  tokenizer = workdir_lib.load_tokenizer(workdir)
+  best = step == 'best'
+  ckpt = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(workdir, best=best))
+  try:
+    if ckpt.latest_step() is None:
+      where = f'{workdir}/best (train.keep_best)' if best else f'{workdir}/checkpoints'
+      raise CheckpointError(f'{where} holds no checkpoint yet; train first')
+    step = None if best else step
+    workdir_lib.check_compatible(ckpt.read_meta(step), config, tokenizer.spec(), workdir, what='Load it')
+    task = Task(config, mesh)
+    state = (ckpt.restore_params if params_only else ckpt.restore)(step, task.abstract_state)
+  finally:
+    ckpt.close()
+  return config, tokenizer, task, state
+
+
+def evaluate_run(workdir: str, overrides=(), step=None) -> dict:
+  """`lmjax eval`: loss, perplexity and bits per byte of a workdir's checkpoint over the whole eval split."""
+  from lmjax import data as data_lib  # pylint: disable=import-outside-toplevel  -- only evaluation reads data
+  config, tokenizer, task, state = load_run(workdir, overrides, step=step)
+  rows = task.batch_rows_divisor
+  if config.train.eval_batch_size % rows:  # this host's mesh is not the training one: round the batch up to it
+    with config.unlocked():
+      config.train.eval_batch_size = -(-config.train.eval_batch_size // rows) * rows
+  data = data_lib.make_data(config, tokenizer)
+  return {'step': int(state.step), **task.evaluate(state.params, data.eval_batches, data.eval_bytes_per_token)}

@@ -1,0 +1,75 @@
+"""The pure, jitted functions of training: the train state, the loss, one (or K) optimizer steps, the eval step.
+
+Nothing here does I/O or knows about meshes; lmjax/task.py jits these with shardings, lmjax/train.py runs them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: Any
+  opt_state: Any
+
+
+def loss_terms(params, model, batch, *, train=False, rng=None):
+  """(summed token NLL, number of target tokens) in float32. `weights` (if present) masks padding."""
+  logits_BxLxV = model.apply({'params': params}, batch['inputs'], batch.get('positions'), batch.get('segment_ids'),
+                             train=train, rngs={'dropout': rng} if rng is not None else None)
+  logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+  target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch['targets'][..., None], axis=-1)[..., 0]
+  nll_BxL = logz_BxL - target_logit_BxL
+  if 'weights' in batch:
+    return jnp.sum(nll_BxL * batch['weights']), jnp.sum(batch['weights'])
+  return jnp.sum(nll_BxL), jnp.float32(nll_BxL.size)
+
+
+def train_step(state: TrainState, batch, rng, *, model, tx, grad_accum: int = 1):
+  """One optimizer step on one global batch -> (new state, metrics). Dropout keys derive from (rng, step), so a
+  resumed run draws exactly the masks the uninterrupted run drew."""
+  rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params, micro, micro_rng):
+    total, count = loss_terms(params, model, micro, train=True, rng=micro_rng)
+    return total / count, (total, count)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if grad_accum == 1:
+    (_, (total, count)), grads = grad_fn(state.params, batch, rng)
+  else:
+    # Micro-batches in a scan: gradients of per-micro-batch means, averaged (equal-sized micro-batches).
+    micro_batches = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+    def accumulate(carry, xs):
+      micro, i = xs
+      (_, (t, c)), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, carry, (g, t, c)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0), jnp.float32(0))
+    (grads, total, count), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(grad_accum)))
+    grads = jax.tree.map(lambda g: g / grad_accum, grads)
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = jax.tree.map(jnp.add, state.params, updates)  # optax.apply_updates, minus its dtype casts
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, {'train_loss': total / count, 'grad_norm': _global_norm(grads)}
+
+
+def _global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def train_steps(state, batches_KxBxL, rng, **kw):
+  """K optimizer steps in one call (lax.scan over K stacked batches): the per-call cost of launching an executable
+  is paid once per K steps. Metrics come back stacked, one value per step."""
+  return jax.lax.scan(lambda s, b: train_step(s, b, rng, **kw), state, batches_KxBxL)
+
+
+def eval_step(params, batch, *, model):
+  return loss_terms(params, model, batch)

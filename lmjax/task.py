@@ -1,0 +1,161 @@
+"""The static build of a run from its config: model, optimizer, mesh, shardings, and the jitted steps.
+
+Used by training, evaluation, sampling, plan and bench alike. `Task(config)` applies no training check;
+`check_training(config, mesh)` is what the training loop (and plan/bench, which build the train step) add.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmjax import compiling, config as config_lib, hostenv, model as model_lib, optim, parallel
+from lmjax import steps
+from lmjax.errors import ConfigError
+from lmjax.steps import TrainState
+
+
+class Task:
+  """Everything static about a run, built from its config: model, optimizer, mesh, shardings, compiled steps."""
+
+  def __init__(self, config, mesh=None):
+    self.config = config
+    self.model_cfg = config_lib.model_config(config)
+    self.model = model_lib.Transformer(self.model_cfg)
+    self.tx, self.lr_schedule = optim.make(config.optimizer, config.train.steps)
+    self.mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
+    self.steps_per_call = config.train.steps_per_call
+    self.rng = jax.random.key(config.seed)
+    self.executables = compiling.ExecutableCache(config.train.compilation_cache_dir, config.to_dict())
+
+    abstract_boxed = jax.eval_shape(self._boxed_params, self.rng)
+    self.rules = parallel.make_rules(config.mesh.rules)
+    self.param_shardings = parallel.param_shardings(abstract_boxed, self.mesh, self.rules)
+    abstract_params = nn.meta.unbox(abstract_boxed)
+    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+    repl = parallel.replicated(self.mesh)
+    self.state_shardings = TrainState(step=repl, params=self.param_shardings,
+                                      opt_state=parallel.match_shardings(abstract_opt, abstract_params,
+                                                                         self.param_shardings, self.mesh))
+    abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, abstract_opt)
+    self.abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                       abstract, self.state_shardings)
+    self.n_params = model_lib.count_params(abstract_params)
+    self.flops_per_token = model_lib.flops_per_token(self.model_cfg, self.model_cfg.max_len)
+
+    K = self.steps_per_call
+    self.batch_sharding = parallel.batch_sharding(self.mesh, ndim=3)
+    self.eval_batch_sharding = parallel.batch_sharding(self.mesh, ndim=2)
+    step_kw = dict(model=self.model, tx=self.tx, grad_accum=config.train.grad_accum)
+    self.train_fn = jax.jit(parallel.traced_with(functools.partial(steps.train_steps, **step_kw), self.mesh,
+                                                 self.rules),
+                            in_shardings=(self.state_shardings, self.batch_sharding, repl),
+                            out_shardings=(self.state_shardings, repl), donate_argnums=0)
+    self.eval_fn = jax.jit(parallel.traced_with(functools.partial(steps.eval_step, model=self.model), self.mesh,
+                                                self.rules),
+                           in_shardings=(self.param_shardings, self.eval_batch_sharding), out_shardings=repl)
+    self.train_batch_shape = (K, config.train.batch_size, self.model_cfg.max_len)
+
+  @property
+  def batch_rows_divisor(self) -> int:
+    """Rows of a batch must be a multiple of this: the devices the batch is split over (mesh data x fsdp)."""
+    return self.mesh.shape['data'] * self.mesh.shape['fsdp']
+
+  def train_batch_spec(self) -> dict:
+    """The train step's batch, as ShapeDtypeStructs with the keys the configured data pipeline yields (packed rows
+    carry segment ids and positions): what training, `lmjax plan` and `lmjax bench` all compile."""
+    from lmjax import data as data_lib  # pylint: disable=import-outside-toplevel  -- keeps sampling's imports light
+    keys = data_lib.TRAIN_KEYS[self.config.data.rows]
+    return {k: jax.ShapeDtypeStruct(self.train_batch_shape, dtype) for k, dtype in keys.items()}
+
+  def _boxed_params(self, rng):
+    tokens = jnp.zeros((1, self.model_cfg.max_len), jnp.int32)
+    return self.model.init({'params': rng}, tokens)['params']
+
+  def init_state(self, params=None) -> TrainState:
+    """Fresh state, created directly in its sharded layout (never materialised whole on one device). With
+    `params` (already on this task's param shardings), the optimizer state is initialised from them instead."""
+    if params is not None:
+      init_opt = jax.jit(lambda p: TrainState(jnp.int32(0), p, self.tx.init(p)), out_shardings=self.state_shardings)
+      with parallel.activate(self.mesh, self.rules):
+        return init_opt(params)
+
+    def init(rng):
+      params = nn.meta.unbox(self._boxed_params(rng))
+      return TrainState(jnp.int32(0), params, self.tx.init(params))
+    with parallel.activate(self.mesh, self.rules):
+      return compiling.run_once(jax.jit(init, out_shardings=self.state_shardings), jax.random.fold_in(self.rng, 0),
+                                cache=self.executables, name='init_state')
+
+  def compile_train(self, batch):
+    """Ahead-of-time compilation of the train step for batches shaped like `batch` (global arrays or
+    ShapeDtypeStructs), or its executable from train.compilation_cache_dir; returns (executable, seconds)."""
+    t0 = time.perf_counter()
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in batch.items()}
+    with parallel.activate(self.mesh):
+      compiled = self.executables.compile('train_step', self.train_fn, (self.abstract_state, batch, self.dropout_rng))
+    return compiled, time.perf_counter() - t0
+
+  @property
+  def dropout_rng(self):
+    return jax.random.fold_in(self.rng, 1)
+
+  def evaluate(self, params, batches, bytes_per_token: float = 0.0) -> dict:
+    """Mean loss, perplexity and bits per byte (tokenizer-independent) over the given eval batches; one host
+    sync at the end."""
+    total = count = 0.0
+    with parallel.activate(self.mesh):
+      for b in batches:
+        t, c = self.eval_fn(params, parallel.put_batch(b, self.eval_batch_sharding))
+        total, count = total + t, count + c
+    loss = float(total) / max(float(count), 1.0)
+    out = {'val_loss': loss, 'val_ppl': float(np.exp(min(loss, 50.0)))}
+    if bytes_per_token:
+      out['val_bpb'] = float(loss / np.log(2) / bytes_per_token)
+    return out
+
+
+def check_training(config, mesh):
+  """What training needs of the config on this mesh, beyond config.validate: batches split evenly over it."""
+  tc = config.train
+  rows = mesh.shape['data'] * mesh.shape['fsdp']
+  problems = []
+  if tc.batch_size % (rows * tc.grad_accum):
+    problems.append(f'train.batch_size ({tc.batch_size}) must be divisible by grad_accum ({tc.grad_accum}) x the '
+                    f'batch-sharding devices (mesh data x fsdp = {rows})')
+  if tc.eval_batch_size % rows:
+    problems.append(f'train.eval_batch_size ({tc.eval_batch_size}) must be divisible by mesh data x fsdp ({rows})')
+  if problems:
+    raise ConfigError('; '.join(problems))
+
+
+def step_bytes_per_device(memory_stats) -> int | None:
+  """Bytes one device needs while a compiled step runs, from XLA's buffer plan (`compiled.memory_analysis()`):
+  arguments + outputs not donated + temporaries (`lmjax plan` prints the parts). None where the backend gives no
+  analysis."""
+  m = memory_stats
+  if m is None:
+    return None
+  return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
+def check_host_memory(compiled):
+  """On CPU, XLA's buffers are host memory. A step that cannot fit is refused with what to change, before it runs:
+  otherwise the kernel's OOM killer ends the process without a word. The plan is a floor, not a guess: resident
+  memory while the step runs is the plan plus the runtime and the data pipeline."""
+  if jax.default_backend() != 'cpu':
+    return
+  need, have = step_bytes_per_device(compiled.memory_analysis()), hostenv.memory_bytes()
+  if need is None or have is None:
+    return
+  need *= jax.local_device_count()
+  if need > have:
+    raise ConfigError(
+        f'the train step needs {need / 2**30:.1f} GiB of host memory (XLA\'s plan for {jax.local_device_count()} CPU '
+        f'device(s)) and this machine has {have / 2**30:.1f} GiB for it. Lower train.batch_size (train.grad_accum '
+        'keeps the effective batch), set model.remat=\'full\', or shorten model.max_len; `lmjax plan --config=...` '
+        'shows where the memory goes')

@@ -1,0 +1,242 @@
+"""Everything a run directory holds, read and written here and nowhere else.
+
+  WORKDIR/config.json       the resolved config the run used (written only after every check passed)
+  WORKDIR/tokenizer.json    the tokenizer's spec (+ tokenizer.model for SentencePiece): a new process reloads it
+  WORKDIR/checkpoints/      the last train.keep_checkpoints steps (Orbax: state, data-iterator state, metadata)
+  WORKDIR/best/             the best checkpoint by train.keep_best, when set
+  WORKDIR/metrics.jsonl     one JSON object per logged step (+ TensorBoard event files)
+  WORKDIR/provenance.json   one entry per start of the run: commit, command line, versions, devices, host
+
+A workdir is addressed as DIR, or DIR:STEP for one checkpoint (DIR:best for the best one).
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import ml_collections
+
+from lmjax import config as config_lib, tokenizers
+from lmjax.errors import CheckpointError, ConfigError, WorkdirError
+
+CONFIG = 'config.json'
+PROVENANCE = 'provenance.json'
+METRICS = 'metrics.jsonl'
+CHECKPOINTS = 'checkpoints'
+BEST = 'best'
+_LIBRARIES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy')
+
+# Model fields a resumed run may change: they alter how the step computes, not what the parameters are.
+RESUMABLE_MODEL_CHANGES = ('dropout', 'attention', 'attention_chunk', 'remat', 'dtype')
+
+
+def split_ref(ref: str) -> tuple[str, int | str | None]:
+  """'DIR' -> (DIR, None); 'DIR:STEP' -> (DIR, STEP); 'DIR:best' -> (DIR, 'best')."""
+  head, sep, tail = ref.rpartition(':')
+  if sep and head and (tail.isdigit() or tail == 'best'):
+    return head, int(tail) if tail.isdigit() else tail
+  return ref, None
+
+
+def ensure_writable(workdir: str) -> str:
+  """Creates the workdir (and parents) and proves it writable, or raises WorkdirError saying what is in the way."""
+  if '://' in workdir:  # gs://... on a TPU VM: the storage client reports its own errors
+    return workdir
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'--workdir {workdir} is a file, not a directory; pick another path or move the file')
+  probe = os.path.join(workdir, f'.write_test.{os.getpid()}')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f'cannot write to --workdir {workdir} ({e.strerror or e}); use a writable directory') from None
+  return workdir
+
+
+def checkpoint_dir(workdir: str, best: bool = False) -> str:
+  return os.path.join(workdir, BEST if best else CHECKPOINTS)
+
+
+def metrics_path(workdir: str) -> str:
+  return os.path.join(workdir, METRICS)
+
+
+# ---------------------------------------------------------------------------------------------- config, tokenizer
+
+
+def save_config(config, workdir: str) -> str:
+  """Writes the resolved config as JSON: what this run actually used."""
+  path = os.path.join(workdir, CONFIG)
+  _write_json(path, config.to_dict())
+  return path
+
+
+def load_config(workdir: str, overrides=()) -> ml_collections.ConfigDict:
+  """The config a workdir's run recorded, on today's defaults, with `a.b=value` overrides applied."""
+  path = os.path.join(workdir, CONFIG)
+  if not os.path.isdir(workdir):
+    raise WorkdirError(f'--workdir {workdir} does not exist; pass the --workdir of an `lmjax train` run')
+  if not os.path.exists(path):
+    raise WorkdirError(f'{workdir} holds no {CONFIG}: is it the --workdir of an `lmjax train` run?')
+  try:
+    with open(path) as f:
+      recorded = json.load(f)
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f'{path} cannot be read ({e}); restore it from the run\'s logs or start a new --workdir') from None
+  config = config_lib.from_dict(recorded)
+  config_lib.apply_overrides(config, overrides)
+  return config_lib.validate(config)
+
+
+def save_tokenizer(tokenizer, workdir: str) -> None:
+  tokenizers.save(tokenizer, workdir)
+
+
+def load_tokenizer(workdir: str):
+  """The tokenizer a workdir recorded, or None if it has none yet."""
+  return tokenizers.load(workdir)
+
+
+def record(config, tokenizer, workdir: str, primary: bool) -> None:
+  """Writes the resolved config, the tokenizer and a provenance entry -- only after every check has passed, so a
+  refused resume never overwrites what the workdir recorded. Only the primary process writes."""
+  if primary:
+    save_tokenizer(tokenizer, workdir)
+    save_config(config, workdir)
+    add_provenance(workdir)
+
+
+def check_compatible(recorded: dict, config, tokenizer_spec: dict | None, where: str, what: str = 'Resume'):
+  """Raises ConfigError when a checkpoint's model or tokenizer differs from this run's, naming the fields."""
+  old, new = recorded['config']['model'], config.model.to_dict()
+  diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+          if k not in RESUMABLE_MODEL_CHANGES and old.get(k) != new.get(k)}
+  if diff:
+    lines = ', '.join(f'model.{k}: checkpoint {a!r} vs run {b!r}' for k, (a, b) in diff.items())
+    hint = (' (lmjax.model.stack_layers / unstack_layers convert parameters between the two layouts)'
+            if 'scan_layers' in diff else '')
+    raise ConfigError(f'the checkpoint in {where} was trained with a different model ({lines}). {what} with the '
+                      f'config it was saved with, or start a new --workdir{hint}.')
+  if tokenizer_spec is not None and 'tokenizer' in recorded:
+    tokenizers.check_same(recorded['tokenizer'], tokenizer_spec, where)
+
+
+def resolve_step(steps: list[int], step, where: str) -> int:
+  """The step asked for (latest when None) among those a checkpoint directory holds."""
+  if not steps:
+    raise CheckpointError(f'{where} holds no checkpoint yet; train first')
+  if step is None:
+    return steps[-1]
+  if int(step) not in steps:
+    raise CheckpointError(f'{where} has no checkpoint for step {step}; it holds steps {steps}')
+  return int(step)
+
+
+# ---------------------------------------------------------------------------------------------- provenance
+
+
+def git_state(root: str | None = None) -> dict:
+  """{'commit': sha or '', 'dirty': bool} of the checkout lmjax runs from ('' when it is not a git checkout)."""
+  root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10)
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root, capture_output=True,
+                           text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return {'commit': '', 'dirty': False}
+  if sha.returncode:
+    return {'commit': '', 'dirty': False}
+  return {'commit': sha.stdout.strip(), 'dirty': bool(dirty.stdout.strip())}
+
+
+def git_commit() -> str:
+  """Short commit, '+dirty' when the tracked tree has changes: the form benchmark records carry."""
+  g = git_state()
+  return g['commit'][:7] + ('+dirty' if g['dirty'] else '') if g['commit'] else ''
+
+
+def cpu_isa(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """The widest x86 vector extension the CPU reports (Linux), '' when unknown. Recorded with results because hosts
+  of one model name differ in it, and CPU kernels depend on it."""
+  try:
+    with open(cpuinfo) as f:
+      flags = next((l.split(':', 1)[1].split() for l in f if l.startswith('flags')), [])
+  except OSError:
+    return ''
+  return next((name for flag, name in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'), ('avx', 'AVX')) if flag in flags), '')
+
+
+def cpu_model(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """The host CPU's model name (Linux), else what `platform` knows."""
+  try:
+    with open(cpuinfo) as f:
+      return next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), '') or platform.processor()
+  except OSError:
+    return platform.processor() or platform.machine()
+
+
+def hardware() -> str:
+  """'CPU model name (N cores, ISA)' on CPU backends, else the JAX device kind and count."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.default_backend() == 'cpu':
+    cores = ', '.join(x for x in (f'{os.cpu_count()} cores', cpu_isa()) if x)
+    return f'{cpu_model() or "cpu"} ({cores})'
+  return f'{jax.device_count()} x {jax.devices()[0].device_kind}'
+
+
+def provenance() -> dict:
+  """What produced a run: the code, the command, the libraries, the devices and the host."""
+  import jax  # pylint: disable=import-outside-toplevel
+  versions = {}
+  for lib in _LIBRARIES:
+    try:
+      versions[lib] = importlib.metadata.version(lib)
+    except importlib.metadata.PackageNotFoundError:
+      versions[lib] = ''
+  return {
+      'time': datetime.datetime.now().isoformat(timespec='seconds'),
+      **{f'git_{k}': v for k, v in git_state().items()},
+      'command': [os.path.basename(sys.argv[0]), *sys.argv[1:]],
+      'python': platform.python_version(), 'versions': versions,
+      'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
+      'process_count': jax.process_count(), 'host_cpu': cpu_model(), 'host_cores': os.cpu_count(),
+  }
+
+
+def add_provenance(workdir: str) -> dict:
+  """Appends this start's provenance to WORKDIR/provenance.json (a list: a resumed run keeps every start)."""
+  entries = read_provenance(workdir)
+  entry = provenance()
+  _write_json(os.path.join(workdir, PROVENANCE), entries + [entry])
+  return entry
+
+
+def read_provenance(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, PROVENANCE)
+  if not os.path.exists(path):
+    return []
+  try:
+    with open(path) as f:
+      entries = json.load(f)
+  except (OSError, ValueError):
+    return []
+  return entries if isinstance(entries, list) else []
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = f'{path}.{os.getpid()}.tmp'
+  try:
+    with open(tmp, 'w') as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise WorkdirError(f'cannot write {path} ({e.strerror or e}); free space or use a writable --workdir') from None
