@@ -132,7 +132,8 @@ def from_config(config, best_checkpointer=None) -> list[Action]:
 
 
 class Clock:
-  """Minutes since the loop started (a function so tests can drive time-based actions)."""
+  """Minutes since the loop started; the loop reads it once per call of the train step (tests pass their own
+  clock to drive time-based actions)."""
 
   def __init__(self, now=time.monotonic):
     self._now, self._t0 = now, now()

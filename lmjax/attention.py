@@ -23,9 +23,8 @@ from one uint32 per element compared against a threshold: both measured cheaper 
 Causal chunks ('xla', a whole sequence attending to itself: training, eval): queries go in chunks of `causal_chunk`,
 and chunk i reads only the keys up to its own last query; the score blocks above the diagonal, which the causal mask
 hides anyway, are never computed, stored or given dropout bits. Same math, about half the score work at many
-chunks, and far smaller score buffers. On CPU (2-core host, dropout 0.2, forward + backward of one layer's
-attention core, 16k tokens, 6 heads of 64) it measured: L=128 311 -> 184 ms, L=256 ~400-600 -> 232 ms,
-L=512 1918 -> 531 ms, L=1024 2885 -> 935 ms. `chunk_for` picks the length; other backends keep one block.
+chunks, and far smaller score buffers, which is what a CPU's caches reward (docs/performance.md has the
+measurements). `chunk_for` picks the length; other backends keep one block.
 """
 from __future__ import annotations
 
@@ -66,9 +65,8 @@ def dropout_keep(seed_4, shape, rate):
   """Boolean keep-mask with P(keep) = 1 - rate: one uint32 per element from XLA's RngBitGenerator seeded with
   `seed_4` (uint32[4]), compared with a threshold (no float conversion).
 
-  On CPU the generator runs ThreeFry: 25M mask bits took 106 ms, against 292 ms with XLA's default generator
-  (Philox) and 363 ms with jax.random's threefry; the 6-layer/384 recipe's step (dropout 0.2) went from 21.0 to
-  18.0 s (no dropout: 16.5 s) in one process. Other backends keep their default, the fast one on their hardware.
+  On CPU the generator runs ThreeFry, which XLA's CPU backend generates faster than its default (Philox) or
+  jax.random's threefry (docs/performance.md). Other backends keep their default, the fast one on their hardware.
   """
   algorithm = lax.RandomAlgorithm.RNG_THREE_FRY if jax.default_backend() == 'cpu' else lax.RandomAlgorithm.RNG_DEFAULT
   _, bits = lax.rng_bit_generator(seed_4, shape, jnp.uint32, algorithm=algorithm)

@@ -3,8 +3,8 @@
 No data and no checkpoints: random token batches of the config's shape go through the same `Task.train_fn` the
 training loop runs (steps_per_call, grad_accum, dropout and donation included). MFU is printed against two peaks:
 XLA's matmul throughput in the model's compute dtype, measured in this process (a shared host drifts from the
-table), and the table in lmjax/metrics.py (the steadier figure on a GPU, whose measured peak moved by 20% between
-runs on an H100). experiments/bench_train.py adds the torch peer side by side.
+table), and the table in lmjax/metrics.py (the steadier figure on a GPU, whose measured peak drifts from run to
+run). experiments/bench_train.py adds the torch peer side by side.
 """
 from __future__ import annotations
 

@@ -159,7 +159,15 @@ class Checkpointer:
     """Compares abstract_state against the stored array metadata (cheap: no
     array data is read) so mismatches give a readable error, not an Orbax crash.
     `partial`: abstract_state is a dict of some top-level entries; only those are compared."""
-    stored = self._mngr.item_metadata(step)["state"]
+    try:
+      stored = self._mngr.item_metadata(step)["state"]
+    except (KeyError, ValueError, OSError) as e:  # a zero-filled or truncated metadata file, a missing item
+      raise CheckpointError(f"Checkpoint step {step} in {self.directory} is damaged or incomplete "
+                            f"({' '.join(str(e).split())[:200]}); restore an older step with --step, or delete "
+                            f"{os.path.join(self.directory, str(step))} to resume from the one before it") from e
+    if stored is None:
+      raise CheckpointError(f"Checkpoint step {step} in {self.directory} has no state item; restore an older step "
+                            "with --step")
     stored = _flat(getattr(stored, "tree", stored))  # TreeMetadata wraps the tree
     wanted = _flat(abstract_state)
     if partial:

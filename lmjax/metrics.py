@@ -14,9 +14,9 @@ import time
 import jax
 
 # Dense peak FLOP/s per device at the compute dtype researchers use there (bf16 on accelerators). Matched by
-# substring of jax.devices()[0].device_kind, first hit wins. The CPU figure is XLA's f32 matmul peak the project
-# brief measured on its 2-core development VM (lmjax bench prints its own measurement, 145-180 GFLOP/s on the AVX2
-# VM of 2026-11-27; set train.peak_flops to use one).
+# substring of jax.devices()[0].device_kind, first hit wins. The CPU figure is XLA's f32 matmul peak on the project's
+# 2-core development VM; CPUs differ widely, so `lmjax bench` prints its own measurement beside it, and
+# train.peak_flops sets the figure MFU is computed against.
 PEAK_FLOPS = (
     ('TPU v6', 918e12),
     ('TPU v5p', 459e12),

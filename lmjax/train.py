@@ -164,13 +164,13 @@ def train(config, workdir: str, actions=None, clock=None) -> dict:
                                'the data. The checkpoints already saved are kept.')
     log.write(at_step, last)
 
-  def run_actions(due):
+  def run_actions(due, minutes):
     read_metrics(step)  # about to sync anyway: log now, then keep the actions' time out of the window
     loop = actions_lib.Loop(config=config, workdir=workdir, task=task, data=data, state=state, step=step,
                             metrics=dict(last), checkpointer=ckpt, meta=meta, echo=log.echo)
     for action in due:
       out = action.run(loop)
-      action.ran(clock.minutes())
+      action.ran(minutes)
       if out:
         log.write(step, out)
         last.update(out)
@@ -204,7 +204,7 @@ def train(config, workdir: str, actions=None, clock=None) -> dict:
         elif multihost:
           due, stop = [], False
         if due:
-          run_actions(due)
+          run_actions(due, minutes)
         elif log_point:
           log_due = step
         if stop:

@@ -22,7 +22,7 @@ import sys
 import ml_collections
 
 from lmjax import config as config_lib, tokenizers
-from lmjax.errors import CheckpointError, ConfigError, WorkdirError
+from lmjax.errors import ConfigError, WorkdirError
 
 CONFIG = 'config.json'
 PROVENANCE = 'provenance.json'
@@ -126,17 +126,6 @@ def check_compatible(recorded: dict, config, tokenizer_spec: dict | None, where:
                       f'config it was saved with, or start a new --workdir{hint}.')
   if tokenizer_spec is not None and 'tokenizer' in recorded:
     tokenizers.check_same(recorded['tokenizer'], tokenizer_spec, where)
-
-
-def resolve_step(steps: list[int], step, where: str) -> int:
-  """The step asked for (latest when None) among those a checkpoint directory holds."""
-  if not steps:
-    raise CheckpointError(f'{where} holds no checkpoint yet; train first')
-  if step is None:
-    return steps[-1]
-  if int(step) not in steps:
-    raise CheckpointError(f'{where} has no checkpoint for step {step}; it holds steps {steps}')
-  return int(step)
 
 
 # ---------------------------------------------------------------------------------------------- provenance

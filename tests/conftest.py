@@ -1,4 +1,5 @@
 """Test set-up: 8 simulated CPU devices (for sharding tests), shared Tiny Shakespeare, no network."""
+import json
 import os
 import pathlib
 import socket
@@ -40,3 +41,34 @@ def tiny_overrides(manual_dir, data_dir, **extra):
   """Overrides that point configs/tiny.py at the session's prepared data."""
   items = {'data.manual_dir': manual_dir, 'data.data_dir': data_dir, 'train.progress_bar': 'false', **extra}
   return [f'{k}={v}' for k, v in items.items()]
+
+
+ONE_DEVICE = ['mesh.data=1']  # deterministic layout for bitwise comparisons; sharded runs: tests/test_parallel.py
+
+
+def rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def train_tiny(workdir, dirs, *extra, cache=None, **kw):
+  """Trains configs/tiny.py on one device into `workdir` with `extra` overrides; kw go to train.train."""
+  overrides = tiny_overrides(*dirs) + ONE_DEVICE + list(extra)
+  if cache:
+    overrides.append(f'train.compilation_cache_dir={cache}')
+  with jax.default_device(jax.devices()[0]):
+    from lmjax import config as config_lib, train  # pylint: disable=import-outside-toplevel
+    return train.train(config_lib.load('configs/tiny.py', overrides), str(workdir), **kw)
+
+
+@pytest.fixture(scope='session')
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('xla_cache'))
+
+
+@pytest.fixture(scope='session')
+def trained(tmp_path_factory, shakespeare_dirs, cache_dir):
+  """One tiny run of 60 steps, shared by the tests that only read its results."""
+  workdir = tmp_path_factory.mktemp('run')
+  train_tiny(workdir, shakespeare_dirs, cache=cache_dir)
+  return str(workdir)

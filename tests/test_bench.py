@@ -1,6 +1,7 @@
 """`lmjax bench`: the numbers it prints and records are consistent with each other and with the config."""
 import json
 
+import numpy as np
 import pytest
 
 from lmjax import bench, cli, metrics, workdir
@@ -37,3 +38,14 @@ def test_cpu_isa_names_the_widest_vector_extension(tmp_path, flags, isa):
 
 def test_cpu_isa_of_an_unreadable_cpuinfo_is_empty(tmp_path):
   assert workdir.cpu_isa(str(tmp_path / 'missing')) == ''
+
+
+def test_bench_of_a_packed_config_runs_the_program_training_runs():
+  from lmjax import config as config_lib, data  # pylint: disable=import-outside-toplevel
+  config = config_lib.load('configs/tiny.py', ['data.rows=packed', 'model.n_layers=1', 'train.compilation_cache_dir='])
+  runner = bench.Runner(config)
+  assert sorted(runner.batch) == sorted(data.TRAIN_KEYS['packed'])
+  segments = np.asarray(runner.batch['segment_ids'])[0, 0]
+  positions = np.asarray(runner.batch['positions'])[0, 0]
+  assert set(segments.tolist()) == {1, 2} and positions[segments == 2][0] == 0  # two documents per row
+  assert np.isfinite(runner.result(runner.time(1))['final_loss'])

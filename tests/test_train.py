@@ -7,40 +7,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, tiny_overrides
+from conftest import ONE_DEVICE, REPO, rows as _rows, tiny_overrides, train_tiny as _train
 
-from lmjax import cli, config as config_lib, hostenv, inference, metrics, train
-
-ONE_DEVICE = ['mesh.data=1']  # deterministic layout for bitwise comparisons; sharded runs: tests/test_parallel.py
-
-
-def _rows(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
-
-
-def _train(workdir, dirs, *extra, cache=None):
-  overrides = tiny_overrides(*dirs) + ONE_DEVICE + list(extra)
-  if cache:
-    overrides.append(f'train.compilation_cache_dir={cache}')
-  with jax.default_device(jax.devices()[0]):
-    return train.train(config_lib.load('configs/tiny.py', overrides), str(workdir))
-
-
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('xla_cache'))
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory, shakespeare_dirs, cache_dir):
-  """One tiny run of 60 steps, shared by the tests that only read its results."""
-  workdir = tmp_path_factory.mktemp('run')
-  _train(workdir, shakespeare_dirs, cache=cache_dir)
-  return str(workdir)
-
+from lmjax import cli, config as config_lib, errors, hostenv, inference, metrics, parallel, train, workdir
+from lmjax.steps import TrainState
+from lmjax.task import Task
 
 def test_loss_falls_and_metrics_are_written(trained):
   rows = _rows(trained)
@@ -101,10 +75,12 @@ def test_resumed_run_equals_the_uninterrupted_run_bitwise(tmp_path, shakespeare_
   loss = lambda d: {r['step']: r['train_loss'] for r in _rows(d) if 'train_loss' in r}
   whole, split = loss(tmp_path / 'whole'), loss(tmp_path / 'split')
   assert [split[s] for s in (40, 50, 60)] == [whole[s] for s in (40, 50, 60)]
-  _, _, _, a = inference.load_run(str(tmp_path / 'whole'), ONE_DEVICE)
-  _, _, _, b = inference.load_run(str(tmp_path / 'split'), ONE_DEVICE)
+  _, _, _, a = inference.load_run(str(tmp_path / 'whole'), ONE_DEVICE, params_only=False)
+  _, _, _, b = inference.load_run(str(tmp_path / 'split'), ONE_DEVICE, params_only=False)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  first, resumed = workdir.read_provenance(str(tmp_path / 'split'))  # provenance: one entry per start
+  assert first['git_commit'] == resumed['git_commit'] and first['versions'] == resumed['versions']
 
 
 def test_a_repeated_run_loads_its_programs_without_tracing_and_computes_the_same(tmp_path, shakespeare_dirs, capsys):
@@ -228,3 +204,36 @@ def test_host_memory_is_available_plus_swap_plus_what_the_process_holds(tmp_path
   meminfo.write_text('MemTotal:       24000000 kB\n')  # an old kernel without MemAvailable: no guess
   assert hostenv.memory_bytes(str(meminfo), str(statm)) is None
   assert hostenv.memory_bytes(str(tmp_path / 'missing'), str(statm)) is None
+
+
+def test_init_from_starts_from_the_other_runs_parameters_exactly_with_its_own_schedule(tmp_path, trained,
+                                                                                      shakespeare_dirs, cache_dir):
+  own = ['train.steps=1', 'train.log_every=1', 'train.eval_every=1', 'train.checkpoint_every=1',
+         'optimizer.lr=5e-4', 'optimizer.warmup_steps=0']
+  _train(tmp_path / 'ft', shakespeare_dirs, *own, f'train.init_from={trained}', cache=cache_dir)
+  assert (tmp_path / 'ft' / 'tokenizer.json').read_text() == open(os.path.join(trained, 'tokenizer.json')).read()
+  # The same step taken by hand: the other run's parameters, a fresh optimizer state, this run's first batch.
+  config = config_lib.load('configs/tiny.py', tiny_overrides(*shakespeare_dirs) + ONE_DEVICE + own)
+  _, tokenizer, _, src = inference.load_run(trained, ONE_DEVICE)
+  with jax.default_device(jax.devices()[0]):
+    data = train.prepare_data(config, str(tmp_path / 'scratch'), tokenizer)
+    task = Task(config)
+    start = TrainState(jnp.int32(0), src.params, task.tx.init(src.params))
+    batch = parallel.put_batch({k: v[None] for k, v in next(data.train_iter).items()}, task.batch_sharding)
+    with parallel.activate(task.mesh):
+      want, _ = task.train_fn(start, batch, task.dropout_rng)
+  _, _, _, got = inference.load_run(str(tmp_path / 'ft'), ONE_DEVICE, params_only=False)
+  assert int(got.step) == 1
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  [row] = [r for r in _rows(tmp_path / 'ft') if 'train_loss' in r]
+  assert row['lr'] == pytest.approx(5e-4)  # its own schedule, not the source's
+  assert row['train_loss'] < 3.5  # a fresh init starts at ln(65) = 4.17
+
+
+def test_init_from_a_directory_that_is_not_a_run_is_a_clear_error(tmp_path, shakespeare_dirs):
+  with pytest.raises(errors.WorkdirError, match='is not a directory'):
+    _train(tmp_path / 'ft', shakespeare_dirs, f'train.init_from={tmp_path / "nowhere"}')
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(errors.WorkdirError, match='holds no tokenizer.json'):
+    _train(tmp_path / 'ft', shakespeare_dirs, f'train.init_from={tmp_path / "empty"}')
