@@ -12,6 +12,7 @@ model from data.tokenizer_dir.
 Takes: NOT RUN (no TPU here). Budget roughly a day on a v4-32; record the measured time, val loss and bits per
        byte here when first run.
 """
+
 from lmjax.config import default_config
 
 

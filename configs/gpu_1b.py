@@ -18,6 +18,7 @@ Memory: it ran in the H100's 80 GB (XLA_PYTHON_CLIENT_MEM_FRACTION=0.95). `lmjax
 Takes: NOT RUN end to end (no C4 on the lent GPU). At the benchmarked 0.90 s/step (unpacked rows), 15k steps
        (~1B tokens) would take ~3.7 h on one H100, plus evals.
 """
+
 import os
 
 from lmjax import config as config_lib

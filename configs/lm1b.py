@@ -9,6 +9,7 @@ Takes: NOT RUN in lmjax yet (no accelerator here). The Flax example reports ~ten
 The SentencePiece model trains on 10M characters of the train split at first use (minutes on one host) and is
 cached in data.tokenizer_dir, so later runs (and every other host, which must share that dir) reuse it.
 """
+
 from lmjax.config import default_config
 
 

@@ -8,6 +8,7 @@ Takes: 1 min 53 s wall on the 2-core AMD EPYC VM (AVX2, jemalloc installed; 2026
        shared host), 8 evaluations over the whole validation split.
 Reaches: val loss 1.8879 at step 2000 (bits per byte 2.724); nanoGPT: 1.8857 on the same recipe.
 """
+
 from lmjax.config import default_config
 
 

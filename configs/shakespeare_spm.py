@@ -9,6 +9,7 @@ Takes: ~35 min on the 2-core AMD EPYC VM shared with other runs (~0.7-1.2 s/step
        byte 2.92 / 2.70 / 2.59 / 2.54 at steps 250 / 500 / 750 / 1000 (val loss 3.89 nats/token at 1000), already
        below the char recipe's 2.73 bpb (val loss 1.89 nats/char) at step 2000.
 """
+
 import os
 
 from lmjax import config as config_lib

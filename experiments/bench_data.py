@@ -5,6 +5,7 @@ Prints, for the CPU char recipe and the SentencePiece config: batches/s of the p
 the compiled step on random batches of the same shape, and their ratio (>= 10x wanted); then the time to
 tokenize all of Tiny Shakespeare with SentencePiece. Medians over --repeats (the machine may be shared).
 """
+
 import argparse
 import os
 import statistics
@@ -49,10 +50,14 @@ def bench(name, config, n_batches, n_steps, repeats):
       for _ in range(n):
         state[0], m = step(state[0], batch, task.dropout_rng)
       jax.block_until_ready(m)
+
   run(2)
   steps = median_rate(run, n_steps, repeats) * K
-  print(f'{name:<26} pipeline {pipe:9.1f} batches/s | train step {steps:7.1f} steps/s | ratio {pipe / steps:7.1f}x '
-        f'(B={B}, L={L})', flush=True)
+  print(
+    f'{name:<26} pipeline {pipe:9.1f} batches/s | train step {steps:7.1f} steps/s | ratio {pipe / steps:7.1f}x '
+    f'(B={B}, L={L})',
+    flush=True,
+  )
 
 
 def main():
@@ -61,10 +66,14 @@ def main():
   p.add_argument('--repeats', type=int, default=5)
   args = p.parse_args()
   over = [f'data.manual_dir={args.manual_dir}', 'train.progress_bar=false']
-  bench('char (cpu recipe)', config_lib.load(os.path.join(REPO, 'configs/shakespeare_char_cpu.py'), over),
-        2000, 10, args.repeats)
-  bench('spm bpe 1024', config_lib.load(os.path.join(REPO, 'configs/shakespeare_spm.py'), over), 2000, 10,
-        args.repeats)
+  bench(
+    'char (cpu recipe)',
+    config_lib.load(os.path.join(REPO, 'configs/shakespeare_char_cpu.py'), over),
+    2000,
+    10,
+    args.repeats,
+  )
+  bench('spm bpe 1024', config_lib.load(os.path.join(REPO, 'configs/shakespeare_spm.py'), over), 2000, 10, args.repeats)
   c = config_lib.load(os.path.join(REPO, 'configs/shakespeare_spm.py'), over + ['data.rows=packed'])
   c.train.batch_size = 12
   d = data.make_data(c, process_index=0, process_count=1)
@@ -80,9 +89,11 @@ def main():
     ids = tok.encode(text)
     times.append(time.perf_counter() - t0)
   t = statistics.median(times)
-  print(f'SentencePiece ({tok.model_type} {tok.vocab_size}) tokenizes all of Tiny Shakespeare ({len(text):,} chars -> '
-        f'{len(ids):,} tokens, {len(text.encode()) / len(ids):.2f} bytes/token) in {t:.2f} s '
-        f'({len(text) / t / 1e6:.1f} M chars/s)')
+  print(
+    f'SentencePiece ({tok.model_type} {tok.vocab_size}) tokenizes all of Tiny Shakespeare ({len(text):,} chars -> '
+    f'{len(ids):,} tokens, {len(text.encode()) / len(ids):.2f} bytes/token) in {t:.2f} s '
+    f'({len(text) / t / 1e6:.1f} M chars/s)'
+  )
 
 
 if __name__ == '__main__':

@@ -10,6 +10,7 @@ Model: the CPU recipe's widths (4 layers, 4 heads, d_model 128, vocab 65) with m
 Timings are medians over --repeats runs (the host is shared and noisy). Goal (issue #5): >= 5x HF tokens/s at
 batch 4 and <= 5 s sampler compile.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,17 @@ def bench_lmjax(batches, new_tokens, repeats, staged=True, max_len=1024, window_
   rows = {}
   for B in batches:
     prompts = [rng.integers(0, VOCAB, PROMPT_LEN).astype(np.int32) for _ in range(B)]
-    run = lambda n, seed=0: sample.generate(params, cfg, prompts, max_new_tokens=n, temperature=1.0, top_k=TOP_K,
-                                            seed=seed, staged=staged, window_chunk=window_chunk)
+    run = lambda n, seed=0: sample.generate(
+      params,
+      cfg,
+      prompts,
+      max_new_tokens=n,
+      temperature=1.0,
+      top_k=TOP_K,
+      seed=seed,
+      staged=staged,
+      window_chunk=window_chunk,
+    )
     t = time.perf_counter()
     run(new_tokens)
     first = time.perf_counter() - t
@@ -65,19 +75,23 @@ def bench_lmjax(batches, new_tokens, repeats, staged=True, max_len=1024, window_
 def bench_hf(batches, new_tokens, repeats):
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
+
   torch.manual_seed(0)
-  hf_cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=1024, n_embd=128, n_layer=4, n_head=4,
-                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+  hf_cfg = transformers.GPT2Config(
+    vocab_size=VOCAB, n_positions=1024, n_embd=128, n_layer=4, n_head=4, bos_token_id=0, eos_token_id=0, pad_token_id=0
+  )
   model = transformers.GPT2LMHeadModel(hf_cfg).eval()
   rows = {}
   for B in batches:
     ids = torch.randint(0, VOCAB, (B, PROMPT_LEN))
-    kw = dict(use_cache=True, do_sample=True, top_k=TOP_K, temperature=1.0, pad_token_id=0,
-              attention_mask=torch.ones_like(ids))
+    kw = dict(
+      use_cache=True, do_sample=True, top_k=TOP_K, temperature=1.0, pad_token_id=0, attention_mask=torch.ones_like(ids)
+    )
     with torch.inference_mode():
       model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
-      steady = _median_time(lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw),
-                            repeats)
+      steady = _median_time(
+        lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw), repeats
+      )
       ttft = _median_time(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw), repeats)
     rows[B] = dict(tok_s=B * new_tokens / steady, ttft_s=ttft, total_s=steady)
   return rows
@@ -94,17 +108,25 @@ def main():
   p.add_argument('--window_chunk', type=int, default=0, help='sliding-window chunk (0 = max_len // 4)')
   args = p.parse_args()
   batches = [int(b) for b in args.batches.split(',')]
-  ours = bench_lmjax(batches, args.new_tokens, args.repeats, staged=not args.unstaged, max_len=args.max_len,
-                     window_chunk=args.window_chunk)
+  ours = bench_lmjax(
+    batches,
+    args.new_tokens,
+    args.repeats,
+    staged=not args.unstaged,
+    max_len=args.max_len,
+    window_chunk=args.window_chunk,
+  )
   hf = None
   if not args.no_hf:
     try:
       hf = bench_hf(batches, args.new_tokens, args.repeats)
     except ImportError as e:
       print(f'(HF comparison skipped: {e})')
-  print(f'{args.new_tokens} new tokens, prompt {PROMPT_LEN}, max_len {args.max_len}, top_k {TOP_K}, '
-        f'median of {args.repeats}, '
-        f'jax {jax.__version__} on {jax.devices()[0].platform}')
+  print(
+    f'{args.new_tokens} new tokens, prompt {PROMPT_LEN}, max_len {args.max_len}, top_k {TOP_K}, '
+    f'median of {args.repeats}, '
+    f'jax {jax.__version__} on {jax.devices()[0].platform}'
+  )
   print('batch | lmjax tok/s | TTFT ms | compile s |  HF tok/s | HF TTFT ms | lmjax/HF')
   for B in batches:
     o = ours[B]

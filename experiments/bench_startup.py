@@ -11,6 +11,7 @@ Runs alternate between the three so that a noisy host slows them alike; the medi
 
   python experiments/bench_startup.py --repeats=3 [--record=experiments/results.jsonl]
 """
+
 import argparse
 import datetime
 import json
@@ -24,7 +25,7 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-PROTOTYPE = r'''
+PROTOTYPE = r"""
 import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, optax
 
 class Block(nn.Module):
@@ -67,15 +68,24 @@ params, opt_state, value = step(params, opt_state, tokens)
 value.block_until_ready()
 from lmjax import hostenv  # after the step: imports nothing heavy
 print('FIRST_STEP', hostenv.seconds_since_process_start())
-'''
+"""
 
 
 def lmjax_first_step(cache_dir: str, workdir: str) -> float:
   shutil.rmtree(workdir, ignore_errors=True)
-  cmd = ['lmjax', 'train', '--config=configs/shakespeare_char_cpu.py', f'--workdir={workdir}',
-         '--config.data.manual_dir=../shared/data/tinyshakespeare', '--config.train.steps=10',
-         '--config.train.eval_every=10', '--config.train.checkpoint_every=10', '--config.train.log_every=10',
-         '--config.train.progress_bar=false', f'--config.train.compilation_cache_dir={cache_dir}']
+  cmd = [
+    'lmjax',
+    'train',
+    '--config=configs/shakespeare_char_cpu.py',
+    f'--workdir={workdir}',
+    '--config.data.manual_dir=../shared/data/tinyshakespeare',
+    '--config.train.steps=10',
+    '--config.train.eval_every=10',
+    '--config.train.checkpoint_every=10',
+    '--config.train.log_every=10',
+    '--config.train.progress_bar=false',
+    f'--config.train.compilation_cache_dir={cache_dir}',
+  ]
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
   return float(re.search(r'first step ([\d.]+)s after the command started', out).group(1))
 
@@ -102,9 +112,14 @@ def main():
     print(f'{k:22s} median {statistics.median(v):5.2f} s  (min {min(v):.2f}, max {max(v):.2f}, n={len(v)})')
   if args.record:
     from lmjax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-    row = {'date': datetime.datetime.now().isoformat(timespec='seconds'), 'hardware': workdir_lib.hardware(),
-           'git_commit': workdir_lib.git_commit(), 'benchmark': 'start to first step, CPU recipe',
-           **{k: {'median_s': statistics.median(v), 'all_s': v} for k, v in times.items()}}
+
+    row = {
+      'date': datetime.datetime.now().isoformat(timespec='seconds'),
+      'hardware': workdir_lib.hardware(),
+      'git_commit': workdir_lib.git_commit(),
+      'benchmark': 'start to first step, CPU recipe',
+      **{k: {'median_s': statistics.median(v), 'all_s': v} for k, v in times.items()},
+    }
     with open(args.record, 'a') as f:
       f.write(json.dumps(row) + '\n')
 

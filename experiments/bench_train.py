@@ -20,6 +20,7 @@ What:  lmjax's real train step (`lmjax.bench.Runner`: Task.train_fn, AdamW, clip
        eager, or torch.compile'd with --peer_compile as nanoGPT's train.py does by default): a same-day stand-in for
        nanoGPT, whose own script is not here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,6 +44,7 @@ class TorchPeer:
 
   def __init__(self, config, threads):
     import torch
+
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     m, t, o = config.model, config.train, config.optimizer
@@ -55,13 +57,24 @@ class TorchPeer:
 
   def build(self, torch, m, o, vocab):
     import transformers
-    hf = transformers.GPT2Config(vocab_size=vocab, n_positions=m.max_len, n_embd=m.d_model,
-                                 n_layer=m.n_layers, n_head=m.n_heads, n_inner=m.d_ff or None,
-                                 activation_function='gelu', resid_pdrop=m.dropout, embd_pdrop=m.dropout,
-                                 attn_pdrop=m.dropout, layer_norm_epsilon=m.norm_eps)
+
+    hf = transformers.GPT2Config(
+      vocab_size=vocab,
+      n_positions=m.max_len,
+      n_embd=m.d_model,
+      n_layer=m.n_layers,
+      n_head=m.n_heads,
+      n_inner=m.d_ff or None,
+      activation_function='gelu',
+      resid_pdrop=m.dropout,
+      embd_pdrop=m.dropout,
+      attn_pdrop=m.dropout,
+      layer_norm_epsilon=m.norm_eps,
+    )
     model = transformers.GPT2LMHeadModel(hf).train()
-    return model, torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
-                                    weight_decay=o.weight_decay)
+    return model, torch.optim.AdamW(
+      model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay
+    )
 
   def logits(self):
     return self.model(self.batch).logits
@@ -91,6 +104,7 @@ class NanoGPTPeer(TorchPeer):
 
   def build(self, torch, m, o, vocab):
     from torch import nn
+
     F = torch.nn.functional
     V, D, H, L, p = vocab, m.d_model, m.n_heads, m.max_len, m.dropout
 
@@ -126,13 +140,14 @@ class NanoGPTPeer(TorchPeer):
 
     model = GPT().train()
     params = [q for q in model.parameters() if q.requires_grad]
-    groups = [{'params': [q for q in params if q.dim() >= 2], 'weight_decay': o.weight_decay},
-              {'params': [q for q in params if q.dim() < 2], 'weight_decay': 0.0}]
+    groups = [
+      {'params': [q for q in params if q.dim() >= 2], 'weight_decay': o.weight_decay},
+      {'params': [q for q in params if q.dim() < 2], 'weight_decay': 0.0},
+    ]
     return model, torch.optim.AdamW(groups, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
 
   def logits(self):
     return self.model(self.batch)
-
 
 
 PEERS = {'hf': TorchPeer, 'nanogpt': NanoGPTPeer}
@@ -146,8 +161,9 @@ class PeerProcess:
 
   def __init__(self, name, argv, threads, compile_model):
     cmd = [sys.executable, os.path.abspath(__file__), f'--serve_peer={name}', f'--peer_threads={threads}', *argv]
-    self.proc = subprocess.Popen(cmd + (['--peer_compile'] if compile_model else []), stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True)
+    self.proc = subprocess.Popen(
+      cmd + (['--peer_compile'] if compile_model else []), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     ready = json.loads(self._line())
     self.version, self.threads, self.compile_s = ready['torch'], ready['threads'], ready['compile_s']
 
@@ -192,22 +208,36 @@ def serve_peer(name, config, threads, compile_model):
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   from lmjax.cli import _split_overrides
+
   rest, overrides = _split_overrides(argv)
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--config', required=True)
   p.add_argument('--rounds', type=int, default=30)
-  p.add_argument('--steps', type=int, default=2, help='optimizer steps per timed window (small: the two sides alternate often)')
+  p.add_argument(
+    '--steps', type=int, default=2, help='optimizer steps per timed window (small: the two sides alternate often)'
+  )
   p.add_argument('--rewarm', type=int, default=1, help='untimed steps at the start of every window (docstring)')
   p.add_argument('--record', default='')
   p.add_argument('--no_peer', action='store_true')
-  p.add_argument('--peer', choices=('hf', 'nanogpt', 'both'), default='both',
-                 help='torch peers timed beside lmjax: HF GPT2LMHeadModel and/or the nanoGPT-architecture GPT')
-  p.add_argument('--peer_threads', type=int, default=os.cpu_count(),
-                 help="torch threads; on a host other jobs share, 2 OpenMP threads can stall on each other")
+  p.add_argument(
+    '--peer',
+    choices=('hf', 'nanogpt', 'both'),
+    default='both',
+    help='torch peers timed beside lmjax: HF GPT2LMHeadModel and/or the nanoGPT-architecture GPT',
+  )
+  p.add_argument(
+    '--peer_threads',
+    type=int,
+    default=os.cpu_count(),
+    help='torch threads; on a host other jobs share, 2 OpenMP threads can stall on each other',
+  )
   p.add_argument('--peer_compile', action='store_true', help="torch.compile the nanoGPT-architecture peer's model")
   p.add_argument('--label', default='', help='free text stored with the record (what this run tries)')
-  p.add_argument('--peer_in_process', action='store_true',
-                 help="time the peers in lmjax's process (the old way; slows lmjax at large sizes)")
+  p.add_argument(
+    '--peer_in_process',
+    action='store_true',
+    help="time the peers in lmjax's process (the old way; slows lmjax at large sizes)",
+  )
   p.add_argument('--serve_peer', default='', help=argparse.SUPPRESS)  # set on the peer processes this one starts
   args = p.parse_args(rest)
   hostenv.tune_host_allocator()
@@ -218,13 +248,14 @@ def main(argv=None):
   runner = bench.Runner(config)
   peers = {}
   if not args.no_peer:
-    for name in (('hf', 'nanogpt') if args.peer == 'both' else (args.peer,)):
+    for name in ('hf', 'nanogpt') if args.peer == 'both' else (args.peer,):
       compile_model = args.peer_compile and name == 'nanogpt'
       if args.peer_in_process:
         peers[name], compile_s = build_peer(name, config, args.peer_threads, compile_model)
       else:
-        peers[name] = PeerProcess(name, [f'--config={args.config}', *(f'--config.{o}' for o in overrides)],
-                                  args.peer_threads, compile_model)
+        peers[name] = PeerProcess(
+          name, [f'--config={args.config}', *(f'--config.{o}' for o in overrides)], args.peer_threads, compile_model
+        )
         compile_s = peers[name].compile_s
       if compile_s:
         print(f'torch.compile of the nanoGPT-architecture peer: {compile_s:.1f} s')
@@ -241,20 +272,36 @@ def main(argv=None):
       theirs[name] += peer.time(args.steps)
   r = runner.result(ours)
   bench.print_result(r)
-  extra = {'overrides': overrides, 'label': args.label, 'rounds': args.rounds, 'steps_per_window': args.steps,
-           'rewarm': args.rewarm, 'peer_threads': args.peer_threads, 'peer_compile': args.peer_compile,
-           'peer_in_process': args.peer_in_process}
+  extra = {
+    'overrides': overrides,
+    'label': args.label,
+    'rounds': args.rounds,
+    'steps_per_window': args.steps,
+    'rewarm': args.rewarm,
+    'peer_threads': args.peer_threads,
+    'peer_compile': args.peer_compile,
+    'peer_in_process': args.peer_in_process,
+  }
   where = "lmjax's process" if args.peer_in_process else 'own process'
   B, L = config.train.batch_size, config.model.max_len
-  titles = {'hf': 'HF GPT2LMHeadModel',
-            'nanogpt': 'nanoGPT-architecture GPT' + (' (torch.compile)' if args.peer_compile else ' (eager)')}
+  titles = {
+    'hf': 'HF GPT2LMHeadModel',
+    'nanogpt': 'nanoGPT-architecture GPT' + (' (torch.compile)' if args.peer_compile else ' (eager)'),
+  }
   for name, peer in peers.items():
     peer_s = statistics.median(theirs[name])
-    extra.update({f'{name}_ms_per_step': round(1e3 * peer_s, 3), f'{name}_tokens_per_s': round(B * L / peer_s, 1),
-                  f'ratio_vs_{name}': round(peer_s * 1e3 / r['ms_per_step'], 3)})
-    print(f'{titles[name]} (torch {peer.version}, {peer.threads} threads, {where}): '
-          f'{1e3 * peer_s:.2f} ms/step | {B * L / peer_s:,.0f} tokens/s | lmjax / it: '
-          f'{extra[f"ratio_vs_{name}"]:.2f}x')
+    extra.update(
+      {
+        f'{name}_ms_per_step': round(1e3 * peer_s, 3),
+        f'{name}_tokens_per_s': round(B * L / peer_s, 1),
+        f'ratio_vs_{name}': round(peer_s * 1e3 / r['ms_per_step'], 3),
+      }
+    )
+    print(
+      f'{titles[name]} (torch {peer.version}, {peer.threads} threads, {where}): '
+      f'{1e3 * peer_s:.2f} ms/step | {B * L / peer_s:,.0f} tokens/s | lmjax / it: '
+      f'{extra[f"ratio_vs_{name}"]:.2f}x'
+    )
   if 'hf' in peers:
     extra['ratio_vs_nanogpt_est'] = round(extra['ratio_vs_hf'] / 1.23, 3)
     print(f'vs nanoGPT estimated as 1.23x HF (figures in the project brief): {extra["ratio_vs_nanogpt_est"]:.2f}x')

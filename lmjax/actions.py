@@ -7,6 +7,7 @@ step and runs them in order, so an action listed after `Evaluate` sees this step
 `loop.metrics`. To add one without editing the loop, pass it to `train.train(config, workdir, actions=[...])`, or
 `register(factory)` where factory(config) returns an Action or None; registered factories run for every train().
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,6 +19,7 @@ from typing import Any, Callable
 @dataclasses.dataclass
 class Loop:
   """What an action may read or use at a step: the loop's live objects (read-only by convention)."""
+
   config: Any
   workdir: str
   task: Any  # lmjax.task.Task
@@ -32,6 +34,7 @@ class Loop:
 
 class Action:
   """Base class: `every` steps (0 = only at the last step) and/or `minutes` of wall time (0 = off)."""
+
   name = 'action'
 
   def __init__(self, every: int = 0, minutes: float = 0.0, at_last_step: bool = True):
@@ -60,6 +63,7 @@ class Action:
 
 class Evaluate(Action):
   """Loss, perplexity and bits per byte over the eval split."""
+
   name = 'evaluate'
 
   def run(self, loop):
@@ -68,6 +72,7 @@ class Evaluate(Action):
 
 class Checkpoint(Action):
   """Saves the state, the data iterator's position and the metadata into WORKDIR/checkpoints (async)."""
+
   name = 'checkpoint'
 
   def run(self, loop):
@@ -76,6 +81,7 @@ class Checkpoint(Action):
 
 class TimedCheckpoint(Checkpoint):
   """A checkpoint every `minutes` of wall time, whatever the step (preemptible machines)."""
+
   name = 'timed_checkpoint'
 
   def __init__(self, minutes: float):
@@ -86,6 +92,7 @@ class KeepBest(Action):
   """Keeps the checkpoint with the lowest `metric` seen so far in WORKDIR/best/ (one step), beside the last K in
   checkpoints/. Runs where the metric is computed: list it after the action that returns it. The best value
   survives a resume: it is read back from the kept checkpoint's metadata."""
+
   name = 'keep_best'
 
   def __init__(self, metric: str, checkpointer, every: int = 0):

@@ -26,6 +26,7 @@ hides anyway, are never computed, stored or given dropout bits. Same math, about
 chunks, and far smaller score buffers, which is what a CPU's caches reward (docs/performance.md has the
 measurements). `chunk_for` picks the length; other backends keep one block.
 """
+
 from __future__ import annotations
 
 import functools
@@ -70,7 +71,7 @@ def dropout_keep(seed_4, shape, rate):
   """
   algorithm = lax.RandomAlgorithm.RNG_THREE_FRY if jax.default_backend() == 'cpu' else lax.RandomAlgorithm.RNG_DEFAULT
   _, bits = lax.rng_bit_generator(seed_4, shape, jnp.uint32, algorithm=algorithm)
-  return bits >= jnp.uint32(min(int(rate * 2.0 ** 32), 2 ** 32 - 1))
+  return bits >= jnp.uint32(min(int(rate * 2.0**32), 2**32 - 1))
 
 
 def _softmax_dropout(s, bias, dropout, dropout_seed):
@@ -93,17 +94,18 @@ def chunk_for(length: int, setting: int) -> int:
 
 def _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng, causal_chunk):
   B, L, H, K = q_BxLxHxK.shape
-  q_BxLxHxK = q_BxLxHxK * jnp.asarray(K ** -0.5, q_BxLxHxK.dtype)
+  q_BxLxHxK = q_BxLxHxK * jnp.asarray(K**-0.5, q_BxLxHxK.dtype)
   bias = bias_from_mask(mask)  # B' x 1 x 1 x L x T (B' = 1 or B)
   chunk = causal_chunk if 0 < causal_chunk < L and k_BxNxTxK.shape[2] == L else L
   starts = range(0, L, chunk)
-  seeds = (jax.random.bits(dropout_rng, (len(starts), 4), jnp.uint32) if dropout > 0 else [None] * len(starts))
+  seeds = jax.random.bits(dropout_rng, (len(starts), 4), jnp.uint32) if dropout > 0 else [None] * len(starts)
   outs = []
   for q0, seed in zip(starts, seeds):
     q1 = min(q0 + chunk, L)
     t1 = q1 if chunk < L else k_BxNxTxK.shape[2]  # keys after the chunk's last query are hidden from all of it
-    outs.append(_block(q_BxLxHxK[:, q0:q1], k_BxNxTxK[:, :, :t1], v_BxNxTxK[:, :, :t1], bias[..., q0:q1, :t1],
-                       dropout, seed))
+    outs.append(
+      _block(q_BxLxHxK[:, q0:q1], k_BxNxTxK[:, :, :t1], v_BxNxTxK[:, :, :t1], bias[..., q0:q1, :t1], dropout, seed)
+    )
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
@@ -126,8 +128,14 @@ def _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, causal, implem
   # is_causal lets cuDNN skip the blocks above the diagonal and read no mask at all; a mask (segments, cache slots)
   # stays B' x 1 x L x T: broadcast over heads by the kernel, never materialised per head.
   mask_Bx1xLxT = None if mask is None else mask.reshape(mask.shape[0], 1, *mask.shape[-2:])
-  return jax.nn.dot_product_attention(q_BxLxHxK, k_BxNxTxK.transpose(0, 2, 1, 3), v_BxNxTxK.transpose(0, 2, 1, 3),
-                                      mask=mask_Bx1xLxT, is_causal=causal, implementation=implementation)
+  return jax.nn.dot_product_attention(
+    q_BxLxHxK,
+    k_BxNxTxK.transpose(0, 2, 1, 3),
+    v_BxNxTxK.transpose(0, 2, 1, 3),
+    mask=mask_Bx1xLxT,
+    is_causal=causal,
+    implementation=implementation,
+  )
 
 
 def resolve(impl: str, dtype, dropout: float, causal: bool, length: int, boolean_mask: bool = False) -> str:
@@ -153,12 +161,23 @@ def _splash_kernel(length: int, heads: int, grouped: bool):
   is cached by the splash module itself."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
   if length % 128:
-    raise ValueError(f"attention='splash' needs a sequence length that is a multiple of 128 (the kernel's tiles), "
-                     f"got {length}; change model.max_len or use model.attention='xla'")
+    raise ValueError(
+      f"attention='splash' needs a sequence length that is a multiple of 128 (the kernel's tiles), "
+      f"got {length}; change model.max_len or use model.attention='xla'"
+    )
   block = next(b for b in (512, 256, 128) if length % b == 0)
-  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  sizes = sk.BlockSizes(
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
   mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads)])
   make = sk.make_splash_mqa if grouped else sk.make_splash_mha
   interpret = jax.default_backend() != 'tpu'
@@ -169,8 +188,11 @@ def _splash_kernel(length: int, heads: int, grouped: bool):
 
 @functools.lru_cache(maxsize=1)
 def _warn_interpreted():
-  warnings.warn(f"attention='splash' on {jax.default_backend()}: the TPU kernel runs in Pallas's interpreter, "
-                "exact but orders of magnitude slower; use model.attention='auto' or 'xla' off TPU", stacklevel=2)
+  warnings.warn(
+    f"attention='splash' on {jax.default_backend()}: the TPU kernel runs in Pallas's interpreter, "
+    "exact but orders of magnitude slower; use model.attention='auto' or 'xla' off TPU",
+    stacklevel=2,
+  )
 
 
 def _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL):
@@ -178,7 +200,7 @@ def _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL):
   N = k_BxNxTxK.shape[1]
   # Queries grouped by kv head (B x L x N x G x K): a mesh splits kv heads and their query heads alike, or, when
   # it cannot split the kv heads (MQA), each group's query heads, every shard holding all kv heads.
-  q_BxLxNxGxK = (q_BxLxHxK * jnp.asarray(K ** -0.5, q_BxLxHxK.dtype)).reshape(B, L, N, H // N, K)
+  q_BxLxNxGxK = (q_BxLxHxK * jnp.asarray(K**-0.5, q_BxLxHxK.dtype)).reshape(B, L, N, H // N, K)
 
   def per_shard(q_BxLxNxGxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL):
     n, G = q_BxLxNxGxK.shape[2:4]
@@ -186,22 +208,28 @@ def _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL):
     q_BxNxGxLxK = q_BxLxNxGxK.transpose(0, 2, 3, 1, 4)
     one = lambda q, k, v, s: kernel(q, k, v, segment_ids=None if s is None else SegmentIds(q=s, kv=s))
     if G > 1:  # one grouped (MQA) kernel per kv head: G x L x K queries against T x K keys
-      o_BxNxGxLxK = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))(q_BxNxGxLxK, k_BxNxTxK, v_BxNxTxK,
-                                                                     segment_ids_BxL)
+      o_BxNxGxLxK = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))(q_BxNxGxLxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL)
     else:
       o_BxNxGxLxK = jax.vmap(one)(q_BxNxGxLxK[:, :, 0], k_BxNxTxK, v_BxNxTxK, segment_ids_BxL)[:, :, None]
     return o_BxNxGxLxK.transpose(0, 3, 1, 2, 4)
 
   o_BxLxNxGxK = parallel.shard_map_logical(
-      per_shard, (q_BxLxNxGxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL),
-      # Lengths stay whole whatever the rules say: the kernel is built for the whole sequence.
-      (('batch', None, 'kv_heads', 'heads', 'head_dim'), ('batch', 'kv_heads', None, 'head_dim'),
-       ('batch', 'kv_heads', None, 'head_dim'), ('batch', None)))
+    per_shard,
+    (q_BxLxNxGxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL),
+    # Lengths stay whole whatever the rules say: the kernel is built for the whole sequence.
+    (
+      ('batch', None, 'kv_heads', 'heads', 'head_dim'),
+      ('batch', 'kv_heads', None, 'head_dim'),
+      ('batch', 'kv_heads', None, 'head_dim'),
+      ('batch', None),
+    ),
+  )
   return o_BxLxNxGxK.reshape(B, L, H, K)
 
 
-def attend(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, *, impl='xla', dropout=0.0, dropout_rng=None, causal=False,
-           causal_chunk=0):
+def attend(
+  q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, *, impl='xla', dropout=0.0, dropout_rng=None, causal=False, causal_chunk=0
+):
   """Attention output o_BxLxHxK.
 
   causal=True asserts a sequence attending to itself, no cache: query i and key i are the same slot, so the mask
@@ -233,5 +261,4 @@ def attend(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, *, impl='xla', dropout=0.0, dr
     mask = make_mask(slots_L, slots_L)
   if impl == 'xla':
     return _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng, causal_chunk)
-  return _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, causal,
-                                'cudnn' if impl == 'cudnn' else 'xla')
+  return _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, causal, 'cudnn' if impl == 'cudnn' else 'xla')

@@ -5,6 +5,7 @@ first step expands one beam only. A step proposes 2W continuations: those ending
 (scored with the length penalty of Google's NMT / Flax's beam search), the best W others stay live. The loop stops
 early once no live beam can beat the worst finished one.
 """
+
 from __future__ import annotations
 
 import jax
@@ -18,8 +19,19 @@ def length_penalty_factor(length, alpha):
   return ((5.0 + length) / 6.0) ** alpha
 
 
-def search(logits_RxV, cache, decode_step, run_stages, *, beam_size: int, eos_id, pad_id: int, max_new: int, alpha,
-           batch_axis: int):
+def search(
+  logits_RxV,
+  cache,
+  decode_step,
+  run_stages,
+  *,
+  beam_size: int,
+  eos_id,
+  pad_id: int,
+  max_new: int,
+  alpha,
+  batch_axis: int,
+):
   """Beam search from the prefill's logits_RxV and cache. decode_step(t, last_R, cache) -> (logits_RxV, cache)
   feeds step t-1's tokens; run_stages(carry, cont, body) runs the staged while loops (the cache is carry[-1]).
   Returns (tokens_RxN, scores_R): each group's beams best first, scored by length-penalised log-probability."""
@@ -59,12 +71,14 @@ def search(logits_RxV, cache, decode_step, run_stages, *, beam_size: int, eos_id
     """Stops early once no live beam can still beat the worst finished one: log-probs only fall, so the best a
     live beam can reach is its log-prob now over the largest length penalty left."""
     t, (_, live_lp_BxW, _, fin_score_BxW), _ = c
-    best_live_B = live_lp_BxW[:, 0] / jnp.maximum(length_penalty_factor(t, alpha),
-                                                  length_penalty_factor(max_new, alpha))
+    best_live_B = live_lp_BxW[:, 0] / jnp.maximum(
+      length_penalty_factor(t, alpha), length_penalty_factor(max_new, alpha)
+    )
     return (t < max_new) & ~jnp.all(best_live_B < fin_score_BxW[:, -1])
 
-  t, (live_BxWxN, live_lp_BxW, fin_BxWxN, fin_score_BxW), _ = run_stages((jnp.int32(1), beams, cache), beam_cont,
-                                                                          beam_body)
+  t, (live_BxWxN, live_lp_BxW, fin_BxWxN, fin_score_BxW), _ = run_stages(
+    (jnp.int32(1), beams, cache), beam_cont, beam_body
+  )
   # Beams still live at the end compete with the finished ones under the same length penalty.
   live_score_BxW = live_lp_BxW / length_penalty_factor(t, alpha)
   score_BxW, best_BxW = jax.lax.top_k(jnp.concatenate([fin_score_BxW, live_score_BxW], axis=1), W)

@@ -6,6 +6,7 @@ XLA's matmul throughput in the model's compute dtype, measured in this process (
 table), and the table in lmjax/metrics.py (the steadier figure on a GPU, whose measured peak drifts from run to
 run). experiments/bench_train.py adds the torch peer side by side.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -35,7 +36,7 @@ def matmul_flops(dtype='float32', n: int = 0, repeats: int = 10) -> float:
     t = time.perf_counter()
     f(a, a).block_until_ready()
     times.append(time.perf_counter() - t)
-  return 2.0 * n ** 3 / statistics.median(times)
+  return 2.0 * n**3 / statistics.median(times)
 
 
 class Runner:
@@ -43,6 +44,7 @@ class Runner:
 
   def __init__(self, config):
     from lmjax import task as task_lib  # pylint: disable=import-outside-toplevel
+
     t_start = time.perf_counter()
     config = config.copy_and_resolve_references()
     with config.unlocked():
@@ -77,16 +79,23 @@ class Runner:
     measured_peak = matmul_flops(self.task.model_cfg.dtype)  # the compute dtype: bf16 units on accelerators
     tabled = metrics_lib.peak_flops_per_device(self.config.train.peak_flops) * jax.device_count()
     return {
-        'n_params': self.task.n_params, 'batch': B, 'length': L, 'steps_per_call': K,
-        'init_s': round(self.init_s, 3), 'compile_s': round(self.compile_s, 3),
-        'compile_origin': self.task.executables.origin['train_step'],
-        'start_to_first_step_s': round(self.first_step_s, 3),
-        'ms_per_step': round(1e3 * step_s, 3), 'tokens_per_s': round(tokens_per_s, 1),
-        'model_tflops': round(model_flops / 1e12, 5),
-        'matmul_dtype': str(self.task.model_cfg.dtype),
-        'matmul_gflops': round(measured_peak / 1e9, 2), 'mfu_measured_peak': round(model_flops / measured_peak, 4),
-        'tabled_peak_gflops': round(tabled / 1e9, 2), 'mfu_tabled_peak': round(model_flops / tabled, 4),
-        'final_loss': float(self.metrics['train_loss'][-1]),
+      'n_params': self.task.n_params,
+      'batch': B,
+      'length': L,
+      'steps_per_call': K,
+      'init_s': round(self.init_s, 3),
+      'compile_s': round(self.compile_s, 3),
+      'compile_origin': self.task.executables.origin['train_step'],
+      'start_to_first_step_s': round(self.first_step_s, 3),
+      'ms_per_step': round(1e3 * step_s, 3),
+      'tokens_per_s': round(tokens_per_s, 1),
+      'model_tflops': round(model_flops / 1e12, 5),
+      'matmul_dtype': str(self.task.model_cfg.dtype),
+      'matmul_gflops': round(measured_peak / 1e9, 2),
+      'mfu_measured_peak': round(model_flops / measured_peak, 4),
+      'tabled_peak_gflops': round(tabled / 1e9, 2),
+      'mfu_tabled_peak': round(model_flops / tabled, 4),
+      'final_loss': float(self.metrics['train_loss'][-1]),
     }
 
 
@@ -117,27 +126,46 @@ def measure(config, steps: int = 30, warmup: int = 2) -> dict:
 
 def describe(config) -> dict:
   m = config.model
-  return {'model': f'{m.n_layers}L/{m.n_heads}H/{m.d_model}d len {m.max_len} dropout {m.dropout}',
-          'dtype': m.dtype, 'scan_layers': m.scan_layers, 'remat': m.remat, 'attention': m.attention}
+  return {
+    'model': f'{m.n_layers}L/{m.n_heads}H/{m.d_model}d len {m.max_len} dropout {m.dropout}',
+    'dtype': m.dtype,
+    'scan_layers': m.scan_layers,
+    'remat': m.remat,
+    'attention': m.attention,
+  }
 
 
 def record_line(config_name: str, config, result: dict, **extra) -> dict:
-  return {'date': datetime.datetime.now().isoformat(timespec='seconds'), 'hardware': workdir_lib.hardware(),
-          'git_commit': workdir_lib.git_commit(), 'allocator': hostenv.allocator(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-          'config': config_name, **describe(config),
-          **result, **extra}
+  return {
+    'date': datetime.datetime.now().isoformat(timespec='seconds'),
+    'hardware': workdir_lib.hardware(),
+    'git_commit': workdir_lib.git_commit(),
+    'allocator': hostenv.allocator(),
+    'xla_flags': os.environ.get('XLA_FLAGS', ''),
+    'config': config_name,
+    **describe(config),
+    **result,
+    **extra,
+  }
 
 
 def print_result(r: dict, label: str = 'lmjax'):
-  print(f'{label}: {r["n_params"]:,} params | batch {r["batch"]} x {r["length"]} | steps/call {r["steps_per_call"]} | '
-        f'{hostenv.allocator()}')
-  print(f'  compile {r["compile_s"]:.2f} s ({r["compile_origin"]}) | '
-        f'start to first step {r["start_to_first_step_s"]:.2f} s')
-  print(f'  {r["ms_per_step"]:.2f} ms/step (median) | {r["tokens_per_s"]:,.0f} tokens/s | '
-        f'{1e3 * r["model_tflops"]:.2f} model GFLOP/s')
-  print(f'  MFU {100 * r["mfu_measured_peak"]:.1f}% of measured {r["matmul_dtype"]} matmul peak '
-        f'{r["matmul_gflops"]:.1f} GFLOP/s | '
-        f'{100 * r["mfu_tabled_peak"]:.1f}% of tabled peak {r["tabled_peak_gflops"]:.1f} GFLOP/s')
+  print(
+    f'{label}: {r["n_params"]:,} params | batch {r["batch"]} x {r["length"]} | steps/call {r["steps_per_call"]} | '
+    f'{hostenv.allocator()}'
+  )
+  print(
+    f'  compile {r["compile_s"]:.2f} s ({r["compile_origin"]}) | start to first step {r["start_to_first_step_s"]:.2f} s'
+  )
+  print(
+    f'  {r["ms_per_step"]:.2f} ms/step (median) | {r["tokens_per_s"]:,.0f} tokens/s | '
+    f'{1e3 * r["model_tflops"]:.2f} model GFLOP/s'
+  )
+  print(
+    f'  MFU {100 * r["mfu_measured_peak"]:.1f}% of measured {r["matmul_dtype"]} matmul peak '
+    f'{r["matmul_gflops"]:.1f} GFLOP/s | '
+    f'{100 * r["mfu_tabled_peak"]:.1f}% of tabled peak {r["tabled_peak_gflops"]:.1f} GFLOP/s'
+  )
 
 
 def run(config, steps: int = 30, record: str = '', config_name: str = ''):

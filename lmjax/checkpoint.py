@@ -23,16 +23,16 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 from lmjax.errors import CheckpointError
 
-_ITEMS = ("state", "data", "meta")
+_ITEMS = ('state', 'data', 'meta')
 
 
 def _drop_orbax_info(record: logging.LogRecord) -> bool:
   # Orbax logs ~70 INFO lines per save/restore through absl's "absl" Python
   # logger; they flood any app that logs at INFO. Keep its warnings/errors.
-  return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+  return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
 
 
-logging.getLogger("absl").addFilter(_drop_orbax_info)
+logging.getLogger('absl').addFilter(_drop_orbax_info)
 
 
 def _path_str(path) -> str:
@@ -41,11 +41,11 @@ def _path_str(path) -> str:
   Orbax stores custom nodes (flax.struct.dataclass, optax states) as nested
   dicts/lists, so GetAttrKey('params') and DictKey('params') must compare equal.
   """
-  return jax.tree_util.keystr(path, simple=True, separator="/")
+  return jax.tree_util.keystr(path, simple=True, separator='/')
 
 
 def _is_array_like(x) -> bool:
-  return hasattr(x, "shape") and hasattr(x, "dtype")
+  return hasattr(x, 'shape') and hasattr(x, 'dtype')
 
 
 def _flat(tree) -> dict[str, object]:
@@ -59,32 +59,38 @@ class Checkpointer:
   Every process must call save/restore (Orbax synchronises hosts internally).
   """
 
-  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
-                 save_interval_steps: int = 1, async_save: bool = True):
+  def __init__(
+    self, directory: str | os.PathLike, *, max_to_keep: int = 3, save_interval_steps: int = 1, async_save: bool = True
+  ):
     directory = os.fspath(directory)
     # Resolve relative paths now (a later chdir must not move checkpoints);
     # leave URLs (gs://...) alone.
-    self.directory = directory if "://" in directory else os.path.abspath(directory)
+    self.directory = directory if '://' in directory else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       enable_async_checkpointing=async_save,
       # Orbax's default policy also saves the *first* step seen, whatever
       # its number; we want "due" to mean exactly step % interval == 0
       # (plus a save when JAX signals preemption, which is what you want).
-      save_decision_policy=ocm.AnySavePolicy([
-        ocm.FixedIntervalPolicy(save_interval_steps),
-        ocm.PreemptionCheckpointingPolicy(),
-      ]),
+      save_decision_policy=ocm.AnySavePolicy(
+        [
+          ocm.FixedIntervalPolicy(save_interval_steps),
+          ocm.PreemptionCheckpointingPolicy(),
+        ]
+      ),
     )
     # Handlers are registered up front so that a fresh manager (new process)
     # can read item metadata / restore items it has never saved itself.
     self._mngr = ocp.CheckpointManager(
-      self.directory, options=options, item_names=_ITEMS,
+      self.directory,
+      options=options,
+      item_names=_ITEMS,
       item_handlers={
-        "state": ocp.StandardCheckpointHandler(),
-        "data": grain.checkpoint.CheckpointHandler(),
-        "meta": ocp.JsonCheckpointHandler(),
-      })
+        'state': ocp.StandardCheckpointHandler(),
+        'data': grain.checkpoint.CheckpointHandler(),
+        'meta': ocp.JsonCheckpointHandler(),
+      },
+    )
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -92,8 +98,7 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._mngr.all_steps())
 
-  def save(self, step: int, state, *, data_iter=None, meta: dict | None = None,
-             force: bool = False) -> bool:
+  def save(self, step: int, state, *, data_iter=None, meta: dict | None = None, force: bool = False) -> bool:
     """Starts an (async) save if `step` is due per save_interval_steps or
     force=True. Returns whether a save started.
 
@@ -104,11 +109,11 @@ class Checkpointer:
     step = int(step)
     if step in self._mngr.all_steps():
       return False  # never overwrite (Orbax would raise)
-    items = {"state": ocp.args.StandardSave(state)}
+    items = {'state': ocp.args.StandardSave(state)}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      items['data'] = grain.checkpoint.CheckpointSave(data_iter)
     if meta is not None:
-      items["meta"] = ocp.args.JsonSave(meta)
+      items['meta'] = ocp.args.JsonSave(meta)
     try:
       return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
     except (OSError, ValueError, RuntimeError) as e:
@@ -123,9 +128,11 @@ class Checkpointer:
       why = 'the directory is not writable'
     else:
       why = text[:300]
-    return CheckpointError(f'saving the checkpoint of step {step} to {self.directory} failed: {why}. Free space or '
-                           'fix the permissions there, then run the same command again: it resumes from the last '
-                           'complete checkpoint')
+    return CheckpointError(
+      f'saving the checkpoint of step {step} to {self.directory} failed: {why}. Free space or '
+      'fix the permissions there, then run the same command again: it resumes from the last '
+      'complete checkpoint'
+    )
 
   def _resolve(self, step: int | None) -> int:
     """Checks `step` exists (latest if None); waits for pending saves first."""
@@ -134,16 +141,14 @@ class Checkpointer:
     if step is None and steps:
       return steps[-1]
     if step is None or int(step) not in steps:
-      want = "any step" if step is None else f"step {step}"
-      raise CheckpointError(
-        f"No checkpoint for {want} in {self.directory}; available steps: "
-        f"{steps or 'none'}.")
+      want = 'any step' if step is None else f'step {step}'
+      raise CheckpointError(f'No checkpoint for {want} in {self.directory}; available steps: {steps or "none"}.')
     return int(step)
 
   def read_meta(self, step: int | None = None) -> dict:
     """Returns the metadata dict saved at `step` (latest if None); no arrays."""
     step = self._resolve(step)
-    return dict(self._restore_items(step, meta=ocp.args.JsonRestore())["meta"] or {})
+    return dict(self._restore_items(step, meta=ocp.args.JsonRestore())['meta'] or {})
 
   def _restore_items(self, step: int, **items):
     try:
@@ -153,41 +158,44 @@ class Checkpointer:
       # files (tensorstore's DATA_LOSS / OUT_OF_RANGE come as ValueError), or
       # a checkpoint written by a different number of processes.
       msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-      raise CheckpointError(f"Restoring step {step} from {self.directory} failed: {msg}") from e
+      raise CheckpointError(f'Restoring step {step} from {self.directory} failed: {msg}') from e
 
   def _check_tree(self, step: int, abstract_state, partial: bool = False) -> None:
     """Compares abstract_state against the stored array metadata (cheap: no
     array data is read) so mismatches give a readable error, not an Orbax crash.
     `partial`: abstract_state is a dict of some top-level entries; only those are compared."""
     try:
-      stored = self._mngr.item_metadata(step)["state"]
+      stored = self._mngr.item_metadata(step)['state']
     except (KeyError, ValueError, OSError) as e:  # a zero-filled or truncated metadata file, a missing item
-      raise CheckpointError(f"Checkpoint step {step} in {self.directory} is damaged or incomplete "
-                            f"({' '.join(str(e).split())[:200]}); restore an older step with --step, or delete "
-                            f"{os.path.join(self.directory, str(step))} to resume from the one before it") from e
+      raise CheckpointError(
+        f'Checkpoint step {step} in {self.directory} is damaged or incomplete '
+        f'({" ".join(str(e).split())[:200]}); restore an older step with --step, or delete '
+        f'{os.path.join(self.directory, str(step))} to resume from the one before it'
+      ) from e
     if stored is None:
-      raise CheckpointError(f"Checkpoint step {step} in {self.directory} has no state item; restore an older step "
-                            "with --step")
-    stored = _flat(getattr(stored, "tree", stored))  # TreeMetadata wraps the tree
+      raise CheckpointError(
+        f'Checkpoint step {step} in {self.directory} has no state item; restore an older step with --step'
+      )
+    stored = _flat(getattr(stored, 'tree', stored))  # TreeMetadata wraps the tree
     wanted = _flat(abstract_state)
     if partial:
-      stored = {p: v for p, v in stored.items() if p.split("/")[0] in abstract_state}
+      stored = {p: v for p, v in stored.items() if p.split('/')[0] in abstract_state}
     problems = []
     for p in sorted(set(stored) - set(wanted)):
-      problems.append(f"  {p}: in checkpoint, not in abstract_state")
+      problems.append(f'  {p}: in checkpoint, not in abstract_state')
     for p in sorted(set(wanted) - set(stored)):
-      problems.append(f"  {p}: in abstract_state, not in checkpoint")
+      problems.append(f'  {p}: in abstract_state, not in checkpoint')
     for p in sorted(set(stored) & set(wanted)):
       s, w = stored[p], wanted[p]
       s_shape, w_shape = tuple(s.shape), tuple(w.shape)
       s_dtype, w_dtype = np.dtype(s.dtype), np.dtype(w.dtype)
       if s_shape != w_shape or s_dtype != w_dtype:
-        problems.append(f"  {p}: checkpoint {s_dtype}{list(s_shape)} vs "
-                f"abstract_state {w_dtype}{list(w_shape)}")
+        problems.append(f'  {p}: checkpoint {s_dtype}{list(s_shape)} vs abstract_state {w_dtype}{list(w_shape)}')
     if problems:
       raise CheckpointError(
-        f"Checkpoint step {step} in {self.directory} does not match the "
-        f"requested state ({len(problems)} leaves differ):\n" + "\n".join(problems))
+        f'Checkpoint step {step} in {self.directory} does not match the '
+        f'requested state ({len(problems)} leaves differ):\n' + '\n'.join(problems)
+      )
 
   def restore(self, step: int | None, abstract_state, *, data_iter=None):
     """Restores the state saved at `step` (latest if None) onto the shardings
@@ -196,27 +204,28 @@ class Checkpointer:
     position in place when given. Returns the state."""
     step = self._resolve(step)
     self._check_tree(step, abstract_state)
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    return self._restore_items(step, **items)["state"]
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+    return self._restore_items(step, **items)['state']
 
   def restore_params(self, step: int | None, abstract_state):
     """Restores only `step` and `params` of the state saved at `step` (latest if None), onto the shardings in
     `abstract_state`; opt_state comes back as None. Sampling and evaluation need no optimizer moments, which
     for AdamW are twice the parameters' memory. Returns the (partial) state."""
     step = self._resolve(step)
-    want = {"step": abstract_state.step, "params": abstract_state.params}
+    want = {'step': abstract_state.step, 'params': abstract_state.params}
     self._check_tree(step, want, partial=True)
-    path = os.path.join(self.directory, str(step), "state")
-    args = ocp.args.PyTreeRestore(item=want, restore_args=ocp.checkpoint_utils.construct_restore_args(want),
-                                  partial_restore=True)
+    path = os.path.join(self.directory, str(step), 'state')
+    args = ocp.args.PyTreeRestore(
+      item=want, restore_args=ocp.checkpoint_utils.construct_restore_args(want), partial_restore=True
+    )
     try:
       with ocp.PyTreeCheckpointer() as reader:
         got = reader.restore(path, args=args)
     except (KeyError, ValueError, OSError) as e:
-      raise CheckpointError(f"Restoring the parameters of step {step} from {self.directory} failed: {e}") from e
-    return abstract_state.replace(step=got["step"], params=got["params"], opt_state=None)
+      raise CheckpointError(f'Restoring the parameters of step {step} from {self.directory} failed: {e}') from e
+    return abstract_state.replace(step=got['step'], params=got['params'], opt_state=None)
 
   def wait(self) -> None:
     """Blocks until pending async saves are written (and raises their errors as CheckpointError)."""

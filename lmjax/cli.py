@@ -5,6 +5,7 @@ imports no JAX. `--config.a.b=value` overrides any config field (type-checked; u
 ones). Exit codes are decided here: 0 done, 2 a user error (one line, `lmjax CMD: error: ...`), 143 stopped by
 SIGTERM after checkpointing; anything else is a bug and shows its traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ def _step(text: str):
 
 def _workdir_args(p, what: str):
   p.add_argument('--workdir', required=True, help=f'the --workdir of an `lmjax train` run to {what}')
-  p.add_argument('--step', type=_step, default=None, help='a checkpoint step, or "best" (train.keep_best); '
-                 'default: the latest')
+  p.add_argument(
+    '--step', type=_step, default=None, help='a checkpoint step, or "best" (train.keep_best); default: the latest'
+  )
 
 
 # ---------------------------------------------------------------------------------------------- the commands
@@ -50,8 +52,10 @@ def _train_args(p):
 
 def _train(args, overrides):
   from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
+
   config = config_lib.load(args.config, overrides)  # validated before JAX is imported or any data is read
   from lmjax import train  # pylint: disable=import-outside-toplevel
+
   hostenv.init_distributed(args.coordinator, args.num_processes, args.process_id)
   try:
     train.train(config, args.workdir)
@@ -67,6 +71,7 @@ def _eval_args(p):
 
 def _eval(args, overrides):
   from lmjax import inference  # pylint: disable=import-outside-toplevel
+
   hostenv.init_distributed(args.coordinator, args.num_processes, args.process_id)
   print(json.dumps(inference.evaluate_run(args.workdir, overrides, step=args.step)))
   return 0
@@ -76,8 +81,12 @@ def _sample_args(p):
   _workdir_args(p, 'sample from')
   p.add_argument('--prompt', default=None, help="prompt text (default: the config's sample.prompt)")
   p.add_argument('--prompt_file', default='', help='a file of prompts, one per line (sampled as one batch)')
-  p.add_argument('--max_new_tokens', type=int, default=None,
-                 help='beyond the model context, a sliding window (--config.sample.window_chunk) keeps going')
+  p.add_argument(
+    '--max_new_tokens',
+    type=int,
+    default=None,
+    help='beyond the model context, a sliding window (--config.sample.window_chunk) keeps going',
+  )
   p.add_argument('--temperature', type=float, default=None, help='0 = greedy')
   p.add_argument('--top_k', type=int, default=None, help='0 = off')
   p.add_argument('--top_p', type=float, default=None, help='1 = off')
@@ -86,14 +95,19 @@ def _sample_args(p):
   p.add_argument('--num_samples', type=int, default=None, help='samples per prompt')
   p.add_argument('--beam_size', type=int, default=None, help='> 1 runs beam search')
   p.add_argument('--length_penalty', type=float, default=0.6, help="beam search's alpha")
-  p.add_argument('--stop', action='append', default=[],
-                 help="cut a sample before this text (repeatable; adds to the config's sample.stop)")
+  p.add_argument(
+    '--stop',
+    action='append',
+    default=[],
+    help="cut a sample before this text (repeatable; adds to the config's sample.stop)",
+  )
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--format', choices=('text', 'jsonl'), default='text')
 
 
 def _sample(args, overrides):
   from lmjax import sample  # pylint: disable=import-outside-toplevel
+
   sample.run(args, overrides)
   return 0
 
@@ -107,6 +121,7 @@ def _bench_args(p):
 def _bench(args, overrides):
   import os  # pylint: disable=import-outside-toplevel
   from lmjax import bench, config as config_lib  # pylint: disable=import-outside-toplevel
+
   config = config_lib.load(args.config, overrides)
   bench.run(config, args.steps, args.record, os.path.basename(args.config))
   return 0
@@ -114,15 +129,24 @@ def _bench(args, overrides):
 
 def _plan_args(p):
   p.add_argument('--config', required=True, help='configs/NAME.py[:variant]')
-  p.add_argument('--vocab_size', type=int, default=65,
-                 help='vocabulary to plan with when the config leaves model.vocab_size at 0 (= the tokenizer\'s; '
-                      '65 is tiny_shakespeare\'s characters)')
-  p.add_argument('--devices', type=int, default=0,
-                 help='plan for this many simulated CPU devices instead of the machine\'s accelerators')
+  p.add_argument(
+    '--vocab_size',
+    type=int,
+    default=65,
+    help="vocabulary to plan with when the config leaves model.vocab_size at 0 (= the tokenizer's; "
+    "65 is tiny_shakespeare's characters)",
+  )
+  p.add_argument(
+    '--devices',
+    type=int,
+    default=0,
+    help="plan for this many simulated CPU devices instead of the machine's accelerators",
+  )
 
 
 def _plan(args, overrides):
   from lmjax import plan  # pylint: disable=import-outside-toplevel
+
   plan.run(args, overrides)
   return 0
 
@@ -135,12 +159,13 @@ class Command:
 
 
 COMMANDS = {
-    'train': Command('train (or resume) a run', _train_args, _train),
-    'eval': Command("evaluate a workdir's checkpoint over the whole eval split", _eval_args, _eval),
-    'sample': Command('sample text from a trained workdir', _sample_args, _sample),
-    'bench': Command('compile time, ms/step, tokens/s and MFU of a config (no data, no checkpoints)', _bench_args,
-                     _bench),
-    'plan': Command('parameters, FLOPs and per-device memory of a config, without training', _plan_args, _plan),
+  'train': Command('train (or resume) a run', _train_args, _train),
+  'eval': Command("evaluate a workdir's checkpoint over the whole eval split", _eval_args, _eval),
+  'sample': Command('sample text from a trained workdir', _sample_args, _sample),
+  'bench': Command(
+    'compile time, ms/step, tokens/s and MFU of a config (no data, no checkpoints)', _bench_args, _bench
+  ),
+  'plan': Command('parameters, FLOPs and per-device memory of a config, without training', _plan_args, _plan),
 }
 
 
@@ -153,7 +178,7 @@ def split_overrides(argv):
   while i < len(argv):
     a = argv[i]
     if a.startswith('--config.'):
-      body = a[len('--config.'):]
+      body = a[len('--config.') :]
       if '=' not in body and i + 1 < len(argv):
         body, i = f'{body}={argv[i + 1]}', i + 1
       overrides.append(body)

@@ -1,5 +1,6 @@
 """Compiling and starting programs: JAX's persistent compilation cache, lmjax's cache of whole executables, -O0
 one-shot programs, the decoder's XLA options, and compiles on a background thread."""
+
 from __future__ import annotations
 
 import hashlib
@@ -50,8 +51,9 @@ class ExecutableCache:
         with open(path, 'rb') as f:
           device_ids, serialized = pickle.load(f)
         by_id = {d.id: d for d in jax.devices()}
-        compiled = serialize_executable.deserialize_and_load(*serialized,
-                                                             execution_devices=[by_id[i] for i in device_ids])
+        compiled = serialize_executable.deserialize_and_load(
+          *serialized, execution_devices=[by_id[i] for i in device_ids]
+        )
         self.origin[name] = 'lmjax cache'
         return compiled
       except Exception:  # pylint: disable=broad-except  -- absent, stale or truncated: compile it instead
@@ -84,9 +86,16 @@ class ExecutableCache:
 
   def _key(self, name, args, compiler_options) -> str:
     arg_types = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype), str(getattr(x, 'sharding', None))), args)
-    parts = [_code_fingerprint(), name, self._config, repr(arg_types), str(jax.tree.structure(args)),
-             repr(sorted((compiler_options or {}).items())),
-             repr([(d.platform, d.device_kind, d.id) for d in jax.devices()]), jax.devices()[0].client.platform_version]
+    parts = [
+      _code_fingerprint(),
+      name,
+      self._config,
+      repr(arg_types),
+      str(jax.tree.structure(args)),
+      repr(sorted((compiler_options or {}).items())),
+      repr([(d.platform, d.device_kind, d.id) for d in jax.devices()]),
+      jax.devices()[0].client.platform_version,
+    ]
     return hashlib.sha256('\n'.join(parts).encode()).hexdigest()[:32]
 
 
@@ -163,5 +172,6 @@ def in_background(fn, *args):
     if 'error' in out:
       raise out['error']
     return out['result']
+
   result.wait = thread.join
   return result

@@ -8,6 +8,7 @@ that names the closest valid keys. `validate(config)` checks the whole config at
 
 A leaf: this module imports nothing else of lmjax but the error classes, so every other module can import it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -86,18 +87,20 @@ class ModelConfig:
 
     if need_vocab:
       need(self.vocab_size > 0, f'vocab_size must be > 0, got {self.vocab_size}')
-    need(self.vocab_size >= 0, f'vocab_size must be >= 0 (0 = the tokenizer\'s size), got {self.vocab_size}')
+    need(self.vocab_size >= 0, f"vocab_size must be >= 0 (0 = the tokenizer's size), got {self.vocab_size}")
     for field in ('max_len', 'n_layers', 'n_heads', 'd_model'):
       need(getattr(self, field) > 0, f'{field} must be > 0, got {getattr(self, field)}')
-    need(self.n_kv_heads >= 0 and self.d_ff >= 0, f'n_kv_heads and d_ff must be >= 0 (0 = the default), got '
-         f'{self.n_kv_heads} and {self.d_ff}')
+    need(
+      self.n_kv_heads >= 0 and self.d_ff >= 0,
+      f'n_kv_heads and d_ff must be >= 0 (0 = the default), got {self.n_kv_heads} and {self.d_ff}',
+    )
     if self.n_heads > 0 and self.n_kv_heads >= 0:
-      need(self.d_model % self.n_heads == 0,
-           f'd_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})')
-      need(self.n_heads % self.kv_heads == 0,
-           f'n_kv_heads ({self.kv_heads}) must divide n_heads ({self.n_heads})')
-      need(self.positions != 'rope' or self.head_dim % 2 == 0,
-           f'positions=\'rope\' needs an even head dim (d_model / n_heads), got {self.head_dim}')
+      need(self.d_model % self.n_heads == 0, f'd_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})')
+      need(self.n_heads % self.kv_heads == 0, f'n_kv_heads ({self.kv_heads}) must divide n_heads ({self.n_heads})')
+      need(
+        self.positions != 'rope' or self.head_dim % 2 == 0,
+        f"positions='rope' needs an even head dim (d_model / n_heads), got {self.head_dim}",
+      )
     one_of('norm', NORMS)
     one_of('positions', POSITIONS)
     one_of('mlp', MLPS)
@@ -106,13 +109,17 @@ class ModelConfig:
     one_of('dtype', DTYPES)
     one_of('param_dtype', DTYPES)
     need(0.0 <= self.dropout < 1.0, f'dropout must be in [0, 1), got {self.dropout}')
-    need(self.attention not in ('cudnn', 'splash') or self.dropout == 0,
-         f"attention={self.attention!r} has no attention dropout: set model.dropout=0 or model.attention='xla' or "
-         "'auto'")
-    need(self.attention != 'splash' or self.max_len % 128 == 0,
-         f"attention='splash' works in tiles of 128: max_len must be a multiple of 128, got {self.max_len}")
-    need(self.attention_chunk >= -1,
-         f'attention_chunk must be -1 (auto), 0 (off) or a length, got {self.attention_chunk}')
+    need(
+      self.attention not in ('cudnn', 'splash') or self.dropout == 0,
+      f"attention={self.attention!r} has no attention dropout: set model.dropout=0 or model.attention='xla' or 'auto'",
+    )
+    need(
+      self.attention != 'splash' or self.max_len % 128 == 0,
+      f"attention='splash' works in tiles of 128: max_len must be a multiple of 128, got {self.max_len}",
+    )
+    need(
+      self.attention_chunk >= -1, f'attention_chunk must be -1 (auto), 0 (off) or a length, got {self.attention_chunk}'
+    )
     need(self.norm_eps > 0, f'norm_eps must be > 0, got {self.norm_eps}')
     return out
 
@@ -219,7 +226,9 @@ def load(path_and_arg: str, overrides=()) -> ml_collections.ConfigDict:
   """Loads `configs/x.py[:arg]` and applies `a.b=value` overrides; the result is locked against new keys."""
   path, _, arg = path_and_arg.partition(':')
   if not os.path.isfile(path):
-    raise ConfigError(f'config file {path!r} not found (expected a Python file such as configs/shakespeare_char_cpu.py)')
+    raise ConfigError(
+      f'config file {path!r} not found (expected a Python file such as configs/shakespeare_char_cpu.py)'
+    )
   spec = importlib.util.spec_from_file_location(f'lmjax_config_{abs(hash(path))}', path)
   module = importlib.util.module_from_spec(spec)
   try:
@@ -313,8 +322,10 @@ def problems(config) -> list[str]:
   need(t.steps > 0, f'train.steps ({t.steps}) must be > 0')
   need(K > 0, f'train.steps_per_call must be > 0, got {K}')
   need(t.batch_size > 0, f'train.batch_size must be > 0, got {t.batch_size}')
-  need(t.grad_accum > 0 and t.batch_size % max(t.grad_accum, 1) == 0,
-       f'train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})')
+  need(
+    t.grad_accum > 0 and t.batch_size % max(t.grad_accum, 1) == 0,
+    f'train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})',
+  )
   need(t.eval_batch_size > 0, f'train.eval_batch_size must be > 0, got {t.eval_batch_size}')
   for name in ('log_every', 'eval_every', 'checkpoint_every', 'steps'):
     if name == 'steps' and t.steps <= 0:
@@ -324,21 +335,27 @@ def problems(config) -> list[str]:
     elif K > 0 and t[name] % K:
       out.append(f'train.{name} ({t[name]}) must be a multiple of train.steps_per_call ({K})')
   need(t.keep_checkpoints >= 1, f'train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}')
-  need(t.keep_best in ('',) + BEST_METRICS,
-       f'train.keep_best must be \'\' (off) or one of {", ".join(BEST_METRICS)}; got {t.keep_best!r}')
+  need(
+    t.keep_best in ('',) + BEST_METRICS,
+    f"train.keep_best must be '' (off) or one of {', '.join(BEST_METRICS)}; got {t.keep_best!r}",
+  )
   need(t.checkpoint_minutes >= 0, f'train.checkpoint_minutes must be >= 0 (0 = off), got {t.checkpoint_minutes}')
   need(o.name in OPTIMIZERS, f'optimizer.name must be one of {", ".join(OPTIMIZERS)}; got {o.name!r}')
   need(o.lr > 0, f'optimizer.lr must be > 0, got {o.lr}')
-  need(o.warmup_steps >= 0 and o.decay_steps >= 0,
-       f'optimizer.warmup_steps and decay_steps must be >= 0, got {o.warmup_steps} and {o.decay_steps}')
+  need(
+    o.warmup_steps >= 0 and o.decay_steps >= 0,
+    f'optimizer.warmup_steps and decay_steps must be >= 0, got {o.warmup_steps} and {o.decay_steps}',
+  )
   need(o.grad_clip >= 0, f'optimizer.grad_clip must be >= 0 (0 = off), got {o.grad_clip}')
   need(d.rows in ROWS, f'data.rows must be one of {", ".join(ROWS)}; got {d.rows!r}')
   need(d.tokenizer in TOKENIZERS, f'data.tokenizer must be one of {", ".join(TOKENIZERS)}; got {d.tokenizer!r}')
   need(d.file_docs in ('file', 'line'), f"data.file_docs must be 'file' or 'line'; got {d.file_docs!r}")
   need(d.window_stride > 0, f'data.window_stride must be > 0, got {d.window_stride}')
   for axis in ('data', 'fsdp', 'tensor'):
-    need(config.mesh[axis] == -1 or config.mesh[axis] > 0,
-         f'mesh.{axis} must be a device count or -1 (the devices left over), got {config.mesh[axis]}')
+    need(
+      config.mesh[axis] == -1 or config.mesh[axis] > 0,
+      f'mesh.{axis} must be a device count or -1 (the devices left over), got {config.mesh[axis]}',
+    )
   need(s.max_new_tokens >= 0, f'sample.max_new_tokens must be >= 0, got {s.max_new_tokens}')
   need(s.temperature >= 0, f'sample.temperature must be >= 0 (0 = greedy), got {s.temperature}')
   return out

@@ -19,6 +19,7 @@ Batches are dicts of numpy arrays, local to this process:
   inputs_BxL, targets_BxL (int32); packed adds segment_ids_BxL, positions_BxL (int32) and weights_BxL (float32);
   eval batches always have weights_BxL (0 marks padding and any document cut off by train.eval_max_batches).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,9 +37,14 @@ ROWS = config_lib.ROWS
 # The arrays of a training batch for each kind of row, with their dtypes: known before any batch is read, so the
 # train step can compile while a resumed iterator is still being restored.
 TRAIN_KEYS = {
-    'windows': {'inputs': np.int32, 'targets': np.int32},
-    'packed': {'inputs': np.int32, 'targets': np.int32, 'segment_ids': np.int32, 'positions': np.int32,
-               'weights': np.float32},
+  'windows': {'inputs': np.int32, 'targets': np.int32},
+  'packed': {
+    'inputs': np.int32,
+    'targets': np.int32,
+    'segment_ids': np.int32,
+    'positions': np.int32,
+    'weights': np.float32,
+  },
 }
 
 
@@ -67,11 +73,16 @@ def make_data(config, tokenizer=None, *, workdir=None, process_index=None, proce
     tokenizer = _tokenizer(dc, tokenizer, lambda: [train_text], workdir)
     train_ids, eval_ids = tokenizer.encode(train_text), tokenizer.encode(eval_text)
     if len(train_ids) < L + 1:
-      raise sources.DataError(f'the train split has {len(train_ids)} tokens, fewer than one row of max_len + 1 = {L + 1}')
-    return Data(tokenizer, train_iterator(train_ids, L, tc.batch_size, config.seed, dc.window_stride, pi, pc),
-                eval_rows_batches(eval_ids, L, tc.eval_batch_size, tc.eval_max_batches, pi, pc),
-                eval_bytes_per_token=len(eval_text.encode('utf-8')) / max(len(eval_ids), 1),
-                train_keys=TRAIN_KEYS['windows'])
+      raise sources.DataError(
+        f'the train split has {len(train_ids)} tokens, fewer than one row of max_len + 1 = {L + 1}'
+      )
+    return Data(
+      tokenizer,
+      train_iterator(train_ids, L, tc.batch_size, config.seed, dc.window_stride, pi, pc),
+      eval_rows_batches(eval_ids, L, tc.eval_batch_size, tc.eval_max_batches, pi, pc),
+      eval_bytes_per_token=len(eval_text.encode('utf-8')) / max(len(eval_ids), 1),
+      train_keys=TRAIN_KEYS['windows'],
+    )
   # The tokenizer trains on documents in a fixed shuffled order, so a capped sample (spm_train_chars) is unbiased.
   sample = lambda: (train_docs[int(i)] for i in grain.MapDataset.range(len(train_docs)).shuffle(seed=0))
   tokenizer = _tokenizer(dc, tokenizer, sample, workdir)
@@ -94,7 +105,9 @@ def _tokenizer(dc, tokenizer, texts, workdir):
 
 def _local_batch(global_batch: int, process_count: int) -> int:
   if global_batch % process_count:
-    raise ValueError(f'train.batch_size ({global_batch}) must be divisible by the number of processes ({process_count})')
+    raise ValueError(
+      f'train.batch_size ({global_batch}) must be divisible by the number of processes ({process_count})'
+    )
   return global_batch // process_count
 
 
@@ -112,7 +125,7 @@ def train_iterator(ids: np.ndarray, L: int, global_batch: int, seed: int, stride
 
   def window(i):
     start = int(i) * stride
-    row = ids[start:start + L + 1]
+    row = ids[start : start + L + 1]
     return {'inputs': row[:-1], 'targets': row[1:]}
 
   ds = grain.MapDataset.range(n_windows).shuffle(seed=seed).repeat()
@@ -124,9 +137,9 @@ def _eval_rows(ids: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
   """Non-overlapping rows covering every token of the split once as a target (last row zero-padded)."""
   n_rows = math.ceil((len(ids) - 1) / L)
   padded = np.zeros(n_rows * L + 1, np.int32)
-  padded[:len(ids)] = ids
+  padded[: len(ids)] = ids
   w = np.zeros(n_rows * L, np.float32)
-  w[:len(ids) - 1] = 1.0
+  w[: len(ids) - 1] = 1.0
   idx = np.arange(n_rows)[:, None] * L + np.arange(L)[None, :]
   return np.stack([padded[idx], padded[idx + 1]]), w[idx]
 
@@ -147,8 +160,10 @@ def _eval_batches(rows: dict, global_batch: int, max_batches: int, pi: int, pc: 
   if pad > 0:
     rows = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in rows.items()}
   local = _local_batch(global_batch, pc)
-  return [{k: v[b * global_batch + pi * local:b * global_batch + (pi + 1) * local] for k, v in rows.items()}
-          for b in range(n_batches)]
+  return [
+    {k: v[b * global_batch + pi * local : b * global_batch + (pi + 1) * local] for k, v in rows.items()}
+    for b in range(n_batches)
+  ]
 
 
 # ------------------------------------------------------------------------------------------ packed documents
@@ -166,8 +181,10 @@ class DocumentEncoder:
     ids = self.tokenizer.encode(text)
     tok = self.tokenizer
     if tok.bos_id is not None:
-      return {'inputs': np.concatenate([np.int32([tok.bos_id]), ids]),
-              'targets': np.concatenate([ids, np.int32([tok.eos_id])])}
+      return {
+        'inputs': np.concatenate([np.int32([tok.bos_id]), ids]),
+        'targets': np.concatenate([ids, np.int32([tok.eos_id])]),
+      }
     return {'inputs': ids[:-1], 'targets': ids[1:]}
 
 
@@ -185,8 +202,13 @@ def packed_rows(docs, encode, L: int, seed: int, pi: int, pc: int, *, epochs=Non
 
 def _packed_batch_keys(row: dict) -> dict:
   seg = row['inputs_segment_ids']
-  return {'inputs': row['inputs'], 'targets': row['targets'], 'segment_ids': seg,
-          'positions': row['inputs_positions'], 'weights': (seg > 0).astype(np.float32)}
+  return {
+    'inputs': row['inputs'],
+    'targets': row['targets'],
+    'segment_ids': seg,
+    'positions': row['inputs_positions'],
+    'weights': (seg > 0).astype(np.float32),
+  }
 
 
 def packed_eval_rows(docs, encode, L: int, max_rows: int = 0) -> tuple[dict, int]:
@@ -222,8 +244,13 @@ def packed_eval_rows(docs, encode, L: int, max_rows: int = 0) -> tuple[dict, int
   starts_NxL = np.concatenate([np.ones((n_rows, 1), bool), doc_NxL[:, 1:] != doc_NxL[:, :-1]], axis=1)
   seg_NxL = np.where(doc_NxL >= 0, np.cumsum(starts_NxL, axis=1), 0).astype(np.int32)
   pos_NxL = (col_NxL - np.maximum.accumulate(np.where(starts_NxL, col_NxL, 0), axis=1)).astype(np.int32)
-  rows = {'inputs': inputs_NxL, 'targets': targets_NxL, 'segment_ids': seg_NxL, 'positions': pos_NxL,
-          'weights': weights[:size].reshape(n_rows, L)}
+  rows = {
+    'inputs': inputs_NxL,
+    'targets': targets_NxL,
+    'segment_ids': seg_NxL,
+    'positions': pos_NxL,
+    'weights': weights[:size].reshape(n_rows, L),
+  }
   return rows, n_bytes
 
 
@@ -231,6 +258,8 @@ def packed_eval_batches(docs, encode, L, global_batch, max_batches, pi, pc) -> t
   rows, n_bytes = packed_eval_rows(docs, encode, L, max_batches * global_batch if max_batches else 0)
   n_targets = float(rows['weights'].sum())
   if not n_targets:
-    raise sources.DataError(f'train.eval_max_batches = {max_batches} rows hold no whole eval document; raise it '
-                            '(or set it to 0 for the whole split)')
+    raise sources.DataError(
+      f'train.eval_max_batches = {max_batches} rows hold no whole eval document; raise it '
+      '(or set it to 0 for the whole split)'
+    )
   return _eval_batches(rows, global_batch, max_batches, pi, pc), n_bytes / n_targets

@@ -3,6 +3,7 @@
 The CLI prints any `UserError` as one line, `lmjax CMD: error: <message>`, and exits with code 2; every other
 exception is a programming error and keeps its traceback. A message says what was wrong and how to fix it.
 """
+
 from __future__ import annotations
 
 

@@ -17,6 +17,7 @@ Opting out: LMJAX_NO_REEXEC=1 changes nothing; LMJAX_ALLOCATOR=glibc keeps glibc
 MALLOC_CONF, or glibc.malloc.hugetlb setting, stands. The restarted process carries LMJAX_TUNED=1 (so it never
 restarts again), and its children inherit the settings. Nothing here imports JAX.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -86,8 +87,12 @@ def allocator() -> str:
 
 def jemalloc_hint(current: str) -> str:
   """What to tell a CPU user whose run is not on jemalloc, or '' when there is nothing useful to say."""
-  if current.startswith(('jemalloc', 'tcmalloc', 'system')) or os.environ.get('LMJAX_ALLOCATOR') == 'glibc' \
-      or os.environ.get('LMJAX_NO_REEXEC') or find_jemalloc():
+  if (
+    current.startswith(('jemalloc', 'tcmalloc', 'system'))
+    or os.environ.get('LMJAX_ALLOCATOR') == 'glibc'
+    or os.environ.get('LMJAX_NO_REEXEC')
+    or find_jemalloc()
+  ):
     return ''
   return ' (larger models step faster on jemalloc: apt-get install libjemalloc2; see lmjax/hostenv.py)'
 
@@ -148,10 +153,12 @@ def init_distributed(coordinator: str = '', num_processes: int = 0, process_id: 
   """Joins the multi-host job. With no arguments: auto-detection (TPU VMs, SLURM, Open MPI) when the environment
   describes a cluster, otherwise a single process. Explicit values are for GPU clusters and local tests."""
   import jax  # pylint: disable=import-outside-toplevel  -- this module stays importable before JAX
+
   if coordinator:
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
-  elif any(k in os.environ for k in ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE',
-                                     'JAX_COORDINATOR_ADDRESS')):
+  elif any(
+    k in os.environ for k in ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE', 'JAX_COORDINATOR_ADDRESS')
+  ):
     jax.distributed.initialize()
 
 

@@ -4,6 +4,7 @@ training's checks (a run trained on one device samples and evaluates on eight), 
 Sampling (lmjax/sample.py), evaluation and export start here. Parameters only are restored by default: the
 optimizer moments (twice the parameters' memory for AdamW) are never read.
 """
+
 from __future__ import annotations
 
 from lmjax import checkpoint, workdir as workdir_lib
@@ -35,6 +36,7 @@ def load_run(workdir: str, overrides=(), mesh=None, step=None, params_only=True)
 def evaluate_run(workdir: str, overrides=(), step=None) -> dict:
   """`lmjax eval`: loss, perplexity and bits per byte of a workdir's checkpoint over the whole eval split."""
   from lmjax import data as data_lib  # pylint: disable=import-outside-toplevel  -- only evaluation reads data
+
   config, tokenizer, task, state = load_run(workdir, overrides, step=step)
   rows = task.batch_rows_divisor
   if config.train.eval_batch_size % rows:  # this host's mesh is not the training one: round the batch up to it

@@ -3,6 +3,7 @@
 Also the peak-FLOP/s table MFU is measured against. Only process 0 writes; the others get a logger that
 does nothing, so the training loop never asks who it is.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,16 +19,16 @@ import jax
 # 2-core development VM; CPUs differ widely, so `lmjax bench` prints its own measurement beside it, and
 # train.peak_flops sets the figure MFU is computed against.
 PEAK_FLOPS = (
-    ('TPU v6', 918e12),
-    ('TPU v5p', 459e12),
-    ('TPU v5 lite', 197e12),
-    ('TPU v5e', 197e12),
-    ('TPU v4', 275e12),
-    ('H200', 989e12),
-    ('H100', 989e12),
-    ('A100', 312e12),
-    ('L4', 121e12),
-    ('cpu', 143e9),
+  ('TPU v6', 918e12),
+  ('TPU v5p', 459e12),
+  ('TPU v5 lite', 197e12),
+  ('TPU v5e', 197e12),
+  ('TPU v4', 275e12),
+  ('H200', 989e12),
+  ('H100', 989e12),
+  ('A100', 312e12),
+  ('L4', 121e12),
+  ('cpu', 143e9),
 )
 
 
@@ -49,6 +50,7 @@ def _summary_writer_class():
   torch keeps it."""
   if 'torch' in sys.modules:
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
     return SummaryWriter
   sys.modules['torch'] = None
   try:
@@ -87,8 +89,15 @@ class StepTimer:
 class Logger:
   """Writes one metrics dict per call to metrics.jsonl and TensorBoard, and prints a line for humans."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True, progress_total: int = 0, progress_start: int = 0,
-               progress_bar: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    enabled: bool = True,
+    progress_total: int = 0,
+    progress_start: int = 0,
+    progress_bar: bool = True,
+  ):
     self.enabled = enabled
     self._jsonl = self._tb = self._bar = None
     if not enabled:
@@ -99,6 +108,7 @@ class Logger:
     self._tb_dir = os.path.join(workdir, 'tensorboard')
     if progress_bar and progress_total and sys.stderr.isatty():
       from tqdm import tqdm
+
       self._bar = tqdm(total=progress_total, initial=progress_start, unit='step', dynamic_ncols=True, leave=False)
 
   def write(self, step: int, metrics: dict, *, echo: bool = True):

@@ -21,6 +21,7 @@ Precision: `dtype` is the compute dtype, `param_dtype` the master weights'. On G
 param_dtype='float32' (bf16 matmuls, f32 weights and optimizer state); CPU configs stay float32, where bf16 is
 slower. Norm statistics, attention softmax, logits and the loss are float32 whatever `dtype` is.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,10 +42,10 @@ Array = jax.Array
 # 'full' keeps only the block's input; 'save_dots' keeps every matmul output; 'save_proj' keeps the projection
 # matmuls but recomputes attention scores (they grow with length squared).
 REMAT_POLICIES = {
-    'none': None,
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'save_dots': jax.checkpoint_policies.checkpoint_dots,
-    'save_proj': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  'none': None,
+  'full': jax.checkpoint_policies.nothing_saveable,
+  'save_dots': jax.checkpoint_policies.checkpoint_dots,
+  'save_proj': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 assert tuple(REMAT_POLICIES) == config_lib.REMAT
 
@@ -125,7 +126,7 @@ def gelu(x):
 
 
 def _gelu_fwd(x):
-  cdf = 0.5 * (1.0 + jax.lax.erf(x * (2.0 ** -0.5)))
+  cdf = 0.5 * (1.0 + jax.lax.erf(x * (2.0**-0.5)))
   return x * cdf, x
 
 
@@ -134,7 +135,7 @@ def _gelu_bwd(x, g):
   # erf as a materialised L x 4D buffer until the backward, instead of fusing it into x * cdf (one buffer of the
   # MLP's width per layer less to write and read back).
   x = jax.lax.optimization_barrier(x)
-  cdf = 0.5 * (1.0 + jax.lax.erf(x * (2.0 ** -0.5)))
+  cdf = 0.5 * (1.0 + jax.lax.erf(x * (2.0**-0.5)))
   pdf = jnp.exp(-0.5 * x * x) * (2.0 * jnp.pi) ** -0.5
   return (g * (cdf + x * pdf).astype(g.dtype),)
 
@@ -167,14 +168,22 @@ class Attention(nn.Module):
 
     # q, k and v from one (B*L, D) x (D, (H + 2N) * K) matmul: one 2-D dot forward and backward instead of
     # three batched einsums, whose CPU backward adds transposes. The stored kernels keep their own shapes.
-    w_DxC = jnp.concatenate([dense('q_kernel', (D, H, K), ('embed', 'heads', 'head_dim')).reshape(D, H * K),
-                             dense('kv_kernel', (D, 2, N, K), ('embed', None, 'kv_heads', 'head_dim')
-                                   ).reshape(D, 2 * N * K)], axis=1).astype(dt)
+    w_DxC = jnp.concatenate(
+      [
+        dense('q_kernel', (D, H, K), ('embed', 'heads', 'head_dim')).reshape(D, H * K),
+        dense('kv_kernel', (D, 2, N, K), ('embed', None, 'kv_heads', 'head_dim')).reshape(D, 2 * N * K),
+      ],
+      axis=1,
+    ).astype(dt)
     B, L = x_BxLxD.shape[:2]
     qkv_BLxC = jnp.dot(x_BxLxD.reshape(B * L, D), w_DxC)
     if cfg.use_bias:
-      b_C = jnp.concatenate([bias('q_bias', (H, K), ('heads', 'head_dim')).reshape(H * K),
-                             bias('kv_bias', (2, N, K), (None, 'kv_heads', 'head_dim')).reshape(2 * N * K)])
+      b_C = jnp.concatenate(
+        [
+          bias('q_bias', (H, K), ('heads', 'head_dim')).reshape(H * K),
+          bias('kv_bias', (2, N, K), (None, 'kv_heads', 'head_dim')).reshape(2 * N * K),
+        ]
+      )
       qkv_BLxC = qkv_BLxC + b_C.astype(dt)[None, :]
     # split, not three slices: its backward is one concatenate, where slices' is three pads and their sum
     q_BLxHK, k_BLxNK, v_BLxNK = jnp.split(qkv_BLxC, [H * K, (H + N) * K], axis=1)
@@ -194,9 +203,17 @@ class Attention(nn.Module):
     drop_rng = self.make_rng('dropout') if (train and cfg.dropout > 0) else None
     causal = cache is None  # a sequence attending to itself: kernels may skip the blocks above the diagonal
     chunk = attention.chunk_for(L, cfg.attention_chunk) if causal else 0
-    out_BxLxHxK = attention.attend(q_BxLxHxK, k_BxNxLxK, v_BxNxLxK, mask, impl=cfg.attention,
-                                   dropout=cfg.dropout if train else 0.0, dropout_rng=drop_rng, causal=causal,
-                                   causal_chunk=chunk)
+    out_BxLxHxK = attention.attend(
+      q_BxLxHxK,
+      k_BxNxLxK,
+      v_BxNxLxK,
+      mask,
+      impl=cfg.attention,
+      dropout=cfg.dropout if train else 0.0,
+      dropout_rng=drop_rng,
+      causal=causal,
+      causal_chunk=chunk,
+    )
     std_out = _INIT_STD / (2 * cfg.n_layers) ** 0.5
     o_HKxD = dense('o_kernel', (H, K, D), ('heads', 'head_dim', 'embed'), std_out).reshape(H * K, D).astype(dt)
     y_BLxD = jnp.dot(out_BxLxHxK.reshape(B * L, H * K), o_HKxD)  # 2-D, as in Mlp: no transposes in its backward
@@ -240,8 +257,9 @@ class Block(nn.Module):
   def __call__(self, x_BxLxD, positions_BxL, mask, train: bool, cache=None, cache_index=None):
     cfg = self.cfg
     drop = lambda y: dropout(self, y, cfg.dropout) if (train and cfg.dropout > 0) else y
-    y, new_cache = Attention(cfg, name='attn')(Norm(cfg, name='ln1')(x_BxLxD), positions_BxL, mask, train=train,
-                                               cache=cache, cache_index=cache_index)
+    y, new_cache = Attention(cfg, name='attn')(
+      Norm(cfg, name='ln1')(x_BxLxD), positions_BxL, mask, train=train, cache=cache, cache_index=cache_index
+    )
     x_BxLxD = x_BxLxD + drop(y)
     x_BxLxD = x_BxLxD + drop(Mlp(cfg, name='mlp')(Norm(cfg, name='ln2')(x_BxLxD)))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'embed_act'))
@@ -250,6 +268,7 @@ class Block(nn.Module):
 
 class _ScanBlock(nn.Module):
   """Block with the (carry, xs) -> (carry, ys) signature nn.scan wants; the cache is the per-layer xs/ys."""
+
   cfg: ModelConfig
   train: bool
 
@@ -262,8 +281,17 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, train: bool = False,
-               cache=None, cache_index=None, kv_segment_ids_BxT=None):
+  def __call__(
+    self,
+    tokens_BxL,
+    positions_BxL=None,
+    segment_ids_BxL=None,
+    *,
+    train: bool = False,
+    cache=None,
+    cache_index=None,
+    kv_segment_ids_BxT=None,
+  ):
     """Returns float32 logits_BxLxV, or (logits_BxLxV, new_cache) when `cache` is given.
 
     positions: token positions (default 0..L-1); they restart at 0 in every packed document.
@@ -280,8 +308,11 @@ class Transformer(nn.Module):
       kv_slot_T = jnp.arange(cache['k'][0].shape[-2] if not cfg.scan_layers else cache['k'].shape[-2], dtype=jnp.int32)
     # Without a cache, attention gets the segment ids (None: one sequence per row) and builds the causal mask itself,
     # or a fused kernel skips the hidden blocks; nothing L x T crosses the layers. With a cache, the slots' mask.
-    mask = (segment_ids_BxL if cache is None else
-            attention.make_mask(q_slot_L, kv_slot_T, segment_ids_BxL, kv_segment_ids_BxT))
+    mask = (
+      segment_ids_BxL
+      if cache is None
+      else attention.make_mask(q_slot_L, kv_slot_T, segment_ids_BxL, kv_segment_ids_BxT)
+    )
 
     embed = self.param('embed', _dense_init(('vocab', 'embed')), (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
     x_BxLxD = jnp.take(embed, tokens_BxL, axis=0).astype(cfg.dtype)
@@ -297,9 +328,14 @@ class Transformer(nn.Module):
       block = _ScanBlock
       if cfg.remat != 'none':
         block = nn.remat(block, policy=policy, prevent_cse=False)
-      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
-                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      stack = nn.scan(
+        block,
+        variable_axes={'params': 0},
+        split_rngs={'params': True, 'dropout': True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.n_layers,
+        metadata_params={nn.PARTITION_NAME: 'layers'},
+      )
       x_BxLxD, new_cache = stack(cfg, train, name='blocks')(x_BxLxD, cache, positions_BxL, mask, cache_index)
     else:
       block = Block
@@ -332,8 +368,10 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None):
   if cfg.scan_layers:
     z = jnp.zeros((cfg.n_layers, *shape), dtype)
     return {'k': z, 'v': z}
-  return {'k': [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
-          'v': [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)]}
+  return {
+    'k': [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
+    'v': [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
+  }
 
 
 def stack_layers(params, n_layers: int):
@@ -341,8 +379,10 @@ def stack_layers(params, n_layers: int):
   Same weights, same outputs: use it to load an unscanned checkpoint into a scan_layers=True model."""
   missing = [f'block_{i}' for i in range(n_layers) if f'block_{i}' not in params]
   if missing or 'blocks' in params:
-    raise ValueError(f'stack_layers wants unscanned params with block_0..block_{n_layers - 1}; '
-                     f'missing {missing or "none"}, has blocks: {"blocks" in params}')
+    raise ValueError(
+      f'stack_layers wants unscanned params with block_0..block_{n_layers - 1}; '
+      f'missing {missing or "none"}, has blocks: {"blocks" in params}'
+    )
   out = {k: v for k, v in params.items() if not k.startswith('block_')}
   out['blocks'] = {'block': jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f'block_{i}'] for i in range(n_layers)])}
   return out
@@ -374,4 +414,3 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: Optional[int] = No
   per_layer = D * H * K + D * 2 * N * K + H * K * D + (3 if cfg.mlp == 'swiglu' else 2) * D * F
   matmul_params = cfg.n_layers * per_layer + cfg.vocab_size * D
   return 6.0 * matmul_params + 12.0 * cfg.n_layers * D * seq_len
-

@@ -6,6 +6,7 @@ data / fsdp / tensor, and `config.mesh.rules` may override any of them (`make_ru
 the vocabulary. A dim that a mesh axis does not divide stays replicated rather than failing, so one config file
 runs on 1 CPU, 8 devices or a pod slice: only the mesh changes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,17 +23,17 @@ AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 
 RULES = (
-    ('batch', BATCH_AXES),
-    ('vocab', 'tensor'),
-    ('embed', 'fsdp'),
-    ('heads', 'tensor'),
-    ('kv_heads', 'tensor'),
-    ('mlp', 'tensor'),
-    ('head_dim', None),
-    ('norm', None),
-    ('layers', None),
-    ('length', None),
-    ('embed_act', None),  # activations keep d_model whole: FSDP gathers weights, not activations
+  ('batch', BATCH_AXES),
+  ('vocab', 'tensor'),
+  ('embed', 'fsdp'),
+  ('heads', 'tensor'),
+  ('kv_heads', 'tensor'),
+  ('mlp', 'tensor'),
+  ('head_dim', None),
+  ('norm', None),
+  ('layers', None),
+  ('length', None),
+  ('embed_act', None),  # activations keep d_model whole: FSDP gathers weights, not activations
 )
 
 
@@ -49,12 +50,15 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
       raise ConfigError(f'mesh {dict(zip(AXES, sizes))}: {len(devices)} devices are not divisible by {known}')
     sizes[free[0]] = len(devices) // known
   if math.prod(sizes) > len(devices) or (math.prod(sizes) < len(devices) and jax.process_count() > 1):
-    raise ConfigError(f'mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but {len(devices)} are '
-                      'available; set --config.mesh.data=-1 to use them all')
+    raise ConfigError(
+      f'mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but {len(devices)} are '
+      'available; set --config.mesh.data=-1 to use them all'
+    )
   # A single process may use fewer devices than it has (one of 8 for sampling, a debugging run): the first ones.
-  devices = devices[:math.prod(sizes)]
+  devices = devices[: math.prod(sizes)]
   # mesh_utils orders devices so that neighbours on the mesh are neighbours on the interconnect (TPU torus).
   from jax.experimental import mesh_utils
+
   try:
     arr = mesh_utils.create_device_mesh(sizes, devices=devices)
   except Exception:  # pylint: disable=broad-except  -- unusual topologies: plain order is still correct
@@ -92,9 +96,11 @@ def traced_with(fn, mesh: Mesh, rules=RULES):
   """`fn` that enters `mesh` and `rules` itself while it is traced, so a jitted step applies its activation
   constraints (nn.with_logical_constraint) whatever context the caller traces it in: outside any mesh they
   would silently do nothing, and the trace cache does not key on Flax's rules."""
+
   def wrapped(*args, **kwargs):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
       return fn(*args, **kwargs)
+
   return wrapped
 
 
@@ -107,8 +113,9 @@ def shard_map_logical(fn, args, arg_axes):
   if mesh.empty or mesh.size == 1:
     return fn(*args)
   rules = nn.get_logical_axis_rules() or RULES
-  specs = tuple(P() if axes is None or x is None else spec_for(axes, x.shape, mesh, rules)
-                for axes, x in zip(arg_axes, args))
+  specs = tuple(
+    P() if axes is None or x is None else spec_for(axes, x.shape, mesh, rules) for axes, x in zip(arg_axes, args)
+  )
   return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
 
 
@@ -131,10 +138,12 @@ def spec_for(logical_axes, shape, mesh: Mesh, rules=RULES) -> P:
 
 def param_shardings(boxed_params, mesh: Mesh, rules=RULES):
   """NamedSharding per parameter from the logical names `init` attached (nn.Partitioned boxes)."""
+
   def one(x):
     names = tuple(x.names) if isinstance(x, nn.Partitioned) else (None,) * x.ndim
     value = x.value if isinstance(x, nn.Partitioned) else x
     return NamedSharding(mesh, spec_for(names, value.shape, mesh, rules))
+
   return jax.tree.map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
@@ -147,8 +156,10 @@ def match_shardings(tree, params, param_shardings, mesh: Mesh):
   """Shardings for optimizer state: a leaf whose path ends with a parameter's path and has its shape (Adam's
   moments, momentum) is laid out like that parameter; anything else (step counts, factored statistics) is
   replicated."""
-  by_path = {_path(p): (x.shape, sh) for (p, x), sh in
-             zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_shardings))}
+  by_path = {
+    _path(p): (x.shape, sh)
+    for (p, x), sh in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_shardings))
+  }
 
   def one(keys, x):
     path = _path(keys)
@@ -157,6 +168,7 @@ def match_shardings(tree, params, param_shardings, mesh: Mesh):
       if shape == x.shape:
         return sh
     return replicated(mesh)
+
   return jax.tree_util.tree_map_with_path(one, tree)
 
 

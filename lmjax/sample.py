@@ -25,6 +25,7 @@ Decoding methods: greedy (temperature 0), temperature, top-k, top-p (nucleus), m
 the order of Hugging Face's warpers: temperature, then top-k, then top-p and min-p on the renormalised top-k -- and
 beam search (lmjax/beam.py) with the ((5 + length) / 6) ** alpha length penalty of Google's/Flax's beam search.
 """
+
 from __future__ import annotations
 
 import functools
@@ -85,6 +86,7 @@ def filter_logits(logits_BxV, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
 
 class _Static(NamedTuple):
   """Everything that changes the compiled program (shapes aside); the rest is passed as traced scalars."""
+
   greedy: bool
   top_k: int
   use_top_p: bool
@@ -126,8 +128,9 @@ def _pad_time(tree, size):
   return jax.tree.map(pad, tree)
 
 
-def _program(params, tokens_RxP, segs_RxP, lens_R, done_R, key, temperature, top_p, min_p, alpha, *, cfg, max_new,
-             st: _Static):
+def _program(
+  params, tokens_RxP, segs_RxP, lens_R, done_R, key, temperature, top_p, min_p, alpha, *, cfg, max_new, st: _Static
+):
   """Prefill + decode. Returns tokens_RxN (N = max_new; rows that hit EOS are padded with it after it) and
   scores_R (beam search: the length-penalised log-probability; sampling: zeros). Rows already `done_R` (they
   emitted EOS in an earlier sliding-window chunk) emit only padding; beam search ignores done_R."""
@@ -141,8 +144,9 @@ def _program(params, tokens_RxP, segs_RxP, lens_R, done_R, key, temperature, top
 
   def forward(tok_RxL, pos_RxL, seg_RxL, cache, index):
     S = cache['k'][0].shape[-2] if not cfg.scan_layers else cache['k'].shape[-2]
-    logits_RxLxV, cache = model.apply({'params': params}, tok_RxL, pos_RxL, seg_RxL, cache=cache, cache_index=index,
-                                      kv_segment_ids_BxT=kv_segs[S])
+    logits_RxLxV, cache = model.apply(
+      {'params': params}, tok_RxL, pos_RxL, seg_RxL, cache=cache, cache_index=index, kv_segment_ids_BxT=kv_segs[S]
+    )
     return logits_RxLxV[:, -1], cache
 
   def decode_step(t, last_R, cache):
@@ -163,6 +167,7 @@ def _program(params, tokens_RxP, segs_RxP, lens_R, done_R, key, temperature, top
     return carry
 
   if not st.beam_size:
+
     def pick(logits_RxV, t):
       return _choose(logits_RxV, jax.random.fold_in(key, t), temperature, top_p, min_p, st)
 
@@ -183,8 +188,18 @@ def _program(params, tokens_RxP, segs_RxP, lens_R, done_R, key, temperature, top
     _, _, _, out_RxN, _ = run_stages((jnp.int32(1), tok_R, done_R, out_RxN, cache), cont, body)
     return out_RxN, jnp.zeros((R,), jnp.float32)
 
-  return beam.search(logits_RxV, cache, decode_step, run_stages, beam_size=st.beam_size, eos_id=st.eos_id,
-                     pad_id=pad_id, max_new=max_new, alpha=alpha, batch_axis=1 if cfg.scan_layers else 0)
+  return beam.search(
+    logits_RxV,
+    cache,
+    decode_step,
+    run_stages,
+    beam_size=st.beam_size,
+    eos_id=st.eos_id,
+    pad_id=pad_id,
+    max_new=max_new,
+    alpha=alpha,
+    batch_axis=1 if cfg.scan_layers else 0,
+  )
 
 
 @functools.lru_cache(maxsize=32)
@@ -197,8 +212,9 @@ def _compiled(cfg: model_lib.ModelConfig, max_new: int, st: _Static, param_shard
     return jax.jit(fn, compiler_options=options)
   repl = parallel.replicated(mesh)
   param_shardings = jax.tree.unflatten(*param_shardings)
-  return jax.jit(fn, in_shardings=(param_shardings,) + (repl,) * 9, out_shardings=(repl, repl),
-                 compiler_options=options)
+  return jax.jit(
+    fn, in_shardings=(param_shardings,) + (repl,) * 9, out_shardings=(repl, repl), compiler_options=options
+  )
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -211,6 +227,7 @@ def available_memory_bytes() -> int:
     return int(stats['bytes_limit']) - int(stats.get('bytes_in_use', 0))
   try:
     import psutil  # pylint: disable=import-outside-toplevel
+
     return int(psutil.virtual_memory().available)
   except ImportError:
     return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
@@ -223,12 +240,15 @@ def _check(cfg, prompts_ids, max_new_tokens, temperature, top_k, top_p, min_p, n
     raise SampleError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
   for i, p in enumerate(prompts_ids):
     if len(p) == 0:
-      raise SampleError(f'prompt {i} is empty: the model needs at least one token to condition on '
-                        '(give some text, or use a tokenizer with a BOS token)')
+      raise SampleError(
+        f'prompt {i} is empty: the model needs at least one token to condition on '
+        '(give some text, or use a tokenizer with a BOS token)'
+      )
     bad = [int(x) for x in p if not 0 <= int(x) < cfg.vocab_size]
     if bad:
-      raise tokenizers.TokenizerError(f'prompt {i} holds ids {sorted(set(bad))[:10]} outside the vocabulary '
-                                      f'(0..{cfg.vocab_size - 1})')
+      raise tokenizers.TokenizerError(
+        f'prompt {i} holds ids {sorted(set(bad))[:10]} outside the vocabulary (0..{cfg.vocab_size - 1})'
+      )
   if temperature < 0:
     raise SampleError(f'temperature must be >= 0 (0 = greedy), got {temperature}')
   if top_k is not None and top_k < 0:
@@ -242,8 +262,10 @@ def _check(cfg, prompts_ids, max_new_tokens, temperature, top_k, top_p, min_p, n
   if num_return_sequences < 1:
     raise SampleError(f'num_return_sequences must be >= 1, got {num_return_sequences}')
   if beam_size > 1 and num_return_sequences > beam_size:
-    raise SampleError(f'beam search returns at most beam_size={beam_size} sequences per prompt, '
-                      f'not num_return_sequences={num_return_sequences}')
+    raise SampleError(
+      f'beam search returns at most beam_size={beam_size} sequences per prompt, '
+      f'not num_return_sequences={num_return_sequences}'
+    )
 
 
 def _check_memory(cfg, rows, cache_len, limit_bytes):
@@ -251,9 +273,11 @@ def _check_memory(cfg, rows, cache_len, limit_bytes):
   if limit_bytes is None:
     limit_bytes = int(MEMORY_FRACTION * available_memory_bytes())
   if cache_bytes > limit_bytes:
-    raise SampleError(f'the KV cache for {rows} rows (prompts x num_return_sequences x beam_size) of {cache_len} slots '
-                      f'would take {cache_bytes / 2**30:.2f} GiB, over the {limit_bytes / 2**30:.2f} GiB limit; '
-                      'sample fewer sequences per call')
+    raise SampleError(
+      f'the KV cache for {rows} rows (prompts x num_return_sequences x beam_size) of {cache_len} slots '
+      f'would take {cache_bytes / 2**30:.2f} GiB, over the {limit_bytes / 2**30:.2f} GiB limit; '
+      'sample fewer sequences per call'
+    )
 
 
 # ------------------------------------------------------------------------------------------ Python API
@@ -264,8 +288,10 @@ def window_chunk_len(model_cfg, window_chunk: int = 0) -> int:
   context, for one prefill per max_len // 4 tokens)."""
   chunk = window_chunk or max(model_cfg.max_len // 4, 1)
   if not 1 <= chunk < model_cfg.max_len:
-    raise SampleError(f'window_chunk must be in [1, max_len={model_cfg.max_len}), got {chunk}: each chunk re-reads '
-                      'the last max_len - window_chunk tokens, so it needs at least one')
+    raise SampleError(
+      f'window_chunk must be in [1, max_len={model_cfg.max_len}), got {chunk}: each chunk re-reads '
+      'the last max_len - window_chunk tokens, so it needs at least one'
+    )
   return chunk
 
 
@@ -274,14 +300,31 @@ def _left_pad(seqs, P):
   tokens_RxP, segs_RxP = np.zeros((len(seqs), P), np.int32), np.zeros((len(seqs), P), np.int32)
   lens_R = np.array([len(q) for q in seqs], np.int32)
   for r, q in enumerate(seqs):
-    tokens_RxP[r, P - len(q):], segs_RxP[r, P - len(q):] = q, 1
+    tokens_RxP[r, P - len(q) :], segs_RxP[r, P - len(q) :] = q, 1
   return tokens_RxP, segs_RxP, lens_R
 
 
-def generate(params, model_cfg, prompts_ids: Sequence[np.ndarray], *, max_new_tokens: int, temperature=1.0,
-             top_k: Optional[int] = 0, top_p=1.0, min_p=0.0, eos_id: Optional[int] = None, num_return_sequences=1,
-             seed=0, beam_size=1, length_penalty=0.6, mesh=None, staged=True, memory_limit_bytes=None,
-             sliding_window=True, window_chunk=0):
+def generate(
+  params,
+  model_cfg,
+  prompts_ids: Sequence[np.ndarray],
+  *,
+  max_new_tokens: int,
+  temperature=1.0,
+  top_k: Optional[int] = 0,
+  top_p=1.0,
+  min_p=0.0,
+  eos_id: Optional[int] = None,
+  num_return_sequences=1,
+  seed=0,
+  beam_size=1,
+  length_penalty=0.6,
+  mesh=None,
+  staged=True,
+  memory_limit_bytes=None,
+  sliding_window=True,
+  window_chunk=0,
+):
   """Continuations of token prompts: a list of len(prompts) * num_return_sequences id lists, prompt-major
   (prompt i's j-th sample is at i * num_return_sequences + j). A row that emits `eos_id` ends with it.
 
@@ -300,11 +343,16 @@ def generate(params, model_cfg, prompts_ids: Sequence[np.ndarray], *, max_new_to
   longest = max(len(p) for p in prompts_ids)
   slide = longest + max_new_tokens > L
   if slide and (not sliding_window or beam_size > 1):
-    why = ('beam search needs the whole sequence in one cache, so it cannot slide' if sliding_window else
-           'sliding_window=False')
-    raise SampleError(f'prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} '
-                      f'exceeds the model context max_len={L} and {why}; use --max_new_tokens<={max(L - longest, 0)}'
-                      f' or a shorter prompt{"" if sliding_window else ", or sliding_window=True"}')
+    why = (
+      'beam search needs the whole sequence in one cache, so it cannot slide'
+      if sliding_window
+      else 'sliding_window=False'
+    )
+    raise SampleError(
+      f'prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} '
+      f'exceeds the model context max_len={L} and {why}; use --max_new_tokens<={max(L - longest, 0)}'
+      f' or a shorter prompt{"" if sliding_window else ", or sliding_window=True"}'
+    )
   chunk = window_chunk_len(model_cfg, window_chunk) if slide else max_new_tokens
   n_per = beam_size if beam_size > 1 else num_return_sequences
   # Sliding: every chunk's prompt is the last max_len - chunk tokens (one compiled shape for all chunks). Otherwise,
@@ -319,8 +367,15 @@ def generate(params, model_cfg, prompts_ids: Sequence[np.ndarray], *, max_new_to
   R = rows + extra
   _check_memory(model_cfg, R, P + chunk, memory_limit_bytes)
 
-  st = _Static(greedy=temperature == 0, top_k=int(top_k), use_top_p=top_p < 1.0, use_min_p=min_p > 0.0,
-               eos_id=eos_id, beam_size=beam_size if beam_size > 1 else 0, staged=staged)
+  st = _Static(
+    greedy=temperature == 0,
+    top_k=int(top_k),
+    use_top_p=top_p < 1.0,
+    use_min_p=min_p > 0.0,
+    eos_id=eos_id,
+    beam_size=beam_size if beam_size > 1 else 0,
+    staged=staged,
+  )
   # (treedef, leaves): a hashable key for the compile cache
   shardings = None if mesh is None else (jax.tree.structure(params), tuple(x.sharding for x in jax.tree.leaves(params)))
   fn = _compiled(model_cfg, chunk, st, shardings, mesh)
@@ -344,7 +399,7 @@ def generate(params, model_cfg, prompts_ids: Sequence[np.ndarray], *, max_new_to
     for k, start in enumerate(range(0, max_new_tokens, chunk)):
       new_RxC = call(windows_R, done_R, jax.random.fold_in(jax.random.key(seed), k))
       n = min(chunk, max_new_tokens - start)  # the last chunk decodes a whole chunk and keeps what was asked for
-      out_RxN[:, start:start + n] = new_RxC[:, :n]
+      out_RxN[:, start : start + n] = new_RxC[:, :n]
       if eos_id is not None:
         done_R = done_R | np.any(new_RxC[:, :n] == eos_id, axis=1)
         if done_R[:rows].all():
@@ -356,7 +411,7 @@ def generate(params, model_cfg, prompts_ids: Sequence[np.ndarray], *, max_new_to
   results = []
   for row in out_RxN.tolist():
     if eos_id is not None and eos_id in row:
-      row = row[:row.index(eos_id) + 1]
+      row = row[: row.index(eos_id) + 1]
     results.append(row)
   return results
 
@@ -376,7 +431,7 @@ def sample_texts(params, model_cfg, tokenizer, prompts: Sequence[str], *, stop: 
   for row in generate(params, model_cfg, ids, **kwargs):
     text = tokenizer.decode([t for t in row if t != eos])
     cuts = [text.find(s) for s in stop if s and s in text]
-    texts.append(text[:min(cuts)] if cuts else text)
+    texts.append(text[: min(cuts)] if cuts else text)
   return texts
 
 
@@ -387,6 +442,7 @@ def run(args, overrides):
   """`lmjax sample`: loads the workdir's checkpoint (--step, default the latest) and prints the samples (flags override config.sample)."""
   import time  # pylint: disable=import-outside-toplevel
   from lmjax import inference  # pylint: disable=import-outside-toplevel  -- keeps `import lmjax.sample` light
+
   config, tokenizer, task, state = inference.load_run(args.workdir, overrides, step=args.step)
   s, cfg = config.sample, task.model_cfg
   pick = lambda flag, key, default: flag if flag is not None else s.get(key, default)
@@ -402,18 +458,32 @@ def run(args, overrides):
   longest = max(len(tokenizer.encode(p)) or 1 for p in prompts)
   if sliding and beam_size <= 1 and longest + max_new > cfg.max_len:
     keep = cfg.max_len - window_chunk_len(cfg, window_chunk)
-    print(f'lmjax sample: prompt ({longest} tokens) + max_new_tokens ({max_new}) exceed the model context '
-          f'max_len={cfg.max_len}: sliding window, every new token sees at least the {keep} tokens before it'
-          + (f'; prompts longer than {keep} tokens keep only their last {keep}' if longest > keep else ''),
-          file=sys.stderr)
+    print(
+      f'lmjax sample: prompt ({longest} tokens) + max_new_tokens ({max_new}) exceed the model context '
+      f'max_len={cfg.max_len}: sliding window, every new token sees at least the {keep} tokens before it'
+      + (f'; prompts longer than {keep} tokens keep only their last {keep}' if longest > keep else ''),
+      file=sys.stderr,
+    )
   t0 = time.perf_counter()
-  texts = sample_texts(state.params, cfg, tokenizer, prompts, stop=[*args.stop, *s.get('stop', ())],
-                       max_new_tokens=max_new,
-                       temperature=0.0 if args.greedy else pick(args.temperature, 'temperature', 1.0),
-                       top_k=pick(args.top_k, 'top_k', 0), top_p=pick(args.top_p, 'top_p', 1.0),
-                       min_p=pick(args.min_p, 'min_p', 0.0), num_return_sequences=n, seed=args.seed,
-                       beam_size=beam_size, length_penalty=args.length_penalty, mesh=task.mesh,
-                       sliding_window=sliding, window_chunk=window_chunk)
+  texts = sample_texts(
+    state.params,
+    cfg,
+    tokenizer,
+    prompts,
+    stop=[*args.stop, *s.get('stop', ())],
+    max_new_tokens=max_new,
+    temperature=0.0 if args.greedy else pick(args.temperature, 'temperature', 1.0),
+    top_k=pick(args.top_k, 'top_k', 0),
+    top_p=pick(args.top_p, 'top_p', 1.0),
+    min_p=pick(args.min_p, 'min_p', 0.0),
+    num_return_sequences=n,
+    seed=args.seed,
+    beam_size=beam_size,
+    length_penalty=args.length_penalty,
+    mesh=task.mesh,
+    sliding_window=sliding,
+    window_chunk=window_chunk,
+  )
   seconds = time.perf_counter() - t0
   for i, text in enumerate(texts):
     prompt = prompts[i // n]
@@ -424,5 +494,8 @@ def run(args, overrides):
       print('-' * 40)
   # Upper bound on tokens (rows may stop early at EOS or a stop string); includes compilation on a first call.
   rows = len(prompts) * n
-  print(f'lmjax sample: {rows} x {max_new} tokens in {seconds:.2f}s ({rows * max_new / seconds:.0f} tokens/s, '
-        'compilation included)', file=sys.stderr)
+  print(
+    f'lmjax sample: {rows} x {max_new} tokens in {seconds:.2f}s ({rows * max_new / seconds:.0f} tokens/s, '
+    'compilation included)',
+    file=sys.stderr,
+  )

@@ -40,9 +40,9 @@ def _registered_checksum() -> tuple[int, str]:
     if info.filename == _TS_FILE:
       return int(info.size), info.checksum
   raise DataError(
-      f'TFDS registers no checksum for {TINY_SHAKESPEARE}/{_TS_FILE} '
-      f'(checksums at {_StockTinyShakespeare._checksums_path}); '
-      'the installed tensorflow-datasets looks incompatible.'
+    f'TFDS registers no checksum for {TINY_SHAKESPEARE}/{_TS_FILE} '
+    f'(checksums at {_StockTinyShakespeare._checksums_path}); '
+    'the installed tensorflow-datasets looks incompatible.'
   )
 
 
@@ -51,10 +51,10 @@ def _read_verified(manual_dir: str | None) -> bytes:
   size, sha = _registered_checksum()
   path = epath.Path(manual_dir or '<manual_dir>') / _TS_FILE
   fix = (
-      f'Put the tiny_shakespeare {_TS_FILE} ({size} bytes, sha256 {sha}) at '
-      f'{path}, or pass --config.data.manual_dir=DIR naming the directory '
-      f'that holds it. (Nothing is downloaded: it is karpathy/char-rnn '
-      f'data/tinyshakespeare/{_TS_FILE}.)'
+    f'Put the tiny_shakespeare {_TS_FILE} ({size} bytes, sha256 {sha}) at '
+    f'{path}, or pass --config.data.manual_dir=DIR naming the directory '
+    f'that holds it. (Nothing is downloaded: it is karpathy/char-rnn '
+    f'data/tinyshakespeare/{_TS_FILE}.)'
   )
   if manual_dir is None:
     raise DataError(f'tiny_shakespeare is not prepared and no manual_dir was given. {fix}')
@@ -65,9 +65,9 @@ def _read_verified(manual_dir: str | None) -> bytes:
   actual_size = path.stat().length
   if actual_size != size or actual_sha != sha:
     raise DataError(
-        f'{path} is {actual_size} bytes with sha256 {actual_sha}, but '
-        f'expected {size} bytes with sha256 {sha} (corrupt or a different '
-        f'file). {fix}'
+      f'{path} is {actual_size} bytes with sha256 {actual_sha}, but '
+      f'expected {size} bytes with sha256 {sha} (corrupt or a different '
+      f'file). {fix}'
     )
   return path.read_bytes()
 
@@ -92,10 +92,8 @@ class _LocalTinyShakespeare(_StockTinyShakespeare, skip_registration=True):
     j = int(len(rest) * 0.5)
     parts = {'train': train, 'validation': rest[:j], 'test': rest[j:]}
     return [
-        tfds.core.SplitGenerator(
-            name=key, gen_kwargs={'split_key': key, 'split_text': part}
-        )
-        for key, part in parts.items()
+      tfds.core.SplitGenerator(name=key, gen_kwargs={'split_key': key, 'split_text': part})
+      for key, part in parts.items()
     ]
 
 
@@ -107,9 +105,9 @@ def prepare_tiny_shakespeare(data_dir: str, manual_dir: str | None) -> None:
   # Verify before building so a bad file fails fast and leaves nothing behind.
   builder._text = _read_verified(manual_dir).decode('utf-8')
   builder.download_and_prepare(
-      file_format=_FORMAT,
-      # No GCS: there is no network, and a GCS probe could hang.
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+    file_format=_FORMAT,
+    # No GCS: there is no network, and a GCS probe could hang.
+    download_config=tfds.download.DownloadConfig(try_download_gcs=False),
   )
 
 
@@ -121,8 +119,7 @@ def _prepared_builder(name: str, data_dir: str):
   if base not in known:
     close = difflib.get_close_matches(base, known, n=5)
     raise DataError(
-        f'Unknown TFDS dataset {name!r}. Close matches: {close or "none"}. '
-        'See tfds.list_builders() for all names.'
+      f'Unknown TFDS dataset {name!r}. Close matches: {close or "none"}. See tfds.list_builders() for all names.'
     )
   try:
     builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
@@ -130,18 +127,18 @@ def _prepared_builder(name: str, data_dir: str):
     raise DataError(f'Could not create TFDS builder {name!r}: {e}') from e
   if not builder.is_prepared():
     raise DataError(
-        f'TFDS dataset {name!r} is not prepared in {data_dir} (looked for '
-        f'{builder.data_path}) and is never downloaded here. On a machine with '
-        f'network access run `tfds build {name} --data_dir=DIR '
-        f'--file_format={_FORMAT}` (manual-download datasets take their files '
-        f'from DIR/downloads/manual) and copy DIR/{base} into {data_dir}.'
+      f'TFDS dataset {name!r} is not prepared in {data_dir} (looked for '
+      f'{builder.data_path}) and is never downloaded here. On a machine with '
+      f'network access run `tfds build {name} --data_dir=DIR '
+      f'--file_format={_FORMAT}` (manual-download datasets take their files '
+      f'from DIR/downloads/manual) and copy DIR/{base} into {data_dir}.'
     )
   if builder.info.file_format not in FileFormat.with_random_access():
     raise DataError(
-        f'{name!r} in {builder.data_path} is {builder.info.file_format.value}, but '
-        f'random access needs {_FORMAT}. Convert it with `tfds convert_format '
-        f'--dataset_version_dir={builder.data_path} '
-        f'--out_file_format={_FORMAT}`.'
+      f'{name!r} in {builder.data_path} is {builder.info.file_format.value}, but '
+      f'random access needs {_FORMAT}. Convert it with `tfds convert_format '
+      f'--dataset_version_dir={builder.data_path} '
+      f'--out_file_format={_FORMAT}`.'
     )
   return builder
 
@@ -152,15 +149,10 @@ def _check_split(builder, split: str) -> None:
   for part in split.split('+'):
     base = part.split('[', 1)[0].strip()
     if base not in available:
-      raise DataError(
-          f'{builder.name!r} has no split {base!r} (from {split!r}); '
-          f'available splits: {available}.'
-      )
+      raise DataError(f'{builder.name!r} has no split {base!r} (from {split!r}); available splits: {available}.')
 
 
-def text_source(
-    name: str, split: str, data_dir: str, manual_dir: str | None = None
-):
+def text_source(name: str, split: str, data_dir: str, manual_dir: str | None = None):
   """Random-access (len/getitem) source of `name`'s `split`, prepared in data_dir.
 
   Only tiny_shakespeare is prepared on demand (from manual_dir/input.txt);
@@ -169,31 +161,24 @@ def text_source(
   if name == TINY_SHAKESPEARE:
     prepare_tiny_shakespeare(data_dir, manual_dir)
   _check_split(_prepared_builder(name, data_dir), split)
-  return tfds.data_source(
-      name, split=split, data_dir=data_dir, download=False, try_gcs=False
-  )
+  return tfds.data_source(name, split=split, data_dir=data_dir, download=False, try_gcs=False)
 
 
 def feature_text(example, feature: str, name: str) -> str:
   """The `feature` of one example as str, or DataError naming the features."""
   if feature not in example:
     raise DataError(
-        f'{name!r} examples have no feature {feature!r}; available: '
-        f'{sorted(example)}. Choose one of those as the text feature.'
+      f'{name!r} examples have no feature {feature!r}; available: '
+      f'{sorted(example)}. Choose one of those as the text feature.'
     )
   value = example[feature]
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
-def tiny_shakespeare_text(
-    data_dir: str, manual_dir: str | None, split: str
-) -> str:
+def tiny_shakespeare_text(data_dir: str, manual_dir: str | None, split: str) -> str:
   """The whole text of a tiny_shakespeare split (each split is one example)."""
   source = text_source(TINY_SHAKESPEARE, split, data_dir, manual_dir)
-  return ''.join(
-      feature_text(source[i], 'text', TINY_SHAKESPEARE)
-      for i in range(len(source))
-  )
+  return ''.join(feature_text(source[i], 'text', TINY_SHAKESPEARE) for i in range(len(source)))
 
 
 # ---------------------------------------------------------------------------------------------- documents
@@ -256,7 +241,7 @@ class TextFiles:
       path, raw = self.paths[i], self.paths[i].read_bytes()
     else:
       f = int(self._file[i])
-      path, raw = self.paths[f], self._bytes(f)[self._starts[i]:self._ends[i]]
+      path, raw = self.paths[f], self._bytes(f)[self._starts[i] : self._ends[i]]
     try:
       return raw.decode('utf-8')
     except UnicodeDecodeError as e:
@@ -271,8 +256,10 @@ def glob(pattern: str) -> list:
   rest = '/'.join(parts[fixed:])
   paths = sorted(p for p in (root.glob(rest) if rest else [root]) if p.exists() and not p.is_dir())
   if not paths:
-    raise DataError(f'no files match {pattern!r}. Give a glob of UTF-8 text files, e.g. '
-                    "--config.data.train_split='/data/books/train/*.txt'")
+    raise DataError(
+      f'no files match {pattern!r}. Give a glob of UTF-8 text files, e.g. '
+      "--config.data.train_split='/data/books/train/*.txt'"
+    )
   return paths
 
 

@@ -2,6 +2,7 @@
 
 Nothing here does I/O or knows about meshes; lmjax/task.py jits these with shardings, lmjax/train.py runs them.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,8 +21,14 @@ class TrainState:
 
 def loss_terms(params, model, batch, *, train=False, rng=None):
   """(summed token NLL, number of target tokens) in float32. `weights` (if present) masks padding."""
-  logits_BxLxV = model.apply({'params': params}, batch['inputs'], batch.get('positions'), batch.get('segment_ids'),
-                             train=train, rngs={'dropout': rng} if rng is not None else None)
+  logits_BxLxV = model.apply(
+    {'params': params},
+    batch['inputs'],
+    batch.get('positions'),
+    batch.get('segment_ids'),
+    train=train,
+    rngs={'dropout': rng} if rng is not None else None,
+  )
   logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
   target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch['targets'][..., None], axis=-1)[..., 0]
   nll_BxL = logz_BxL - target_logit_BxL

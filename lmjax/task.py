@@ -3,6 +3,7 @@
 Used by training, evaluation, sampling, plan and bench alike. `Task(config)` applies no training check;
 `check_training(config, mesh)` is what the training loop (and plan/bench, which build the train step) add.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,12 +39,15 @@ class Task:
     abstract_params = nn.meta.unbox(abstract_boxed)
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
     repl = parallel.replicated(self.mesh)
-    self.state_shardings = TrainState(step=repl, params=self.param_shardings,
-                                      opt_state=parallel.match_shardings(abstract_opt, abstract_params,
-                                                                         self.param_shardings, self.mesh))
+    self.state_shardings = TrainState(
+      step=repl,
+      params=self.param_shardings,
+      opt_state=parallel.match_shardings(abstract_opt, abstract_params, self.param_shardings, self.mesh),
+    )
     abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, abstract_opt)
-    self.abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                       abstract, self.state_shardings)
+    self.abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.state_shardings
+    )
     self.n_params = model_lib.count_params(abstract_params)
     self.flops_per_token = model_lib.flops_per_token(self.model_cfg, self.model_cfg.max_len)
 
@@ -51,13 +55,17 @@ class Task:
     self.batch_sharding = parallel.batch_sharding(self.mesh, ndim=3)
     self.eval_batch_sharding = parallel.batch_sharding(self.mesh, ndim=2)
     step_kw = dict(model=self.model, tx=self.tx, grad_accum=config.train.grad_accum)
-    self.train_fn = jax.jit(parallel.traced_with(functools.partial(steps.train_steps, **step_kw), self.mesh,
-                                                 self.rules),
-                            in_shardings=(self.state_shardings, self.batch_sharding, repl),
-                            out_shardings=(self.state_shardings, repl), donate_argnums=0)
-    self.eval_fn = jax.jit(parallel.traced_with(functools.partial(steps.eval_step, model=self.model), self.mesh,
-                                                self.rules),
-                           in_shardings=(self.param_shardings, self.eval_batch_sharding), out_shardings=repl)
+    self.train_fn = jax.jit(
+      parallel.traced_with(functools.partial(steps.train_steps, **step_kw), self.mesh, self.rules),
+      in_shardings=(self.state_shardings, self.batch_sharding, repl),
+      out_shardings=(self.state_shardings, repl),
+      donate_argnums=0,
+    )
+    self.eval_fn = jax.jit(
+      parallel.traced_with(functools.partial(steps.eval_step, model=self.model), self.mesh, self.rules),
+      in_shardings=(self.param_shardings, self.eval_batch_sharding),
+      out_shardings=repl,
+    )
     self.train_batch_shape = (K, config.train.batch_size, self.model_cfg.max_len)
 
   @property
@@ -69,6 +77,7 @@ class Task:
     """The train step's batch, as ShapeDtypeStructs with the keys the configured data pipeline yields (packed rows
     carry segment ids and positions): what training, `lmjax plan` and `lmjax bench` all compile."""
     from lmjax import data as data_lib  # pylint: disable=import-outside-toplevel  -- keeps sampling's imports light
+
     keys = data_lib.TRAIN_KEYS[self.config.data.rows]
     return {k: jax.ShapeDtypeStruct(self.train_batch_shape, dtype) for k, dtype in keys.items()}
 
@@ -87,9 +96,14 @@ class Task:
     def init(rng):
       params = nn.meta.unbox(self._boxed_params(rng))
       return TrainState(jnp.int32(0), params, self.tx.init(params))
+
     with parallel.activate(self.mesh, self.rules):
-      return compiling.run_once(jax.jit(init, out_shardings=self.state_shardings), jax.random.fold_in(self.rng, 0),
-                                cache=self.executables, name='init_state')
+      return compiling.run_once(
+        jax.jit(init, out_shardings=self.state_shardings),
+        jax.random.fold_in(self.rng, 0),
+        cache=self.executables,
+        name='init_state',
+      )
 
   def compile_train(self, batch):
     """Ahead-of-time compilation of the train step for batches shaped like `batch` (global arrays or
@@ -125,8 +139,10 @@ def check_training(config, mesh):
   rows = mesh.shape['data'] * mesh.shape['fsdp']
   problems = []
   if tc.batch_size % (rows * tc.grad_accum):
-    problems.append(f'train.batch_size ({tc.batch_size}) must be divisible by grad_accum ({tc.grad_accum}) x the '
-                    f'batch-sharding devices (mesh data x fsdp = {rows})')
+    problems.append(
+      f'train.batch_size ({tc.batch_size}) must be divisible by grad_accum ({tc.grad_accum}) x the '
+      f'batch-sharding devices (mesh data x fsdp = {rows})'
+    )
   if tc.eval_batch_size % rows:
     problems.append(f'train.eval_batch_size ({tc.eval_batch_size}) must be divisible by mesh data x fsdp ({rows})')
   if problems:
@@ -155,7 +171,8 @@ def check_host_memory(compiled):
   need *= jax.local_device_count()
   if need > have:
     raise ConfigError(
-        f'the train step needs {need / 2**30:.1f} GiB of host memory (XLA\'s plan for {jax.local_device_count()} CPU '
-        f'device(s)) and this machine has {have / 2**30:.1f} GiB for it. Lower train.batch_size (train.grad_accum '
-        'keeps the effective batch), set model.remat=\'full\', or shorten model.max_len; `lmjax plan --config=...` '
-        'shows where the memory goes')
+      f"the train step needs {need / 2**30:.1f} GiB of host memory (XLA's plan for {jax.local_device_count()} CPU "
+      f'device(s)) and this machine has {have / 2**30:.1f} GiB for it. Lower train.batch_size (train.grad_accum '
+      "keeps the effective batch), set model.remat='full', or shorten model.max_len; `lmjax plan --config=...` "
+      'shows where the memory goes'
+    )

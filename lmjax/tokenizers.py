@@ -15,6 +15,7 @@ Every tokenizer describes itself as a JSON dict (`spec`); the workdir (tokenizer
 spm) and each checkpoint record it, and resuming or sampling with a tokenizer whose spec differs is an error. An
 spm spec holds the sha256 of its model proto, so two models with the same settings but different pieces differ.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,7 +34,9 @@ def _check_ids(ids: Sequence[int], vocab_size: int, kind: str) -> np.ndarray:
   ids = np.asarray(ids, np.int64)
   bad = ids[(ids < 0) | (ids >= vocab_size)]
   if bad.size:
-    raise TokenizerError(f'ids {sorted(set(bad.tolist()))[:10]} are outside the {kind} vocabulary (0..{vocab_size - 1})')
+    raise TokenizerError(
+      f'ids {sorted(set(bad.tolist()))[:10]} are outside the {kind} vocabulary (0..{vocab_size - 1})'
+    )
   return ids
 
 
@@ -61,8 +64,10 @@ class CharTokenizer:
     ids = np.where(codes < len(self._table), self._table[np.minimum(codes, len(self._table) - 1)], -1)
     if (ids < 0).any():
       bad = sorted({text[i] for i in np.flatnonzero(ids < 0)[:20]})
-      raise TokenizerError(f'characters {bad!r} are not in the {self.vocab_size}-symbol char vocabulary of this run '
-                           f'(it holds {self.chars!r}); remove them or train with tokenizer=byte or spm')
+      raise TokenizerError(
+        f'characters {bad!r} are not in the {self.vocab_size}-symbol char vocabulary of this run '
+        f'(it holds {self.chars!r}); remove them or train with tokenizer=byte or spm'
+      )
     return ids.astype(np.int32)
 
   def decode(self, ids: Sequence[int]) -> str:
@@ -93,18 +98,22 @@ class SentencePieceTokenizer:
 
   def __init__(self, proto: bytes):
     import sentencepiece as spm
+
     self.proto = proto
     self.sha256 = hashlib.sha256(proto).hexdigest()
     self._sp = spm.SentencePieceProcessor(model_proto=proto)
     self.vocab_size = self._sp.get_piece_size()
     got = (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id())
     if got != (self.pad_id, self.bos_id, self.eos_id):
-      raise TokenizerError(f'the SentencePiece model has pad/bos/eos ids {got}, but lmjax needs (0, 2, 3) (train it '
-                           'with pad_id=0 unk_id=1 bos_id=2 eos_id=3, or leave data.spm_model empty to train one)')
+      raise TokenizerError(
+        f'the SentencePiece model has pad/bos/eos ids {got}, but lmjax needs (0, 2, 3) (train it '
+        'with pad_id=0 unk_id=1 bos_id=2 eos_id=3, or leave data.spm_model empty to train one)'
+      )
     self.model_type = ('unigram', 'bpe', 'word', 'char')[self._trainer_spec().model_type - 1]
 
   def _trainer_spec(self):
     from sentencepiece import sentencepiece_model_pb2
+
     m = sentencepiece_model_pb2.ModelProto()
     m.ParseFromString(self.proto)
     return m.trainer_spec
@@ -116,8 +125,13 @@ class SentencePieceTokenizer:
     return self._sp.decode(_check_ids(ids, self.vocab_size, 'SentencePiece').tolist())
 
   def spec(self) -> dict:
-    return {'kind': 'spm', 'vocab_size': self.vocab_size, 'model_type': self.model_type, 'sha256': self.sha256,
-            'model_file': self.MODEL_FILE}
+    return {
+      'kind': 'spm',
+      'vocab_size': self.vocab_size,
+      'model_type': self.model_type,
+      'sha256': self.sha256,
+      'model_file': self.MODEL_FILE,
+    }
 
 
 KINDS = config_lib.TOKENIZERS
@@ -135,16 +149,19 @@ def build(dc, texts: Callable[[], Iterable[str]], cache_dir: Optional[str] = Non
     if dc.spm_model:
       path = epath.Path(dc.spm_model)
       if not path.exists():
-        raise TokenizerError(f'data.spm_model = {dc.spm_model!r} does not exist; give an existing .model file, or '
-                             'leave it empty to train one from the dataset')
+        raise TokenizerError(
+          f'data.spm_model = {dc.spm_model!r} does not exist; give an existing .model file, or '
+          'leave it empty to train one from the dataset'
+        )
       return check_config(SentencePieceTokenizer(path.read_bytes()), dc, str(path))
     return _trained_spm(dc, texts, cache_dir)
   raise TokenizerError(f'unknown tokenizer {dc.tokenizer!r}; choose one of {KINDS} with --config.data.tokenizer=...')
 
 
 def _trained_spm(dc, texts, cache_dir):
-  settings = {k: dc[k] for k in ('dataset', 'train_split', 'feature', 'spm_vocab_size', 'spm_model_type',
-                                 'spm_train_chars')}
+  settings = {
+    k: dc[k] for k in ('dataset', 'train_split', 'feature', 'spm_vocab_size', 'spm_model_type', 'spm_train_chars')
+  }
   key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
   directory = dc.tokenizer_dir or cache_dir
   path = epath.Path(directory) / f'spm-{dc.spm_model_type}{dc.spm_vocab_size}-{key}.model' if directory else None
@@ -162,6 +179,7 @@ def _trained_spm(dc, texts, cache_dir):
 def train_spm(texts: Iterable[str], vocab_size: int, model_type: str, max_chars: int) -> bytes:
   """A serialized SentencePiece model trained on the lines of `texts` (at most max_chars characters)."""
   import sentencepiece as spm
+
   if model_type not in ('bpe', 'unigram'):
     raise TokenizerError(f"data.spm_model_type must be 'bpe' or 'unigram', got {model_type!r}")
 
@@ -178,23 +196,40 @@ def train_spm(texts: Iterable[str], vocab_size: int, model_type: str, max_chars:
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
-        byte_fallback=True, character_coverage=1.0, normalization_rule_name='identity', add_dummy_prefix=False,
-        remove_extra_whitespaces=False, split_digits=True, user_defined_symbols=['\n'],
-        pad_id=0, unk_id=1, bos_id=2, eos_id=3, input_sentence_size=0, max_sentence_length=1 << 16,
-        num_threads=2, minloglevel=2)
+      sentence_iterator=lines(),
+      model_writer=model,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      byte_fallback=True,
+      character_coverage=1.0,
+      normalization_rule_name='identity',
+      add_dummy_prefix=False,
+      remove_extra_whitespaces=False,
+      split_digits=True,
+      user_defined_symbols=['\n'],
+      pad_id=0,
+      unk_id=1,
+      bos_id=2,
+      eos_id=3,
+      input_sentence_size=0,
+      max_sentence_length=1 << 16,
+      num_threads=2,
+      minloglevel=2,
+    )
   except RuntimeError as e:
     most = re.search(r'value <= (\d+)', str(e))
     if most:
       raise TokenizerError(
-          f'data.spm_vocab_size = {vocab_size} is more {model_type} pieces than the training text supports (at most '
-          f'{most.group(1)}, including the 256 byte pieces and 4 specials). Lower --config.data.spm_vocab_size to '
-          f'<= {most.group(1)}, or train on more text (data.spm_train_chars, a larger split).') from None
+        f'data.spm_vocab_size = {vocab_size} is more {model_type} pieces than the training text supports (at most '
+        f'{most.group(1)}, including the 256 byte pieces and 4 specials). Lower --config.data.spm_vocab_size to '
+        f'<= {most.group(1)}, or train on more text (data.spm_train_chars, a larger split).'
+      ) from None
     least = re.search(r'smaller than required_chars\. \d+ vs (\d+)', str(e))
     if least:
       raise TokenizerError(
-          f'data.spm_vocab_size = {vocab_size} cannot hold the specials, the 256 byte pieces and every character of '
-          f'the training text; raise --config.data.spm_vocab_size to >= {least.group(1)}.') from None
+        f'data.spm_vocab_size = {vocab_size} cannot hold the specials, the 256 byte pieces and every character of '
+        f'the training text; raise --config.data.spm_vocab_size to >= {least.group(1)}.'
+      ) from None
     raise TokenizerError(f'SentencePiece training failed: {e}') from e
   return model.getvalue()
 
@@ -203,12 +238,16 @@ def check_config(tok, dc, where: str = 'the workdir'):
   """Raises TokenizerError when a recorded or given tokenizer does not match what the data config asks for."""
   kind = tok.spec()['kind']
   if kind != dc.tokenizer:
-    raise TokenizerError(f'the tokenizer in {where} is {kind!r} but the config asks for {dc.tokenizer!r}; use a new '
-                         '--workdir, or set --config.data.tokenizer to match')
+    raise TokenizerError(
+      f'the tokenizer in {where} is {kind!r} but the config asks for {dc.tokenizer!r}; use a new '
+      '--workdir, or set --config.data.tokenizer to match'
+    )
   if kind == 'spm' and not dc.spm_model and (tok.vocab_size, tok.model_type) != (dc.spm_vocab_size, dc.spm_model_type):
-    raise TokenizerError(f'the SentencePiece model in {where} is {tok.model_type} with {tok.vocab_size} pieces but the '
-                         f'config asks for {dc.spm_model_type} with {dc.spm_vocab_size}; use a new --workdir, or '
-                         'the settings this run was started with')
+    raise TokenizerError(
+      f'the SentencePiece model in {where} is {tok.model_type} with {tok.vocab_size} pieces but the '
+      f'config asks for {dc.spm_model_type} with {dc.spm_vocab_size}; use a new --workdir, or '
+      'the settings this run was started with'
+    )
   return tok
 
 
@@ -221,8 +260,10 @@ def from_spec(spec: dict, directory: Optional[str] = None):
   if spec['kind'] == 'spm':
     path = epath.Path(directory or '.') / spec['model_file']
     if not path.exists():
-      raise TokenizerError(f'{path} is missing: the SentencePiece model this run was trained with (sha256 '
-                           f'{spec["sha256"]}) must sit next to {_FILE}')
+      raise TokenizerError(
+        f'{path} is missing: the SentencePiece model this run was trained with (sha256 '
+        f'{spec["sha256"]}) must sit next to {_FILE}'
+      )
     tok = SentencePieceTokenizer(path.read_bytes())
     check_same(spec, tok.spec(), str(path))
     return tok
@@ -253,7 +294,11 @@ def load(workdir: str):
 
 def check_same(recorded: dict, current: dict, where: str) -> None:
   if recorded != current:
-    diff = {k: (recorded.get(k), current.get(k)) for k in set(recorded) | set(current) if recorded.get(k) != current.get(k)}
+    diff = {
+      k: (recorded.get(k), current.get(k)) for k in set(recorded) | set(current) if recorded.get(k) != current.get(k)
+    }
     short = {k: tuple(str(x)[:60] for x in v) for k, v in diff.items()}
-    raise TokenizerError(f'the tokenizer differs from the one recorded in {where}: (recorded, now) = {short}. '
-                         'Use a fresh --workdir for a new tokenizer, or the settings this run was started with.')
+    raise TokenizerError(
+      f'the tokenizer differs from the one recorded in {where}: (recorded, now) = {short}. '
+      'Use a fresh --workdir for a new tokenizer, or the settings this run was started with.'
+    )

@@ -5,6 +5,7 @@ fresh init) -> the loop (dispatch step N+1, then read step N's metrics, so the h
 periodic actions (lmjax/actions.py) -> a clean stop. All I/O lives here, outside the pure steps (lmjax/steps.py);
 the static build of a run is lmjax/task.py.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -34,8 +35,10 @@ def prepare_data(config, workdir, tokenizer=None):
     if config.model.vocab_size == 0:
       config.model.vocab_size = vocab
   if config.model.vocab_size < vocab:
-    raise ConfigError(f'model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer\'s '
-                      f'vocabulary ({vocab}); set it to 0 to take the tokenizer\'s size')
+    raise ConfigError(
+      f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "
+      f"vocabulary ({vocab}); set it to 0 to take the tokenizer's size"
+    )
   return data
 
 
@@ -45,8 +48,10 @@ class _InitFrom:
   def __init__(self, ref: str):
     self.workdir, self.step = workdir_lib.split_ref(ref)
     if not os.path.isdir(self.workdir):
-      raise WorkdirError(f'train.init_from={ref!r}: {self.workdir} is not a directory; give the --workdir of a '
-                         'trained run, optionally with :STEP or :best')
+      raise WorkdirError(
+        f'train.init_from={ref!r}: {self.workdir} is not a directory; give the --workdir of a '
+        'trained run, optionally with :STEP or :best'
+      )
     self.tokenizer = workdir_lib.load_tokenizer(self.workdir)
     if self.tokenizer is None:
       raise WorkdirError(f'train.init_from={ref!r}: {self.workdir} holds no tokenizer.json; is it a trained run?')
@@ -86,6 +91,7 @@ def _next_batches(it, K):
 def _agree(flags: list[bool]) -> list[bool]:
   """Process 0's verdicts, for every process: hosts must take a checkpoint, or stop, at the same step."""
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
   return [bool(x) for x in multihost_utils.broadcast_one_to_all(np.array(flags, np.int32))]
 
 
@@ -104,10 +110,14 @@ def train(config, workdir: str, actions=None, clock=None) -> dict:
   # loads.
   compiled = compiling.in_background(task.compile_train, task.train_batch_spec())
   try:
-    ckpt = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(workdir), max_to_keep=tc.keep_checkpoints,
-                                   save_interval_steps=tc.checkpoint_every or tc.steps)
-    best = (checkpoint.Checkpointer(workdir_lib.checkpoint_dir(workdir, best=True), max_to_keep=1)
-            if tc.keep_best else None)
+    ckpt = checkpoint.Checkpointer(
+      workdir_lib.checkpoint_dir(workdir),
+      max_to_keep=tc.keep_checkpoints,
+      save_interval_steps=tc.checkpoint_every or tc.steps,
+    )
+    best = (
+      checkpoint.Checkpointer(workdir_lib.checkpoint_dir(workdir, best=True), max_to_keep=1) if tc.keep_best else None
+    )
     meta = {'config': config.to_dict(), 'tokenizer': data.tokenizer.spec()}
     if ckpt.latest_step() is not None:
       workdir_lib.check_compatible(ckpt.read_meta(), config, data.tokenizer.spec(), workdir)
@@ -127,18 +137,26 @@ def train(config, workdir: str, actions=None, clock=None) -> dict:
     compiled.wait()  # XLA must not be compiling when the process exits: that aborts it (exit 134)
     raise
   step = int(state.step)
-  log = metrics_lib.Logger(workdir, enabled=primary, progress_total=tc.steps, progress_start=step,
-                           progress_bar=tc.progress_bar)
-  log.echo(f'lmjax: {task.n_params:,} params | mesh {dict(task.mesh.shape)} | {task.mesh.size} x '
-           f'{jax.devices()[0].device_kind} | {start} | {workdir}')
+  log = metrics_lib.Logger(
+    workdir, enabled=primary, progress_total=tc.steps, progress_start=step, progress_bar=tc.progress_bar
+  )
+  log.echo(
+    f'lmjax: {task.n_params:,} params | mesh {dict(task.mesh.shape)} | {task.mesh.size} x '
+    f'{jax.devices()[0].device_kind} | {start} | {workdir}'
+  )
   host_allocator = hostenv.allocator()  # on CPU, XLA's temporaries live in malloc: the allocator sets the step time
-  log.echo(f'allocator: {host_allocator}' + (hostenv.jemalloc_hint(host_allocator) if jax.default_backend() == 'cpu'
-                                             else ''))
+  log.echo(
+    f'allocator: {host_allocator}' + (hostenv.jemalloc_hint(host_allocator) if jax.default_backend() == 'cpu' else '')
+  )
   peak = metrics_lib.peak_flops_per_device(tc.peak_flops) * task.mesh.size
-  how = {'compiled': 'compiled train step', 'lmjax cache': 'loaded the train step from the cache',
-         "JAX's cache": "traced the train step and loaded it from JAX's cache"}[task.executables.origin['train_step']]
-  log.echo(f'{how} in {compile_s:.2f}s; first step {hostenv.seconds_since_process_start():.1f}s after the command '
-           'started')
+  how = {
+    'compiled': 'compiled train step',
+    'lmjax cache': 'loaded the train step from the cache',
+    "JAX's cache": "traced the train step and loaded it from JAX's cache",
+  }[task.executables.origin['train_step']]
+  log.echo(
+    f'{how} in {compile_s:.2f}s; first step {hostenv.seconds_since_process_start():.1f}s after the command started'
+  )
 
   periodic = actions_lib.from_config(config, best) + list(actions or ())
   clock = clock or actions_lib.Clock()
@@ -157,17 +175,33 @@ def train(config, workdir: str, actions=None, clock=None) -> dict:
     if per_step is not None:
       tps = tc.batch_size * task.model_cfg.max_len / per_step
       speed.update(tokens_per_sec=tps, mfu=tps * task.flops_per_token / peak, ms_per_step=1000 * per_step)
-    last = {'train_loss': float(stats[-1]['train_loss'][-1]), 'lr': float(task.lr_schedule(at_step - 1)),
-            'grad_norm': float(stats[-1]['grad_norm'][-1]), **speed}
+    last = {
+      'train_loss': float(stats[-1]['train_loss'][-1]),
+      'lr': float(task.lr_schedule(at_step - 1)),
+      'grad_norm': float(stats[-1]['grad_norm'][-1]),
+      **speed,
+    }
     if not np.isfinite(last['train_loss']):
-      raise FloatingPointError(f'train loss is {last["train_loss"]} at step {at_step}; lower optimizer.lr or check '
-                               'the data. The checkpoints already saved are kept.')
+      raise FloatingPointError(
+        f'train loss is {last["train_loss"]} at step {at_step}; lower optimizer.lr or check '
+        'the data. The checkpoints already saved are kept.'
+      )
     log.write(at_step, last)
 
   def run_actions(due, minutes):
     read_metrics(step)  # about to sync anyway: log now, then keep the actions' time out of the window
-    loop = actions_lib.Loop(config=config, workdir=workdir, task=task, data=data, state=state, step=step,
-                            metrics=dict(last), checkpointer=ckpt, meta=meta, echo=log.echo)
+    loop = actions_lib.Loop(
+      config=config,
+      workdir=workdir,
+      task=task,
+      data=data,
+      state=state,
+      step=step,
+      metrics=dict(last),
+      checkpointer=ckpt,
+      meta=meta,
+      echo=log.echo,
+    )
     for action in due:
       out = action.run(loop)
       action.ran(minutes)

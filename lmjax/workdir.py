@@ -9,6 +9,7 @@
 
 A workdir is addressed as DIR, or DIR:STEP for one checkpoint (DIR:best for the best one).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -89,7 +90,9 @@ def load_config(workdir: str, overrides=()) -> ml_collections.ConfigDict:
     with open(path) as f:
       recorded = json.load(f)
   except (OSError, ValueError) as e:
-    raise WorkdirError(f'{path} cannot be read ({e}); restore it from the run\'s logs or start a new --workdir') from None
+    raise WorkdirError(
+      f"{path} cannot be read ({e}); restore it from the run's logs or start a new --workdir"
+    ) from None
   config = config_lib.from_dict(recorded)
   config_lib.apply_overrides(config, overrides)
   return config_lib.validate(config)
@@ -116,14 +119,22 @@ def record(config, tokenizer, workdir: str, primary: bool) -> None:
 def check_compatible(recorded: dict, config, tokenizer_spec: dict | None, where: str, what: str = 'Resume'):
   """Raises ConfigError when a checkpoint's model or tokenizer differs from this run's, naming the fields."""
   old, new = recorded['config']['model'], config.model.to_dict()
-  diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-          if k not in RESUMABLE_MODEL_CHANGES and old.get(k) != new.get(k)}
+  diff = {
+    k: (old.get(k), new.get(k))
+    for k in sorted(set(old) | set(new))
+    if k not in RESUMABLE_MODEL_CHANGES and old.get(k) != new.get(k)
+  }
   if diff:
     lines = ', '.join(f'model.{k}: checkpoint {a!r} vs run {b!r}' for k, (a, b) in diff.items())
-    hint = (' (lmjax.model.stack_layers / unstack_layers convert parameters between the two layouts)'
-            if 'scan_layers' in diff else '')
-    raise ConfigError(f'the checkpoint in {where} was trained with a different model ({lines}). {what} with the '
-                      f'config it was saved with, or start a new --workdir{hint}.')
+    hint = (
+      ' (lmjax.model.stack_layers / unstack_layers convert parameters between the two layouts)'
+      if 'scan_layers' in diff
+      else ''
+    )
+    raise ConfigError(
+      f'the checkpoint in {where} was trained with a different model ({lines}). {what} with the '
+      f'config it was saved with, or start a new --workdir{hint}.'
+    )
   if tokenizer_spec is not None and 'tokenizer' in recorded:
     tokenizers.check_same(recorded['tokenizer'], tokenizer_spec, where)
 
@@ -136,8 +147,9 @@ def git_state(root: str | None = None) -> dict:
   root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
     sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10)
-    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root, capture_output=True,
-                           text=True, timeout=10)
+    dirty = subprocess.run(
+      ['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root, capture_output=True, text=True, timeout=10
+    )
   except (OSError, subprocess.SubprocessError):
     return {'commit': '', 'dirty': False}
   if sha.returncode:
@@ -174,6 +186,7 @@ def cpu_model(cpuinfo: str = '/proc/cpuinfo') -> str:
 def hardware() -> str:
   """'CPU model name (N cores, ISA)' on CPU backends, else the JAX device kind and count."""
   import jax  # pylint: disable=import-outside-toplevel
+
   if jax.default_backend() == 'cpu':
     cores = ', '.join(x for x in (f'{os.cpu_count()} cores', cpu_isa()) if x)
     return f'{cpu_model() or "cpu"} ({cores})'
@@ -183,6 +196,7 @@ def hardware() -> str:
 def provenance() -> dict:
   """What produced a run: the code, the command, the libraries, the devices and the host."""
   import jax  # pylint: disable=import-outside-toplevel
+
   versions = {}
   for lib in _LIBRARIES:
     try:
@@ -190,12 +204,16 @@ def provenance() -> dict:
     except importlib.metadata.PackageNotFoundError:
       versions[lib] = ''
   return {
-      'time': datetime.datetime.now().isoformat(timespec='seconds'),
-      **{f'git_{k}': v for k, v in git_state().items()},
-      'command': [os.path.basename(sys.argv[0]), *sys.argv[1:]],
-      'python': platform.python_version(), 'versions': versions,
-      'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
-      'process_count': jax.process_count(), 'host_cpu': cpu_model(), 'host_cores': os.cpu_count(),
+    'time': datetime.datetime.now().isoformat(timespec='seconds'),
+    **{f'git_{k}': v for k, v in git_state().items()},
+    'command': [os.path.basename(sys.argv[0]), *sys.argv[1:]],
+    'python': platform.python_version(),
+    'versions': versions,
+    'device_kind': jax.devices()[0].device_kind,
+    'device_count': jax.device_count(),
+    'process_count': jax.process_count(),
+    'host_cpu': cpu_model(),
+    'host_cores': os.cpu_count(),
   }
 
 

@@ -1,4 +1,5 @@
 """Test set-up: 8 simulated CPU devices (for sharding tests), shared Tiny Shakespeare, no network."""
+
 import json
 import os
 import pathlib
@@ -23,6 +24,7 @@ def shakespeare_dirs(tmp_path_factory):
   if not (SHARED_DATA / 'input.txt').exists():
     pytest.skip(f'{SHARED_DATA}/input.txt is missing')
   from lmjax import sources
+
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   sources.prepare_tiny_shakespeare(data_dir, str(SHARED_DATA))
   return str(SHARED_DATA), data_dir
@@ -31,8 +33,10 @@ def shakespeare_dirs(tmp_path_factory):
 @pytest.fixture
 def no_network(monkeypatch):
   """Any connection attempt fails at once instead of hanging (TFDS downloads hang on this machine)."""
+
   def refuse(*a, **k):
     raise OSError('network access attempted in a test')
+
   monkeypatch.setattr(socket.socket, 'connect', refuse)
   monkeypatch.setattr(socket, 'getaddrinfo', refuse)
 
@@ -58,6 +62,7 @@ def train_tiny(workdir, dirs, *extra, cache=None, **kw):
     overrides.append(f'train.compilation_cache_dir={cache}')
   with jax.default_device(jax.devices()[0]):
     from lmjax import config as config_lib, train  # pylint: disable=import-outside-toplevel
+
     return train.train(config_lib.load('configs/tiny.py', overrides), str(workdir), **kw)
 
 

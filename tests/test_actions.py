@@ -1,5 +1,6 @@
 """The loop's periodic actions: registered actions run at their interval, keep-best keeps the best step by its
 metric while the last K rotate, and time-based checkpoints follow the clock."""
+
 import math
 import os
 
@@ -33,12 +34,16 @@ def test_a_registered_action_runs_at_its_interval_and_its_metrics_are_logged(tmp
   finally:
     actions.unregister(factory)
   assert recorder.seen == [(20, 20, True), (40, 40, True), (60, 60, True)]  # loop step = state step, loss read
-  assert [(r['step'], r['recorded']) for r in rows(tmp_path / 'run') if 'recorded' in r] == [(20, 1.0), (40, 2.0),
-                                                                                            (60, 3.0)]
+  assert [(r['step'], r['recorded']) for r in rows(tmp_path / 'run') if 'recorded' in r] == [
+    (20, 1.0),
+    (40, 2.0),
+    (60, 3.0),
+  ]
 
 
 class Scripted(actions.Action):
   """A metric with a known best step: 20, then 50 comes close but is worse."""
+
   name = 'scripted'
   VALUES = {10: 3.0, 20: 1.0, 30: 2.0, 40: 5.0, 50: 1.5, 60: 4.0}
 
@@ -50,8 +55,15 @@ def test_keep_best_keeps_the_best_step_by_its_metric_while_the_last_k_rotate(tmp
   wd = str(tmp_path / 'run')
   best = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(wd, best=True), max_to_keep=1)
   try:
-    train_tiny(wd, shakespeare_dirs, 'train.checkpoint_every=10', 'train.keep_checkpoints=2', 'train.eval_every=0',
-               cache=cache_dir, actions=[Scripted(every=10), actions.KeepBest('scripted_loss', best, every=10)])
+    train_tiny(
+      wd,
+      shakespeare_dirs,
+      'train.checkpoint_every=10',
+      'train.keep_checkpoints=2',
+      'train.eval_every=0',
+      cache=cache_dir,
+      actions=[Scripted(every=10), actions.KeepBest('scripted_loss', best, every=10)],
+    )
   finally:
     best.wait()
     best.close()
@@ -65,8 +77,9 @@ def test_keep_best_keeps_the_best_step_by_its_metric_while_the_last_k_rotate(tmp
 
 def test_keep_best_by_val_loss_from_the_config_and_eval_of_the_best(tmp_path, shakespeare_dirs, cache_dir):
   wd = str(tmp_path / 'run')
-  train_tiny(wd, shakespeare_dirs, 'train.keep_best=val_loss', 'train.eval_every=20', 'train.keep_checkpoints=1',
-             cache=cache_dir)
+  train_tiny(
+    wd, shakespeare_dirs, 'train.keep_best=val_loss', 'train.eval_every=20', 'train.keep_checkpoints=1', cache=cache_dir
+  )
   evals = {r['step']: r['val_loss'] for r in rows(wd) if 'val_loss' in r}
   best_step = min(evals, key=evals.get)
   assert _steps(workdir_lib.checkpoint_dir(wd, best=True)) == [best_step]
@@ -92,6 +105,14 @@ class FakeClock:
 
 def test_time_based_checkpoints_follow_the_clock(tmp_path, shakespeare_dirs, cache_dir):
   wd = str(tmp_path / 'run')
-  train_tiny(wd, shakespeare_dirs, 'train.checkpoint_minutes=1.0', 'train.checkpoint_every=0', 'train.eval_every=0',
-             'train.keep_checkpoints=100', cache=cache_dir, clock=FakeClock())
+  train_tiny(
+    wd,
+    shakespeare_dirs,
+    'train.checkpoint_minutes=1.0',
+    'train.checkpoint_every=0',
+    'train.eval_every=0',
+    'train.keep_checkpoints=100',
+    cache=cache_dir,
+    clock=FakeClock(),
+  )
   assert _steps(workdir_lib.checkpoint_dir(wd)) == list(range(4, 61, 4)) + [60] * (60 % 4 != 0)

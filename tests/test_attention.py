@@ -1,5 +1,6 @@
 """Every attention implementation equals the float64 reference: masks, segments, GQA/MQA, chunks, dropout,
 splash (in Pallas's interpreter) and cuDNN (on a GPU), and the 'auto' rule."""
+
 import functools
 
 import jax
@@ -71,8 +72,7 @@ def test_attention_without_a_mask_is_causal_self_attention(impl, kv_heads):
   q, k, v, _ = attention_inputs(kv_heads)
   slots = jnp.arange(q.shape[1])
   got = jax.jit(functools.partial(attention.attend, mask=None, impl=impl, causal=True))(q, k, v)
-  np.testing.assert_allclose(got, reference_attention(q, k, v, attention.make_mask(slots, slots)), atol=2e-5,
-                             rtol=2e-5)
+  np.testing.assert_allclose(got, reference_attention(q, k, v, attention.make_mask(slots, slots)), atol=2e-5, rtol=2e-5)
   with pytest.raises(ValueError, match='causal=True'):
     attention.attend(q, k, v, None, impl=impl)
   with pytest.raises(ValueError, match='causal=True'):
@@ -172,7 +172,7 @@ def test_cudnn_attention_matches_the_reference_in_bfloat16_values_and_gradients(
     seg_BxL = jnp.stack([jnp.where(slots < 50, 1, 2), jnp.where(slots < 90, 1, 2)]).astype(jnp.int32)
     mask = attention.make_mask(slots, slots, seg_BxL, seg_BxL)
   elif case == 'decode':
-    mask = attention.make_mask(slots[L // 2:], slots)
+    mask = attention.make_mask(slots[L // 2 :], slots)
   else:
     mask = None
   w = jax.random.normal(ks[3], q.shape)  # a loss that weighs every output element differently
@@ -182,10 +182,12 @@ def test_cudnn_attention_matches_the_reference_in_bfloat16_values_and_gradients(
     return jnp.sum(o.astype(jnp.float32) * w), o
 
   f32 = lambda *a: [x.astype(jnp.float32) for x in a]
-  (_, want), want_grads = jax.jit(jax.value_and_grad(functools.partial(loss, 'xla'), argnums=(0, 1, 2),
-                                                     has_aux=True))(*f32(q, k, v))
-  (_, got), got_grads = jax.jit(jax.value_and_grad(functools.partial(loss, 'cudnn'), argnums=(0, 1, 2),
-                                                   has_aux=True))(q, k, v)
+  (_, want), want_grads = jax.jit(jax.value_and_grad(functools.partial(loss, 'xla'), argnums=(0, 1, 2), has_aux=True))(
+    *f32(q, k, v)
+  )
+  (_, got), got_grads = jax.jit(jax.value_and_grad(functools.partial(loss, 'cudnn'), argnums=(0, 1, 2), has_aux=True))(
+    q, k, v
+  )
   assert got.dtype == jnp.bfloat16
   rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
   assert rel(got, want) < 1e-2
@@ -212,7 +214,7 @@ def test_attention_gradients_with_dropout_match_autodiff_of_the_plain_formula(dr
   B, L, H, K = q.shape
 
   def plain(q, k, v):
-    s = jnp.einsum('BLHK,BHTK->BHLT', q * K ** -0.5, k) + attention.bias_from_mask(mask)[:, 0]
+    s = jnp.einsum('BLHK,BHTK->BHLT', q * K**-0.5, k) + attention.bias_from_mask(mask)[:, 0]
     p = jax.nn.softmax(s, axis=-1)
     if dropout:
       keep = attention.dropout_keep(jax.random.bits(key, (1, 4), jnp.uint32)[0], p.shape, dropout)
@@ -231,5 +233,3 @@ def test_causal_chunk_auto_rule():
   assert attention.chunk_for(256, 0) == 0 and attention.chunk_for(256, 64) == 64 and attention.chunk_for(64, 64) == 0
   if jax.default_backend() == 'cpu':
     assert [attention.chunk_for(n, -1) for n in (64, 128, 256, 512, 1024, 4096)] == [0, 32, 64, 128, 128, 256]
-
-

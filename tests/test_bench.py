@@ -1,4 +1,5 @@
 """`lmjax bench`: the numbers it prints and records are consistent with each other and with the config."""
+
 import json
 
 import numpy as np
@@ -9,8 +10,19 @@ from lmjax import bench, cli, metrics, workdir
 
 def test_bench_records_a_consistent_result_line(tmp_path, capsys):
   record = tmp_path / 'results.jsonl'
-  assert cli.main(['bench', '--config=configs/tiny.py', '--steps=2', f'--record={record}',
-                   '--config.train.compilation_cache_dir=', '--config.model.n_layers=1']) == 0
+  assert (
+    cli.main(
+      [
+        'bench',
+        '--config=configs/tiny.py',
+        '--steps=2',
+        f'--record={record}',
+        '--config.train.compilation_cache_dir=',
+        '--config.model.n_layers=1',
+      ]
+    )
+    == 0
+  )
   out = capsys.readouterr().out
   assert 'ms/step (median)' in out and 'MFU' in out
   (line,) = record.read_text().splitlines()
@@ -28,8 +40,9 @@ def test_bench_records_a_consistent_result_line(tmp_path, capsys):
   assert r['mfu_measured_peak'] == pytest.approx(1e12 * r['model_tflops'] / (1e9 * r['matmul_gflops']), abs=1e-4)
 
 
-@pytest.mark.parametrize('flags, isa', [('fpu sse avx avx2 fma', 'AVX2'), ('fpu avx2 avx512f avx512bw', 'AVX-512'),
-                                        ('fpu sse2', '')])
+@pytest.mark.parametrize(
+  'flags, isa', [('fpu sse avx avx2 fma', 'AVX2'), ('fpu avx2 avx512f avx512bw', 'AVX-512'), ('fpu sse2', '')]
+)
 def test_cpu_isa_names_the_widest_vector_extension(tmp_path, flags, isa):
   cpuinfo = tmp_path / 'cpuinfo'
   cpuinfo.write_text(f'processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n')
@@ -42,6 +55,7 @@ def test_cpu_isa_of_an_unreadable_cpuinfo_is_empty(tmp_path):
 
 def test_bench_of_a_packed_config_runs_the_program_training_runs():
   from lmjax import config as config_lib, data  # pylint: disable=import-outside-toplevel
+
   config = config_lib.load('configs/tiny.py', ['data.rows=packed', 'model.n_layers=1', 'train.compilation_cache_dir='])
   runner = bench.Runner(config)
   assert sorted(runner.batch) == sorted(data.TRAIN_KEYS['packed'])

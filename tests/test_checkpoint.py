@@ -6,7 +6,7 @@ import jax
 # conftest/other module already initialised the backend, keep what it set
 # (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=8) and skip if < 8.
 try:
-  jax.config.update("jax_num_cpu_devices", 8)
+  jax.config.update('jax_num_cpu_devices', 8)
 except RuntimeError:
   pass
 
@@ -32,9 +32,8 @@ def make_state(seed=0):
   k = jax.random.key(seed)
   return TrainState(
     step=jnp.asarray(7, jnp.int32),
-    params={"dense": {"kernel": jax.random.normal(k, (4, 8)),
-             "bias": jnp.arange(8, dtype=jnp.bfloat16)}},
-    opt_state=((), {"mu": jnp.full((4, 8), 0.5)}, None),
+    params={'dense': {'kernel': jax.random.normal(k, (4, 8)), 'bias': jnp.arange(8, dtype=jnp.bfloat16)}},
+    opt_state=((), {'mu': jnp.full((4, 8), 0.5)}, None),
     rng=jax.random.key_data(jax.random.fold_in(k, 1)),
   )
 
@@ -55,12 +54,12 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("as_iter_dataset", [True, False])
+@pytest.mark.parametrize('as_iter_dataset', [True, False])
 def test_round_trip_state_and_data_iterator(tmp_path, as_iter_dataset):
   ds = make_dataset()
   ds = ds.to_iter_dataset() if as_iter_dataset else ds
   reference = [b for b in iter(ds)]  # what an uninterrupted run sees
-  state, meta = make_state(), {"config": {"d_model": 8}, "tokenizer": {"vocab_size": 256}}
+  state, meta = make_state(), {'config': {'d_model': 8}, 'tokenizer': {'vocab_size': 256}}
   host_copy = jax.tree.map(np.asarray, state)
 
   it = iter(ds)
@@ -95,37 +94,37 @@ def test_max_to_keep_interval_and_force(tmp_path):
   assert not ckpt.save(10, state, force=True)  # never overwrites an existing step
   ckpt.wait()
   assert ckpt.all_steps() == [9, 10] and ckpt.latest_step() == 10
-  assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["10", "9"]
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ['10', '9']
   ckpt.close()
 
 
 def test_new_checkpointer_sees_latest_step(tmp_path):
   with Checkpointer(tmp_path, async_save=False) as ckpt:
     assert ckpt.latest_step() is None and ckpt.all_steps() == []
-    ckpt.save(1, make_state(1), meta={"run": "a"})
-    ckpt.save(2, make_state(2), meta={"run": "b"})
+    ckpt.save(1, make_state(1), meta={'run': 'a'})
+    ckpt.save(2, make_state(2), meta={'run': 'b'})
   # Simulates a process restart: a new object, nothing in memory.
   with Checkpointer(tmp_path) as again:
     assert again.latest_step() == 2 and again.all_steps() == [1, 2]
-    assert again.read_meta() == {"run": "b"}
+    assert again.read_meta() == {'run': 'b'}
     expected = make_state(2)
     assert_trees_equal(again.restore(None, abstract_of(expected)), expected)
 
 
 def test_restore_onto_different_sharding(tmp_path):
   if len(jax.devices()) < 8:
-    pytest.skip("needs 8 (CPU) devices")
+    pytest.skip('needs 8 (CPU) devices')
   devices = np.array(jax.devices()[:8])
   x = jnp.arange(8 * 12, dtype=jnp.float32).reshape(8, 12)
-  saved = {"w": jax.device_put(x, NamedSharding(Mesh(devices, ("data",)), P("data", None)))}
+  saved = {'w': jax.device_put(x, NamedSharding(Mesh(devices, ('data',)), P('data', None)))}
   with Checkpointer(tmp_path) as ckpt:
     ckpt.save(0, saved)
     ckpt.wait()
-    mesh2 = Mesh(devices.reshape(4, 2), ("fsdp", "tp"))
-    for sharding in [NamedSharding(mesh2, P("tp", "fsdp")), SingleDeviceSharding(jax.devices()[5])]:
-      out = ckpt.restore(0, {"w": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)})
-      assert out["w"].sharding == sharding
-      np.testing.assert_array_equal(np.asarray(out["w"]), np.asarray(x))
+    mesh2 = Mesh(devices.reshape(4, 2), ('fsdp', 'tp'))
+    for sharding in [NamedSharding(mesh2, P('tp', 'fsdp')), SingleDeviceSharding(jax.devices()[5])]:
+      out = ckpt.restore(0, {'w': jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)})
+      assert out['w'].sharding == sharding
+      np.testing.assert_array_equal(np.asarray(out['w']), np.asarray(x))
 
 
 def test_mismatched_tree_raises_naming_leaves(tmp_path):
@@ -134,52 +133,63 @@ def test_mismatched_tree_raises_naming_leaves(tmp_path):
     ckpt.save(5, state)
     ckpt.wait()
     bad = abstract_of(state)
-    bad = bad.replace(params={"dense": {**bad.params["dense"],
-                      "kernel": jax.ShapeDtypeStruct((4, 16), jnp.float32,
-                                                                           sharding=bad.rng.sharding)}})
-    with pytest.raises(CheckpointError, match=r"params/dense/kernel.*\[4, 8\].*\[4, 16\]"):
+    bad = bad.replace(
+      params={
+        'dense': {
+          **bad.params['dense'],
+          'kernel': jax.ShapeDtypeStruct((4, 16), jnp.float32, sharding=bad.rng.sharding),
+        }
+      }
+    )
+    with pytest.raises(CheckpointError, match=r'params/dense/kernel.*\[4, 8\].*\[4, 16\]'):
       ckpt.restore(5, bad)
-    with pytest.raises(CheckpointError, match=r"step: in checkpoint, not in abstract_state"):
-      ckpt.restore(5, {k: v for k, v in vars(abstract_of(state)).items() if k != "step"})
+    with pytest.raises(CheckpointError, match=r'step: in checkpoint, not in abstract_state'):
+      ckpt.restore(5, {k: v for k, v in vars(abstract_of(state)).items() if k != 'step'})
     wrong_dtype = abstract_of(state).replace(step=jax.ShapeDtypeStruct((), jnp.float32))
-    with pytest.raises(CheckpointError, match=r"step: checkpoint int32\[\] vs abstract_state float32\[\]"):
+    with pytest.raises(CheckpointError, match=r'step: checkpoint int32\[\] vs abstract_state float32\[\]'):
       ckpt.restore(5, wrong_dtype)
 
 
 def test_restore_params_reads_step_and_params_only_onto_new_shardings(tmp_path):
   if len(jax.devices()) < 8:
-    pytest.skip("needs 8 (CPU) devices")
+    pytest.skip('needs 8 (CPU) devices')
   state = make_state()
   with Checkpointer(tmp_path) as ckpt:
     ckpt.save(5, state)
     ckpt.wait()
-  sharding = NamedSharding(Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "tp")), P(None, "tp"))
-  abstract = abstract_of(state).replace(params={"dense": {
-      "kernel": jax.ShapeDtypeStruct((4, 8), jnp.float32, sharding=sharding),
-      "bias": jax.ShapeDtypeStruct((8,), jnp.bfloat16, sharding=SingleDeviceSharding(jax.devices()[3]))}})
+  sharding = NamedSharding(Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ('data', 'tp')), P(None, 'tp'))
+  abstract = abstract_of(state).replace(
+    params={
+      'dense': {
+        'kernel': jax.ShapeDtypeStruct((4, 8), jnp.float32, sharding=sharding),
+        'bias': jax.ShapeDtypeStruct((8,), jnp.bfloat16, sharding=SingleDeviceSharding(jax.devices()[3])),
+      }
+    }
+  )
   with Checkpointer(tmp_path) as ckpt:  # a new process's view: nothing saved by this object
     out = ckpt.restore_params(None, abstract)
     assert out.opt_state is None and int(out.step) == 7
     assert_trees_equal(out.params, state.params)
-    assert out.params["dense"]["kernel"].sharding == sharding
-    bad = abstract.replace(params={"dense": {**abstract.params["dense"],
-                                             "kernel": jax.ShapeDtypeStruct((4, 16), jnp.float32)}})
-    with pytest.raises(CheckpointError, match=r"params/dense/kernel.*\[4, 8\].*\[4, 16\]"):
+    assert out.params['dense']['kernel'].sharding == sharding
+    bad = abstract.replace(
+      params={'dense': {**abstract.params['dense'], 'kernel': jax.ShapeDtypeStruct((4, 16), jnp.float32)}}
+    )
+    with pytest.raises(CheckpointError, match=r'params/dense/kernel.*\[4, 8\].*\[4, 16\]'):
       ckpt.restore_params(5, bad)
 
 
 def test_missing_step_lists_available(tmp_path):
   with Checkpointer(tmp_path) as ckpt:
-    with pytest.raises(CheckpointError, match=r"available steps: none"):
+    with pytest.raises(CheckpointError, match=r'available steps: none'):
       ckpt.read_meta()
     ckpt.save(2, make_state())
     ckpt.save(4, make_state())
-    with pytest.raises(CheckpointError, match=r"step 3 .*available steps: \[2, 4\]"):
+    with pytest.raises(CheckpointError, match=r'step 3 .*available steps: \[2, 4\]'):
       ckpt.restore(3, abstract_of(make_state()))
     # Items that were not saved at that step give a CheckpointError too.
-    with pytest.raises(CheckpointError, match="data"):
+    with pytest.raises(CheckpointError, match='data'):
       ckpt.restore(4, abstract_of(make_state()), data_iter=iter(make_dataset()))
-    with pytest.raises(CheckpointError, match="meta"):
+    with pytest.raises(CheckpointError, match='meta'):
       ckpt.read_meta(4)
 
 
@@ -190,10 +200,10 @@ def test_data_iterator_state_is_per_process(tmp_path, monkeypatch):
   ds = make_dataset().to_iter_dataset()
   it = iter(ds)
   next(it)
-  monkeypatch.setattr(grain_sharding, "get_process_index_and_count", lambda: (1, 2))
+  monkeypatch.setattr(grain_sharding, 'get_process_index_and_count', lambda: (1, 2))
   with Checkpointer(tmp_path, async_save=False) as ckpt:
     ckpt.save(1, make_state(), data_iter=it)
-    assert (tmp_path / "1" / "data" / "process_1-of-2.json").exists()
-    monkeypatch.setattr(grain_sharding, "get_process_index_and_count", lambda: (0, 2))
-    with pytest.raises(CheckpointError, match="process_0-of-2"):
+    assert (tmp_path / '1' / 'data' / 'process_1-of-2.json').exists()
+    monkeypatch.setattr(grain_sharding, 'get_process_index_and_count', lambda: (0, 2))
+    with pytest.raises(CheckpointError, match='process_0-of-2'):
       ckpt.restore(1, abstract_of(make_state()), data_iter=iter(ds))

@@ -1,4 +1,5 @@
 """Config files and command-line overrides."""
+
 import json
 
 import pytest
@@ -7,8 +8,10 @@ from lmjax import cli, config as config_lib, workdir
 
 
 def test_overrides_are_parsed_to_the_field_type():
-  c = config_lib.load('configs/tiny.py', ['model.n_layers=3', 'optimizer.lr=0.01', 'model.use_bias=false',
-                                          'model.norm=rmsnorm', 'optimizer.lr=2e-3'])
+  c = config_lib.load(
+    'configs/tiny.py',
+    ['model.n_layers=3', 'optimizer.lr=0.01', 'model.use_bias=false', 'model.norm=rmsnorm', 'optimizer.lr=2e-3'],
+  )
   assert (c.model.n_layers, c.optimizer.lr, c.model.use_bias, c.model.norm) == (3, 2e-3, False, 'rmsnorm')
   assert isinstance(c.optimizer.lr, float) and isinstance(c.model.n_layers, int)
 

@@ -1,4 +1,5 @@
 """Tests for lmjax.data: packing, sharding, resume, segment boundaries, eval bytes; no network."""
+
 import jax
 import numpy as np
 import pytest
@@ -83,15 +84,23 @@ def mock_lm1b(monkeypatch):
   monkeypatch.setattr(sources, '_prepared_builder', lambda name, data_dir: None)
   monkeypatch.setattr(sources, '_check_split', lambda builder, split: None)
   with tfds.testing.mock_data(num_examples=64):
-    yield _config(dataset='lm1b', train_split='train', eval_split='test', rows='packed', tokenizer='byte',
-                  data_dir='/nonexistent/tfds')
+    yield _config(
+      dataset='lm1b',
+      train_split='train',
+      eval_split='test',
+      rows='packed',
+      tokenizer='byte',
+      data_dir='/nonexistent/tfds',
+    )
 
 
 def test_packed_batches_from_mocked_lm1b(mock_lm1b):
   d = data.make_data(mock_lm1b, process_index=0, process_count=1)
   b = next(d.train_iter)
   assert set(b) == {'inputs', 'targets', 'segment_ids', 'positions', 'weights'}
-  assert all(b[k].shape == (4, 32) and b[k].dtype == np.int32 for k in ('inputs', 'targets', 'segment_ids', 'positions'))
+  assert all(
+    b[k].shape == (4, 32) and b[k].dtype == np.int32 for k in ('inputs', 'targets', 'segment_ids', 'positions')
+  )
   assert b['weights'].dtype == np.float32
   assert {k: v.dtype for k, v in b.items()} == d.train_keys  # what the train step compiles for before any read
   eval_targets = sum(e['weights'].sum() for e in d.eval_batches)
@@ -127,7 +136,9 @@ def test_packed_row_logits_equal_each_document_alone():
 def test_eval_rows_count_bytes_of_exactly_the_whole_documents_evaluated():
   docs = ['abc', 'héllo', 'xy' * 10, 'k']
   rows, n_bytes = data.packed_eval_rows(docs, _encode(), L=8)
-  assert rows['weights'].sum() == sum(len(d.encode()) + 1 for d in docs) and n_bytes == sum(len(d.encode()) for d in docs)
+  assert rows['weights'].sum() == sum(len(d.encode()) + 1 for d in docs) and n_bytes == sum(
+    len(d.encode()) for d in docs
+  )
   cut, cut_bytes = data.packed_eval_rows(docs, _encode(), L=8, max_rows=2)  # 16 slots: docs 0 and 1 fit (4 + 7)
   assert cut['inputs'].shape == (2, 8) and cut_bytes == 3 + len('héllo'.encode())
   assert cut['weights'].sum() == 4 + 7
@@ -152,8 +163,14 @@ def test_windows_rows_are_the_char_recipe(shakespeare_dirs):
 def test_text_files_per_line_are_packed(tmp_path):
   (tmp_path / 'a.txt').write_text('first doc\nsecond doc\n\nthird\n')
   (tmp_path / 'b.txt').write_text('fourth')
-  c = _config(dataset='text_files', train_split=str(tmp_path / '*.txt'), eval_split=str(tmp_path / 'b.txt'),
-              file_docs='line', rows='packed', tokenizer='byte')
+  c = _config(
+    dataset='text_files',
+    train_split=str(tmp_path / '*.txt'),
+    eval_split=str(tmp_path / 'b.txt'),
+    file_docs='line',
+    rows='packed',
+    tokenizer='byte',
+  )
   c.model.max_len = 8
   d = data.make_data(c, process_index=0, process_count=1)
   assert next(d.train_iter)['inputs'].shape == (4, 8)

@@ -1,5 +1,6 @@
 """Using a trained run: no training checks (a run trained on 1 device samples and evaluates on 8), parameters
 only, and the checkpoint asked for."""
+
 import json
 
 import jax
@@ -26,8 +27,16 @@ def test_a_one_device_run_evaluates_on_eight_devices_to_the_same_loss(trained):
 
 
 def test_a_one_device_run_samples_on_eight_devices(trained, capsys):
-  argv = ['sample', f'--workdir={trained}', '--prompt=ROMEO:', '--max_new_tokens=8', '--num_samples=3', '--greedy',
-          '--format=jsonl', *(f'--config.{o}' for o in ON_EIGHT)]
+  argv = [
+    'sample',
+    f'--workdir={trained}',
+    '--prompt=ROMEO:',
+    '--max_new_tokens=8',
+    '--num_samples=3',
+    '--greedy',
+    '--format=jsonl',
+    *(f'--config.{o}' for o in ON_EIGHT),
+  ]
   assert cli.main(argv) == 0
   rows = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith('{')]
   assert [r['sample'] for r in rows] == [0, 1, 2]

@@ -1,4 +1,5 @@
 """The model as a specification: causality, cache = full forward, stable names, remat/scan equivalences."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,18 +13,19 @@ import optax
 from lmjax import attention, compiling, model as model_lib, steps
 
 VARIANTS = {
-    'gpt2': {},
-    'llama': dict(norm='rmsnorm', positions='rope', mlp='swiglu', n_kv_heads=2, use_bias=False, tied_embeddings=False),
-    'mqa': dict(n_kv_heads=1),
-    'scan': dict(scan_layers=True),
-    'chunked': dict(attention_chunk=5, n_kv_heads=2),  # causal query chunks of 5, 5, 5 and 1
-    'dpa': dict(attention='dot_product_attention', n_kv_heads=2),  # jax.nn's kernel: is_causal, B' x 1 x L x T mask
+  'gpt2': {},
+  'llama': dict(norm='rmsnorm', positions='rope', mlp='swiglu', n_kv_heads=2, use_bias=False, tied_embeddings=False),
+  'mqa': dict(n_kv_heads=1),
+  'scan': dict(scan_layers=True),
+  'chunked': dict(attention_chunk=5, n_kv_heads=2),  # causal query chunks of 5, 5, 5 and 1
+  'dpa': dict(attention='dot_product_attention', n_kv_heads=2),  # jax.nn's kernel: is_causal, B' x 1 x L x T mask
 }
 
 
 def make(variant='gpt2', **kw):
-  cfg = model_lib.ModelConfig(vocab_size=37, max_len=16, n_layers=2, n_heads=4, d_model=32,
-                              **{**VARIANTS[variant], **kw}).validate()
+  cfg = model_lib.ModelConfig(
+    vocab_size=37, max_len=16, n_layers=2, n_heads=4, d_model=32, **{**VARIANTS[variant], **kw}
+  ).validate()
   m = model_lib.Transformer(cfg)
   params = compiling.run_once(jax.jit(m.init), jax.random.key(0), jnp.zeros((1, cfg.max_len), jnp.int32))
   params = nn.meta.unbox(params['params'])
@@ -60,13 +62,20 @@ def test_kv_cache_decoding_gives_the_logits_of_the_full_forward_pass(variant):
   cache = model_lib.init_cache(cfg, 3, cfg.max_len)
   segs = jnp.ones((3, cfg.max_len), jnp.int32)
   prefill = 6
-  logits, cache = m.apply({'params': params}, x[:, :prefill], segment_ids_BxL=segs[:, :prefill], cache=cache,
-                          cache_index=0, kv_segment_ids_BxT=segs)
+  logits, cache = m.apply(
+    {'params': params},
+    x[:, :prefill],
+    segment_ids_BxL=segs[:, :prefill],
+    cache=cache,
+    cache_index=0,
+    kv_segment_ids_BxT=segs,
+  )
   steps = [logits]
   for t in range(prefill, cfg.max_len):
     pos = jnp.full((3, 1), t, jnp.int32)
-    logits, cache = m.apply({'params': params}, x[:, t:t + 1], pos, segs[:, t:t + 1], cache=cache, cache_index=t,
-                            kv_segment_ids_BxT=segs)
+    logits, cache = m.apply(
+      {'params': params}, x[:, t : t + 1], pos, segs[:, t : t + 1], cache=cache, cache_index=t, kv_segment_ids_BxT=segs
+    )
     steps.append(logits)
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
 
@@ -75,10 +84,25 @@ def test_parameter_paths_are_stable():
   _, _, params = make('gpt2')
   paths = {'/'.join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
   assert paths == {'embed', 'pos_embed', 'ln_f/scale', 'ln_f/bias'} | {
-      f'block_{i}/{leaf}' for i in range(2) for leaf in (
-          'ln1/scale', 'ln1/bias', 'ln2/scale', 'ln2/bias', 'attn/q_kernel', 'attn/q_bias', 'attn/kv_kernel',
-          'attn/kv_bias', 'attn/o_kernel', 'attn/o_bias', 'mlp/up_kernel', 'mlp/up_bias', 'mlp/down_kernel',
-          'mlp/down_bias')}
+    f'block_{i}/{leaf}'
+    for i in range(2)
+    for leaf in (
+      'ln1/scale',
+      'ln1/bias',
+      'ln2/scale',
+      'ln2/bias',
+      'attn/q_kernel',
+      'attn/q_bias',
+      'attn/kv_kernel',
+      'attn/kv_bias',
+      'attn/o_kernel',
+      'attn/o_bias',
+      'mlp/up_kernel',
+      'mlp/up_bias',
+      'mlp/down_kernel',
+      'mlp/down_bias',
+    )
+  }
 
 
 def test_gpt2_block_parameter_count_matches_the_formula():
@@ -91,7 +115,7 @@ def test_gpt2_block_parameter_count_matches_the_formula():
 def test_invalid_config_names_the_field():
   with pytest.raises(ValueError, match='n_heads'):
     model_lib.ModelConfig(vocab_size=10, max_len=8, d_model=30, n_heads=4).validate()
-  with pytest.raises(ValueError, match="norm must be"):
+  with pytest.raises(ValueError, match='norm must be'):
     model_lib.ModelConfig(vocab_size=10, max_len=8, norm='batchnorm').validate()
 
 
@@ -131,6 +155,7 @@ def test_hand_written_norm_backward_matches_autodiff_of_the_textbook_formula(cen
   def textbook(x):
     xc = x - jnp.mean(x, axis=-1, keepdims=True) if center else x
     return xc / jnp.sqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + 1e-5)
+
   f = lambda norm: jax.jit(jax.value_and_grad(lambda x: jnp.sum(jnp.sin(norm(x)) * w)))(x)
   (v, dx), (v_ref, dx_ref) = f(lambda x: model_lib.standardize(x, 1e-5, center)), f(textbook)
   np.testing.assert_allclose(v, v_ref, rtol=1e-5)
@@ -158,7 +183,6 @@ def make_small(**kw):
 def batch(b=4, l=16, seed=1):
   t = jax.random.randint(jax.random.key(seed), (b, l + 1), 0, SMALL['vocab_size'])
   return {'inputs': t[:, :-1], 'targets': t[:, 1:]}
-
 
 
 def test_bf16_compute_loss_tracks_float32_within_0p05_over_50_steps():
@@ -202,5 +226,3 @@ def test_every_remat_policy_gives_the_gradients_of_no_remat(scan):
     grads[policy] = run(jax.grad(lambda p: steps.loss_terms(p, m, b)[0]), params)
   for policy in policies:  # recomputation may fuse differently: float32 rounding, no more
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), grads[policy], grads['none'])
-
-

@@ -3,6 +3,7 @@
 Uses the real `lmjax train` CLI with --coordinator/--num_processes/--process_id on 127.0.0.1, then restores the
 two-process checkpoint onto a single device.
 """
+
 import json
 import os
 import subprocess
@@ -30,8 +31,12 @@ RUN = ['steps=6', 'log_every=2', 'eval_every=6', 'checkpoint_every=6', 'progress
 
 
 def overrides(data_dir):
-  return ([f'train.{o}' for o in RUN] + ['mesh.data=2', 'mesh.fsdp=4', f'data.manual_dir={MANUAL_DIR}',
-                                          f'data.data_dir={data_dir}'])
+  return [f'train.{o}' for o in RUN] + [
+    'mesh.data=2',
+    'mesh.fsdp=4',
+    f'data.manual_dir={MANUAL_DIR}',
+    f'data.data_dir={data_dir}',
+  ]
 
 
 def losses(workdir, key):
@@ -48,11 +53,21 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
   env.update(JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='4')
   port = portpicker.pick_unused_port()
-  cmd = [sys.executable, '-m', 'lmjax', 'train', '--config=configs/tiny.py', f'--workdir={two}',
-         f'--coordinator=127.0.0.1:{port}', '--num_processes=2'] + [f'--config.{o}' for o in overrides(data_dir)]
+  cmd = [
+    sys.executable,
+    '-m',
+    'lmjax',
+    'train',
+    '--config=configs/tiny.py',
+    f'--workdir={two}',
+    f'--coordinator=127.0.0.1:{port}',
+    '--num_processes=2',
+  ] + [f'--config.{o}' for o in overrides(data_dir)]
   logs = [open(tmp_path / f'process_{i}.log', 'w+') for i in range(2)]
-  procs = [subprocess.Popen(cmd + [f'--process_id={i}'], cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(cmd + [f'--process_id={i}'], cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
+    for i in range(2)
+  ]
   try:
     # The reference trains in this process (8 devices) while the two processes run.
     one = str(tmp_path / 'one_process')
@@ -79,11 +94,18 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
   # Only process 0 wrote logs and the resolved config; both wrote their share of the checkpoint.
   assert sorted(os.listdir(two)) == sorted(os.listdir(one))
   assert sorted(os.listdir(os.path.join(two, 'checkpoints', '6', 'data'))) == [
-      'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
+    'commit_success.txt',
+    'process_0-of-2.json',
+    'process_1-of-2.json',
+  ]
 
   # The checkpoint written by 2 processes x 4 devices restores onto one device and evaluates to the same loss.
-  config, tokenizer, task, state = inference.load_run(two, mesh=parallel.make_mesh(
-      {'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1]), overrides=('mesh.data=1', 'mesh.fsdp=1'), params_only=True)
+  config, tokenizer, task, state = inference.load_run(
+    two,
+    mesh=parallel.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1]),
+    overrides=('mesh.data=1', 'mesh.fsdp=1'),
+    params_only=True,
+  )
   assert int(state.step) == 6 and state.params['embed'].sharding.mesh.size == 1 and state.opt_state is None
   data = data_lib.make_data(config, tokenizer)
   val = task.evaluate(state.params, data.eval_batches)['val_loss']

@@ -3,6 +3,7 @@
 Runs on 8 simulated CPU devices with the tiny model (D=32, 2 layers, vocab 64); compiled steps are cached per
 mesh so the whole file compiles each mesh once.
 """
+
 import functools
 
 import jax
@@ -22,23 +23,25 @@ from lmjax import attention, checkpoint, config as config_lib, model as model_li
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (simulated) devices')
 
 MESHES = {  # name -> (data, fsdp, tensor)
-    'data8': (8, 1, 1),
-    'fsdp8': (1, 8, 1),
-    'data4_tensor2': (4, 1, 2),
-    'data2_fsdp2_tensor2': (2, 2, 2),
+  'data8': (8, 1, 1),
+  'fsdp8': (1, 8, 1),
+  'data4_tensor2': (4, 1, 2),
+  'data2_fsdp2_tensor2': (2, 2, 2),
 }
 
 
 def tiny_config(data=1, fsdp=1, tensor=1, *overrides):
-  return config_lib.load('configs/tiny.py', ['model.vocab_size=64', f'mesh.data={data}', f'mesh.fsdp={fsdp}',
-                                             f'mesh.tensor={tensor}', *overrides])
+  return config_lib.load(
+    'configs/tiny.py',
+    ['model.vocab_size=64', f'mesh.data={data}', f'mesh.fsdp={fsdp}', f'mesh.tensor={tensor}', *overrides],
+  )
 
 
 @functools.lru_cache(maxsize=None)
 def task_on(data, fsdp, tensor) -> task_lib.Task:
   """One Task per mesh: its jitted step compiles once for the whole file. (1, 1, 1) is a single device."""
   config = tiny_config(data, fsdp, tensor)
-  mesh = parallel.make_mesh(config.mesh, jax.devices()[:data * fsdp * tensor])
+  mesh = parallel.make_mesh(config.mesh, jax.devices()[: data * fsdp * tensor])
   return task_lib.Task(config, mesh)
 
 
@@ -83,8 +86,15 @@ def packed_batches(n, B=8, L=128, seed=0):
     slots = np.arange(L)
     seg = (1 + (slots[None] >= ends[:, :1]) + (slots[None] >= ends[:, 1:])).astype(np.int32)
     starts = np.where(seg == 1, 0, np.where(seg == 2, ends[:, :1], ends[:, 1:]))
-    out.append({'inputs': tokens[..., :-1], 'targets': tokens[..., 1:], 'segment_ids': seg[None],
-                'positions': (slots[None] - starts)[None].astype(np.int32), 'weights': np.ones((1, B, L), np.float32)})
+    out.append(
+      {
+        'inputs': tokens[..., :-1],
+        'targets': tokens[..., 1:],
+        'segment_ids': seg[None],
+        'positions': (slots[None] - starts)[None].astype(np.int32),
+        'weights': np.ones((1, B, L), np.float32),
+      }
+    )
   return out
 
 
@@ -99,10 +109,21 @@ def test_splash_attention_trains_on_a_mesh_as_xla_attention_does_on_one_device(m
   monkeypatch.setattr(jax, 'shard_map', lambda f, **kw: specs.append(kw['in_specs']) or shard_map(f, **kw))
 
   def losses(data, fsdp, tensor, impl):
-    config = tiny_config(data, fsdp, tensor, 'model.max_len=128', f'model.attention={impl}', 'model.n_kv_heads=2',
-                         'model.scan_layers=true', 'model.remat=save_proj', 'model.n_layers=1', 'train.batch_size=4')
-    task = task_lib.Task(config, parallel.make_mesh(config.mesh, jax.devices()[:data * fsdp * tensor]))
+    config = tiny_config(
+      data,
+      fsdp,
+      tensor,
+      'model.max_len=128',
+      f'model.attention={impl}',
+      'model.n_kv_heads=2',
+      'model.scan_layers=true',
+      'model.remat=save_proj',
+      'model.n_layers=1',
+      'train.batch_size=4',
+    )
+    task = task_lib.Task(config, parallel.make_mesh(config.mesh, jax.devices()[: data * fsdp * tensor]))
     return run_steps(task, task.init_state(), packed_batches(2, B=4))[1]
+
   want = losses(1, 1, 1, 'xla')
   np.testing.assert_allclose(losses(2, 2, 2, 'splash'), want, rtol=2e-5)
   # the train step's q (B x L x N x G x K) and k (B x N x T x K): rows over data x fsdp, kv heads over tensor
@@ -117,12 +138,13 @@ def test_splash_attention_on_meshes_that_split_some_axes_or_none():
   # One process, several meshes: rows that data does not divide (3 on 2), MQA (its one kv head cannot be split, so
   # tensor splits each group's query heads), and no mesh at all after the others.
   from test_attention import reference_attention
+
   for B, H, N, shape in ((4, 4, 2, (2, 2, 2)), (4, 4, 2, (4, 1, 2)), (3, 4, 1, (2, 1, 2)), (4, 4, 2, (1, 1, 1))):
     ks = jax.random.split(jax.random.key(B + N), 3)
     q = jax.random.normal(ks[0], (B, 128, H, 8))
     k, v = (jax.random.normal(kk, (B, N, 128, 8)) for kk in ks[1:])
     seg_BxL = jnp.where(jnp.arange(128) < 40 + B, 1, 2)[None].repeat(B, 0).astype(jnp.int32)
-    mesh = parallel.make_mesh(dict(zip(parallel.AXES, shape)), jax.devices()[:int(np.prod(shape))])
+    mesh = parallel.make_mesh(dict(zip(parallel.AXES, shape)), jax.devices()[: int(np.prod(shape))])
     attend = functools.partial(attention.attend, impl='splash', causal=True)
     with parallel.activate(mesh):
       got = jax.jit(parallel.traced_with(attend, mesh))(q, k, v, seg_BxL)
@@ -135,12 +157,12 @@ def test_parameters_are_laid_out_by_their_logical_names():
   task = task_on(1, 4, 2)
   params = task.init_state().params
   specs = {
-      ('embed',): ('tensor', 'fsdp'),  # vocab 64 over tensor, d_model over fsdp
-      ('block_0', 'attn', 'q_kernel'): ('fsdp', 'tensor', None),  # (D, H, K)
-      ('block_0', 'attn', 'o_kernel'): ('tensor', None, 'fsdp'),  # (H, K, D)
-      ('block_0', 'mlp', 'up_kernel'): ('fsdp', 'tensor'),  # (D, F)
-      ('block_0', 'mlp', 'down_kernel'): ('tensor', 'fsdp'),  # (F, D)
-      ('block_0', 'ln1', 'scale'): (None,),
+    ('embed',): ('tensor', 'fsdp'),  # vocab 64 over tensor, d_model over fsdp
+    ('block_0', 'attn', 'q_kernel'): ('fsdp', 'tensor', None),  # (D, H, K)
+    ('block_0', 'attn', 'o_kernel'): ('tensor', None, 'fsdp'),  # (H, K, D)
+    ('block_0', 'mlp', 'up_kernel'): ('fsdp', 'tensor'),  # (D, F)
+    ('block_0', 'mlp', 'down_kernel'): ('tensor', 'fsdp'),  # (F, D)
+    ('block_0', 'ln1', 'scale'): (None,),
   }
   for path, spec in specs.items():
     x = functools.reduce(lambda t, k: t[k], path, params)
@@ -162,16 +184,17 @@ def test_fsdp8_device_holds_an_eighth_of_the_train_state():
   overrides = ('model.d_model=64', 'model.use_bias=False', 'model.norm=rmsnorm')
   state = task_lib.Task(tiny_config(1, 8, 1, *overrides)).init_state()
   device0 = jax.devices()[0]
-  on_device0 = sum(s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards
-                   if s.device == device0)
+  on_device0 = sum(s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards if s.device == device0)
   whole = sum(x.nbytes for x in jax.tree.leaves(state))
   assert on_device0 <= 0.135 * whole, (on_device0, whole)
 
 
 def test_activation_constraints_apply_inside_jit_wherever_it_is_traced():
   task = task_on(2, 2, 2)
-  batch = {k: jax.ShapeDtypeStruct(task.train_batch_shape, np.int32, sharding=task.batch_sharding)
-           for k in ('inputs', 'targets')}
+  batch = {
+    k: jax.ShapeDtypeStruct(task.train_batch_shape, np.int32, sharding=task.batch_sharding)
+    for k in ('inputs', 'targets')
+  }
   hlo = task.train_fn.lower(task.abstract_state, batch, task.dropout_rng).as_text()  # no activate() around it
   assert 'sharding_constraint' in hlo
   assert '[{"data", "fsdp"}, {}, {"tensor"}]' in hlo  # the MLP hidden activations: batch x length x mlp

@@ -1,4 +1,5 @@
 """`lmjax plan`: every shipped config loads, validates and plans on CPU, compiling the program training runs."""
+
 import pytest
 from conftest import REPO
 

@@ -1,6 +1,7 @@
 """Sampling specs: cached decoding equals the uncached model, each filter keeps what it should, sampling follows
 softmax(logits / T), EOS and batching behave, beam search finds the best sequence, generation past the context
 slides a window exactly as a plain cropped-window forward pass would, bad input is refused."""
+
 import functools
 import itertools
 import math
@@ -30,6 +31,7 @@ def _model(**overrides):
   def leaf(path, x):
     base = 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else 0.0  # norm scales around 1
     return jnp.asarray(base + 0.4 * rng.standard_normal(x.shape), jnp.float32)
+
   return cfg, jax.tree_util.tree_map_with_path(leaf, nn.meta.unbox(shapes['params']))
 
 
@@ -42,8 +44,9 @@ def _logits_fn(cfg):
 
   def last_logits(params, toks):
     row = np.zeros((cfg.max_len,), np.int32)
-    row[:len(toks)] = toks
+    row[: len(toks)] = toks
     return np.asarray(fwd(params, row)[len(toks) - 1])
+
   return last_logits
 
 
@@ -51,17 +54,21 @@ def _uncached_greedy(cfg, params, prompt, n):
   last_logits, toks = _logits_fn(cfg), list(prompt)
   for _ in range(n):
     toks.append(int(np.argmax(last_logits(params, toks))))
-  return toks[len(prompt):]
+  return toks[len(prompt) :]
 
 
-PROMPTS = [np.array([3, 1, 4, 1, 5], np.int32), np.array([9, 2], np.int32), np.array([6, 5, 3, 5, 8, 9, 7, 9, 3], np.int32)]
+PROMPTS = [
+  np.array([3, 1, 4, 1, 5], np.int32),
+  np.array([9, 2], np.int32),
+  np.array([6, 5, 3, 5, 8, 9, 7, 9, 3], np.int32),
+]
 
 MODEL_OPTIONS = {
-    'gpt2': {},
-    'llama_gqa': dict(positions='rope', norm='rmsnorm', mlp='swiglu', n_kv_heads=2, use_bias=False),
-    'mqa_untied': dict(n_kv_heads=1, tied_embeddings=False, mlp='swiglu'),
-    'scan_rope_gqa': dict(scan_layers=True, positions='rope', n_kv_heads=2),
-    'scan_learned_rms': dict(scan_layers=True, norm='rmsnorm'),
+  'gpt2': {},
+  'llama_gqa': dict(positions='rope', norm='rmsnorm', mlp='swiglu', n_kv_heads=2, use_bias=False),
+  'mqa_untied': dict(n_kv_heads=1, tied_embeddings=False, mlp='swiglu'),
+  'scan_rope_gqa': dict(scan_layers=True, positions='rope', n_kv_heads=2),
+  'scan_learned_rms': dict(scan_layers=True, norm='rmsnorm'),
 }
 
 
@@ -77,8 +84,9 @@ def test_staged_cache_equals_one_full_cache():
   cfg, params = _model(max_len=90, positions='rope')
   assert sample._stage_sizes(16, 16 + 70 - 1, staged=True) == [64, 85]
   kw = dict(max_new_tokens=70, temperature=0.9, top_k=5, seed=3)
-  assert sample.generate(params, cfg, PROMPTS[:2], **kw) == sample.generate(params, cfg, PROMPTS[:2], staged=False,
-                                                                             **kw)
+  assert sample.generate(params, cfg, PROMPTS[:2], **kw) == sample.generate(
+    params, cfg, PROMPTS[:2], staged=False, **kw
+  )
 
 
 def test_batched_prompts_of_different_lengths_equal_one_by_one():
@@ -98,8 +106,9 @@ def _kept(**kw):
   return set(np.flatnonzero(np.asarray(out) > -1e29).tolist())
 
 
-@pytest.mark.parametrize('top_p, kept', [(0.45, {1}), (0.69, {1, 3}), (0.71, {1, 3, 4}), (0.86, {1, 3, 4, 2}),
-                                         (1.0, {0, 1, 2, 3, 4})])
+@pytest.mark.parametrize(
+  'top_p, kept', [(0.45, {1}), (0.69, {1, 3}), (0.71, {1, 3, 4}), (0.86, {1, 3, 4, 2}), (1.0, {0, 1, 2, 3, 4})]
+)
 def test_top_p_keeps_the_smallest_set_with_mass_at_least_p(top_p, kept):
   assert _kept(top_p=top_p) == kept
 
@@ -131,8 +140,24 @@ def _chi_square(counts, probs):
 
 
 # Chi-square critical values at p = 0.001 by degrees of freedom (a fixed seed makes the test deterministic).
-_CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88, 10: 29.59,
-             11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70, 16: 39.25}
+_CHI2_999 = {
+  1: 10.83,
+  2: 13.82,
+  3: 16.27,
+  4: 18.47,
+  5: 20.52,
+  6: 22.46,
+  7: 24.32,
+  8: 26.12,
+  9: 27.88,
+  10: 29.59,
+  11: 31.26,
+  12: 32.91,
+  13: 34.53,
+  14: 36.12,
+  15: 37.70,
+  16: 39.25,
+}
 
 
 def test_sampling_frequencies_match_softmax_of_logits_over_temperature():
@@ -176,17 +201,19 @@ def _run_program(cfg, params, st, prompts, max_new, done=None):
   P = max(len(p) for p in prompts)
   tokens, segs = np.zeros((len(prompts), P), np.int32), np.zeros((len(prompts), P), np.int32)
   for r, p in enumerate(prompts):
-    tokens[r, P - len(p):], segs[r, P - len(p):] = p, 1
+    tokens[r, P - len(p) :], segs[r, P - len(p) :] = p, 1
   lens = np.array([len(p) for p in prompts], np.int32)
   done = np.zeros((len(prompts),), bool) if done is None else np.asarray(done)
-  out, _ = sample._compiled(cfg, max_new, st, None, None)(params, tokens, segs, lens, done, jax.random.key(0), 1.0,
-                                                          1.0, 0.0, 0.6)
+  out, _ = sample._compiled(cfg, max_new, st, None, None)(
+    params, tokens, segs, lens, done, jax.random.key(0), 1.0, 1.0, 0.0, 0.6
+  )
   return np.asarray(out).tolist()
 
 
 def _static(**kw):
-  return sample._Static(**{**dict(greedy=True, top_k=0, use_top_p=False, use_min_p=False, eos_id=None, beam_size=0,
-                                  staged=True), **kw})
+  return sample._Static(
+    **{**dict(greedy=True, top_k=0, use_top_p=False, use_min_p=False, eos_id=None, beam_size=0, staged=True), **kw}
+  )
 
 
 def test_eos_stops_the_row_and_pads_the_rest():
@@ -198,10 +225,11 @@ def test_eos_stops_the_row_and_pads_the_rest():
   for g, row in zip(greedy, got):  # finished rows are padded with EOS; the others run on untouched
     n = g.index(eos) + 1 if eos in g else 8
     assert row == g[:n] + [eos] * (8 - n)
-  assert got[0] == greedy[0][:stop + 1] + [eos] * (7 - stop)
+  assert got[0] == greedy[0][: stop + 1] + [eos] * (7 - stop)
   # generate() cuts each row after its EOS.
   assert sample.generate(params, cfg, PROMPTS[:1], max_new_tokens=8, temperature=0, eos_id=eos) == [
-      greedy[0][:stop + 1]]
+    greedy[0][: stop + 1]
+  ]
 
 
 def test_beam_search_of_width_one_equals_greedy():
@@ -216,9 +244,10 @@ def _brute_force_best(cfg, params, prompt, n, eos, alpha):
   last_logits, best = _logits_fn(cfg), (-math.inf, None)
   for seq in itertools.product(range(cfg.vocab_size), repeat=n):
     if eos is not None and eos in seq:
-      seq = seq[:seq.index(eos) + 1]
-    lp = sum(float(jax.nn.log_softmax(last_logits(params, list(prompt) + list(seq[:i])))[seq[i]])
-             for i in range(len(seq)))
+      seq = seq[: seq.index(eos) + 1]
+    lp = sum(
+      float(jax.nn.log_softmax(last_logits(params, list(prompt) + list(seq[:i])))[seq[i]]) for i in range(len(seq))
+    )
     score = lp / beam.length_penalty_factor(len(seq), alpha)
     best = max(best, (score, list(seq)))
   return best[1]
@@ -241,7 +270,7 @@ def _sliding_greedy_reference(cfg, params, prompt, n, chunk):
   appends `chunk` argmax tokens, each from a full uncached forward pass over that chunk's window so far."""
   last_logits, toks, new = _logits_fn(cfg), list(prompt), []
   while len(new) < n:
-    window = toks[-(cfg.max_len - chunk):]
+    window = toks[-(cfg.max_len - chunk) :]
     for _ in range(min(chunk, n - len(new))):
       tok = int(np.argmax(last_logits(params, window)))
       window.append(tok)
@@ -263,7 +292,8 @@ def test_sliding_window_greedy_equals_a_forward_pass_over_each_cropped_window():
   assert got[1] == sample.generate(params, cfg, [PROMPTS[1]], max_new_tokens=40, temperature=0)[0]
   # Chunks of 1 are nanoGPT's crop-every-token decoding.
   assert sample.generate(params, cfg, PROMPTS[:1], max_new_tokens=20, temperature=0, window_chunk=1) == [
-      _sliding_greedy_reference(cfg, params, PROMPTS[0], 20, 1)]
+    _sliding_greedy_reference(cfg, params, PROMPTS[0], 20, 1)
+  ]
 
 
 def test_sliding_window_runs_every_chunk_on_one_compiled_program():
@@ -284,7 +314,7 @@ def test_sliding_window_same_seed_same_samples_and_each_chunk_draws_fresh_random
   # shared one key, every chunk of 4 would repeat the first.
   zeros = jax.tree.map(jnp.zeros_like, params)
   row = sample.generate(zeros, cfg, PROMPTS[:1], max_new_tokens=40, temperature=1.0, seed=5)[0]
-  assert len({tuple(row[i:i + 4]) for i in range(0, 40, 4)}) > 1
+  assert len({tuple(row[i : i + 4]) for i in range(0, 40, 4)}) > 1
 
 
 def test_eos_in_an_early_chunk_keeps_the_row_finished_while_others_slide_on():
@@ -293,7 +323,7 @@ def test_eos_in_an_early_chunk_keeps_the_row_finished_while_others_slide_on():
   eos = next(t for t in refs[0][:4] if t not in refs[1][:8])  # row 0 stops in chunk 0, row 1 runs on past chunk 1
   stop1 = refs[1].index(eos) + 1 if eos in refs[1] else 40
   got = sample.generate(params, cfg, PROMPTS[:2], max_new_tokens=40, temperature=0, eos_id=eos)
-  assert got == [refs[0][:refs[0].index(eos) + 1], refs[1][:stop1]]
+  assert got == [refs[0][: refs[0].index(eos) + 1], refs[1][:stop1]]
   # The mechanism: a row that enters a chunk finished emits only EOS, even though its window would continue.
   greedy = _run_program(cfg, params, _static(eos_id=eos), PROMPTS[:2], 4, done=[True, False])
   assert greedy[0] == [eos] * 4 and greedy[1] == _run_program(cfg, params, _static(eos_id=eos), PROMPTS[:2], 4)[1]
@@ -302,9 +332,13 @@ def test_eos_in_an_early_chunk_keeps_the_row_finished_while_others_slide_on():
 # ------------------------------------------------------------------------------------------ bad input
 
 
-@pytest.mark.parametrize('kw, message', [
-    (dict(max_new_tokens=30, sliding_window=False),
-     r'prompt \(9 tokens\) \+ max_new_tokens \(30\) = 39 exceeds .*max_len=32 and sliding_window=False'),
+@pytest.mark.parametrize(
+  'kw, message',
+  [
+    (
+      dict(max_new_tokens=30, sliding_window=False),
+      r'prompt \(9 tokens\) \+ max_new_tokens \(30\) = 39 exceeds .*max_len=32 and sliding_window=False',
+    ),
     (dict(max_new_tokens=30, beam_size=2), r'= 39 exceeds .*max_len=32 and beam search .* cannot slide'),
     (dict(max_new_tokens=30, window_chunk=32), r'window_chunk must be in \[1, max_len=32\), got 32'),
     (dict(max_new_tokens=4, top_p=0.0), r'top_p must be in \(0, 1\]'),
@@ -314,7 +348,8 @@ def test_eos_in_an_early_chunk_keeps_the_row_finished_while_others_slide_on():
     (dict(max_new_tokens=4, min_p=1.5), r'min_p must be in \[0, 1\]'),
     (dict(max_new_tokens=4, beam_size=2, num_return_sequences=3), r'at most beam_size=2'),
     (dict(max_new_tokens=4, num_return_sequences=10**8), r'KV cache for 300000000 rows .* GiB, over the'),
-])
+  ],
+)
 def test_bad_options_raise_sample_error_saying_what_is_wrong(kw, message):
   cfg, params = _model()
   with pytest.raises(sample.SampleError, match=message):
@@ -341,4 +376,4 @@ def test_sample_texts_decodes_and_cuts_at_stop_strings():
   assert full == [tok.decode(_uncached_greedy(cfg, params, tok.encode(p), 8)) for p in ['dbebf', 'jc']]
   stop = full[0][3:5]
   cut = sample.sample_texts(params, cfg, tok, ['dbebf', 'jc'], max_new_tokens=8, temperature=0, stop=[stop])
-  assert cut[0] == full[0][:full[0].find(stop)] and stop not in cut[0]
+  assert cut[0] == full[0][: full[0].find(stop)] and stop not in cut[0]

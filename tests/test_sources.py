@@ -22,8 +22,10 @@ needs_input = pytest.mark.skipif(not INPUT.is_file(), reason=f'no {INPUT}')
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
   """Any network attempt fails loudly instead of hanging."""
+
   def refuse(*args, **kwargs):
     raise AssertionError(f'network access attempted: {args}')
+
   monkeypatch.setattr(socket.socket, 'connect', refuse)
   monkeypatch.setattr(socket, 'getaddrinfo', refuse)
 
@@ -45,8 +47,7 @@ def test_registered_checksum_is_the_known_file():
 def test_prepare_builds_stock_dataset_without_tensorflow(data_dir):
   version_dir = Path(data_dir) / 'tiny_shakespeare' / '1.0.0'
   assert sorted(p.name for p in version_dir.glob('*.array_record-*')) == [
-      f'tiny_shakespeare-{s}.array_record-00000-of-00001'
-      for s in ('test', 'train', 'validation')
+    f'tiny_shakespeare-{s}.array_record-00000-of-00001' for s in ('test', 'train', 'validation')
   ]
   # The stock registered builder reads it, with its own splits and feature.
   source = tfds.data_source('tiny_shakespeare', split='train', data_dir=data_dir, download=False)
@@ -75,6 +76,7 @@ def test_second_prepare_is_fast_and_does_not_rebuild(data_dir, monkeypatch):
 
   def fail(*args, **kwargs):
     raise AssertionError('rebuilt a prepared dataset')
+
   monkeypatch.setattr(sources._LocalTinyShakespeare, 'download_and_prepare', fail)
   monkeypatch.setattr(sources, '_read_verified', fail)
   start = time.perf_counter()
@@ -158,6 +160,7 @@ def test_feature_text_on_mocked_dataset(tmp_path):
 
 def _dc(**kw):
   from lmjax import config as config_lib
+
   dc = config_lib.default_config().data
   for k, v in kw.items():
     dc[k] = v

@@ -1,4 +1,5 @@
 """Tests for lmjax.tokenizers: round trips, SentencePiece training/caching/recording, clear errors."""
+
 import json
 
 import numpy as np
@@ -6,8 +7,10 @@ import pytest
 
 from lmjax import config as config_lib, data, tokenizers, workdir
 
-TEXT = ('First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n' * 40
-        + 'You are all resolved rather to die than to famish?\n' * 40)
+TEXT = (
+  'First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n' * 40
+  + 'You are all resolved rather to die than to famish?\n' * 40
+)
 
 
 def _dc(**kw):

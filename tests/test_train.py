@@ -1,4 +1,5 @@
 """Training end to end on the tiny config: learning, metrics, checkpoints, exact resume, preemption, errors."""
+
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from conftest import ONE_DEVICE, REPO, rows as _rows, tiny_overrides, train_tiny
 from lmjax import cli, config as config_lib, errors, hostenv, inference, metrics, parallel, train, workdir
 from lmjax.steps import TrainState
 from lmjax.task import Task
+
 
 def test_loss_falls_and_metrics_are_written(trained):
   rows = _rows(trained)
@@ -52,8 +54,16 @@ def test_checkpoints_are_kept_at_the_configured_steps(trained):
 
 
 def test_intervals_of_zero_mean_only_at_the_last_step(tmp_path, shakespeare_dirs, cache_dir):
-  _train(tmp_path / 'run', shakespeare_dirs, 'train.steps=20', 'optimizer.decay_steps=60', 'train.eval_every=0',
-         'train.checkpoint_every=0', 'train.log_every=0', cache=cache_dir)
+  _train(
+    tmp_path / 'run',
+    shakespeare_dirs,
+    'train.steps=20',
+    'optimizer.decay_steps=60',
+    'train.eval_every=0',
+    'train.checkpoint_every=0',
+    'train.log_every=0',
+    cache=cache_dir,
+  )
   rows = _rows(tmp_path / 'run')
   assert [r['step'] for r in rows if 'val_loss' in r] == [20]
   assert [r['step'] for r in rows if 'train_loss' in r] == [20]
@@ -92,7 +102,9 @@ def test_a_repeated_run_loads_its_programs_without_tracing_and_computes_the_same
   _train(tmp_path / 'again', shakespeare_dirs, *extra, cache=cache)
   assert 'loaded the train step from the cache' in capsys.readouterr().out
   assert sorted(n.split('-')[0] for n in os.listdir(os.path.join(cache, 'lmjax_executables'))) == [
-      'init_state', 'train_step']
+    'init_state',
+    'train_step',
+  ]
   assert _rows_without_time(tmp_path / 'first') == _rows_without_time(tmp_path / 'again')
 
 
@@ -120,10 +132,20 @@ def test_a_checkpoint_of_another_model_is_a_clear_error_and_the_workdir_is_untou
 
 def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, shakespeare_dirs):
   workdir = tmp_path / 'run'
-  cmd = [sys.executable, '-m', 'lmjax', 'train', '--config=configs/tiny.py', f'--workdir={workdir}',
-         *(f'--config.{o}' for o in tiny_overrides(*shakespeare_dirs, **{'train.steps': 100000,
-                                                                           'train.checkpoint_every': 100000,
-                                                                           'train.eval_every': 100000}))]
+  cmd = [
+    sys.executable,
+    '-m',
+    'lmjax',
+    'train',
+    '--config=configs/tiny.py',
+    f'--workdir={workdir}',
+    *(
+      f'--config.{o}'
+      for o in tiny_overrides(
+        *shakespeare_dirs, **{'train.steps': 100000, 'train.checkpoint_every': 100000, 'train.eval_every': 100000}
+      )
+    ),
+  ]
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     deadline = time.time() + 240
@@ -177,8 +199,15 @@ def test_a_negative_interval_or_no_steps_is_a_clear_error(tmp_path, shakespeare_
 
 
 def test_missing_input_txt_is_a_clear_error_naming_path_size_and_checksum(tmp_path, capsys, no_network):
-  code = cli.main(['train', '--config=configs/tiny.py', f'--workdir={tmp_path / "run"}',
-                   f'--config.data.manual_dir={tmp_path}', f'--config.data.data_dir={tmp_path / "tfds"}'])
+  code = cli.main(
+    [
+      'train',
+      '--config=configs/tiny.py',
+      f'--workdir={tmp_path / "run"}',
+      f'--config.data.manual_dir={tmp_path}',
+      f'--config.data.data_dir={tmp_path / "tfds"}',
+    ]
+  )
   err = capsys.readouterr().err
   assert code == 2
   assert str(tmp_path / 'input.txt') in err and '1115394' in err
@@ -197,8 +226,10 @@ def test_a_step_larger_than_host_memory_is_refused_before_it_runs(tmp_path, shak
 
 def test_host_memory_is_available_plus_swap_plus_what_the_process_holds(tmp_path):
   meminfo, statm = tmp_path / 'meminfo', tmp_path / 'statm'
-  meminfo.write_text('MemTotal:       24000000 kB\nMemFree:         1000 kB\nMemAvailable:    2000 kB\n'
-                     'SwapTotal:       5000 kB\nSwapFree:        3000 kB\nHugePages_Total:       0\n')
+  meminfo.write_text(
+    'MemTotal:       24000000 kB\nMemFree:         1000 kB\nMemAvailable:    2000 kB\n'
+    'SwapTotal:       5000 kB\nSwapFree:        3000 kB\nHugePages_Total:       0\n'
+  )
   statm.write_text('1000 10 5 1 0 20 0\n')
   assert hostenv.memory_bytes(str(meminfo), str(statm)) == 1024 * (2000 + 3000) + 10 * os.sysconf('SC_PAGE_SIZE')
   meminfo.write_text('MemTotal:       24000000 kB\n')  # an old kernel without MemAvailable: no guess
@@ -206,10 +237,17 @@ def test_host_memory_is_available_plus_swap_plus_what_the_process_holds(tmp_path
   assert hostenv.memory_bytes(str(tmp_path / 'missing'), str(statm)) is None
 
 
-def test_init_from_starts_from_the_other_runs_parameters_exactly_with_its_own_schedule(tmp_path, trained,
-                                                                                      shakespeare_dirs, cache_dir):
-  own = ['train.steps=1', 'train.log_every=1', 'train.eval_every=1', 'train.checkpoint_every=1',
-         'optimizer.lr=5e-4', 'optimizer.warmup_steps=0']
+def test_init_from_starts_from_the_other_runs_parameters_exactly_with_its_own_schedule(
+  tmp_path, trained, shakespeare_dirs, cache_dir
+):
+  own = [
+    'train.steps=1',
+    'train.log_every=1',
+    'train.eval_every=1',
+    'train.checkpoint_every=1',
+    'optimizer.lr=5e-4',
+    'optimizer.warmup_steps=0',
+  ]
   _train(tmp_path / 'ft', shakespeare_dirs, *own, f'train.init_from={trained}', cache=cache_dir)
   assert (tmp_path / 'ft' / 'tokenizer.json').read_text() == open(os.path.join(trained, 'tokenizer.json')).read()
   # The same step taken by hand: the other run's parameters, a fresh optimizer state, this run's first batch.

@@ -1,4 +1,5 @@
 """What a workdir holds: references, writability, and the provenance of every start."""
+
 import json
 import os
 
@@ -8,9 +9,16 @@ import pytest
 from lmjax import errors, workdir
 
 
-@pytest.mark.parametrize('ref, want', [('runs/a', ('runs/a', None)), ('runs/a:30', ('runs/a', 30)),
-                                       ('runs/a:best', ('runs/a', 'best')), ('gs://b/runs/a', ('gs://b/runs/a', None)),
-                                       ('gs://b/runs/a:7', ('gs://b/runs/a', 7))])
+@pytest.mark.parametrize(
+  'ref, want',
+  [
+    ('runs/a', ('runs/a', None)),
+    ('runs/a:30', ('runs/a', 30)),
+    ('runs/a:best', ('runs/a', 'best')),
+    ('gs://b/runs/a', ('gs://b/runs/a', None)),
+    ('gs://b/runs/a:7', ('gs://b/runs/a', 7)),
+  ],
+)
 def test_a_reference_is_a_directory_and_an_optional_step(ref, want):
   assert workdir.split_ref(ref) == want
 
