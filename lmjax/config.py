@@ -168,6 +168,10 @@ def default_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 500
   t.keep_checkpoints = 3  # the last K checkpoints are kept; older ones are deleted
   t.keep_best = ''  # '' = off; a metric (val_loss, val_ppl, val_bpb): its best checkpoint is kept in WORKDIR/best/
+  # A loss, gradient norm or updated parameter that is not finite: 'stop' ends the run naming the step (no state
+  # after it is saved); 'skip' drops that update, counts it in the metrics, and stops after max_skipped in a row.
+  t.nonfinite = 'stop'
+  t.max_skipped = 10
   t.checkpoint_minutes = 0.0  # 0 = off; also checkpoint when this many minutes passed since the last save
   # '' = a fresh init. WORKDIR or WORKDIR:STEP of another run: start from its parameters (fresh optimizer state,
   # this config's schedule and data, that run's tokenizer): fine-tuning and continued pre-training.
@@ -339,6 +343,8 @@ def problems(config) -> list[str]:
     t.keep_best in ('',) + BEST_METRICS,
     f"train.keep_best must be '' (off) or one of {', '.join(BEST_METRICS)}; got {t.keep_best!r}",
   )
+  need(t.nonfinite in ('stop', 'skip'), f"train.nonfinite must be 'stop' or 'skip'; got {t.nonfinite!r}")
+  need(t.max_skipped >= 1, f'train.max_skipped must be >= 1, got {t.max_skipped}')
   need(t.checkpoint_minutes >= 0, f'train.checkpoint_minutes must be >= 0 (0 = off), got {t.checkpoint_minutes}')
   need(o.name in OPTIMIZERS, f'optimizer.name must be one of {", ".join(OPTIMIZERS)}; got {o.name!r}')
   need(o.lr > 0, f'optimizer.lr must be > 0, got {o.lr}')

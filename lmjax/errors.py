@@ -31,5 +31,9 @@ class SampleError(UserError):
   """A sampling request that cannot be served (bad flags, a prompt that does not fit, too much memory)."""
 
 
+class TrainingError(UserError):
+  """Training cannot go on as configured (a loss or parameters that stopped being finite)."""
+
+
 class WorkdirError(UserError):
   """A workdir that cannot be created, written or read (a file in its place, a read-only or full disk)."""

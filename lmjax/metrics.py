@@ -102,7 +102,9 @@ class Logger:
     self._jsonl = self._tb = self._bar = None
     if not enabled:
       return
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    drop_rows_after(path, progress_start)  # a resumed run logs again the steps after its checkpoint
+    self._jsonl = open(path, 'a')
     # TensorBoard's writer opens at the first write: importing tensorboardX takes ~0.15 s that the first training
     # step need not wait for.
     self._tb_dir = os.path.join(workdir, 'tensorboard')
@@ -115,7 +117,7 @@ class Logger:
     if not self.enabled:
       return
     row = {'step': int(step), 'time': round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(row) + '\n')
+    self._jsonl.write(json.dumps(row, allow_nan=False) + '\n')
     self._jsonl.flush()
     if self._tb is None:
       self._tb = _summary_writer_class()(self._tb_dir)
@@ -147,8 +149,36 @@ class Logger:
 
 
 def _plain(v):
+  """A JSON value: numpy scalars become Python ones, and a non-finite float becomes null (strict JSON has no NaN)."""
   v = v.item() if hasattr(v, 'item') else v
-  return float(v) if isinstance(v, float) else v
+  if isinstance(v, float):
+    return float(v) if math.isfinite(v) else None
+  return v
+
+
+def drop_rows_after(path: str, step: int) -> None:
+  """Keeps the rows of metrics.jsonl up to `step` (the step a run resumes from), and drops a torn last line: a
+  resumed run writes the later steps again, so the file holds one row per step and kind across any number of
+  crashes and resumes."""
+  if not os.path.exists(path):
+    return
+  kept, changed = [], False
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        changed = True
+        continue
+      if isinstance(row, dict) and row.get('step', 0) <= step:
+        kept.append(line if line.endswith('\n') else line + '\n')
+      else:
+        changed = True
+  if changed:
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def _fmt(k, v):

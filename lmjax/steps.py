@@ -37,9 +37,13 @@ def loss_terms(params, model, batch, *, train=False, rng=None):
   return jnp.sum(nll_BxL), jnp.float32(nll_BxL.size)
 
 
-def train_step(state: TrainState, batch, rng, *, model, tx, grad_accum: int = 1):
+def train_step(state: TrainState, batch, rng, *, model, tx, grad_accum: int = 1, skip_nonfinite: bool = False):
   """One optimizer step on one global batch -> (new state, metrics). Dropout keys derive from (rng, step), so a
-  resumed run draws exactly the masks the uninterrupted run drew."""
+  resumed run draws exactly the masks the uninterrupted run drew.
+
+  metrics['finite'] says the loss, the gradient norm and every updated parameter are finite: the loop checks it
+  before it saves a state, so a checkpoint never holds a non-finite parameter. `skip_nonfinite`: such an update is
+  dropped instead (parameters and optimizer state stay as they were; the step still counts)."""
   rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(params, micro, micro_rng):
@@ -64,8 +68,19 @@ def train_step(state: TrainState, batch, rng, *, model, tx, grad_accum: int = 1)
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = jax.tree.map(jnp.add, state.params, updates)  # optax.apply_updates, minus its dtype casts
+  loss, grad_norm = total / count, _global_norm(grads)
+  # The parameters after the update are checked, not just the loss before it: a finite loss can still produce a
+  # non-finite update, and the state after it is the one a checkpoint would hold.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
+  if skip_nonfinite:
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  return new_state, {'train_loss': total / count, 'grad_norm': _global_norm(grads)}
+  return new_state, {'train_loss': loss, 'grad_norm': grad_norm, 'finite': finite}
+
+
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _global_norm(tree):

@@ -54,7 +54,9 @@ class Task:
     K = self.steps_per_call
     self.batch_sharding = parallel.batch_sharding(self.mesh, ndim=3)
     self.eval_batch_sharding = parallel.batch_sharding(self.mesh, ndim=2)
-    step_kw = dict(model=self.model, tx=self.tx, grad_accum=config.train.grad_accum)
+    step_kw = dict(
+      model=self.model, tx=self.tx, grad_accum=config.train.grad_accum, skip_nonfinite=config.train.nonfinite == 'skip'
+    )
     self.train_fn = jax.jit(
       parallel.traced_with(functools.partial(steps.train_steps, **step_kw), self.mesh, self.rules),
       in_shardings=(self.state_shardings, self.batch_sharding, repl),

@@ -17,7 +17,7 @@ import numpy as np
 
 from lmjax import actions as actions_lib, checkpoint, compiling, data as data_lib, hostenv
 from lmjax import metrics as metrics_lib, parallel, tokenizers, workdir as workdir_lib
-from lmjax.errors import ConfigError, WorkdirError
+from lmjax.errors import ConfigError, TrainingError, WorkdirError
 from lmjax.task import Task, check_host_memory, check_training
 
 
@@ -164,11 +164,13 @@ def train(config, workdir: str, actions=None, clock=None) -> dict:
   preempt = _Preemption()
   timer = metrics_lib.StepTimer(step)
   pending, log_due, last = [], None, {}  # metrics stay on device until a log point
+  skipped = {'run': 0, 'total': 0}  # train.nonfinite='skip': updates dropped, in a row and in all
   speed = {}  # the last window's tokens/s, MFU and ms/step
 
   def read_metrics(at_step):
     nonlocal last
-    stats = jax.device_get([m for s, m in pending if s <= at_step])  # the one host-device sync of a log window
+    window = [(s, m) for s, m in pending if s <= at_step]
+    stats = jax.device_get([m for _, m in window])  # the one host-device sync of a log window
     pending[:] = [(s, m) for s, m in pending if s > at_step]  # calls queued after it: they may still be running
     finished = itertools.takewhile(lambda sm: all(x.is_ready() for x in jax.tree.leaves(sm[1])), pending)
     per_step = timer.read(max([at_step] + [s for s, _ in finished]))
@@ -181,12 +183,30 @@ def train(config, workdir: str, actions=None, clock=None) -> dict:
       'grad_norm': float(stats[-1]['grad_norm'][-1]),
       **speed,
     }
-    if not np.isfinite(last['train_loss']):
-      raise FloatingPointError(
-        f'train loss is {last["train_loss"]} at step {at_step}; lower optimizer.lr or check '
-        'the data. The checkpoints already saved are kept.'
-      )
+    bad = [s - K + 1 + i for (s, _), m in zip(window, stats) for i, ok in enumerate(m['finite']) if not ok]
+    too_many = None  # the step at which train.max_skipped updates in a row had been dropped
+    if tc.nonfinite == 'skip':
+      for (s, _), m in zip(window, stats):
+        for i, ok in enumerate(m['finite']):
+          skipped['run'] = 0 if ok else skipped['run'] + 1
+          skipped['total'] += int(not ok)
+          if skipped['run'] >= tc.max_skipped and too_many is None:
+            too_many = s - K + 1 + i
+      last['skipped_steps'] = skipped['total']
     log.write(at_step, last)
+    if too_many is not None:
+      raise TrainingError(
+        f'{tc.max_skipped} updates in a row were skipped (loss, gradient or parameters not finite), the last at step '
+        f'{too_many}; lower optimizer.lr or check the data. The checkpoints saved hold finite parameters'
+      )
+    if bad and tc.nonfinite == 'stop':
+      saved = ckpt.all_steps()
+      kept = f'the last checkpoint is step {saved[-1]} in {ckpt.directory}' if saved else 'no checkpoint was saved'
+      raise TrainingError(
+        f'the loss, gradient norm or updated parameters are not finite at step {bad[0]} (train loss '
+        f'{last["train_loss"]}); nothing after step {bad[0] - 1} is saved and {kept}. Lower optimizer.lr, check the '
+        'data, or set train.nonfinite=skip to drop such updates'
+      )
 
   def run_actions(due, minutes):
     read_metrics(step)  # about to sync anyway: log now, then keep the actions' time out of the window

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import ONE_DEVICE, REPO, rows as _rows, tiny_overrides, train_tiny as _train
 
-from lmjax import cli, config as config_lib, errors, hostenv, inference, metrics, parallel, train, workdir
+from lmjax import actions, cli, config as config_lib, errors, hostenv, inference, metrics, parallel, train, workdir
 from lmjax.steps import TrainState
 from lmjax.task import Task
 
@@ -275,3 +275,40 @@ def test_init_from_a_directory_that_is_not_a_run_is_a_clear_error(tmp_path, shak
   (tmp_path / 'empty').mkdir()
   with pytest.raises(errors.WorkdirError, match='holds no tokenizer.json'):
     _train(tmp_path / 'ft', shakespeare_dirs, f'train.init_from={tmp_path / "empty"}')
+
+
+class _CrashAt(actions.Action):
+  def __init__(self, step):
+    super().__init__(every=step, at_last_step=False)
+
+  def run(self, loop):
+    raise RuntimeError(f'injected crash at step {loop.step}')
+
+
+def test_metrics_hold_one_row_per_step_and_kind_after_a_crash_and_resume(
+  tmp_path, trained, shakespeare_dirs, cache_dir
+):
+  # Checkpoints at 30 and 60; the crash at step 50 comes after rows for 40 and 50 were written past the checkpoint.
+  with pytest.raises(RuntimeError, match='injected crash at step 50'):
+    _train(tmp_path / 'run', shakespeare_dirs, cache=cache_dir, actions=[_CrashAt(50)])
+  assert [r['step'] for r in _rows(tmp_path / 'run') if 'train_loss' in r] == [10, 20, 30, 40, 50]
+  with open(tmp_path / 'run' / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 60, "train_lo')  # and a torn last line, as a kill mid-write leaves
+  _train(tmp_path / 'run', shakespeare_dirs, cache=cache_dir)
+  got = _rows_without_time(tmp_path / 'run')
+  assert got == _rows_without_time(trained)  # the uninterrupted run's rows, each once
+
+
+def test_non_finite_metrics_are_written_as_strict_json_null(tmp_path):
+  log = metrics.Logger(str(tmp_path), progress_bar=False)
+  log.write(3, {'train_loss': float('nan'), 'grad_norm': float('inf'), 'lr': 1e-3}, echo=False)
+  log.close()
+  line = (tmp_path / 'metrics.jsonl').read_text()
+  assert json.loads(line) == {
+    'step': 3,
+    'time': json.loads(line)['time'],
+    'train_loss': None,
+    'grad_norm': None,
+    'lr': 1e-3,
+  }
+  assert 'NaN' not in line and 'Infinity' not in line

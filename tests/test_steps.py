@@ -1,0 +1,85 @@
+"""The pure train step: the finiteness it reports, and what `skip_nonfinite` keeps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import ONE_DEVICE, tiny_overrides
+
+from lmjax import cli, compiling, config as config_lib, inference, model as model_lib, steps, workdir
+
+
+def _setup():
+  cfg = config_lib.ModelConfig(vocab_size=11, max_len=8, n_layers=1, n_heads=2, d_model=16).validate()
+  m = model_lib.Transformer(cfg)
+  params = compiling.run_once(jax.jit(m.init), jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  params = nn.meta.unbox(params)
+  tx = optax.adamw(1e-2)
+  return m, tx, steps.TrainState(jnp.int32(0), params, tx.init(params))
+
+
+def _batch(poison: bool):
+  t = jax.random.randint(jax.random.key(1), (2, 9), 0, 11)
+  weights = jnp.ones((2, 8)).at[0, 3].set(jnp.nan if poison else 1.0)
+  return {'inputs': t[:, :-1], 'targets': t[:, 1:], 'weights': weights}
+
+
+@pytest.mark.parametrize('skip', [False, True])
+def test_a_non_finite_loss_is_reported_and_skip_keeps_the_state(skip):
+  m, tx, state = _setup()
+  step = jax.jit(lambda s, b: steps.train_step(s, b, jax.random.key(2), model=m, tx=tx, skip_nonfinite=skip))
+  good, metrics = step(state, _batch(poison=False))
+  assert bool(metrics['finite']) and int(good.step) == 1
+  bad, metrics = step(state, _batch(poison=True))
+  assert not bool(metrics['finite']) and int(bad.step) == 1
+  leaves = lambda s: [np.asarray(x) for x in jax.tree.leaves((s.params, s.opt_state))]
+  if skip:  # the update is dropped: parameters and optimizer state as before the step
+    for x, y in zip(leaves(bad), leaves(state)):
+      np.testing.assert_array_equal(x, y)
+  else:
+    assert not all(np.isfinite(x).all() for x in leaves(bad))
+
+
+def _run_lr_1e3(tmp_path, shakespeare_dirs, capsys, *extra):
+  overrides = (
+    tiny_overrides(*shakespeare_dirs)
+    + ONE_DEVICE
+    + [
+      'optimizer.lr=1e3',
+      'optimizer.warmup_steps=0',
+      'train.log_every=2',
+      'train.checkpoint_every=2',
+      'train.eval_every=0',
+      'train.keep_checkpoints=2',
+      *extra,
+    ]
+  )
+  wd = tmp_path / 'run'
+  code = cli.main(['train', '--config=configs/tiny.py', f'--workdir={wd}', *(f'--config.{o}' for o in overrides)])
+  err = capsys.readouterr().err
+  [line] = [l for l in err.splitlines() if l.startswith('lmjax train: error: ')]
+  return code, line, str(wd)
+
+
+def test_a_blown_up_run_stops_naming_the_step_and_every_kept_checkpoint_is_finite(tmp_path, shakespeare_dirs, capsys):
+  code, line, wd = _run_lr_1e3(tmp_path, shakespeare_dirs, capsys)
+  assert code == 2 and 'not finite at step' in line and 'train.nonfinite=skip' in line, line
+  saved = sorted(int(s) for s in __import__('os').listdir(workdir.checkpoint_dir(wd)) if s.isdigit())
+  assert saved and f'the last checkpoint is step {saved[-1]}' in line
+  for step in saved:
+    result = inference.evaluate_run(wd, ONE_DEVICE, step=step)
+    assert np.isfinite(result['val_loss']), (step, result)
+
+
+def test_skipping_drops_non_finite_updates_counts_them_and_stops_after_max_in_a_row(tmp_path, shakespeare_dirs, capsys):
+  code, line, wd = _run_lr_1e3(tmp_path, shakespeare_dirs, capsys, 'train.nonfinite=skip', 'train.max_skipped=4')
+  assert code == 2 and '4 updates in a row were skipped' in line, line
+  from conftest import rows  # pylint: disable=import-outside-toplevel
+
+  counts = [r['skipped_steps'] for r in rows(wd) if 'skipped_steps' in r]
+  assert counts and counts == sorted(counts) and counts[-1] >= 4
+  _, _, _, state = inference.load_run(wd, ONE_DEVICE)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
