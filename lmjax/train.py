@@ -97,10 +97,24 @@ def _agree(flags: list[bool]) -> list[bool]:
 
 def train(config, workdir: str, actions=None, clock=None) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics. `actions`: periodic actions run
-  after the ones the config asks for (lmjax/actions.py). Raises Preempted after a SIGTERM's checkpoint."""
+  after the ones the config asks for (lmjax/actions.py). Raises Preempted after a SIGTERM's checkpoint.
+
+  Process 0 holds the workdir's lock (lmjax/workdir.py Lock) for the whole run: a second job on the same workdir
+  is refused instead of deleting the first one's checkpoints."""
+  workdir_lib.ensure_writable(workdir)
+  lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else None
+  if lock is not None:
+    lock.acquire()
+  try:
+    return _train(config, workdir, actions, clock, lock)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config, workdir, actions, clock, lock):
   compiling.enable_compilation_cache(config.train.compilation_cache_dir)
   tc, primary = config.train, jax.process_index() == 0
-  workdir_lib.ensure_writable(workdir)
   init_from = _InitFrom(tc.init_from) if tc.init_from else None
   data = prepare_data(config, workdir, init_from.tokenizer if init_from else None)
   task = Task(config)
@@ -194,6 +208,8 @@ def train(config, workdir: str, actions=None, clock=None) -> dict:
             too_many = s - K + 1 + i
       last['skipped_steps'] = skipped['total']
     log.write(at_step, last)
+    if lock is not None:
+      lock.touch()  # the heartbeat another host reads to tell a live holder from a dead one
     if too_many is not None:
       raise TrainingError(
         f'{tc.max_skipped} updates in a row were skipped (loss, gradient or parameters not finite), the last at step '

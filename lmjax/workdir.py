@@ -17,8 +17,10 @@ import importlib.metadata
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
+import time
 
 import ml_collections
 
@@ -28,6 +30,7 @@ from lmjax.errors import ConfigError, WorkdirError
 CONFIG = 'config.json'
 PROVENANCE = 'provenance.json'
 METRICS = 'metrics.jsonl'
+LOCK = 'lock.json'
 CHECKPOINTS = 'checkpoints'
 BEST = 'best'
 _LIBRARIES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy')
@@ -67,6 +70,89 @@ def checkpoint_dir(workdir: str, best: bool = False) -> str:
 
 def metrics_path(workdir: str) -> str:
   return os.path.join(workdir, METRICS)
+
+
+# ---------------------------------------------------------------------------------------------- the lock
+
+
+class Lock:
+  """WORKDIR/lock.json while a training job runs in it: who holds it (host, pid, since when); its mtime is a
+  heartbeat the loop renews at every log point. Created with O_EXCL, so of two jobs started together one wins, on
+  a local disk or a shared filesystem alike. A lock whose holder is gone is stale and taken over: on this host, a
+  pid that no longer runs; from another host, a heartbeat older than `stale_minutes`. Sampling and evaluation
+  never take it: they only read."""
+
+  def __init__(self, workdir: str, stale_minutes: float = 15.0):
+    self.path, self.stale_minutes = os.path.join(workdir, LOCK), stale_minutes
+    self.mine = {
+      'host': socket.gethostname(),
+      'pid': os.getpid(),
+      'since': datetime.datetime.now().isoformat(timespec='seconds'),
+    }
+    self.held = False
+
+  def acquire(self):
+    for _ in range(3):  # a stale lock removed between our tries: try again
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = self._read()
+        if holder is not None and not self._stale(holder):
+          raise WorkdirError(
+            f'{os.path.dirname(self.path)} is in use by `lmjax train` on host {holder.get("host")}, pid '
+            f'{holder.get("pid")}, since {holder.get("since")}; wait for it or stop it, or use another --workdir '
+            f'(a lock left by a killed run is taken over by itself; delete {self.path} only if you are sure)'
+          ) from None
+        try:
+          os.remove(self.path)  # stale (or unreadable): its holder is gone
+        except FileNotFoundError:
+          pass
+        continue
+      except OSError as e:
+        raise WorkdirError(f'cannot create {self.path} ({e.strerror or e}); use a writable --workdir') from None
+      with os.fdopen(fd, 'w') as f:
+        json.dump(self.mine, f)
+      self.held = True
+      return self
+    raise WorkdirError(
+      f'could not take {self.path}: another job keeps creating it; is a second `lmjax train` starting on this workdir?'
+    )
+
+  def _read(self) -> dict | None:
+    try:
+      with open(self.path) as f:
+        holder = json.load(f)
+      holder['heartbeat'] = os.path.getmtime(self.path)
+      return holder
+    except (OSError, ValueError):
+      return None
+
+  def _stale(self, holder: dict) -> bool:
+    if holder.get('host') == self.mine['host']:
+      try:
+        os.kill(int(holder.get('pid', -1)), 0)
+      except ProcessLookupError:
+        return True
+      except (PermissionError, ValueError, OverflowError):
+        return False
+      return False
+    return time.time() - holder['heartbeat'] > 60 * self.stale_minutes
+
+  def touch(self):
+    if self.held:
+      try:
+        os.utime(self.path)
+      except OSError:
+        pass
+
+  def release(self):
+    holder = self._read() or {}
+    if self.held and (holder.get('host'), holder.get('pid')) == (self.mine['host'], self.mine['pid']):
+      try:
+        os.remove(self.path)
+      except OSError:
+        pass
+    self.held = False
 
 
 # ---------------------------------------------------------------------------------------------- config, tokenizer

@@ -2,9 +2,14 @@
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import jax
 import pytest
+from conftest import ONE_DEVICE, REPO, tiny_overrides, train_tiny
 
 from lmjax import errors, workdir
 
@@ -46,3 +51,56 @@ def test_a_config_that_is_not_json_is_a_clear_error(tmp_path):
     workdir.load_config(str(tmp_path))
   with pytest.raises(errors.WorkdirError, match='does not exist'):
     workdir.load_config(str(tmp_path / 'missing'))
+
+
+def _hold(wd, host, pid, age_s=0.0):
+  path = os.path.join(wd, workdir.LOCK)
+  with open(path, 'w') as f:
+    json.dump({'host': host, 'pid': pid, 'since': '2026-12-01T00:00:00'}, f)
+  os.utime(path, (time.time() - age_s, time.time() - age_s))
+
+
+def test_a_second_train_on_a_held_workdir_exits_2_naming_the_holder_and_a_dead_holders_lock_is_taken(
+  tmp_path, shakespeare_dirs, cache_dir
+):
+  wd = tmp_path / 'run'
+  wd.mkdir()
+  holder = subprocess.Popen(['sleep', '120'])  # a live process on this host holds the lock
+  try:
+    _hold(wd, socket.gethostname(), holder.pid)
+    overrides = tiny_overrides(*shakespeare_dirs, **{'train.steps': 10, 'train.eval_every': 10}) + ONE_DEVICE
+    proc = subprocess.run(
+      [
+        sys.executable,
+        '-m',
+        'lmjax',
+        'train',
+        '--config=configs/tiny.py',
+        f'--workdir={wd}',
+        *(f'--config.{o}' for o in overrides),
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [line] = [l for l in proc.stderr.splitlines() if l.startswith('lmjax train: error: ')]
+    assert f'pid {holder.pid}' in line and socket.gethostname() in line and 'Traceback' not in proc.stderr
+    assert sorted(os.listdir(wd)) == [workdir.LOCK]  # nothing written beside it
+  finally:
+    holder.kill()
+    holder.wait()
+  train_tiny(wd, shakespeare_dirs, 'train.steps=10', 'train.eval_every=10', cache=cache_dir)  # stale: taken over
+  assert not (wd / workdir.LOCK).exists() and (wd / 'checkpoints' / '10').is_dir()  # and released at the end
+
+
+def test_another_hosts_lock_is_stale_only_when_its_heartbeat_is_old(tmp_path):
+  _hold(tmp_path, 'another-host', 1, age_s=10)
+  with pytest.raises(errors.WorkdirError, match='another-host, pid 1'):
+    workdir.Lock(str(tmp_path), stale_minutes=1).acquire()
+  _hold(tmp_path, 'another-host', 1, age_s=120)
+  lock = workdir.Lock(str(tmp_path), stale_minutes=1).acquire()
+  assert json.load(open(tmp_path / workdir.LOCK))['pid'] == os.getpid()
+  lock.release()
+  assert not (tmp_path / workdir.LOCK).exists()
