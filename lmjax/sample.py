@@ -268,10 +268,21 @@ def _check(cfg, prompts_ids, max_new_tokens, temperature, top_k, top_p, min_p, n
     )
 
 
-def _check_memory(cfg, rows, cache_len, limit_bytes):
+# Host bytes per generated token of one row: its id (int32) and the text decoded from it (a few UTF-8 bytes, and
+# Python's str overhead while the rows are joined).
+_OUTPUT_BYTES_PER_TOKEN = 16
+
+
+def _check_memory(cfg, rows, cache_len, limit_bytes, max_new_tokens=0):
   cache_bytes = 2 * cfg.n_layers * rows * cfg.kv_heads * cache_len * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
   if limit_bytes is None:
     limit_bytes = int(MEMORY_FRACTION * available_memory_bytes())
+  out_bytes = rows * max_new_tokens * _OUTPUT_BYTES_PER_TOKEN
+  if out_bytes > limit_bytes:
+    raise SampleError(
+      f'{rows} rows of max_new_tokens={max_new_tokens} would need {out_bytes / 2**30:.1f} GiB for the output alone, '
+      f'over the {limit_bytes / 2**30:.2f} GiB limit; ask for fewer tokens or fewer samples'
+    )
   if cache_bytes > limit_bytes:
     raise SampleError(
       f'the KV cache for {rows} rows (prompts x num_return_sequences x beam_size) of {cache_len} slots '
@@ -281,6 +292,15 @@ def _check_memory(cfg, rows, cache_len, limit_bytes):
 
 
 # ------------------------------------------------------------------------------------------ Python API
+
+
+def _progress(total_tokens: int, wanted: bool):
+  """A progress bar in tokens per row for long sliding-window generations, when stderr is a terminal."""
+  if not wanted or not sys.stderr.isatty():
+    return None
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  return tqdm(total=total_tokens, unit='tok', desc='sampling', leave=False, dynamic_ncols=True)
 
 
 def window_chunk_len(model_cfg, window_chunk: int = 0) -> int:
@@ -323,6 +343,7 @@ def generate(
   staged=True,
   memory_limit_bytes=None,
   sliding_window=True,
+  progress=False,
   window_chunk=0,
 ):
   """Continuations of token prompts: a list of len(prompts) * num_return_sequences id lists, prompt-major
@@ -365,7 +386,7 @@ def generate(
     shards = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
     extra = -rows % (shards * n_per) if beam_size > 1 else -rows % shards
   R = rows + extra
-  _check_memory(model_cfg, R, P + chunk, memory_limit_bytes)
+  _check_memory(model_cfg, R, P + chunk, memory_limit_bytes, max_new_tokens)
 
   st = _Static(
     greedy=temperature == 0,
@@ -396,15 +417,21 @@ def generate(
     pad_id = eos_id if eos_id is not None else 0
     out_RxN = np.full((R, max_new_tokens), pad_id, np.int32)
     windows_R = prompts_R
-    for k, start in enumerate(range(0, max_new_tokens, chunk)):
+    starts = range(0, max_new_tokens, chunk)
+    bar = _progress(len(starts) * chunk, progress)
+    for k, start in enumerate(starts):
       new_RxC = call(windows_R, done_R, jax.random.fold_in(jax.random.key(seed), k))
       n = min(chunk, max_new_tokens - start)  # the last chunk decodes a whole chunk and keeps what was asked for
       out_RxN[:, start : start + n] = new_RxC[:, :n]
+      if bar is not None:
+        bar.update(chunk)
       if eos_id is not None:
         done_R = done_R | np.any(new_RxC[:, :n] == eos_id, axis=1)
         if done_R[:rows].all():
           break
       windows_R = [np.concatenate([w, c])[-P:] for w, c in zip(windows_R, new_RxC)]
+    if bar is not None:
+      bar.close()
   out_RxN = out_RxN[:rows]
   if beam_size > 1:  # keep the best num_return_sequences of each prompt's beams (already sorted best first)
     out_RxN = out_RxN.reshape(len(prompts_ids), beam_size, -1)[:, :num_return_sequences].reshape(-1, max_new_tokens)
@@ -447,8 +474,13 @@ def run(args, overrides):
   s, cfg = config.sample, task.model_cfg
   pick = lambda flag, key, default: flag if flag is not None else s.get(key, default)
   if args.prompt_file:
-    with open(args.prompt_file) as f:
-      prompts = [line.rstrip('\n') for line in f if line.strip()]
+    try:
+      with open(args.prompt_file) as f:
+        prompts = [line.rstrip('\n') for line in f if line.strip()]
+    except OSError as e:
+      raise SampleError(f'--prompt_file {args.prompt_file}: {e.strerror or e}') from None
+    if not prompts:
+      raise SampleError(f'--prompt_file {args.prompt_file} holds no prompt (only blank lines); write one per line')
   else:
     prompts = [pick(args.prompt, 'prompt', '\n')]
   max_new = int(pick(args.max_new_tokens, 'max_new_tokens', 500))
@@ -483,6 +515,7 @@ def run(args, overrides):
     mesh=task.mesh,
     sliding_window=sliding,
     window_chunk=window_chunk,
+    progress=True,
   )
   seconds = time.perf_counter() - t0
   for i, text in enumerate(texts):

@@ -377,3 +377,18 @@ def test_sample_texts_decodes_and_cuts_at_stop_strings():
   stop = full[0][3:5]
   cut = sample.sample_texts(params, cfg, tok, ['dbebf', 'jc'], max_new_tokens=8, temperature=0, stop=[stop])
   assert cut[0] == full[0][: full[0].find(stop)] and stop not in cut[0]
+
+
+def test_a_prompt_file_of_blank_lines_and_an_output_that_cannot_fit_are_one_line_errors(trained, tmp_path, capsys):
+  from lmjax import cli  # pylint: disable=import-outside-toplevel
+
+  blank = tmp_path / 'prompts.txt'
+  blank.write_text('\n  \n\n')
+  for flags, fragment in (
+    ([f'--prompt_file={blank}'], 'holds no prompt (only blank lines)'),
+    ([f'--prompt_file={tmp_path / "missing.txt"}'], 'No such file'),
+    (['--max_new_tokens=10000000000'], 'for the output alone'),
+  ):
+    assert cli.main(['sample', f'--workdir={trained}', '--config.mesh.data=1', *flags]) == 2
+    [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith('lmjax sample: error: ')]
+    assert fragment in line, line
