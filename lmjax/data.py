@@ -70,7 +70,7 @@ def make_data(config, tokenizer=None, *, workdir=None, process_index=None, proce
   L = config.model.max_len
   if dc.rows == 'windows':
     train_text, eval_text = _join(train_docs), _join(eval_docs)
-    tokenizer = _tokenizer(dc, tokenizer, lambda: [train_text], workdir)
+    tokenizer = _tokenizer(dc, tokenizer, lambda: [train_text], workdir, pi, pc)
     train_ids, eval_ids = tokenizer.encode(train_text), tokenizer.encode(eval_text)
     if len(train_ids) < L + 1:
       raise sources.DataError(
@@ -85,7 +85,7 @@ def make_data(config, tokenizer=None, *, workdir=None, process_index=None, proce
     )
   # The tokenizer trains on documents in a fixed shuffled order, so a capped sample (spm_train_chars) is unbiased.
   sample = lambda: (train_docs[int(i)] for i in grain.MapDataset.range(len(train_docs)).shuffle(seed=0))
-  tokenizer = _tokenizer(dc, tokenizer, sample, workdir)
+  tokenizer = _tokenizer(dc, tokenizer, sample, workdir, pi, pc)
   encode = DocumentEncoder(tokenizer)
   rows = packed_rows(train_docs, encode, L, config.seed, pi, pc, read_threads=dc.read_threads)
   train_it = iter(rows.batch(_local_batch(tc.batch_size, pc), drop_remainder=True))
@@ -97,9 +97,9 @@ def _join(docs) -> str:
   return ''.join(docs[i] for i in range(len(docs)))
 
 
-def _tokenizer(dc, tokenizer, texts, workdir):
+def _tokenizer(dc, tokenizer, texts, workdir, pi=0, pc=1):
   if tokenizer is None:
-    return tokenizers.build(dc, texts, workdir)
+    return tokenizers.build(dc, texts, workdir, process_index=pi, process_count=pc)
   return tokenizers.check_config(tokenizer, dc)
 
 

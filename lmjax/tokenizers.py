@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
+import time
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
@@ -138,9 +140,10 @@ KINDS = config_lib.TOKENIZERS
 _FILE = 'tokenizer.json'
 
 
-def build(dc, texts: Callable[[], Iterable[str]], cache_dir: Optional[str] = None):
+def build(dc, texts: Callable[[], Iterable[str]], cache_dir: Optional[str] = None, *, process_index=0, process_count=1):
   """The tokenizer the data config `dc` asks for. `texts()` yields training text (called only if one must be
-  trained); a trained SentencePiece model is cached in dc.tokenizer_dir, else cache_dir (the workdir)."""
+  trained); a trained SentencePiece model is cached in dc.tokenizer_dir, else cache_dir (the workdir). In a job of
+  several processes sharing that directory, process 0 trains and writes it and the others wait and read it."""
   if dc.tokenizer == 'char':
     return CharTokenizer.train(texts())
   if dc.tokenizer == 'byte':
@@ -154,11 +157,14 @@ def build(dc, texts: Callable[[], Iterable[str]], cache_dir: Optional[str] = Non
           'leave it empty to train one from the dataset'
         )
       return check_config(SentencePieceTokenizer(path.read_bytes()), dc, str(path))
-    return _trained_spm(dc, texts, cache_dir)
+    return _trained_spm(dc, texts, cache_dir, process_index, process_count)
   raise TokenizerError(f'unknown tokenizer {dc.tokenizer!r}; choose one of {KINDS} with --config.data.tokenizer=...')
 
 
-def _trained_spm(dc, texts, cache_dir):
+SPM_WAIT_S = 4 * 3600  # how long other processes wait for process 0 to train a SentencePiece model
+
+
+def _trained_spm(dc, texts, cache_dir, process_index=0, process_count=1):
   settings = {
     k: dc[k] for k in ('dataset', 'train_split', 'feature', 'spm_vocab_size', 'spm_model_type', 'spm_train_chars')
   }
@@ -167,13 +173,28 @@ def _trained_spm(dc, texts, cache_dir):
   path = epath.Path(directory) / f'spm-{dc.spm_model_type}{dc.spm_vocab_size}-{key}.model' if directory else None
   if path is not None and path.exists():
     return SentencePieceTokenizer(path.read_bytes())
+  if path is not None and process_count > 1 and process_index != 0:
+    return SentencePieceTokenizer(_wait_for(path))
   tok = SentencePieceTokenizer(train_spm(texts(), dc.spm_vocab_size, dc.spm_model_type, dc.spm_train_chars))
   if path is not None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (path.name + '.tmp')
+    tmp = path.parent / f'{path.name}.{os.getpid()}.tmp'  # one writer's own file: renames never collide
     tmp.write_bytes(tok.proto)
     tmp.rename(path)
   return tok
+
+
+def _wait_for(path, timeout_s: float | None = None, poll_s: float = 1.0) -> bytes:
+  """The bytes of `path` once process 0 has written it (whole: it is renamed into place)."""
+  deadline = time.monotonic() + (SPM_WAIT_S if timeout_s is None else timeout_s)
+  while not path.exists():
+    if time.monotonic() > deadline:
+      raise TokenizerError(
+        f"waited for process 0 to train {path} and it did not appear; check process 0's log, or train the "
+        'tokenizer once on one host (data.tokenizer_dir) before the multi-host run'
+      )
+    time.sleep(poll_s)
+  return path.read_bytes()
 
 
 def train_spm(texts: Iterable[str], vocab_size: int, model_type: str, max_chars: int) -> bytes:

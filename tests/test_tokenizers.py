@@ -106,3 +106,28 @@ def test_spm_packed_documents_get_bos_and_eos(spm_tok):
   d = data.DocumentEncoder(spm_tok)('Speak, speak.')
   assert d['inputs'][0] == spm_tok.bos_id and d['targets'][-1] == spm_tok.eos_id
   np.testing.assert_array_equal(d['inputs'][1:], d['targets'][:-1])
+
+
+def test_on_several_hosts_only_process_0_trains_spm_and_the_others_read_its_model(tmp_path):
+  import threading  # pylint: disable=import-outside-toplevel
+
+  got = {}
+
+  def other_host():  # process 1 of 2, started first: it must wait, never train
+    got['tok'] = tokenizers.build(
+      _dc(), lambda: pytest.fail('process 1 trained'), str(tmp_path), process_index=1, process_count=2
+    )
+
+  waiter = threading.Thread(target=other_host)
+  waiter.start()
+  first = tokenizers.build(_dc(), lambda: [TEXT], str(tmp_path), process_index=0, process_count=2)
+  waiter.join(timeout=60)
+  assert not waiter.is_alive() and got['tok'].sha256 == first.sha256
+  assert [p.name for p in tmp_path.iterdir() if '.tmp' in p.name] == []  # no writer's temporary file left
+
+
+def test_waiting_for_a_model_process_0_never_writes_is_a_clear_error(tmp_path):
+  from etils import epath  # pylint: disable=import-outside-toplevel
+
+  with pytest.raises(tokenizers.TokenizerError, match="check process 0's log"):
+    tokenizers._wait_for(epath.Path(tmp_path) / 'never.model', timeout_s=0.2, poll_s=0.05)
