@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import grain.checkpoint  # grain's Orbax handler + CheckpointSave/Restore args
 import jax
@@ -33,6 +34,16 @@ def _drop_orbax_info(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger('absl').addFilter(_drop_orbax_info)
+
+
+def _free(directory: str) -> str:
+  """Free space on the disk holding `directory`, for messages ('?' for remote or unreadable paths)."""
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  try:
+    return f'{shutil.disk_usage(directory).free / 2**30:.2f} GiB'
+  except OSError:
+    return '?'
 
 
 def _path_str(path) -> str:
@@ -123,7 +134,7 @@ class Checkpointer:
     """A failed write (a full disk, a read-only or vanished directory) as one line saying where and what to do."""
     text = ' '.join(str(e).split())
     if 'RESOURCE_EXHAUSTED' in text or 'No space' in text or getattr(e, 'errno', None) == 28:
-      why = 'the disk is full'
+      why = f'the disk is full ({_free(self.directory)} free there); lower train.keep_checkpoints or use a --workdir on a larger disk'
     elif 'PERMISSION_DENIED' in text or 'Read-only' in text or getattr(e, 'errno', None) in (13, 30):
       why = 'the directory is not writable'
     else:
@@ -227,6 +238,19 @@ class Checkpointer:
       raise CheckpointError(f'Restoring the parameters of step {step} from {self.directory} failed: {e}') from e
     return abstract_state.replace(step=got['step'], params=got['params'], opt_state=None)
 
+  def move_aside(self, step: int) -> str:
+    """Moves a step that does not restore to DIR/damaged/STEP (never deletes it: its files may still be
+    recoverable by hand) so that the next save and resume never trip over it. Returns where it went."""
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(self.directory, 'damaged', str(step))
+    n = 1
+    while os.path.exists(dst):
+      dst, n = os.path.join(self.directory, 'damaged', f'{step}.{n}'), n + 1
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.replace(src, dst)
+    self._mngr.reload()
+    return dst
+
   def wait(self) -> None:
     """Blocks until pending async saves are written (and raises their errors as CheckpointError)."""
     try:
@@ -242,3 +266,23 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def restore_newest(checkpointer: Checkpointer, restore, *, move_aside: bool = False, warn=None):
+  """`restore(step)` for the newest step that restores, trying older steps when one is damaged (a CheckpointError):
+  each skipped step is named with why, and moved to DIR/damaged/ when `move_aside` (the training run, the
+  directory's one writer; evaluation only reads). Errors that are not damage (another model) propagate. Returns
+  (step, result); a CheckpointError naming the directory when none restores."""
+  warn = warn or (lambda text: print(text, file=sys.stderr, flush=True))
+  steps = checkpointer.all_steps()
+  if not steps:
+    raise CheckpointError(f'{checkpointer.directory} holds no checkpoint yet; train first')
+  why = []
+  for step in reversed(steps):
+    try:
+      return step, restore(step)
+    except CheckpointError as e:
+      why.append(f'step {step}: {" ".join(str(e).split())[:300]}')
+      where = f'; moved to {checkpointer.move_aside(step)}' if move_aside else ''
+      warn(f'lmjax: warning: checkpoint step {step} in {checkpointer.directory} does not restore{where} ({why[-1]})')
+  raise CheckpointError(f'no checkpoint in {checkpointer.directory} restores: {"; ".join(why)}')

@@ -24,10 +24,16 @@ def load_run(workdir: str, overrides=(), mesh=None, step=None, params_only=True)
     if ckpt.latest_step() is None:
       where = f'{workdir}/best (train.keep_best)' if best else f'{workdir}/checkpoints'
       raise CheckpointError(f'{where} holds no checkpoint yet; train first')
-    step = None if best else step
-    workdir_lib.check_compatible(ckpt.read_meta(step), config, tokenizer.spec(), workdir, what='Load it')
     task = Task(config, mesh)
-    state = (ckpt.restore_params if params_only else ckpt.restore)(step, task.abstract_state)
+
+    def restore(at):
+      workdir_lib.check_compatible(ckpt.read_meta(at), config, tokenizer.spec(), workdir, what='Load it')
+      return (ckpt.restore_params if params_only else ckpt.restore)(at, task.abstract_state)
+
+    if step is None or best:  # the newest that restores (a damaged newest step is named and skipped)
+      _, state = checkpoint.restore_newest(ckpt, restore)
+    else:  # a step asked for by number: that step exactly
+      state = restore(step)
   finally:
     ckpt.close()
   return config, tokenizer, task, state

@@ -101,18 +101,23 @@ def train(config, workdir: str, actions=None, clock=None) -> dict:
 
   Process 0 holds the workdir's lock (lmjax/workdir.py Lock) for the whole run: a second job on the same workdir
   is refused instead of deleting the first one's checkpoints."""
-  workdir_lib.ensure_writable(workdir)
-  lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else None
-  if lock is not None:
-    lock.acquire()
+  # SIGTERM is caught from here until the last checkpoint write has finished: a signal during start-up or the
+  # final save stops the run at its next step boundary instead of killing a write.
+  preempt = _Preemption()
+  lock = None
   try:
-    return _train(config, workdir, actions, clock, lock)
+    workdir_lib.ensure_writable(workdir)
+    lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else None
+    if lock is not None:
+      lock.acquire()
+    return _train(config, workdir, actions, clock, lock, preempt)
   finally:
+    preempt.restore()
     if lock is not None:
       lock.release()
 
 
-def _train(config, workdir, actions, clock, lock):
+def _train(config, workdir, actions, clock, lock, preempt):
   compiling.enable_compilation_cache(config.train.compilation_cache_dir)
   tc, primary = config.train, jax.process_index() == 0
   init_from = _InitFrom(tc.init_from) if tc.init_from else None
@@ -134,8 +139,12 @@ def _train(config, workdir, actions, clock, lock):
     )
     meta = {'config': config.to_dict(), 'tokenizer': data.tokenizer.spec()}
     if ckpt.latest_step() is not None:
-      workdir_lib.check_compatible(ckpt.read_meta(), config, data.tokenizer.spec(), workdir)
-      state = ckpt.restore(None, task.abstract_state, data_iter=data.train_iter)
+
+      def restore(step):
+        workdir_lib.check_compatible(ckpt.read_meta(step), config, data.tokenizer.spec(), workdir)
+        return ckpt.restore(step, task.abstract_state, data_iter=data.train_iter)
+
+      _, state = checkpoint.restore_newest(ckpt, restore, move_aside=primary)
       start = f'resuming at step {int(state.step)}'
     elif init_from is not None:
       state = task.init_state(params=init_from.params(task, config, data.tokenizer))
@@ -175,7 +184,6 @@ def _train(config, workdir, actions, clock, lock):
   periodic = actions_lib.from_config(config, best) + list(actions or ())
   clock = clock or actions_lib.Clock()
   multihost = jax.process_count() > 1
-  preempt = _Preemption()
   timer = metrics_lib.StepTimer(step)
   pending, log_due, last = [], None, {}  # metrics stay on device until a log point
   skipped = {'run': 0, 'total': 0}  # train.nonfinite='skip': updates dropped, in a row and in all
@@ -286,7 +294,6 @@ def _train(config, workdir, actions, clock, lock):
       ckpt.save(step, state, data_iter=data.train_iter, meta=meta, force=True)
       log.echo(f'SIGTERM: saved a checkpoint at step {step}; run the same command again to resume.')
   finally:
-    preempt.restore()
     ckpt.wait()
     ckpt.close()
     if best is not None:

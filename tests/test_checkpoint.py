@@ -1,5 +1,7 @@
 """Tests for lmjax.checkpoint (tiny arrays; runs in seconds on CPU)."""
 
+import os
+
 import jax
 
 # Resharding tests need 8 devices. This must happen before any JAX op; if a
@@ -207,3 +209,31 @@ def test_data_iterator_state_is_per_process(tmp_path, monkeypatch):
     monkeypatch.setattr(grain_sharding, 'get_process_index_and_count', lambda: (0, 2))
     with pytest.raises(CheckpointError, match='process_0-of-2'):
       ckpt.restore(1, abstract_of(make_state()), data_iter=iter(ds))
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before_for_eval_and_resume(
+  trained, tmp_path, shakespeare_dirs, cache_dir, capsys
+):
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  from conftest import ONE_DEVICE, rows, train_tiny  # pylint: disable=import-outside-toplevel
+  from test_cli import _zero_fill  # pylint: disable=import-outside-toplevel
+
+  from lmjax import inference  # pylint: disable=import-outside-toplevel
+
+  wd = tmp_path / 'run'
+  shutil.copytree(trained, wd)
+  _zero_fill(wd / 'checkpoints' / '60' / 'state')
+  result = inference.evaluate_run(str(wd), ONE_DEVICE)  # the newest that restores
+  assert result['step'] == 30 and 'checkpoint step 60' in capsys.readouterr().err
+  with pytest.raises(CheckpointError, match='step 60'):
+    inference.load_run(str(wd), ONE_DEVICE, step=60)  # a step asked for by number: exactly that one
+  train_tiny(wd, shakespeare_dirs, cache=cache_dir)  # resumes from 30, moves 60 aside, trains to 60 again
+  assert 'moved to' in capsys.readouterr().err
+  assert (wd / 'checkpoints' / 'damaged' / '60').is_dir()  # never deleted
+  assert sorted(s for s in os.listdir(wd / 'checkpoints') if s.isdigit()) == ['30', '60']
+  _, _, _, a = inference.load_run(trained, ONE_DEVICE, params_only=False)
+  _, _, _, b = inference.load_run(str(wd), ONE_DEVICE, params_only=False)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):  # the redone steps equal the uninterrupted run's
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert [r['step'] for r in rows(wd) if 'train_loss' in r] == [10, 20, 30, 40, 50, 60]

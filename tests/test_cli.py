@@ -131,18 +131,24 @@ def test_a_full_disk_during_a_save_is_one_line_saying_where(tmp_path, shakespear
   assert sorted(s for s in os.listdir(tmp_path / 'run' / 'checkpoints') if s.isdigit()) == ['1']  # nothing lost
 
 
-def test_eval_of_a_damaged_checkpoint_is_one_line(trained, tmp_path, capsys):
-  import shutil  # pylint: disable=import-outside-toplevel
-
-  copy = tmp_path / 'run'
-  shutil.copytree(trained, copy)
-  for root, _, files in os.walk(copy / 'checkpoints' / '60' / 'state'):
+def _zero_fill(directory):
+  for root, _, files in os.walk(directory):
     for name in files:
       path = os.path.join(root, name)
       with open(path, 'r+b') as f:  # zero-filled, as after a crash on a filesystem without ordered writes
         f.write(b'\0' * os.path.getsize(path))
+
+
+def test_eval_when_no_checkpoint_restores_is_one_line_naming_each_step(trained, tmp_path, capsys):
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  copy = tmp_path / 'run'
+  shutil.copytree(trained, copy)
+  _zero_fill(copy / 'checkpoints' / '60' / 'state')
+  shutil.rmtree(copy / 'checkpoints' / '30' / 'state')  # a missing item
   code = cli.main(['eval', f'--workdir={copy}', '--config.mesh.data=1'])
   err = capsys.readouterr().err
   assert code == 2, err
   [line] = [l for l in err.splitlines() if l.startswith('lmjax eval: error: ')]
-  assert 'step 60' in line and str(copy) in line
+  assert 'no checkpoint in' in line and 'step 60:' in line and 'step 30:' in line and str(copy) in line
+  assert sorted(os.listdir(copy / 'checkpoints')) == ['30', '60']  # eval only reads: nothing moved
