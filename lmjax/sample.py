@@ -277,17 +277,17 @@ def _check_memory(cfg, rows, cache_len, limit_bytes, max_new_tokens=0):
   cache_bytes = 2 * cfg.n_layers * rows * cfg.kv_heads * cache_len * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
   if limit_bytes is None:
     limit_bytes = int(MEMORY_FRACTION * available_memory_bytes())
-  out_bytes = rows * max_new_tokens * _OUTPUT_BYTES_PER_TOKEN
-  if out_bytes > limit_bytes:
-    raise SampleError(
-      f'{rows} rows of max_new_tokens={max_new_tokens} would need {out_bytes / 2**30:.1f} GiB for the output alone, '
-      f'over the {limit_bytes / 2**30:.2f} GiB limit; ask for fewer tokens or fewer samples'
-    )
   if cache_bytes > limit_bytes:
     raise SampleError(
       f'the KV cache for {rows} rows (prompts x num_return_sequences x beam_size) of {cache_len} slots '
       f'would take {cache_bytes / 2**30:.2f} GiB, over the {limit_bytes / 2**30:.2f} GiB limit; '
       'sample fewer sequences per call'
+    )
+  out_bytes = rows * max_new_tokens * _OUTPUT_BYTES_PER_TOKEN
+  if out_bytes > limit_bytes:
+    raise SampleError(
+      f'{rows} rows of max_new_tokens={max_new_tokens} would need {out_bytes / 2**30:.1f} GiB for the output alone, '
+      f'over the {limit_bytes / 2**30:.2f} GiB limit; ask for fewer tokens or fewer samples'
     )
 
 

@@ -292,7 +292,7 @@ def provenance() -> dict:
   return {
     'time': datetime.datetime.now().isoformat(timespec='seconds'),
     **{f'git_{k}': v for k, v in git_state().items()},
-    'command': [os.path.basename(sys.argv[0]), *sys.argv[1:]],
+    'command': ['lmjax' if sys.argv[0].endswith('__main__.py') else os.path.basename(sys.argv[0]), *sys.argv[1:]],
     'python': platform.python_version(),
     'versions': versions,
     'device_kind': jax.devices()[0].device_kind,

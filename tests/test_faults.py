@@ -1,0 +1,126 @@
+"""Faults injected into real runs of the CLI: kill -9 at seeded random moments, SIGTERM during start-up, and
+damaged checkpoints of each kind. After each, running the same command again finishes the run, and what it
+leaves equals the uninterrupted run bitwise: parameters, optimizer state, and metrics rows. (Elsewhere: a full
+disk and a damaged newest step in test_cli/test_checkpoint, two trains on one workdir in test_workdir, NaN with
+both policies in test_steps, SIGTERM mid-run in test_train.)"""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import ONE_DEVICE, REPO, rows, tiny_overrides, train_tiny
+
+from lmjax import inference
+
+SEED = 20261201
+_rng = random.Random(SEED)
+# (clock, seconds): 'row' counts from the first metrics row (mid-run, often during an async save: a checkpoint every
+# 10 steps), 'spawn' from the start of the process (imports, compile, restore).
+MOMENTS = [('row', round(_rng.uniform(0.0, 1.0), 3)) for _ in range(7)] + [
+  ('spawn', round(_rng.uniform(0.5, 4.0), 3)) for _ in range(3)
+]
+EXTRA = ['train.checkpoint_every=10', 'train.keep_checkpoints=2']
+
+
+def _command(wd, dirs, cache_dir):
+  overrides = tiny_overrides(*dirs) + ONE_DEVICE + EXTRA + [f'train.compilation_cache_dir={cache_dir}']
+  return [
+    sys.executable,
+    '-m',
+    'lmjax',
+    'train',
+    '--config=configs/tiny.py',
+    f'--workdir={wd}',
+    *(f'--config.{o}' for o in overrides),
+  ]
+
+
+def _has_rows(wd):
+  path = os.path.join(wd, 'metrics.jsonl')
+  return os.path.exists(path) and os.path.getsize(path) > 0
+
+
+def _assert_equals_the_uninterrupted_run(wd, trained, extra_rows_at=()):
+  _, _, _, want = inference.load_run(trained, ONE_DEVICE, params_only=False)
+  _, _, _, got = inference.load_run(str(wd), ONE_DEVICE, params_only=False)
+  assert int(got.step) == 60
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  skip = ('time', 'tokens_per_sec', 'mfu', 'ms_per_step')
+  strip = lambda d: [{k: v for k, v in r.items() if k not in skip} for r in rows(d)]
+  assert [r for r in strip(wd) if r['step'] not in extra_rows_at] == strip(trained)
+
+
+@pytest.mark.parametrize('clock, delay', MOMENTS, ids=[f'{c}+{d}s' for c, d in MOMENTS])
+def test_kill_9_at_a_random_moment_then_the_same_command_equals_the_uninterrupted_run(
+  clock, delay, tmp_path, trained, shakespeare_dirs, cache_dir
+):
+  wd = tmp_path / 'run'
+  proc = subprocess.Popen(
+    _command(wd, shakespeare_dirs, cache_dir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
+  try:
+    deadline = time.time() + 240
+    while clock == 'row' and not _has_rows(wd) and proc.poll() is None:
+      assert time.time() < deadline, 'training did not start'
+      time.sleep(0.02)
+    time.sleep(delay)
+    phase = 'finished' if proc.poll() is not None else ('training' if _has_rows(wd) else 'start-up')
+    proc.send_signal(signal.SIGKILL)
+    ckpts = wd / 'checkpoints'
+    if ckpts.is_dir() and any('tmp' in name for name in os.listdir(ckpts)):
+      phase += ', during a save'  # Orbax writes a step under a temporary name and renames it when complete
+  finally:
+    proc.wait(timeout=60)
+  print(f'kill -9 at {clock}+{delay}s landed in {phase}')
+  train_tiny(wd, shakespeare_dirs, *EXTRA, cache=cache_dir)  # the same run again, on the same workdir
+  _assert_equals_the_uninterrupted_run(wd, trained)
+
+
+def test_sigterm_during_start_up_stops_at_the_first_step_and_the_rerun_finishes(
+  tmp_path, trained, shakespeare_dirs, cache_dir
+):
+  wd = tmp_path / 'run'
+  proc = subprocess.Popen(
+    _command(wd, shakespeare_dirs, cache_dir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
+  while not (wd / 'lock.json').exists() and proc.poll() is None:  # the run has begun: imports done, lock taken
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=240)
+  assert proc.returncode == 143 and 'SIGTERM: saved a checkpoint at step 1' in out, out[-3000:]
+  assert not (wd / 'lock.json').exists()
+  train_tiny(wd, shakespeare_dirs, *EXTRA, cache=cache_dir)
+  _assert_equals_the_uninterrupted_run(wd, trained, extra_rows_at=(1,))  # the stopped run logged its step 1
+
+
+@pytest.mark.parametrize('damage', ['zero-filled', 'truncated', 'no state item', 'no meta item'])
+def test_each_kind_of_damaged_latest_step_is_set_aside_and_the_rerun_equals_the_uninterrupted_run(
+  damage, tmp_path, trained, shakespeare_dirs, cache_dir
+):
+  wd = tmp_path / 'run'
+  shutil.copytree(trained, wd)
+  step_dir = wd / 'checkpoints' / '60'
+  for root, _, files in os.walk(step_dir / 'state'):
+    for name in files:
+      path = os.path.join(root, name)
+      if damage == 'zero-filled':
+        with open(path, 'r+b') as f:
+          f.write(b'\0' * os.path.getsize(path))
+      elif damage == 'truncated':
+        os.truncate(path, os.path.getsize(path) // 2)
+  if damage == 'no state item':
+    shutil.rmtree(step_dir / 'state')
+  if damage == 'no meta item':
+    shutil.rmtree(step_dir / 'meta')
+  # The finished run's last step is damaged: the rerun restores 30 and trains 30 -> 60 again.
+  train_tiny(wd, shakespeare_dirs, cache=cache_dir)
+  assert (wd / 'checkpoints' / 'damaged' / '60').is_dir()
+  _assert_equals_the_uninterrupted_run(wd, trained)
