@@ -88,11 +88,13 @@ def _next_batches(it, K):
   return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
-def _agree(flags: list[bool]) -> list[bool]:
-  """Process 0's verdicts, for every process: hosts must take a checkpoint, or stop, at the same step."""
+def _agree(timed_due: bool, stop: bool) -> tuple[bool, bool]:
+  """One verdict for every process, so hosts take a checkpoint, or stop, at the same step: the clock is process 0's
+  (hosts' clocks differ), and a SIGTERM that reached any host stops them all."""
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
-  return [bool(x) for x in multihost_utils.broadcast_one_to_all(np.array(flags, np.int32))]
+  flags_PxF = np.asarray(multihost_utils.process_allgather(np.array([timed_due, stop], np.int32)))
+  return bool(flags_PxF[0, 0]), bool(flags_PxF[:, 1].any())
 
 
 def train(config, workdir: str, actions=None, clock=None) -> dict:
@@ -272,15 +274,16 @@ def _train(config, workdir, actions, clock, lock, preempt):
         due = [a for a in periodic if a.due(step, tc.steps, minutes)]
         log_point = step == tc.steps or (tc.log_every > 0 and step % tc.log_every == 0)
         stop = preempt.requested
-        if multihost and (due or log_point):
-          # The clock and SIGTERM differ between hosts; at a point where they sync anyway, process 0 decides for
-          # all, so every host saves the same steps and stops at the same one.
-          timed_due, stop = _agree([any(a.timed for a in due), stop])
-          due = [a for a in due if not a.timed or timed_due]
-          due += [a for a in periodic if a.timed and timed_due and a not in due]
-          due = [a for a in periodic if a in due]
-        elif multihost:
-          due, stop = [], False
+        if multihost:
+          # The clock and SIGTERM differ between hosts. At the steps every host stops at anyway (a log point or a
+          # step-based action: the same steps on all), they agree (_agree), so every host saves the same steps and
+          # stops at the same one; elsewhere neither the clock nor a SIGTERM acts yet.
+          by_step = [a for a in due if not a.timed]
+          if by_step or log_point:
+            timed_due, stop = _agree(any(a.timed for a in due), stop)
+            due = [a for a in periodic if a in by_step or (a.timed and timed_due)]
+          else:
+            due, stop = [], False
         if due:
           run_actions(due, minutes)
         elif log_point:

@@ -110,3 +110,87 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
   data = data_lib.make_data(config, tokenizer)
   val = task.evaluate(state.params, data.eval_batches)['val_loss']
   np.testing.assert_allclose(val, losses(two, 'val_loss')[-1][1], rtol=1e-5)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_the_resumed_pair_equals_the_uninterrupted(
+  tmp_path,
+):
+  if not os.path.exists(os.path.join(MANUAL_DIR, 'input.txt')):
+    pytest.skip(f'no Tiny Shakespeare at {MANUAL_DIR}')
+  import signal  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+
+  data_dir = str(tmp_path / 'tfds')
+  sources.prepare_tiny_shakespeare(data_dir, MANUAL_DIR)
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
+  env.update(JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='4')
+  run = [f'--config.{o}' for o in overrides(data_dir)] + [
+    '--config.train.steps=40',
+    '--config.train.eval_every=40',
+    '--config.train.checkpoint_every=40',
+    '--config.train.log_every=2',
+  ]
+
+  def start(workdir, name):
+    port = portpicker.pick_unused_port()
+    cmd = [
+      sys.executable,
+      '-m',
+      'lmjax',
+      'train',
+      '--config=configs/tiny.py',
+      f'--workdir={workdir}',
+      f'--coordinator=127.0.0.1:{port}',
+      '--num_processes=2',
+      *run,
+    ]
+    logs = [open(tmp_path / f'{name}_{i}.log', 'w+') for i in range(2)]
+    return [
+      subprocess.Popen(cmd + [f'--process_id={i}'], cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
+      for i in range(2)
+    ], logs
+
+  def finish(procs, logs):
+    try:
+      for p in procs:
+        p.wait(timeout=TIMEOUT_S)
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+          p.wait()
+    text = ''
+    for f in logs:
+      f.seek(0)
+      text += f.name + ':\n' + f.read()[-2000:] + '\n'
+      f.close()
+    return [p.returncode for p in procs], text
+
+  whole, stopped = str(tmp_path / 'whole'), str(tmp_path / 'stopped')
+  ref = start(whole, 'whole')  # the uninterrupted pair runs beside the interrupted one
+  procs, logs = start(stopped, 'stopped')
+  deadline = time.time() + TIMEOUT_S
+  while not os.path.exists(os.path.join(stopped, 'metrics.jsonl')) or not losses(stopped, 'train_loss'):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), 'training did not start'
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)  # process 1 only: process 0 must learn of it and stop at the same step
+  codes, text = finish(procs, logs)
+  assert codes == [143, 143], text
+  [step] = [int(s) for s in os.listdir(os.path.join(stopped, 'checkpoints')) if s.isdigit()]
+  assert 0 < step < 40, text
+  assert sorted(os.listdir(os.path.join(stopped, 'checkpoints', str(step), 'data'))) == [
+    'commit_success.txt',
+    'process_0-of-2.json',
+    'process_1-of-2.json',
+  ]
+  codes, text = finish(*start(stopped, 'resumed'))
+  assert codes == [0, 0], text
+  codes, text = finish(*ref)
+  assert codes == [0, 0], text
+  mesh = parallel.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+  one = ('mesh.data=1', 'mesh.fsdp=1')
+  _, _, _, a = inference.load_run(whole, one, mesh=mesh, params_only=False)
+  _, _, _, b = inference.load_run(stopped, one, mesh=mesh, params_only=False)
+  assert int(a.step) == int(b.step) == 40
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
