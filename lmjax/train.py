@@ -109,9 +109,19 @@ def train(config, workdir: str, actions=None, clock=None) -> dict:
   lock = None
   try:
     workdir_lib.ensure_writable(workdir)
-    lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else None
+    lock, refused = (workdir_lib.Lock(workdir), None) if jax.process_index() == 0 else (None, None)
     if lock is not None:
-      lock.acquire()
+      try:
+        lock.acquire()
+      except WorkdirError as e:
+        lock, refused = None, e
+    if jax.process_count() > 1:  # the other hosts of a refused job stop too, instead of waiting on process 0
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+      if not bool(multihost_utils.broadcast_one_to_all(np.int32(refused is None))):
+        raise refused or WorkdirError(f'{workdir} is in use by another job (process 0 found its lock); see its log')
+    elif refused is not None:
+      raise refused
     return _train(config, workdir, actions, clock, lock, preempt)
   finally:
     preempt.restore()
@@ -188,6 +198,7 @@ def _train(config, workdir, actions, clock, lock, preempt):
   multihost = jax.process_count() > 1
   timer = metrics_lib.StepTimer(step)
   pending, log_due, last = [], None, {}  # metrics stay on device until a log point
+  stopped = False  # by a SIGTERM (on any host) before the last step
   skipped = {'run': 0, 'total': 0}  # train.nonfinite='skip': updates dropped, in a row and in all
   speed = {}  # the last window's tokens/s, MFU and ms/step
 
@@ -289,11 +300,11 @@ def _train(config, workdir, actions, clock, lock, preempt):
         elif log_point:
           log_due = step
         if stop:
-          preempt.requested = True
+          stopped = True
           break
       if pending:
         read_metrics(log_due or step)
-    if preempt.requested:
+    if stopped:
       ckpt.save(step, state, data_iter=data.train_iter, meta=meta, force=True)
       log.echo(f'SIGTERM: saved a checkpoint at step {step}; run the same command again to resume.')
   finally:
@@ -303,6 +314,6 @@ def _train(config, workdir, actions, clock, lock, preempt):
       best.wait()
       best.close()
     log.close()
-  if preempt.requested:
+  if stopped:  # a SIGTERM after the last step (during the final writes) only waited for them: the run is done
     raise Preempted(f'stopped by SIGTERM at step {step}; the checkpoint is saved')
   return last

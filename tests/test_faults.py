@@ -124,3 +124,23 @@ def test_each_kind_of_damaged_latest_step_is_set_aside_and_the_rerun_equals_the_
   train_tiny(wd, shakespeare_dirs, cache=cache_dir)
   assert (wd / 'checkpoints' / 'damaged' / '60').is_dir()
   _assert_equals_the_uninterrupted_run(wd, trained)
+
+
+def test_sigterm_during_the_final_checkpoint_write_waits_for_it(
+  tmp_path, trained, shakespeare_dirs, cache_dir, monkeypatch
+):
+  from lmjax import checkpoint  # pylint: disable=import-outside-toplevel
+
+  real_wait, sent = checkpoint.Checkpointer.wait, []
+
+  def wait_after_a_sigterm(self):  # the loop's last call: the final checkpoint is still being written
+    if not sent:
+      sent.append(True)
+      os.kill(os.getpid(), signal.SIGTERM)  # without lmjax's handler here, this would end the test process
+    return real_wait(self)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, 'wait', wait_after_a_sigterm)
+  train_tiny(tmp_path / 'run', shakespeare_dirs, cache=cache_dir)  # finishes normally: the run was done
+  monkeypatch.undo()
+  assert sent
+  _assert_equals_the_uninterrupted_run(tmp_path / 'run', trained)
