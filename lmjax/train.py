@@ -140,6 +140,7 @@ def _train(config, workdir, actions, clock, lock, preempt):
   # The train step compiles on a second thread while the state is restored or initialised and the first batch
   # loads.
   compiled = compiling.in_background(task.compile_train, task.train_batch_spec())
+  ckpt = best = None
   try:
     ckpt = checkpoint.Checkpointer(
       workdir_lib.checkpoint_dir(workdir),
@@ -170,6 +171,9 @@ def _train(config, workdir, actions, clock, lock, preempt):
     check_host_memory(train_exec)
   except BaseException:
     compiled.wait()  # XLA must not be compiling when the process exits: that aborts it (exit 134)
+    for c in (ckpt, best):
+      if c is not None:
+        c.close()
     raise
   step = int(state.step)
   log = metrics_lib.Logger(

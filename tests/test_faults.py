@@ -21,11 +21,14 @@ from lmjax import inference
 
 SEED = 20261201
 _rng = random.Random(SEED)
-# (clock, seconds): 'row' counts from the first metrics row (mid-run, often during an async save: a checkpoint every
-# 10 steps), 'spawn' from the start of the process (imports, compile, restore).
-MOMENTS = [('row', round(_rng.uniform(0.0, 1.0), 3)) for _ in range(7)] + [
-  ('spawn', round(_rng.uniform(0.5, 4.0), 3)) for _ in range(3)
-]
+# (clock, seconds): 'row' counts from the first metrics row (mid-run), 'save' from the moment an async checkpoint
+# write is seen under its temporary name (a checkpoint every 10 steps), 'spawn' from the start of the process
+# (imports, compile, restore).
+MOMENTS = (
+  [('row', round(_rng.uniform(0.0, 1.0), 3)) for _ in range(4)]
+  + [('save', round(_rng.uniform(0.0, 0.01), 4)) for _ in range(3)]
+  + [('spawn', round(_rng.uniform(0.5, 4.0), 3)) for _ in range(3)]
+)
 EXTRA = ['train.checkpoint_every=10', 'train.keep_checkpoints=2']
 
 
@@ -45,6 +48,14 @@ def _command(wd, dirs, cache_dir):
 def _has_rows(wd):
   path = os.path.join(wd, 'metrics.jsonl')
   return os.path.exists(path) and os.path.getsize(path) > 0
+
+
+def _saving(wd):
+  """An async checkpoint write in flight: Orbax writes a step under a temporary name, renamed when complete."""
+  try:
+    return any('tmp' in name for name in os.listdir(os.path.join(wd, 'checkpoints')))
+  except OSError:
+    return False
 
 
 def _assert_equals_the_uninterrupted_run(wd, trained, extra_rows_at=()):
@@ -71,12 +82,14 @@ def test_kill_9_at_a_random_moment_then_the_same_command_equals_the_uninterrupte
     while clock == 'row' and not _has_rows(wd) and proc.poll() is None:
       assert time.time() < deadline, 'training did not start'
       time.sleep(0.02)
+    while clock == 'save' and not _saving(wd) and proc.poll() is None:
+      assert time.time() < deadline, 'no checkpoint write was seen'
+      time.sleep(0.001)
     time.sleep(delay)
     phase = 'finished' if proc.poll() is not None else ('training' if _has_rows(wd) else 'start-up')
     proc.send_signal(signal.SIGKILL)
-    ckpts = wd / 'checkpoints'
-    if ckpts.is_dir() and any('tmp' in name for name in os.listdir(ckpts)):
-      phase += ', during a save'  # Orbax writes a step under a temporary name and renames it when complete
+    if _saving(wd):
+      phase += ', during a save'
   finally:
     proc.wait(timeout=60)
   print(f'kill -9 at {clock}+{delay}s landed in {phase}')
