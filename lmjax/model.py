@@ -24,7 +24,6 @@ slower. Norm statistics, attention softmax, logits and the loss are float32 what
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Optional
 

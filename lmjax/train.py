@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from lmjax import actions as actions_lib, checkpoint, compiling, data as data_lib, hostenv
-from lmjax import metrics as metrics_lib, parallel, tokenizers, workdir as workdir_lib
+from lmjax import metrics as metrics_lib, parallel, workdir as workdir_lib
 from lmjax.errors import ConfigError, TrainingError, WorkdirError
 from lmjax.task import Task, check_host_memory, check_training
 

@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import socket
+import sys
 
 import jax
 import pytest
@@ -77,3 +78,16 @@ def trained(tmp_path_factory, shakespeare_dirs, cache_dir):
   workdir = tmp_path_factory.mktemp('run')
   train_tiny(workdir, shakespeare_dirs, cache=cache_dir)
   return str(workdir)
+
+
+def tiny_train_command(workdir, overrides):
+  """The real CLI training configs/tiny.py into `workdir` with `a.b=value` overrides, for subprocess tests."""
+  return [
+    sys.executable,
+    '-m',
+    'lmjax',
+    'train',
+    '--config=configs/tiny.py',
+    f'--workdir={workdir}',
+    *(f'--config.{o}' for o in overrides),
+  ]

@@ -9,13 +9,12 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import ONE_DEVICE, REPO, rows, tiny_overrides, train_tiny
+from conftest import ONE_DEVICE, REPO, rows, tiny_overrides, tiny_train_command, train_tiny
 
 from lmjax import inference
 
@@ -33,16 +32,9 @@ EXTRA = ['train.checkpoint_every=10', 'train.keep_checkpoints=2']
 
 
 def _command(wd, dirs, cache_dir):
-  overrides = tiny_overrides(*dirs) + ONE_DEVICE + EXTRA + [f'train.compilation_cache_dir={cache_dir}']
-  return [
-    sys.executable,
-    '-m',
-    'lmjax',
-    'train',
-    '--config=configs/tiny.py',
-    f'--workdir={wd}',
-    *(f'--config.{o}' for o in overrides),
-  ]
+  return tiny_train_command(
+    wd, tiny_overrides(*dirs) + ONE_DEVICE + EXTRA + [f'train.compilation_cache_dir={cache_dir}']
+  )
 
 
 def _has_rows(wd):

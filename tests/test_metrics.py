@@ -1,10 +1,8 @@
 """Metrics: the logger's outputs."""
 
 import importlib.util
-import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 

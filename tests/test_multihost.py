@@ -7,7 +7,6 @@ two-process checkpoint onto a single device.
 import json
 import os
 import subprocess
-import sys
 
 import jax
 
@@ -19,6 +18,7 @@ except RuntimeError:
 import numpy as np
 import portpicker
 import pytest
+from conftest import tiny_train_command
 
 from lmjax import config as config_lib, data as data_lib, inference, parallel, sources, train
 
@@ -44,34 +44,23 @@ def losses(workdir, key):
     return [(r['step'], r[key]) for r in map(json.loads, f) if key in r]
 
 
-def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
-  if not os.path.exists(os.path.join(MANUAL_DIR, 'input.txt')):
-    pytest.skip(f'no Tiny Shakespeare at {MANUAL_DIR}')
-  data_dir = str(tmp_path / 'tfds')
-  sources.prepare_tiny_shakespeare(data_dir, MANUAL_DIR)  # once, here: the two processes must not race to build it
-  two = str(tmp_path / 'two_processes')
+def _start_pair(workdir, log_dir, name, flags):
+  """Two `lmjax train` processes of one jax.distributed job on 127.0.0.1 (4 CPU devices each); (procs, logs)."""
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
   env.update(JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='4')
   port = portpicker.pick_unused_port()
-  cmd = [
-    sys.executable,
-    '-m',
-    'lmjax',
-    'train',
-    '--config=configs/tiny.py',
-    f'--workdir={two}',
-    f'--coordinator=127.0.0.1:{port}',
-    '--num_processes=2',
-  ] + [f'--config.{o}' for o in overrides(data_dir)]
-  logs = [open(tmp_path / f'process_{i}.log', 'w+') for i in range(2)]
+  cmd = tiny_train_command(workdir, []) + [f'--coordinator=127.0.0.1:{port}', '--num_processes=2', *flags]
+  logs = [open(os.path.join(log_dir, f'{name}_{i}.log'), 'w+') for i in range(2)]
   procs = [
     subprocess.Popen(cmd + [f'--process_id={i}'], cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
     for i in range(2)
   ]
+  return procs, logs
+
+
+def _finish_pair(procs, logs):
+  """Waits for both processes (killing what outlives TIMEOUT_S); (exit codes, the tails of their logs)."""
   try:
-    # The reference trains in this process (8 devices) while the two processes run.
-    one = str(tmp_path / 'one_process')
-    train.train(config_lib.load('configs/tiny.py', overrides(data_dir)), one)
     for p in procs:
       p.wait(timeout=TIMEOUT_S)
   finally:
@@ -79,12 +68,28 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
       if p.poll() is None:
         p.kill()
         p.wait()
-  tails = ''
+  text = ''
   for f in logs:
     f.seek(0)
-    tails += f.name + ':\n' + f.read()[-3000:] + '\n'
+    text += f.name + ':\n' + f.read()[-3000:] + '\n'
     f.close()
-  assert [p.returncode for p in procs] == [0, 0], tails
+  return [p.returncode for p in procs], text
+
+
+def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
+  if not os.path.exists(os.path.join(MANUAL_DIR, 'input.txt')):
+    pytest.skip(f'no Tiny Shakespeare at {MANUAL_DIR}')
+  data_dir = str(tmp_path / 'tfds')
+  sources.prepare_tiny_shakespeare(data_dir, MANUAL_DIR)  # once, here: the two processes must not race to build it
+  two = str(tmp_path / 'two_processes')
+  pair = _start_pair(two, tmp_path, 'process', [f'--config.{o}' for o in overrides(data_dir)])
+  # The reference trains in this process (8 devices) while the two processes run.
+  one = str(tmp_path / 'one_process')
+  try:
+    train.train(config_lib.load('configs/tiny.py', overrides(data_dir)), one)
+  finally:
+    codes, tails = _finish_pair(*pair)
+  assert codes == [0, 0], tails
 
   got, want = losses(two, 'train_loss'), losses(one, 'train_loss')
   assert [s for s, _ in got] == [2, 4, 6], tails
@@ -122,8 +127,6 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_the_resumed_
 
   data_dir = str(tmp_path / 'tfds')
   sources.prepare_tiny_shakespeare(data_dir, MANUAL_DIR)
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
-  env.update(JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='4')
   run = [f'--config.{o}' for o in overrides(data_dir)] + [
     '--config.train.steps=40',
     '--config.train.eval_every=40',
@@ -131,40 +134,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_the_resumed_
     '--config.train.log_every=2',
   ]
 
-  def start(workdir, name):
-    port = portpicker.pick_unused_port()
-    cmd = [
-      sys.executable,
-      '-m',
-      'lmjax',
-      'train',
-      '--config=configs/tiny.py',
-      f'--workdir={workdir}',
-      f'--coordinator=127.0.0.1:{port}',
-      '--num_processes=2',
-      *run,
-    ]
-    logs = [open(tmp_path / f'{name}_{i}.log', 'w+') for i in range(2)]
-    return [
-      subprocess.Popen(cmd + [f'--process_id={i}'], cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
-      for i in range(2)
-    ], logs
-
-  def finish(procs, logs):
-    try:
-      for p in procs:
-        p.wait(timeout=TIMEOUT_S)
-    finally:
-      for p in procs:
-        if p.poll() is None:
-          p.kill()
-          p.wait()
-    text = ''
-    for f in logs:
-      f.seek(0)
-      text += f.name + ':\n' + f.read()[-2000:] + '\n'
-      f.close()
-    return [p.returncode for p in procs], text
+  start = lambda workdir, name: _start_pair(workdir, tmp_path, name, run)
+  finish = _finish_pair
 
   whole, stopped = str(tmp_path / 'whole'), str(tmp_path / 'stopped')
   ref = start(whole, 'whole')  # the uninterrupted pair runs beside the interrupted one

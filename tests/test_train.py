@@ -4,14 +4,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ONE_DEVICE, REPO, rows as _rows, tiny_overrides, train_tiny as _train
+from conftest import ONE_DEVICE, REPO, rows as _rows, tiny_overrides, tiny_train_command, train_tiny as _train
 
 from lmjax import actions, cli, config as config_lib, errors, hostenv, inference, metrics, parallel, train, workdir
 from lmjax.steps import TrainState
@@ -132,20 +131,8 @@ def test_a_checkpoint_of_another_model_is_a_clear_error_and_the_workdir_is_untou
 
 def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, shakespeare_dirs):
   workdir = tmp_path / 'run'
-  cmd = [
-    sys.executable,
-    '-m',
-    'lmjax',
-    'train',
-    '--config=configs/tiny.py',
-    f'--workdir={workdir}',
-    *(
-      f'--config.{o}'
-      for o in tiny_overrides(
-        *shakespeare_dirs, **{'train.steps': 100000, 'train.checkpoint_every': 100000, 'train.eval_every': 100000}
-      )
-    ),
-  ]
+  long_run = {'train.steps': 100000, 'train.checkpoint_every': 100000, 'train.eval_every': 100000}
+  cmd = tiny_train_command(workdir, tiny_overrides(*shakespeare_dirs, **long_run))
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     deadline = time.time() + 240

@@ -4,12 +4,11 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 
 import jax
 import pytest
-from conftest import ONE_DEVICE, REPO, tiny_overrides, train_tiny
+from conftest import ONE_DEVICE, REPO, tiny_overrides, tiny_train_command, train_tiny
 
 from lmjax import errors, workdir
 
@@ -70,15 +69,7 @@ def test_a_second_train_on_a_held_workdir_exits_2_naming_the_holder_and_a_dead_h
     _hold(wd, socket.gethostname(), holder.pid)
     overrides = tiny_overrides(*shakespeare_dirs, **{'train.steps': 10, 'train.eval_every': 10}) + ONE_DEVICE
     proc = subprocess.run(
-      [
-        sys.executable,
-        '-m',
-        'lmjax',
-        'train',
-        '--config=configs/tiny.py',
-        f'--workdir={wd}',
-        *(f'--config.{o}' for o in overrides),
-      ],
+      tiny_train_command(wd, overrides),
       cwd=REPO,
       capture_output=True,
       text=True,
