@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax import compiling, hostenv, metrics as metrics_lib, workdir as workdir_lib
+from lmjax import compiling, hostenv, metrics as metrics_lib, profiling, workdir as workdir_lib
 
 CHAR_VOCAB = 65  # Tiny Shakespeare's character vocabulary: what the CPU recipes train on
 
@@ -117,11 +117,14 @@ def random_batch(spec: dict, vocab_size: int, seed: int = 0) -> dict:
   return {k: batch[k].astype(spec[k].dtype) for k in spec}
 
 
-def measure(config, steps: int = 30, warmup: int = 2) -> dict:
-  """Compiles the config's train step and returns its numbers over `steps` calls after `warmup` more."""
+def measure(config, steps: int = 30, warmup: int = 2, profile_dir: str = '') -> dict:
+  """Compiles the config's train step and returns its numbers over `steps` calls after `warmup` more;
+  `profile_dir`: a jax.profiler trace of the timed calls there (lmjax/profiling.py)."""
   runner = Runner(config)
   runner.time(warmup)
-  return runner.result(runner.time(max(1, steps // runner.task.steps_per_call)))
+  with profiling.trace(profile_dir):
+    times = runner.time(max(1, steps // runner.task.steps_per_call))
+  return runner.result(times)
 
 
 def describe(config) -> dict:
@@ -168,11 +171,13 @@ def print_result(r: dict, label: str = 'lmjax'):
   )
 
 
-def run(config, steps: int = 30, record: str = '', config_name: str = ''):
+def run(config, steps: int = 30, record: str = '', config_name: str = '', profile_dir: str = ''):
   """`lmjax bench`: measures, prints, and appends a JSON line to `record` when given."""
   compiling.enable_compilation_cache(config.train.compilation_cache_dir)
-  r = measure(config, steps)
+  r = measure(config, steps, profile_dir=profile_dir)
   print_result(r)
+  if profile_dir:
+    print(f'  trace of the timed steps in {profile_dir} (open it as lmjax/profiling.py says)')
   if record:
     with open(record, 'a') as f:
       f.write(json.dumps(record_line(config_name or '(cli)', config, r)) + '\n')

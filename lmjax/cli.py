@@ -116,6 +116,14 @@ def _bench_args(p):
   p.add_argument('--config', required=True, help='configs/NAME.py[:variant]')
   p.add_argument('--steps', type=int, default=30, help='timed steps after warm-up')
   p.add_argument('--record', default='', help='append the result as a JSON line to this file')
+  p.add_argument(
+    '--profile',
+    nargs='?',
+    const='profile',
+    default='',
+    metavar='DIR',
+    help='write a jax.profiler trace of the timed steps to DIR (default ./profile; lmjax/profiling.py)',
+  )
 
 
 def _bench(args, overrides):
@@ -123,7 +131,7 @@ def _bench(args, overrides):
   from lmjax import bench, config as config_lib  # pylint: disable=import-outside-toplevel
 
   config = config_lib.load(args.config, overrides)
-  bench.run(config, args.steps, args.record, os.path.basename(args.config))
+  bench.run(config, args.steps, args.record, os.path.basename(args.config), profile_dir=args.profile)
   return 0
 
 

@@ -182,6 +182,9 @@ def default_config() -> ml_collections.ConfigDict:
   # executables (keyed on lmjax's source and the config: compiling.ExecutableCache), so a repeated or resumed run
   # neither traces nor compiles them.
   t.compilation_cache_dir = ''
+  # (first, count): a jax.profiler trace of steps first + 1 ... first + count in WORKDIR/profile (lmjax/profiling.py
+  # says how to open it); (0, 0) = off.
+  t.profile_steps = (0, 0)
   t.steps_per_call = 1  # optimizer steps per jitted call (lax.scan over K batches): less per-call overhead
 
   c.optimizer = o = ml_collections.ConfigDict()
@@ -343,6 +346,11 @@ def problems(config) -> list[str]:
     t.keep_best in ('',) + BEST_METRICS,
     f"train.keep_best must be '' (off) or one of {', '.join(BEST_METRICS)}; got {t.keep_best!r}",
   )
+  prof = tuple(t.profile_steps)
+  if len(prof) != 2 or not all(isinstance(x, int) and x >= 0 for x in prof):
+    out.append(f'train.profile_steps must be (first, count), two ints >= 0; got {t.profile_steps!r}')
+  elif K > 0 and (prof[0] % K or prof[1] % K):
+    out.append(f'train.profile_steps {prof} must be multiples of train.steps_per_call ({K}): calls are traced whole')
   need(t.nonfinite in ('stop', 'skip'), f"train.nonfinite must be 'stop' or 'skip'; got {t.nonfinite!r}")
   need(t.max_skipped >= 1, f'train.max_skipped must be >= 1, got {t.max_skipped}')
   need(t.checkpoint_minutes >= 0, f'train.checkpoint_minutes must be >= 0 (0 = off), got {t.checkpoint_minutes}')

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from lmjax import actions as actions_lib, checkpoint, compiling, data as data_lib, hostenv
-from lmjax import metrics as metrics_lib, parallel, workdir as workdir_lib
+from lmjax import metrics as metrics_lib, parallel, profiling, workdir as workdir_lib
 from lmjax.errors import ConfigError, TrainingError, WorkdirError
 from lmjax.task import Task, check_host_memory, check_training
 
@@ -200,6 +200,8 @@ def _train(config, workdir, actions, clock, lock, preempt):
   periodic = actions_lib.from_config(config, best) + list(actions or ())
   clock = clock or actions_lib.Clock()
   multihost = jax.process_count() > 1
+  first, count = tc.profile_steps
+  profile = profiling.ProfileWindow(first, count, workdir_lib.profile_dir(workdir)) if count else None
   timer = metrics_lib.StepTimer(step)
   pending, log_due, last = [], None, {}  # metrics stay on device until a log point
   stopped = False  # by a SIGTERM (on any host) before the last step
@@ -277,9 +279,15 @@ def _train(config, workdir, actions, clock, lock, preempt):
       while step < tc.steps:
         if batch is None:
           batch = parallel.put_batch(_next_batches(data.train_iter, K), task.batch_sharding)
-        state, m = train_exec(state, batch, task.dropout_rng)
+        if profile is None:
+          state, m = train_exec(state, batch, task.dropout_rng)
+        else:
+          with profile.annotation(step, K):
+            state, m = train_exec(state, batch, task.dropout_rng)
         batch = None
         step += K
+        if profile is not None:
+          profile.after(step, state)
         log.advance(K)
         pending.append((step, m))
         if log_due is not None:  # the previous call's metrics, read while this call runs
@@ -312,6 +320,8 @@ def _train(config, workdir, actions, clock, lock, preempt):
       ckpt.save(step, state, data_iter=data.train_iter, meta=meta, force=True)
       log.echo(f'SIGTERM: saved a checkpoint at step {step}; run the same command again to resume.')
   finally:
+    if profile is not None:
+      profile.stop()
     ckpt.wait()
     ckpt.close()
     if best is not None:

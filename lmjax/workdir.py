@@ -6,6 +6,8 @@
   WORKDIR/best/             the best checkpoint by train.keep_best, when set
   WORKDIR/metrics.jsonl     one JSON object per logged step (+ TensorBoard event files)
   WORKDIR/provenance.json   one entry per start of the run: commit, command line, versions, devices, host
+  WORKDIR/lock.json         while a run trains: its host, pid and start (Lock)
+  WORKDIR/profile/          jax.profiler traces (train.profile_steps; lmjax/profiling.py)
 
 A workdir is addressed as DIR, or DIR:STEP for one checkpoint (DIR:best for the best one).
 """
@@ -31,6 +33,7 @@ CONFIG = 'config.json'
 PROVENANCE = 'provenance.json'
 METRICS = 'metrics.jsonl'
 LOCK = 'lock.json'
+PROFILE = 'profile'
 CHECKPOINTS = 'checkpoints'
 BEST = 'best'
 _LIBRARIES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy')
@@ -66,6 +69,10 @@ def ensure_writable(workdir: str) -> str:
 
 def checkpoint_dir(workdir: str, best: bool = False) -> str:
   return os.path.join(workdir, BEST if best else CHECKPOINTS)
+
+
+def profile_dir(workdir: str) -> str:
+  return os.path.join(workdir, PROFILE)
 
 
 def metrics_path(workdir: str) -> str:
