@@ -43,9 +43,11 @@ class ExecutableCache:
     self._config = json.dumps(config_dict, sort_keys=True, default=str)
     self.origin = {}  # name -> 'lmjax cache' | "JAX's cache" | 'compiled': where each executable came from
 
-  def compile(self, name: str, jitted, args: tuple, compiler_options: dict | None = None):
-    """jitted.lower(*args).compile(compiler_options), or the same executable read from the cache."""
-    path = os.path.join(self.dir, f'{name}-{self._key(name, args, compiler_options)}.pkl') if self.enabled else ''
+  def compile(self, name: str, jitted, args: tuple, compiler_options: dict | None = None, key_extra: str = ''):
+    """jitted.lower(*args).compile(compiler_options), or the same executable read from the cache. `key_extra`:
+    what else decides the program (the static arguments a caller bound into `jitted`)."""
+    key = self._key(name, args, compiler_options, key_extra)
+    path = os.path.join(self.dir, f'{name}-{key}.pkl') if self.enabled else ''
     if path:
       try:
         with open(path, 'rb') as f:
@@ -84,11 +86,12 @@ class ExecutableCache:
       if os.path.exists(tmp):
         os.remove(tmp)
 
-  def _key(self, name, args, compiler_options) -> str:
+  def _key(self, name, args, compiler_options, key_extra='') -> str:
     arg_types = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype), str(getattr(x, 'sharding', None))), args)
     parts = [
       _code_fingerprint(),
       name,
+      key_extra,
       self._config,
       repr(arg_types),
       str(jax.tree.structure(args)),

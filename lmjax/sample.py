@@ -28,6 +28,8 @@ beam search (lmjax/beam.py) with the ((5 + length) / 6) ** alpha length penalty 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -345,6 +347,7 @@ def generate(
   sliding_window=True,
   progress=False,
   window_chunk=0,
+  executables=None,
 ):
   """Continuations of token prompts: a list of len(prompts) * num_return_sequences id lists, prompt-major
   (prompt i's j-th sample is at i * num_return_sequences + j). A row that emits `eos_id` ends with it.
@@ -357,6 +360,11 @@ def generate(
   `window_chunk` tokens (0 = max_len // 4), each conditioned on the last max_len - window_chunk tokens of its row
   (a longer prompt keeps only its last max_len - window_chunk tokens); see the module docstring. With
   sliding_window=False such a request is a SampleError.
+
+  `executables` (a compiling.ExecutableCache): the compiled program is read from / written to it under 'sample',
+  keyed on lmjax's source, the model, the decoding options that shape the program, and the arguments' shapes and
+  shardings, so a repeated `lmjax sample` neither traces nor compiles it (`executables.origin['sample']` says
+  which happened).
   """
   top_k = top_k or 0
   _check(model_cfg, prompts_ids, max_new_tokens, temperature, top_k, top_p, min_p, num_return_sequences, beam_size)
@@ -402,12 +410,17 @@ def generate(
   fn = _compiled(model_cfg, chunk, st, shardings, mesh)
   options = (np.float32(temperature or 1.0), np.float32(top_p), np.float32(min_p), np.float32(length_penalty))
 
+  program_key = repr((dataclasses.asdict(model_cfg), chunk, st))  # what the traced program depends on
+  program = {}  # the compiled program, from the cache or compiled on the first call; every chunk reuses it
+
   def call(seqs, done_R, key):
     args = (params, *_left_pad(seqs, P), done_R, key, *options)
-    if mesh is None:
-      return np.asarray(fn(*args)[0])
-    with parallel.activate(mesh):
-      return np.asarray(fn(*args)[0])
+    with parallel.activate(mesh) if mesh is not None else contextlib.nullcontext():
+      if executables is None:
+        return np.asarray(fn(*args)[0])
+      if 'exe' not in program:
+        program['exe'] = executables.compile('sample', fn, args, key_extra=program_key)
+      return np.asarray(program['exe'](*args)[0])
 
   prompts_R = [np.asarray(prompts_ids[min(r // n_per, len(prompts_ids) - 1)], np.int32)[-P:] for r in range(R)]
   done_R = np.zeros((R,), bool)
@@ -472,6 +485,9 @@ def run(args, overrides):
 
   config, tokenizer, task, state = inference.load_run(args.workdir, overrides, step=args.step)
   s, cfg = config.sample, task.model_cfg
+  cache_dir = config.train.compilation_cache_dir  # the run's caches serve its sampler too
+  compiling.enable_compilation_cache(cache_dir)
+  executables = compiling.ExecutableCache(cache_dir, {}) if cache_dir else None
   pick = lambda flag, key, default: flag if flag is not None else s.get(key, default)
   if args.prompt_file:
     try:
@@ -516,6 +532,7 @@ def run(args, overrides):
     sliding_window=sliding,
     window_chunk=window_chunk,
     progress=True,
+    executables=executables,
   )
   seconds = time.perf_counter() - t0
   for i, text in enumerate(texts):
@@ -527,8 +544,10 @@ def run(args, overrides):
       print('-' * 40)
   # Upper bound on tokens (rows may stop early at EOS or a stop string); includes compilation on a first call.
   rows = len(prompts) * n
+  origin = executables.origin.get('sample', 'compiled') if executables is not None else 'compiled'
+  how = {'lmjax cache': 'sampler loaded from the cache', "JAX's cache": "sampler traced, loaded from JAX's cache"}
   print(
     f'lmjax sample: {rows} x {max_new} tokens in {seconds:.2f}s ({rows * max_new / seconds:.0f} tokens/s, '
-    'compilation included)',
+    f'{how.get(origin, "sampler compiled")}, included)',
     file=sys.stderr,
   )

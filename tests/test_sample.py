@@ -2,6 +2,7 @@
 softmax(logits / T), EOS and batching behave, beam search finds the best sequence, generation past the context
 slides a window exactly as a plain cropped-window forward pass would, bad input is refused."""
 
+import os
 import functools
 import itertools
 import math
@@ -392,3 +393,51 @@ def test_a_prompt_file_of_blank_lines_and_an_output_that_cannot_fit_are_one_line
     assert cli.main(['sample', f'--workdir={trained}', '--config.mesh.data=1', *flags]) == 2
     [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith('lmjax sample: error: ')]
     assert fragment in line, line
+
+
+_SAMPLER_CACHE_PROBE = """
+import sys
+import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+from lmjax import compiling, config, model, sample
+cache_dir, d_model, top_k, source = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+if source == 'edited':  # as if a file of lmjax had changed: its fingerprint is part of every key
+  real = compiling._code_fingerprint
+  compiling._code_fingerprint = lambda: real() + 'edited'
+cfg = config.ModelConfig(vocab_size=11, max_len=16, n_layers=1, n_heads=2, d_model=d_model).validate()
+params = nn.meta.unbox(compiling.run_once(jax.jit(model.Transformer(cfg).init), jax.random.key(0),
+                                          jnp.zeros((1, 16), jnp.int32))['params'])
+cache = compiling.ExecutableCache(cache_dir, {})
+out = sample.generate(params, cfg, [np.array([1, 2, 3])], max_new_tokens=5, top_k=top_k, seed=0, executables=cache)
+print('ORIGIN', cache.origin['sample'], 'TOKENS', out[0])
+"""
+
+
+def test_the_sampler_cache_serves_a_repeated_call_and_never_a_changed_program(tmp_path):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  def run(d_model, top_k, source='as is'):
+    argv = [str(tmp_path), str(d_model), str(top_k), source]
+    proc = subprocess.run(
+      [sys.executable, '-c', _SAMPLER_CACHE_PROBE, *argv],
+      capture_output=True,
+      text=True,
+      timeout=180,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith('ORIGIN'))
+    origin, tokens = line[len('ORIGIN ') :].split(' TOKENS ')
+    return origin, tokens
+
+  first, tokens = run(16, 0)
+  assert first == 'compiled'
+  assert run(16, 0) == ('lmjax cache', tokens)  # a repeated identical call: served, same samples
+  assert run(32, 0)[0] == 'compiled'  # another model
+  assert run(16, 3)[0] == 'compiled'  # a decoding option that changes the program (top-k)
+  assert run(16, 0, source='edited')[0] == 'compiled'  # lmjax's source changed
+  entries = sorted((tmp_path / 'lmjax_executables').iterdir())
+  assert len(entries) == 4
+  for entry in entries:  # a truncated entry (a kill mid-write) costs only a recompile
+    entry.write_bytes(entry.read_bytes()[:50])
+  assert run(16, 0) == ('compiled', tokens)
