@@ -9,6 +9,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -131,21 +132,33 @@ def test_each_kind_of_damaged_latest_step_is_set_aside_and_the_rerun_equals_the_
   _assert_equals_the_uninterrupted_run(wd, trained)
 
 
-def test_sigterm_during_the_final_checkpoint_write_waits_for_it(
-  tmp_path, trained, shakespeare_dirs, cache_dir, monkeypatch
-):
-  from lmjax import checkpoint  # pylint: disable=import-outside-toplevel
+_SIGTERM_IN_FINAL_WAIT = """
+import os, signal, sys
+from lmjax import checkpoint, config, train
+real_wait, sent = checkpoint.Checkpointer.wait, []
 
-  real_wait, sent = checkpoint.Checkpointer.wait, []
+def wait_after_a_sigterm(self):  # the loop's last call: the final checkpoint is still being written
+  if not sent:
+    sent.append(True)
+    os.kill(os.getpid(), signal.SIGTERM)  # without lmjax's handler here, this process would end now
+  return real_wait(self)
 
-  def wait_after_a_sigterm(self):  # the loop's last call: the final checkpoint is still being written
-    if not sent:
-      sent.append(True)
-      os.kill(os.getpid(), signal.SIGTERM)  # without lmjax's handler here, this would end the test process
-    return real_wait(self)
+checkpoint.Checkpointer.wait = wait_after_a_sigterm
+train.train(config.load('configs/tiny.py', sys.argv[2:]), sys.argv[1])
+print('FINISHED', bool(sent))
+"""
 
-  monkeypatch.setattr(checkpoint.Checkpointer, 'wait', wait_after_a_sigterm)
-  train_tiny(tmp_path / 'run', shakespeare_dirs, cache=cache_dir)  # finishes normally: the run was done
-  monkeypatch.undo()
-  assert sent
-  _assert_equals_the_uninterrupted_run(tmp_path / 'run', trained)
+
+def test_sigterm_during_the_final_checkpoint_write_waits_for_it(tmp_path, trained, shakespeare_dirs, cache_dir):
+  # In a process of its own: a signal to the test process itself could end a test worker.
+  wd = tmp_path / 'run'
+  overrides = tiny_overrides(*shakespeare_dirs) + ONE_DEVICE + [f'train.compilation_cache_dir={cache_dir}']
+  proc = subprocess.run(
+    [sys.executable, '-c', _SIGTERM_IN_FINAL_WAIT, str(wd), *overrides],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0 and 'FINISHED True' in proc.stdout, proc.stderr[-3000:]  # the run was done: exit 0
+  _assert_equals_the_uninterrupted_run(wd, trained)
