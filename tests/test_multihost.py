@@ -165,3 +165,21 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_the_resumed_
   assert int(a.step) == int(b.step) == 40
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_second_two_process_job_on_a_held_workdir_stops_on_every_process(tmp_path):
+  import socket  # pylint: disable=import-outside-toplevel
+
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  holder = subprocess.Popen(['sleep', '120'])  # the first job, alive on this host
+  try:
+    with open(workdir / 'lock.json', 'w') as f:
+      json.dump({'host': socket.gethostname(), 'pid': holder.pid, 'since': '2026-12-01T00:00:00'}, f)
+    codes, text = _finish_pair(*_start_pair(workdir, tmp_path, 'second', [f'--config.{o}' for o in overrides('')]))
+  finally:
+    holder.kill()
+    holder.wait()
+  assert codes == [2, 2], text  # process 0 found the lock; process 1 learned it from process 0 and stopped too
+  assert f'pid {holder.pid}' in text and 'Traceback' not in text
+  assert sorted(os.listdir(workdir)) == ['lock.json']
