@@ -198,6 +198,7 @@ def _train(config, workdir, actions, clock, lock, preempt):
   )
 
   periodic = actions_lib.from_config(config, best) + list(actions or ())
+  log_interval = actions_lib.Action(every=tc.log_every)  # when metrics are logged: the actions' interval rule
   clock = clock or actions_lib.Clock()
   multihost = jax.process_count() > 1
   first, count = tc.profile_steps
@@ -224,15 +225,16 @@ def _train(config, workdir, actions, clock, lock, preempt):
       'grad_norm': float(stats[-1]['grad_norm'][-1]),
       **speed,
     }
-    bad = [s - K + 1 + i for (s, _), m in zip(window, stats) for i, ok in enumerate(m['finite']) if not ok]
+    # (step, finite) of every step in the window: a call that brought the run to step s took s - K + 1 ... s.
+    finite = [(s - K + 1 + i, bool(ok)) for (s, _), m in zip(window, stats) for i, ok in enumerate(m['finite'])]
+    bad = [s for s, ok in finite if not ok]
     too_many = None  # the step at which train.max_skipped updates in a row had been dropped
     if tc.nonfinite == 'skip':
-      for (s, _), m in zip(window, stats):
-        for i, ok in enumerate(m['finite']):
-          skipped['run'] = 0 if ok else skipped['run'] + 1
-          skipped['total'] += int(not ok)
-          if skipped['run'] >= tc.max_skipped and too_many is None:
-            too_many = s - K + 1 + i
+      for s, ok in finite:
+        skipped['run'] = 0 if ok else skipped['run'] + 1
+        if skipped['run'] >= tc.max_skipped and too_many is None:
+          too_many = s
+      skipped['total'] += len(bad)
       last['skipped_steps'] = skipped['total']
     log.write(at_step, last)
     if lock is not None:
@@ -295,7 +297,7 @@ def _train(config, workdir, actions, clock, lock, preempt):
           log_due = None
         minutes = clock.minutes()
         due = [a for a in periodic if a.due(step, tc.steps, minutes)]
-        log_point = step == tc.steps or (tc.log_every > 0 and step % tc.log_every == 0)
+        log_point = log_interval.due(step, tc.steps, minutes)
         stop = preempt.requested
         if multihost:
           # The clock and SIGTERM differ between hosts. At the steps every host stops at anyway (a log point or a
