@@ -290,6 +290,7 @@ class Transformer(nn.Module):
     cache=None,
     cache_index=None,
     kv_segment_ids_BxT=None,
+    logits_at_BxS=None,
   ):
     """Returns float32 logits_BxLxV, or (logits_BxLxV, new_cache) when `cache` is given.
 
@@ -297,6 +298,8 @@ class Transformer(nn.Module):
     segment_ids: document ids in a packed row, 0 for padding (default: all one segment).
     cache / cache_index / kv_segment_ids: decoding. `cache` is what `init_cache` returns; this chunk is written at
       slots cache_index .. cache_index + L - 1; kv_segment_ids_BxT gives the segment of every cache slot.
+    logits_at_BxS: logits only at these indices along L (then logits_BxSxV): scoring a continuation after a
+      prefilled context needs the last context position's alone, and the output head is the widest matmul.
     """
     cfg = self.cfg
     B, L = tokens_BxL.shape
@@ -349,6 +352,9 @@ class Transformer(nn.Module):
           new_cache['v'].append(c['v'])
 
     x_BxLxD = Norm(cfg, name='ln_f')(x_BxLxD)
+    if logits_at_BxS is not None:
+      x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at_BxS[:, :, None], axis=1)
+      L = logits_at_BxS.shape[1]
     x_BLxD = x_BxLxD.reshape(B * L, cfg.d_model)  # 2-D: the head's weight gradient needs no transposes
     if cfg.tied_embeddings:
       logits_BLxV = jnp.dot(x_BLxD, embed.astype(cfg.dtype).T, preferred_element_type=jnp.float32)
