@@ -44,9 +44,15 @@ def evaluate_run(workdir: str, overrides=(), step=None) -> dict:
   from lmjax import data as data_lib  # pylint: disable=import-outside-toplevel  -- only evaluation reads data
 
   config, tokenizer, task, state = load_run(workdir, overrides, step=step)
-  rows = task.batch_rows_divisor
-  if config.train.eval_batch_size % rows:  # this host's mesh is not the training one: round the batch up to it
-    with config.unlocked():
-      config.train.eval_batch_size = -(-config.train.eval_batch_size // rows) * rows
+  fit_eval_batch(config, task)
   data = data_lib.make_data(config, tokenizer)
   return {'step': int(state.step), **task.evaluate(state.params, data.eval_batches, data.eval_bytes_per_token)}
+
+
+def fit_eval_batch(config, task):
+  """Rounds train.eval_batch_size up to a multiple of this host's batch-sharding devices: the mesh evaluating a
+  run need not be the one that trained it."""
+  rows = task.batch_rows_divisor
+  if config.train.eval_batch_size % rows:
+    with config.unlocked():
+      config.train.eval_batch_size = -(-config.train.eval_batch_size // rows) * rows
