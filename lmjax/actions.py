@@ -1,5 +1,5 @@
-"""Periodic actions of the training loop: evaluate, checkpoint, keep the best checkpoint, checkpoint on a clock,
-and whatever another module registers (an evaluation task, an export, a fault injector).
+"""Periodic actions of the training loop: evaluate, run evaluation tasks (train.eval_tasks), checkpoint, keep the
+best checkpoint, checkpoint on a clock, and whatever another module registers (an export, a fault injector).
 
 An action says when it is due (`due(step, last_step, minutes_since_start)`) and does its work in `run(loop)`,
 returning metrics to log (or None). The loop (lmjax/train.py) syncs the device once before the actions due at a
@@ -14,6 +14,8 @@ import dataclasses
 import math
 import time
 from typing import Any, Callable
+
+from lmjax.evals import spec as eval_spec
 
 
 @dataclasses.dataclass
@@ -68,6 +70,29 @@ class Evaluate(Action):
 
   def run(self, loop):
     return loop.task.evaluate(loop.state.params, loop.data.eval_batches, loop.data.eval_bytes_per_token)
+
+
+class EvalTask(Action):
+  """One of train.eval_tasks (lmjax/evals/spec.py): its numbers as NAME/METRIC. Its data is read and tokenized
+  the first time it runs, and kept."""
+
+  def __init__(self, spec, every: int):
+    super().__init__(every=every)
+    self.spec, self.name, self._task = spec, spec.name, None
+
+  def run(self, loop):
+    from lmjax.evals import tasks  # pylint: disable=import-outside-toplevel  -- only runs with eval tasks import it
+
+    if self._task is None:
+      self._task = tasks.build(self.spec, loop.config, loop.data.tokenizer, loop.task)
+    metrics, _ = self._task(loop.state.params)
+    return {f'{self.name}/{k}': v for k, v in metrics.items()}
+
+
+def eval_tasks(config) -> list[EvalTask]:
+  """The actions of train.eval_tasks, at each task's every=N or train.eval_every; a bad entry is a ConfigError."""
+  specs = eval_spec.parse_all(config.train.eval_tasks)
+  return [EvalTask(s, s.get('every', config.train.eval_every)) for s in specs]
 
 
 class Checkpoint(Action):
@@ -128,7 +153,7 @@ def unregister(factory) -> None:
 def from_config(config, best_checkpointer=None) -> list[Action]:
   """The built-in actions a config asks for, in the order they run at a step, then the registered ones."""
   t = config.train
-  out: list[Action] = [Evaluate(t.eval_every)]
+  out: list[Action] = [Evaluate(t.eval_every), *eval_tasks(config)]
   if t.keep_best:
     out.append(KeepBest(t.keep_best, best_checkpointer, every=t.eval_every))
   out.append(Checkpoint(t.checkpoint_every))

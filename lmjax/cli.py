@@ -15,7 +15,7 @@ import sys
 from typing import Callable
 
 from lmjax import hostenv  # imports nothing heavy: the process is set up before JAX loads
-from lmjax.errors import UserError
+from lmjax.errors import ConfigError, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM
@@ -66,6 +66,26 @@ def _train(args, overrides):
 
 def _eval_args(p):
   _workdir_args(p, 'evaluate')
+  g = p.add_argument_group('tasks (without --task: loss, perplexity and bits per byte of the eval split)')
+  g.add_argument(
+    '--task',
+    action='append',
+    default=[],
+    help='KIND[:DATA][,KEY=VALUE...], repeatable: mc:FILE.jsonl, ppl:SPLIT or ppl:PATH, gen:FILE.jsonl, div:FILE '
+    '(lmjax/evals/spec.py)',
+  )
+  g.add_argument('--data', action='append', default=[], help='the data of the --task before it that names none')
+  g.add_argument('--log_samples', default='', help='write one JSON line per item of every task to this file')
+  g = p.add_argument_group('decoding of gen (default greedy) and div (default the sample.* config) tasks')
+  g.add_argument('--max_new_tokens', type=int, default=None)
+  g.add_argument('--temperature', type=float, default=None, help='0 = greedy')
+  g.add_argument('--greedy', action='store_true', help='same as --temperature=0')
+  g.add_argument('--top_k', type=int, default=None)
+  g.add_argument('--top_p', type=float, default=None)
+  g.add_argument('--min_p', type=float, default=None)
+  g.add_argument('--stop', action='append', default=[], help='cut a generation before this text (repeatable)')
+  g.add_argument('--num_samples', type=int, default=None, help='div: samples per prompt')
+  g.add_argument('--seed', type=int, default=None)
   _multihost(p)
 
 
@@ -73,7 +93,19 @@ def _eval(args, overrides):
   from lmjax import inference  # pylint: disable=import-outside-toplevel
 
   hostenv.init_distributed(args.coordinator, args.num_processes, args.process_id)
-  print(json.dumps(inference.evaluate_run(args.workdir, overrides, step=args.step)))
+  if not args.task:
+    if args.data:
+      raise ConfigError('--data names the data of a --task; add --task=mc (or ppl, gen, div) before it')
+    print(json.dumps(inference.evaluate_run(args.workdir, overrides, step=args.step)))
+    return 0
+  from lmjax.evals import tasks  # pylint: disable=import-outside-toplevel
+
+  names = ('max_new_tokens', 'temperature', 'top_k', 'top_p', 'min_p', 'num_samples', 'seed')
+  flags = {k: getattr(args, k) for k in names}
+  flags['stop'] = args.stop or None
+  if args.greedy:
+    flags['temperature'] = 0.0
+  tasks.run(args.workdir, args.task, args.data, overrides, args.step, flags, args.log_samples)
   return 0
 
 
@@ -168,7 +200,11 @@ class Command:
 
 COMMANDS = {
   'train': Command('train (or resume) a run', _train_args, _train),
-  'eval': Command("evaluate a workdir's checkpoint over the whole eval split", _eval_args, _eval),
+  'eval': Command(
+    "evaluate a workdir's checkpoint: the eval split's loss, or tasks (multiple choice, perplexity, generation)",
+    _eval_args,
+    _eval,
+  ),
   'sample': Command('sample text from a trained workdir', _sample_args, _sample),
   'bench': Command(
     'compile time, ms/step, tokens/s and MFU of a config (no data, no checkpoints)', _bench_args, _bench

@@ -31,6 +31,7 @@ OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon')  # lmjax/optim.py
 ROWS = ('windows', 'packed')  # lmjax/data.py
 TOKENIZERS = ('char', 'byte', 'spm')  # lmjax/tokenizers.py
 DTYPES = ('float32', 'bfloat16', 'float16')
+EVAL_TASKS = ('mc', 'ppl', 'gen', 'div')  # lmjax/evals/spec.py: the kinds of train.eval_tasks and `lmjax eval --task`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +166,10 @@ def default_config() -> ml_collections.ConfigDict:
   t.eval_every = 250  # evaluations over the whole eval split
   t.eval_batch_size = 64
   t.eval_max_batches = 0  # 0 = the whole eval split
+  # Evaluation tasks run as a periodic action (at eval_every, or a task's own every=N), e.g.
+  # ('mc:data/hellaswag_val.jsonl,limit=500', 'ppl:test'); the syntax is lmjax/evals/spec.py's. Numbers are logged as
+  # NAME/METRIC (hellaswag_val/acc_norm).
+  t.eval_tasks = ()
   t.checkpoint_every = 500
   t.keep_checkpoints = 3  # the last K checkpoints are kept; older ones are deleted
   t.keep_best = ''  # '' = off; a metric (val_loss, val_ppl, val_bpb): its best checkpoint is kept in WORKDIR/best/
@@ -353,6 +358,12 @@ def problems(config) -> list[str]:
     out.append(f'train.profile_steps {prof} must be multiples of train.steps_per_call ({K}): calls are traced whole')
   need(t.nonfinite in ('stop', 'skip'), f"train.nonfinite must be 'stop' or 'skip'; got {t.nonfinite!r}")
   need(t.max_skipped >= 1, f'train.max_skipped must be >= 1, got {t.max_skipped}')
+  for task in t.eval_tasks if isinstance(t.eval_tasks, (tuple, list)) else [t.eval_tasks]:
+    kind = task.split(',')[0].partition(':')[0] if isinstance(task, str) else None
+    need(
+      kind in EVAL_TASKS,
+      f'train.eval_tasks: {task!r} is not KIND:DATA[,KEY=VALUE...] with KIND one of {", ".join(EVAL_TASKS)}',
+    )
   need(t.checkpoint_minutes >= 0, f'train.checkpoint_minutes must be >= 0 (0 = off), got {t.checkpoint_minutes}')
   need(o.name in OPTIMIZERS, f'optimizer.name must be one of {", ".join(OPTIMIZERS)}; got {o.name!r}')
   need(o.lr > 0, f'optimizer.lr must be > 0, got {o.lr}')

@@ -132,6 +132,7 @@ def train(config, workdir: str, actions=None, clock=None) -> dict:
 def _train(config, workdir, actions, clock, lock, preempt):
   compiling.enable_compilation_cache(config.train.compilation_cache_dir)
   tc, primary = config.train, jax.process_index() == 0
+  actions_lib.eval_tasks(config)  # a bad train.eval_tasks entry fails here, before any work
   init_from = _InitFrom(tc.init_from) if tc.init_from else None
   data = prepare_data(config, workdir, init_from.tokenizer if init_from else None)
   task = Task(config)
