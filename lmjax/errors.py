@@ -37,3 +37,7 @@ class TrainingError(UserError):
 
 class WorkdirError(UserError):
   """A workdir that cannot be created, written or read (a file in its place, a read-only or full disk)."""
+
+
+class InteropError(UserError):
+  """A Hugging Face model that cannot be imported, or a run that HF's model classes cannot express on export."""
