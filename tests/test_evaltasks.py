@@ -322,3 +322,97 @@ def test_the_tokenizers_interface_is_all_the_scorer_needs():
   assert loglikelihood.encode_pair(char, 'ab ', 'a') == ([0, 1], [2, 0])
   byte = tokenizers.ByteTokenizer()
   assert loglikelihood.encode_pair(byte, '', 'a') == ([byte.bos_id], [ord('a')])
+
+
+@pytest.fixture(scope='module')
+def imported_gpt2(tmp_path_factory):
+  """(HF model, HF tokenizer, lmjax workdir): a tiny GPT2LMHeadModel with random weights and a byte-level BPE
+  tokenizer trained here, saved as save_pretrained writes them and imported (lmjax/hf.py)."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  from lmjax import hf
+
+  source = tmp_path_factory.mktemp('hf')
+  bpe = Tokenizer(models.BPE())
+  bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=400,
+    special_tokens=['<|endoftext|>'],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
+  bpe.train_from_iterator([TEXT], trainer)
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token='<|endoftext|>', eos_token='<|endoftext|>')
+  tok.save_pretrained(source)
+  torch.manual_seed(0)
+  config = transformers.GPT2Config(
+    vocab_size=len(tok),
+    n_positions=48,
+    n_embd=32,
+    n_layer=2,
+    n_head=2,
+    initializer_range=0.1,
+    bos_token_id=0,
+    eos_token_id=0,
+  )
+  model = transformers.GPT2LMHeadModel(config).eval()
+  model.save_pretrained(source, safe_serialization=True)
+  workdir = str(tmp_path_factory.mktemp('imported'))
+  hf.import_hf(str(source), workdir)
+  return model, tok, workdir
+
+
+def harness_loglikelihood(model, tok, context, continuation, max_length):
+  """lm-evaluation-harness's loglikelihood of one request for a causal HF model, written out from its rules."""
+  import torch
+
+  if context == '':
+    cont = tok.encode(continuation, add_special_tokens=False)
+    ctx_enc, cont_enc = ([tok.bos_token_id], cont) if cont[0] != tok.bos_token_id else (cont[:1], cont[1:])
+  else:
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+      context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole, ctx_enc = tok.encode(context + continuation), tok.encode(context)
+    cont_enc = whole[len(ctx_enc) :]
+  inp = (ctx_enc + cont_enc)[-(max_length + 1) :][:-1]
+  with torch.no_grad():
+    logp_LxV = torch.log_softmax(model(torch.tensor([inp])).logits[0].float(), dim=-1)
+  logp_CxV = logp_LxV[len(inp) - len(cont_enc) :]
+  targets = torch.tensor(cont_enc)
+  ll = float(logp_CxV.gather(1, targets[:, None]).sum())
+  return ll, bool((logp_CxV.argmax(-1) == targets).all())
+
+
+def test_an_imported_gpt2_scores_each_item_as_the_harness_scores_it_with_transformers(imported_gpt2, tmp_path, capsys):
+  model, tok, workdir = imported_gpt2
+  words = TEXT.split()
+  rng = np.random.default_rng(1)
+  items = []
+  for k in range(10):
+    a = int(rng.integers(0, len(words) - 60))
+    query = ' '.join(words[a : a + int(rng.integers(3, 40))])  # some longer than the 48-token context
+    choices = [' '.join(words[b : b + int(rng.integers(1, 8))]) for b in rng.integers(0, len(words) - 10, 3)]
+    items.append({'query': query + (' ' if k % 3 == 0 else ''), 'choices': choices, 'gold': int(rng.integers(3))})
+  items[1]['query'] = ''  # an empty context: the harness conditions on BOS (<|endoftext|>)
+  assert any(len(tok.encode(i['query'] + ' ' + c)) > 49 for i in items for c in i['choices'])  # the window cuts
+  mc, log = write_jsonl(tmp_path / 'items.jsonl', items), tmp_path / 'log.jsonl'
+  assert (
+    cli.main(['eval', f'--workdir={workdir}', f'--task=mc:{mc}', f'--log_samples={log}', '--config.mesh.data=1']) == 0
+  )
+  printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+  logged = [json.loads(line) for line in log.read_text().splitlines()]
+
+  expected = [[harness_loglikelihood(model, tok, i['query'], ' ' + c, 48) for c in i['choices']] for i in items]
+  np.testing.assert_allclose([r['ll'] for r in logged], [[e[0] for e in x] for x in expected], atol=1e-4, rtol=0)
+  assert [r['greedy'] for r in logged] == [[e[1] for e in x] for x in expected]
+  lls = [np.array([e[0] for e in x]) for x in expected]
+  norm = [ll / np.array([len(c) for c in i['choices']]) for ll, i in zip(lls, items)]
+  for picks in (lls, norm):  # no near-tie, so equal picks are a real agreement
+    assert min(np.diff(np.sort(p))[-1] for p in picks) > 1e-3
+  assert [r['pred'] for r in logged] == [int(np.argmax(x)) for x in lls]
+  assert [r['pred_norm'] for r in logged] == [int(np.argmax(x)) for x in norm]
+  assert printed['acc'] == np.mean([np.argmax(x) == i['gold'] for x, i in zip(lls, items)])
+  assert printed['acc_norm'] == np.mean([np.argmax(x) == i['gold'] for x, i in zip(norm, items)])
