@@ -45,14 +45,16 @@ _NEG_INF = -1e30  # finite: a fully masked row (never produced by make_mask) wou
 
 def make_mask(q_slot_L, kv_slot_T, q_segment_BxL=None, kv_segment_BxT=None):
   """Boolean mask, broadcastable to B x N x G x L x T: key visible iff its slot is not after the query's slot
-  and it lies in the same segment (packed document; 0 = padding).
+  and it lies in the same segment (packed document; 0 = padding) or in a shared prefix: a negative segment id is
+  seen by every later query (one context followed by the several continuations that condition on it,
+  lmjax/evals/loglikelihood.py; only this explicit mask knows the rule, so such rows go through a KV cache).
 
   Every query sees at least its own slot, so no softmax row is ever empty.
   """
   mask_LxT = kv_slot_T[None, :] <= q_slot_L[:, None]
   if q_segment_BxL is None or kv_segment_BxT is None:
     return mask_LxT[None, None, None]
-  same_BxLxT = q_segment_BxL[:, :, None] == kv_segment_BxT[:, None, :]
+  same_BxLxT = (q_segment_BxL[:, :, None] == kv_segment_BxT[:, None, :]) | (kv_segment_BxT[:, None, :] < 0)
   return (mask_LxT[None] & same_BxLxT)[:, None, None]
 
 

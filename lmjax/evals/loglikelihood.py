@@ -16,12 +16,14 @@ The harness's rules, followed exactly (lm_eval/api/model.py `_encode_pair`, lm_e
   - the score is the summed log-softmax of the continuation's tokens, and `greedy` says each of them is the
     argmax at its position.
 
-How it runs: requests that share a context (the choices of one item) share one prefill. Contexts are
-left-padded into rows of a few bucketed lengths P, run once to fill a KV cache and to give the log-probabilities
-of each continuation's first token (the output head runs at the last position only); the cache rows are then
-copied to the continuations, which run right-padded to a bucketed length C at cache slot P. Every call has the
-same rows (I contexts, R continuations, fixed per set of requests), so the compiled shapes are the few (P, C)
-pairs the data needs. Pad slots get segment id 0 and are seen by no real token, as in lmjax/sample.py.
+How it runs: the continuations that share a context (the choices of one item) share one row: the context, then
+each continuation's tokens but its last, back to back. The context has a negative segment id, which every later
+token sees (lmjax/attention.py make_mask); each continuation has its own, so it sees the context and itself only,
+and its positions start where the context ends -- the same numbers as one row per request, at the cost of one.
+The output head runs only where a log-probability is read (lmjax/model.py logits_at_BxS): the context's last
+position and each continuation's fed tokens. Rows are sorted by length and go I to a call, padded to a
+bucketed length T with S read positions (`bucket`), so the compiled programs are the few (T, S) the data needs; pad
+slots get segment id 0 and are seen by no real token.
 """
 
 from __future__ import annotations
@@ -34,19 +36,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from lmjax import model as model_lib, parallel
 from lmjax.errors import DataError
-
-_MIN_CONTEXT, _MIN_FED = 16, 8  # the shortest padded context, and continuation after its first token
-
-
-def bucket(n: int, least: int) -> int:
-  """The padded length of n tokens: the first power of two >= max(n, least), 0 for 0. Powers of two pad by 1.33x
-  on average and give a handful of compiled shapes over any spread of lengths."""
-  return 0 if n <= 0 else 1 << (max(n, least) - 1).bit_length()
-
 
 # ------------------------------------------------------------------------------------------ tokenization
 
@@ -84,143 +76,132 @@ def window(context_ids: list, continuation_ids: list, max_len: int, where: str =
 
 # ------------------------------------------------------------------------------------------ the compiled program
 
-
-def _take_rows(cache, rows_R, scan_layers: bool):
-  axis = 1 if scan_layers else 0
-  return jax.tree.map(lambda x: jnp.take(x, rows_R, axis=axis), cache)
+SHARED = -1  # the segment id of a row's context (make_mask's shared prefix)
+_MIN_ROW, _MIN_READ = 16, 8  # the shortest padded row, and the fewest read positions
 
 
-def _pad_time(cache, size):
-  return jax.tree.map(lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, size - x.shape[-2]), (0, 0)]), cache)
+def bucket(n: int, least: int) -> int:
+  """The padded length of n: the first of 16, 24, 32, 48, 64, 96, ... (powers of two and 3/4 of them) that is
+  >= max(n, least). Padding costs 1.2x on average, and any spread of lengths needs only a handful of programs."""
+  n = max(n, least)
+  p = 1 << (n - 1).bit_length()
+  return p * 3 // 4 if p >= 32 and p * 3 // 4 >= n else p
 
 
-def _score(params, ctx_IxP, ctx_len_I, group_R, cont_RxC, cont_len_R, *, cfg):
-  """(summed log p of each continuation, all its tokens greedy). ctx_IxP left-padded contexts; cont_RxC the
-  continuations right-padded, with C = (fed tokens) + 1: token 0 is scored from the context's last position,
-  token j > 0 from the fed token j - 1."""
+def _score(params, tokens_IxT, segs_IxT, pos_IxT, at_IxS, target_IxS, *, cfg):
+  """(log p, greedy) of the tokens target_IxS, predicted at row slots at_IxS."""
+  I, T = tokens_IxT.shape
   model = model_lib.Transformer(cfg)
-  I, P = ctx_IxP.shape
-  R, C = cont_RxC.shape
-  start_I = P - ctx_len_I
-  segs_IxP = (jnp.arange(P, dtype=jnp.int32)[None] >= start_I[:, None]).astype(jnp.int32)
-  pos_IxP = jnp.maximum(jnp.arange(P, dtype=jnp.int32)[None] - start_I[:, None], 0)
-  last_Ix1 = jnp.full((I, 1), P - 1, jnp.int32)
-  logits_Ix1xV, cache = model.apply(
+  logits_IxSxV, _ = model.apply(
     {'params': params},
-    ctx_IxP,
-    pos_IxP,
-    segs_IxP,
-    cache=model_lib.init_cache(cfg, I, P),
+    tokens_IxT,
+    pos_IxT,
+    segs_IxT,
+    cache=model_lib.init_cache(cfg, I, T),  # a cache only for its explicit mask, which knows shared prefixes
     cache_index=0,
-    kv_segment_ids_BxT=segs_IxP,
-    logits_at_BxS=last_Ix1,
+    kv_segment_ids_BxT=segs_IxT,
+    logits_at_BxS=at_IxS,
   )
-  logp_IxV = jax.nn.log_softmax(logits_Ix1xV[:, 0], axis=-1)
-  logp_RxV = jnp.take(logp_IxV, group_R, axis=0)
-  first_R = cont_RxC[:, 0]
-  ll_R = jnp.take_along_axis(logp_RxV, first_R[:, None], axis=1)[:, 0]
-  greedy_R = jnp.argmax(logp_RxV, axis=-1) == first_R
-  if C == 1:
-    return ll_R, greedy_R
-
-  F = C - 1  # tokens fed after the context
-  fed_RxF, target_RxF = cont_RxC[:, :F], cont_RxC[:, 1:]
-  cache = _pad_time(_take_rows(cache, group_R, cfg.scan_layers), P + F)
-  ones_RxF = jnp.ones((R, F), jnp.int32)
-  pos_RxF = jnp.minimum(jnp.take(ctx_len_I, group_R)[:, None] + jnp.arange(F, dtype=jnp.int32)[None], cfg.max_len - 1)
-  logits_RxFxV, _ = model.apply(
-    {'params': params},
-    fed_RxF,
-    pos_RxF,
-    ones_RxF,
-    cache=cache,
-    cache_index=P,
-    kv_segment_ids_BxT=jnp.concatenate([jnp.take(segs_IxP, group_R, axis=0), ones_RxF], axis=1),
-  )
-  logp_RxFxV = jax.nn.log_softmax(logits_RxFxV, axis=-1)
-  tok_RxF = jnp.take_along_axis(logp_RxFxV, target_RxF[:, :, None], axis=2)[:, :, 0]
-  valid_RxF = jnp.arange(F, dtype=jnp.int32)[None] < (cont_len_R - 1)[:, None]
-  ll_R = ll_R + jnp.sum(jnp.where(valid_RxF, tok_RxF, 0.0), axis=1)
-  greedy_R = greedy_R & jnp.all((jnp.argmax(logp_RxFxV, axis=-1) == target_RxF) | ~valid_RxF, axis=1)
-  return ll_R, greedy_R
+  logp_IxSxV = jax.nn.log_softmax(logits_IxSxV, axis=-1)
+  ll_IxS = jnp.take_along_axis(logp_IxSxV, target_IxS[:, :, None], axis=2)[:, :, 0]
+  return ll_IxS, jnp.argmax(logp_IxSxV, axis=-1) == target_IxS
 
 
 @dataclasses.dataclass
-class _Call:
-  groups: list  # context tuples, in row order
-  rows: list  # (request index, group row, continuation)
+class _Row:
+  """A context, then continuations that condition on it: token ids, segment ids, positions, and the reads
+  (slot, target token, request index) whose log-probabilities make each request's score."""
+
+  n_context: int
+  tokens: list
+  segs: list
+  pos: list
+  reads: list
+  n_continuations: int = 0
+
+  @classmethod
+  def start(cls, context):
+    n = len(context)
+    return cls(n, list(context), [SHARED] * n, list(range(n)), [])
+
+  def add(self, request: int, continuation):
+    """Token 0 of the continuation is read at the context's last slot, token j at the slot of token j - 1; its
+    last token is read, never fed."""
+    fed = list(continuation[:-1])
+    slots = [self.n_context - 1, *range(len(self.tokens), len(self.tokens) + len(fed))]
+    self.reads += [(slot, tok, request) for slot, tok in zip(slots, continuation)]
+    self.n_continuations += 1
+    self.tokens += fed
+    self.segs += [self.n_continuations] * len(fed)
+    self.pos += range(self.n_context, self.n_context + len(fed))
+
+
+def rows_of(requests, longest: int) -> list[_Row]:
+  """Requests grouped by context into rows of at most `longest` slots (a context with more continuations than
+  fit starts another row), longest row first."""
+  groups = {}
+  for i, (ctx, cont) in enumerate(requests):
+    groups.setdefault(ctx, []).append((i, cont))
+  rows = []
+  for ctx, members in groups.items():
+    row = _Row.start(ctx)
+    for i, cont in members:
+      if row.n_continuations and len(row.tokens) + len(cont) - 1 > longest:
+        rows.append(row)
+        row = _Row.start(ctx)
+      row.add(i, cont)
+    rows.append(row)
+  return sorted(rows, key=lambda r: -len(r.tokens))
 
 
 class Scorer:
   """Scores (context ids, continuation ids) requests with a Task's model on its mesh. One jitted program; it
-  compiles once per (context bucket, continuation bucket, rows) shape."""
+  compiles once per shape (I, T, S), `shapes`."""
 
   def __init__(self, task, tokens_per_call: int = 0):
     self.task, self.cfg = task, task.model_cfg
     # The run's eval batch (rows x max_len tokens) sizes a call: memory the run's evaluation already needs.
     self.tokens_per_call = tokens_per_call or task.config.train.eval_batch_size * self.cfg.max_len
+    self.longest_row = max(self.cfg.max_len, 256)
     mesh = task.mesh
-    rows, rows2 = NamedSharding(mesh, PartitionSpec(parallel.BATCH_AXES)), parallel.batch_sharding(mesh, 2)
-    self._shardings = (rows2, rows, rows, rows2, rows)
+    self._rows = parallel.batch_sharding(mesh, 2)
     self._fn = jax.jit(
       parallel.traced_with(functools.partial(_score, cfg=self.cfg), mesh, task.rules),
-      in_shardings=(task.param_shardings, *self._shardings),
+      in_shardings=(task.param_shardings,) + (self._rows,) * 5,
       out_shardings=parallel.replicated(mesh),
     )
-    self.shapes = set()  # (I, P, R, C) of every call so far: the compiled programs
-
-  def _sizes(self, requests) -> tuple[int, int]:
-    """(I, R): contexts and continuations per call, multiples of the batch-sharding devices."""
-    d = self.task.batch_rows_divisor
-    longest = max(bucket(len(c), _MIN_CONTEXT) + bucket(len(k) - 1, _MIN_FED) for c, k in requests)
-    R = max(d, self.tokens_per_call // max(longest, 1) // d * d)
-    R = min(R, -(-len(requests) // d) * d)
-    n_contexts = len({c for c, _ in requests})
-    I = min(R, -(-math.ceil(R * n_contexts / len(requests)) // d) * d)
-    return I, R
-
-  def _calls(self, requests, I: int, R: int):
-    """Requests, longest context first, into calls of at most I contexts and R continuations."""
-    order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][0]), requests[i][0], i))
-    calls, current, index = [], _Call([], []), {}
-    for i in order:
-      ctx, cont = requests[i]
-      if len(current.rows) == R or (ctx not in index and len(current.groups) == I):
-        calls.append(current)
-        current, index = _Call([], []), {}
-      if ctx not in index:
-        index[ctx] = len(current.groups)
-        current.groups.append(ctx)
-      current.rows.append((i, index[ctx], cont))
-    calls.append(current)
-    return calls
+    self.shapes = set()  # (I, T, S) of every call so far: the compiled programs
 
   def __call__(self, params, requests, progress=None) -> tuple[np.ndarray, np.ndarray]:
     """(log-likelihood float64[N], greedy bool[N]) of N requests (context ids, continuation ids), already
     windowed (`window`). `progress(n)` is told of every n requests done."""
-    ll, greedy = np.zeros(len(requests)), np.zeros(len(requests), bool)
+    ll, wrong = np.zeros(len(requests)), np.zeros(len(requests), np.int64)
     if not requests:
-      return ll, greedy
-    I, R = self._sizes(requests)
+      return ll, wrong == 0
+    rows = rows_of(requests, self.longest_row)
+    d = self.task.batch_rows_divisor
+    I = max(d, self.tokens_per_call // bucket(len(rows[0].tokens), _MIN_ROW) // d * d)
+    I = min(I, -(-len(rows) // d) * d)
     with parallel.activate(self.task.mesh, self.task.rules):
-      for call in self._calls(requests, I, R):
-        P = bucket(max(len(g) for g in call.groups), _MIN_CONTEXT)
-        C = bucket(max(len(c) for _, _, c in call.rows) - 1, _MIN_FED) + 1
-        ctx_IxP, ctx_len_I = np.zeros((I, P), np.int32), np.ones(I, np.int32)
-        for g, ids in enumerate(call.groups):
-          ctx_IxP[g, P - len(ids) :], ctx_len_I[g] = ids, len(ids)
-        group_R, cont_RxC, cont_len_R = np.zeros(R, np.int32), np.zeros((R, C), np.int32), np.ones(R, np.int32)
-        for r, (_, g, ids) in enumerate(call.rows):
-          group_R[r], cont_RxC[r, : len(ids)], cont_len_R[r] = g, ids, len(ids)
-        args = [_global(x, s) for x, s in zip((ctx_IxP, ctx_len_I, group_R, cont_RxC, cont_len_R), self._shardings)]
-        self.shapes.add((I, P, R, C))
-        ll_R, greedy_R = jax.device_get(self._fn(params, *args))
-        n = len(call.rows)
-        idx = [i for i, _, _ in call.rows]
-        ll[idx], greedy[idx] = ll_R[:n], greedy_R[:n]
+      for k in range(0, len(rows), I):
+        call = rows[k : k + I]
+        T = bucket(max(len(r.tokens) for r in call), _MIN_ROW)
+        S = bucket(max(len(r.reads) for r in call), _MIN_READ)
+        arrays = [np.zeros((I, T), np.int32) for _ in range(3)] + [np.zeros((I, S), np.int32) for _ in range(2)]
+        tokens, segs, pos, at, target = arrays
+        owner = np.full((I, S), -1)
+        for r, row in enumerate(call):
+          n, m = len(row.tokens), len(row.reads)
+          tokens[r, :n], segs[r, :n], pos[r, :n] = row.tokens, row.segs, row.pos
+          at[r, :m], target[r, :m], owner[r, :m] = zip(*row.reads)
+        self.shapes.add((I, T, S))
+        ll_IxS, greedy_IxS = jax.device_get(self._fn(params, *(_global(x, self._rows) for x in arrays)))
+        read = owner >= 0
+        np.add.at(ll, owner[read], ll_IxS[read])
+        np.add.at(wrong, owner[read], ~greedy_IxS[read])
         if progress is not None:
-          progress(n)
-    return ll, greedy
+          progress(len({int(o) for o in owner[read]}))
+    return ll, wrong == 0
 
 
 def _global(x: np.ndarray, sharding):
