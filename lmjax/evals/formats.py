@@ -54,8 +54,12 @@ def _lines(path: str):
   """(line number, JSON object) of every non-blank line."""
   if not os.path.isfile(path):
     raise DataError(f'{path} does not exist (or is not a file); give the path of a local .jsonl file')
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
+  with open(path, 'rb') as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        line = raw.decode('utf-8')
+      except UnicodeDecodeError as e:
+        raise DataError(f'{path}:{n}: not UTF-8 ({e.reason}); save the file as UTF-8') from None
       if not line.strip():
         continue
       try:

@@ -203,9 +203,11 @@ def build(spec, config, tokenizer, task, flags=None):
 
 def run(workdir: str, tasks, datas=(), overrides=(), step=None, flags=None, log_samples: str = '', out=None):
   """`lmjax eval --task=...`: each task on a workdir's checkpoint; prints one JSON object per task (and, with
-  log_samples, writes one JSON line per item). Returns the objects."""
+  log_samples, writes one JSON line per item). Returns the objects. Every process scores; process 0 writes."""
+  import jax  # pylint: disable=import-outside-toplevel
   from lmjax import compiling, inference  # pylint: disable=import-outside-toplevel
 
+  primary = jax.process_index() == 0
   out = out or sys.stdout
   specs = spec_lib.parse_all(tasks, datas)  # a bad --task fails before the checkpoint is read
   config, tokenizer, task, state = inference.load_run(workdir, overrides, step=step)
@@ -213,7 +215,7 @@ def run(workdir: str, tasks, datas=(), overrides=(), step=None, flags=None, log_
   compiling.enable_compilation_cache(config.train.compilation_cache_dir)
   built = [build(s, config, tokenizer, task, flags) for s in specs]  # every file is read before any is scored
   try:
-    log = open(log_samples, 'w') if log_samples else None
+    log = open(log_samples, 'w') if log_samples and primary else None
   except OSError as e:
     raise DataError(f'--log_samples {log_samples}: {e.strerror or e}; give a writable file') from None
   results = []
@@ -221,7 +223,8 @@ def run(workdir: str, tasks, datas=(), overrides=(), step=None, flags=None, log_
     for s, t in zip(specs, built):
       metrics, records = t(state.params)
       row = {'task': s.name, 'kind': s.kind, 'step': int(state.step), **metrics}
-      print(json.dumps(row), file=out, flush=True)
+      if primary:
+        print(json.dumps(row), file=out, flush=True)
       results.append(row)
       for r in records if log is not None else ():
         log.write(json.dumps({'task': s.name, **r}) + '\n')
