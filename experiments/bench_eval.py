@@ -64,8 +64,13 @@ metric_list:
 """
 
 
+def text() -> str:
+  with open(TEXT) as f:
+    return f.read()
+
+
 def write_items(path: str, n: int, seed: int = 0):
-  words = open(TEXT).read().split()
+  words = text().split()
   rng = random.Random(seed)
   with open(path, 'w') as f:
     for _ in range(n):
@@ -92,7 +97,7 @@ def build_model(size: str, directory: str):
   trainer = trainers.BpeTrainer(
     vocab_size=8192, special_tokens=['<|endoftext|>'], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
   )
-  bpe.train_from_iterator([open(TEXT).read()], trainer)
+  bpe.train_from_iterator([text()], trainer)
   tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token='<|endoftext|>', eos_token='<|endoftext|>')
   tok.save_pretrained(directory)
   shape = dict(SIZES[size])
@@ -184,11 +189,10 @@ def main():
       o_firsts.append(o_first)
       o_agains.append(o_again)
     h_s, o_first, o_again = (statistics.median(x) for x in (h_times, o_firsts, o_agains))
+    with open(items) as f:
+      lengths = [np.array([len(c) for c in json.loads(line)['choices']]) for line in f]
     picks = lambda lls: [int(np.argmax(x)) for x in lls]
-    per_char = lambda lls: [
-      int(np.argmax(np.array(x) / np.array([len(c) for c in json.loads(line)['choices']])))
-      for x, line in zip(lls, open(items))
-    ]
+    per_char = lambda lls, lengths=lengths: [int(np.argmax(np.array(x) / n)) for x, n in zip(lls, lengths)]
     row = {
       'size': size,
       'model': {k: shape[k] for k in ('n_layer', 'n_head', 'n_embd', 'n_positions', 'vocab_size')},

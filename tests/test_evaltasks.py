@@ -56,7 +56,7 @@ def char_requests(tokenizer, max_len, n_items=12, seed=0):
 
 
 def test_loglikelihoods_equal_the_harness_computation_on_one_device_and_on_eight(trained):
-  config, tokenizer, task, state = inference.load_run(trained, ONE_DEVICE)
+  _, tokenizer, task, state = inference.load_run(trained, ONE_DEVICE)
   L = task.model_cfg.max_len
   requests = char_requests(tokenizer, L)
   assert any(len(c) + len(k) > L + 1 for c, k in char_requests(tokenizer, 10**6))  # the window truncates some
