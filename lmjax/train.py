@@ -214,16 +214,16 @@ def _train(config, workdir, actions, clock, lock, preempt):
       max_to_keep=tc.keep_checkpoints,
       save_interval_steps=tc.checkpoint_every or tc.steps,
     )
+    if ckpt.latest_step() is not None and ckpt.read_meta().get('params_only'):  # `lmjax import-hf` wrote it
+      raise WorkdirError(
+        f'{workdir} holds an imported model, not a run to resume; fine-tune it into a new --workdir with '
+        f'--config.train.init_from={workdir}'
+      )
     best = (
       checkpoint.Checkpointer(workdir_lib.checkpoint_dir(workdir, best=True), max_to_keep=1) if tc.keep_best else None
     )
     meta = {'config': config.to_dict(), 'tokenizer': data.tokenizer.spec()}
     if ckpt.latest_step() is not None:
-      if ckpt.read_meta().get('params_only'):  # written by `lmjax import-hf`: parameters, no run to resume
-        raise WorkdirError(
-          f'{workdir} holds an imported model, not a run to resume; fine-tune it into a new --workdir with '
-          f'--config.train.init_from={workdir}'
-        )
 
       def restore(step):
         workdir_lib.check_compatible(ckpt.read_meta(step), config, data.tokenizer.spec(), workdir)
