@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Callable
 
@@ -54,7 +55,10 @@ def _train(args, overrides):
   from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
 
   config = config_lib.load(args.config, overrides)  # validated before JAX is imported or any data is read
+  hostenv.mark('config loaded')
   from lmjax import train  # pylint: disable=import-outside-toplevel
+
+  hostenv.mark('imports')
 
   hostenv.init_distributed(args.coordinator, args.num_processes, args.process_id)
   try:
@@ -72,8 +76,11 @@ def _eval_args(p):
 def _eval(args, overrides):
   from lmjax import inference  # pylint: disable=import-outside-toplevel
 
+  hostenv.mark('imports')
+
   hostenv.init_distributed(args.coordinator, args.num_processes, args.process_id)
   print(json.dumps(inference.evaluate_run(args.workdir, overrides, step=args.step)))
+  hostenv.mark('done')
   return 0
 
 
@@ -108,7 +115,9 @@ def _sample_args(p):
 def _sample(args, overrides):
   from lmjax import sample  # pylint: disable=import-outside-toplevel
 
+  hostenv.mark('imports')
   sample.run(args, overrides)
+  hostenv.mark('done')
   return 0
 
 
@@ -194,21 +203,26 @@ class Command:
   help: str
   add_arguments: Callable[[argparse.ArgumentParser], None]
   run: Callable[[argparse.Namespace, list], int]
+  # The command has written and closed everything when `run` returns, so the process may end at once: the
+  # interpreter's teardown of JAX's runtime costs about half a second a command otherwise.
+  quick_exit: bool = False
 
 
 COMMANDS = {
   'train': Command('train (or resume) a run', _train_args, _train),
-  'eval': Command("evaluate a workdir's checkpoint over the whole eval split", _eval_args, _eval),
-  'sample': Command('sample text from a trained workdir', _sample_args, _sample),
+  'eval': Command("evaluate a workdir's checkpoint over the whole eval split", _eval_args, _eval, quick_exit=True),
+  'sample': Command('sample text from a trained workdir', _sample_args, _sample, quick_exit=True),
   'bench': Command(
     'compile time, ms/step, tokens/s and MFU of a config (no data, no checkpoints)', _bench_args, _bench
   ),
-  'plan': Command('parameters, FLOPs and per-device memory of a config, without training', _plan_args, _plan),
+  'plan': Command(
+    'parameters, FLOPs and per-device memory of a config, without training', _plan_args, _plan, quick_exit=True
+  ),
   'import-hf': Command(
-    'a Hugging Face GPT-2 or Llama model (safetensors) as an lmjax workdir', _import_hf_args, _import_hf
+    'a Hugging Face GPT-2 or Llama model (safetensors) as an lmjax workdir', _import_hf_args, _import_hf, True
   ),
   'export-hf': Command(
-    "a workdir's checkpoint as a directory transformers' from_pretrained loads", _export_hf_args, _export_hf
+    "a workdir's checkpoint as a directory transformers' from_pretrained loads", _export_hf_args, _export_hf, True
   ),
 }
 
@@ -248,11 +262,18 @@ def main(argv=None) -> int:
   if as_command:  # a command, not a call from Python: restart with the allocator tuned (lmjax/hostenv.py)
     hostenv.reexec_tuned(['-m', 'lmjax', *argv])
   hostenv.tune_host_allocator()  # before JAX allocates anything
+  hostenv.mark('arguments parsed')
+  command = COMMANDS[args.command]
   try:
-    return COMMANDS[args.command].run(args, overrides)
+    code = command.run(args, overrides)
   except UserError as e:
     print(f'lmjax {args.command}: error: {_one_line(e)}', file=sys.stderr)
-    return EXIT_USER_ERROR
+    code = EXIT_USER_ERROR
+  if as_command and command.quick_exit:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  return code
 
 
 def _one_line(e: Exception) -> str:

@@ -7,7 +7,7 @@ optimizer moments (twice the parameters' memory for AdamW) are never read.
 
 from __future__ import annotations
 
-from lmjax import checkpoint, workdir as workdir_lib
+from lmjax import checkpoint, hostenv, workdir as workdir_lib
 from lmjax.errors import CheckpointError
 from lmjax.task import Task
 
@@ -44,6 +44,7 @@ def evaluate_run(workdir: str, overrides=(), step=None) -> dict:
   from lmjax import data as data_lib  # pylint: disable=import-outside-toplevel  -- only evaluation reads data
 
   config, tokenizer, task, state = load_run(workdir, overrides, step=step)
+  hostenv.mark('restored')
   rows = task.batch_rows_divisor
   if config.train.eval_batch_size % rows:  # this host's mesh is not the training one: round the batch up to it
     with config.unlocked():

@@ -201,6 +201,7 @@ def _train(config, workdir, actions, clock, lock, preempt):
   if init_from is not None:
     init_from.adopt(config)
   data = prepare_data(config, workdir, init_from.tokenizer if init_from else None)
+  hostenv.mark('data ready')
   task = Task(config)
   check_training(config, task.mesh)
   K = task.steps_per_call
@@ -237,9 +238,12 @@ def _train(config, workdir, actions, clock, lock, preempt):
     else:
       state = task.init_state()
       start = 'fresh start'
+    hostenv.mark('state ready')
     workdir_lib.record(config, data.tokenizer, workdir, primary)
     batch = parallel.put_batch(_next_batches(data.train_iter, K), task.batch_sharding)
+    hostenv.mark('first batch')
     train_exec, compile_s = compiled()
+    hostenv.mark('train step ready')
     check_host_memory(train_exec)
   except BaseException:
     compiled.wait()  # XLA must not be compiling when the process exits: that aborts it (exit 134)
@@ -268,6 +272,7 @@ def _train(config, workdir, actions, clock, lock, preempt):
   log.echo(
     f'{how} in {compile_s:.2f}s; first step {hostenv.seconds_since_process_start():.1f}s after the command started'
   )
+  hostenv.mark('first step')
 
   periodic = actions_lib.from_config(config, best) + list(actions or ())
   log_interval = actions_lib.Action(every=tc.log_every)  # when metrics are logged: the actions' interval rule
