@@ -159,6 +159,43 @@ def _plan(args, overrides):
   return 0
 
 
+def _sweep_args(p):
+  p.add_argument('sweep', help='experiments/NAME.py: a sweep file (lmjax/sweep.py describes the format)')
+  p.add_argument('--workdir', required=True, help="the sweep's folder: one workdir per member, then the results")
+  p.add_argument('--dry-run', action='store_true', help='list the members, their overrides and state; train nothing')
+  p.add_argument('--only', default='', metavar='GLOB', help='only the members whose name matches, e.g. "*/seed=0"')
+  p.add_argument(
+    '--emit',
+    choices=('commands', 'slurm'),
+    default='',
+    help="train nothing: print each member's `lmjax train` line, or write WORKDIR/sweep.sbatch (a SLURM array)",
+  )
+
+
+def _sweep(args, overrides):
+  from lmjax import sweep  # pylint: disable=import-outside-toplevel
+
+  if overrides:
+    raise UserError(f'--config.{overrides[0]}: a sweep sets its overrides in the sweep file, not on the command line')
+  return sweep.run(args)
+
+
+def _compare_args(p):
+  p.add_argument('dirs', nargs='+', metavar='DIR', help='workdirs, or folders holding workdirs (searched below)')
+  p.add_argument('--out', required=True, help='where results.csv, results.md and the plots go')
+  p.add_argument('--baseline', default='', help='a workdir of the baseline variant (default: the first variant)')
+  p.add_argument('--metrics', default='val_loss', help='comma-separated results to test against the baseline')
+  p.add_argument('--alpha', type=float, default=0.05, help="a difference is real when Welch's p < alpha")
+
+
+def _compare(args, overrides):
+  from lmjax import results  # pylint: disable=import-outside-toplevel
+
+  if overrides:
+    raise UserError(f'--config.{overrides[0]}: compare reads the configs the workdirs recorded')
+  return results.compare(args)
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
   help: str
@@ -174,6 +211,8 @@ COMMANDS = {
     'compile time, ms/step, tokens/s and MFU of a config (no data, no checkpoints)', _bench_args, _bench
   ),
   'plan': Command('parameters, FLOPs and per-device memory of a config, without training', _plan_args, _plan),
+  'sweep': Command('train the members of a sweep file one after another, then compare them', _sweep_args, _sweep),
+  'compare': Command('the table and plots of a sweep for any workdirs, grouping seeds', _compare_args, _compare),
 }
 
 

@@ -37,3 +37,7 @@ class TrainingError(UserError):
 
 class WorkdirError(UserError):
   """A workdir that cannot be created, written or read (a file in its place, a read-only or full disk)."""
+
+
+class SweepError(UserError):
+  """A sweep file that cannot be expanded or run: a bad field, a member whose config fails, an unknown variant."""

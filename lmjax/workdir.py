@@ -79,6 +79,32 @@ def metrics_path(workdir: str) -> str:
   return os.path.join(workdir, METRICS)
 
 
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of WORKDIR/metrics.jsonl, in order (none when it has none); a torn last line (a run killed while
+  writing it) is left out."""
+  rows = []
+  try:
+    with open(metrics_path(workdir)) as f:
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except ValueError:
+          continue
+  except FileNotFoundError:
+    pass
+  return rows
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The steps WORKDIR/checkpoints holds, read from the directory names without opening Orbax: a step's directory
+  gets its final name only once its write is complete (it is written under a temporary name first)."""
+  try:
+    names = os.listdir(checkpoint_dir(workdir))
+  except OSError:
+    return []
+  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(checkpoint_dir(workdir), n)))
+
+
 # ---------------------------------------------------------------------------------------------- the lock
 
 
