@@ -126,7 +126,7 @@ def read_run(workdir: str) -> Run:
 def find_runs(paths) -> list[Run]:
   """Each path is a workdir (it holds config.json) or a folder searched for workdirs, in sorted order."""
   found = []
-  for path in paths:
+  for path in map(os.path.normpath, map(str, paths)):
     if not os.path.isdir(path):
       raise WorkdirError(f'{path} is not a directory; give workdirs of `lmjax train` runs, or folders holding them')
     if os.path.exists(os.path.join(path, workdir_lib.CONFIG)):

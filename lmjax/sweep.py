@@ -153,14 +153,16 @@ def variants(sweep: Sweep) -> list[dict]:
 
 
 def expand(sweep: Sweep) -> list[Member]:
-  """The members, variant by variant, each at every seed; names unique and the same on every expansion."""
+  """The members in the order they run: every variant at the first seed, then every variant at the next, so a
+  slow hour of a shared host falls on one seed of many variants rather than on one variant. Names are unique and
+  the same on every expansion."""
   found = variants(sweep)
   keys = list(dict.fromkeys(k for v in found for k in v))
   common = tuple(sweep_overrides(sweep))
   members = [
     Member(results.variant_name(v, keys), seed, common + tuple(f'{k}={x}' for k, x in v.items()) + (f'seed={seed}',), v)
-    for v in found
     for seed in sweep.seeds
+    for v in found
   ]
   names = [m.name for m in members]
   twice = sorted({n for n in names if names.count(n) > 1})
@@ -208,7 +210,8 @@ def check(sweep: Sweep, members, root: str) -> dict:
       failures.setdefault(' '.join(str(e).split()), []).append(m.name)
   if failures:
     parts = [f'member {", ".join(names)}: {why}' for why, names in failures.items()]
-    raise SweepError(f'{len(sum(failures.values(), []))} of {len(members)} members cannot run: ' + '; '.join(parts))
+    bad = sum(len(names) for names in failures.values())
+    raise SweepError(f'{bad} of {len(members)} members cannot run: ' + '; '.join(parts))
   return configs
 
 
@@ -219,8 +222,8 @@ def _check_recorded(config, workdir: str):
   if not os.path.exists(path):
     return
   with open(path) as f:
-    recorded = _flat(json.load(f))
-  want = _flat(json.loads(json.dumps(config.to_dict())))
+    recorded = results.flat(json.load(f))
+  want = results.flat(json.loads(json.dumps(config.to_dict())))
   if want.get('model.vocab_size') == 0:  # filled in from the tokenizer by train
     recorded.pop('model.vocab_size', None), want.pop('model.vocab_size')
   diff = [f'{k}: recorded {recorded.get(k)!r}, now {want.get(k)!r}' for k in sorted(want) if recorded.get(k) != want[k]]
@@ -229,13 +232,6 @@ def _check_recorded(config, workdir: str):
       f'{workdir} was trained with another config ({"; ".join(diff[:4])}); give the sweep a new --workdir, or move '
       'that member away to retrain it'
     )
-
-
-def _flat(d: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in d.items():
-    out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
-  return out
 
 
 def state(config, workdir: str) -> str:

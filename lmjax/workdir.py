@@ -80,18 +80,20 @@ def metrics_path(workdir: str) -> str:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The rows of WORKDIR/metrics.jsonl, in order (none when it has none); a torn last line (a run killed while
-  writing it) is left out."""
-  rows = []
+  """The rows of WORKDIR/metrics.jsonl, in order (none when it has none). A torn last line (a run killed while
+  writing it, or one being written now) is left out; a damaged line before it is an error."""
   try:
     with open(metrics_path(workdir)) as f:
-      for line in f:
-        try:
-          rows.append(json.loads(line))
-        except ValueError:
-          continue
+      lines = f.readlines()
   except FileNotFoundError:
-    pass
+    return []
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except ValueError:
+      if i < len(lines) - 1:
+        raise WorkdirError(f'{metrics_path(workdir)} line {i + 1} is not JSON; the file is damaged') from None
   return rows
 
 
