@@ -3,7 +3,8 @@
 Each command is its arguments and one function to run; the functions import what they use, so `lmjax --help`
 imports no JAX. `--config.a.b=value` overrides any config field (type-checked; unknown keys name the closest valid
 ones). Exit codes are decided here: 0 done, 2 a user error (one line, `lmjax CMD: error: ...`), 143 stopped by
-SIGTERM after checkpointing; anything else is a bug and shows its traceback.
+SIGTERM after checkpointing, 1 from `lmjax sweep` when members failed; anything else is a bug and shows its
+traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lmjax.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM
+EXIT_MEMBERS_FAILED = 1  # lmjax sweep: some members failed (each said why); the others finished
 
 
 def _multihost(p):
@@ -177,7 +179,11 @@ def _sweep(args, overrides):
 
   if overrides:
     raise UserError(f'--config.{overrides[0]}: a sweep sets its overrides in the sweep file, not on the command line')
-  return sweep.run(args)
+  try:
+    failed = sweep.run(args)
+  except sweep.Stopped:
+    return EXIT_PREEMPTED
+  return EXIT_MEMBERS_FAILED if failed else 0
 
 
 def _compare_args(p):

@@ -431,22 +431,27 @@ def plot(table: Table, out_dir: str) -> list[str]:
   curves = {name: [r.curve() for r in runs] for name, runs in table.groups.items()}
   paths = []
   for axis, label in PLOTS.items():
-    fig, panels = plt.subplots(1, 2, figsize=(11, 4))
+    lines = {}  # name -> (x, mean, lowest, highest) over the evaluations every seed of the variant has
     for name, cs in curves.items():
-      steps = sorted(set.intersection(*(set(c['step']) for c in cs)))  # evaluations every seed has
-      if not steps:
-        continue
-      at = [{s: i for i, s in enumerate(c['step'])} for c in cs]
-      y_SxN = np.array([[c['val_loss'][a[s]] for c, a in zip(cs, at)] for s in steps])
-      x = np.array([np.mean([c[axis][a[s]] for c, a in zip(cs, at)]) for s in steps])
-      for ax, keep in zip(panels, (x >= x.min(), x >= x.min() + (x.max() - x.min()) / 2)):
-        (line,) = ax.plot(x[keep], y_SxN[keep].mean(1), label=f'{name} (n={len(cs)})', lw=1.5)
-        ax.fill_between(x[keep], y_SxN[keep].min(1), y_SxN[keep].max(1), color=line.get_color(), alpha=0.2, lw=0)
+      steps = sorted(set.intersection(*(set(c['step']) for c in cs)))
+      if steps:
+        at = [{s: i for i, s in enumerate(c['step'])} for c in cs]
+        y_SxN = np.array([[c['val_loss'][a[s]] for c, a in zip(cs, at)] for s in steps])
+        x_S = np.array([np.mean([c[axis][a[s]] for c, a in zip(cs, at)]) for s in steps])
+        lines[name] = (x_S, y_SxN.mean(1), y_SxN.min(1), y_SxN.max(1), len(cs))
+    fig, panels = plt.subplots(1, 2, figsize=(11, 4))
+    xs = np.concatenate([x for x, *_ in lines.values()]) if lines else np.zeros(1)
+    half = (xs.min() + xs.max()) / 2
+    for name, (x, mean, low, high, n) in lines.items():
+      for ax, keep in zip(panels, (x >= x.min(), x >= half)):
+        (line,) = ax.plot(x[keep], mean[keep], marker='o', ms=2.5, lw=1.5, label=f'{name} (n={n})')
+        ax.fill_between(x[keep], low[keep], high[keep], color=line.get_color(), alpha=0.2, lw=0)
     for ax, what in zip(panels, ('', ', second half')):
       ax.set_xlabel(label + what)
       ax.set_ylabel('val loss')
       ax.grid(alpha=0.3)
     panels[0].legend(fontsize=8)
+    fig.suptitle(f'val loss vs {label}: mean over seeds, band from the lowest to the highest seed', fontsize=10)
     fig.tight_layout()
     path = os.path.join(out_dir, f'val_loss_vs_{axis}.png')
     fig.savefig(path, dpi=90)

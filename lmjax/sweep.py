@@ -34,6 +34,10 @@ from lmjax import config as config_lib, results, workdir as workdir_lib
 from lmjax.errors import ConfigError, SweepError, UserError
 
 
+class Stopped(Exception):
+  """A SIGTERM stopped the running member after its checkpoint; the CLI exits 143, as `lmjax train` does."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Sweep:
   """What a sweep file's get_sweep() returns. Keys are config keys ('model.norm'); values are Python values or
@@ -275,7 +279,8 @@ esac
 
 
 def run(args) -> int:
-  """`lmjax sweep FILE --workdir=DIR [--dry-run] [--only=GLOB] [--emit=commands|slurm]`."""
+  """`lmjax sweep FILE --workdir=DIR [--dry-run] [--only=GLOB] [--emit=commands|slurm]`; returns how many members
+  failed. Raises Stopped after a SIGTERM."""
   if '://' in args.workdir:
     raise SweepError(f'--workdir {args.workdir}: lmjax sweep needs a local or shared filesystem path')
   sweep = load(args.sweep)
@@ -317,7 +322,7 @@ def _train_members(sweep, members, chosen, configs, base, args) -> int:
       train.train(config, workdir)
     except train.Preempted:
       print(f'lmjax sweep: SIGTERM: {m.name} saved a checkpoint; run the same command again to go on', flush=True)
-      return 143
+      raise Stopped(m.name) from None
     except UserError as e:
       failed.append(m.name)
       print(f'lmjax sweep: {m.name} failed: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
@@ -327,7 +332,9 @@ def _train_members(sweep, members, chosen, configs, base, args) -> int:
       print(f'lmjax sweep: {m.name} failed (traceback above)', file=sys.stderr, flush=True)
   print(f'lmjax sweep: trained for {time.monotonic() - t0:.0f} s', flush=True)
   done = [m for m in members if state(configs[m.name], m.workdir(root)) == 'finished']
-  if done:
+  if not any(m.variant == base for m in done):
+    print(f'lmjax sweep: no results yet: the baseline {base} has no finished member', flush=True)
+  else:
     groups = {}
     for m in done:
       groups.setdefault(m.variant, []).append(results.read_run(m.workdir(root)))
@@ -350,8 +357,7 @@ def _train_members(sweep, members, chosen, configs, base, args) -> int:
     print(
       f'lmjax sweep: {len(failed)} failed: {", ".join(failed)}; fix and run the same command again', file=sys.stderr
     )
-    return 1
-  return 0
+  return len(failed)
 
 
 def sweep_overrides(sweep: Sweep) -> list[str]:

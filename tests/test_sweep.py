@@ -236,3 +236,18 @@ def test_sigterm_stops_the_sweep_with_exit_143_after_the_running_member_checkpoi
   assert proc.returncode == 143, out[-3000:]
   assert 'norm=rmsnorm/seed=0 saved a checkpoint' in out
   assert 0 < workdir_lib.saved_steps(first)[-1] < 60 and not os.path.exists(second)
+
+
+def test_a_member_that_fails_is_reported_and_the_sweep_goes_on_with_the_next(tmp_path, capsys, no_network):
+  missing = [str(tmp_path / 'a'), str(tmp_path / 'b')]  # no input.txt in either: each member fails at its data
+  path = sweep_file(
+    tmp_path / 's.py',
+    config='configs/tiny.py',
+    overrides={'data.data_dir': str(tmp_path / 'tfds')},
+    product={'data.manual_dir': missing},
+  )
+  assert cli.main(['sweep', path, f'--workdir={tmp_path / "run"}']) == cli.EXIT_MEMBERS_FAILED
+  out, err = capsys.readouterr()
+  assert '[1/2]' in out and '[2/2]' in out and 'no results yet' in out
+  failed = [l for l in err.splitlines() if l.startswith('lmjax sweep: ') and ' failed: ' in l]
+  assert len(failed) == 3 and all('input.txt' in l for l in failed[:2]), err  # two members, then the summary
