@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, rows, tiny_overrides
+from conftest import REPO, tiny_overrides
 
 from lmjax import cli, results, sweep as sweep_lib, workdir as workdir_lib
 
@@ -36,9 +36,9 @@ def files(workdir) -> dict:
   return out
 
 
-def without_time(run_rows):
+def rows_without_time(workdir):
   skip = ('time', 'tokens_per_sec', 'mfu', 'ms_per_step')
-  return [{k: v for k, v in r.items() if k not in skip} for r in run_rows]
+  return [{k: v for k, v in r.items() if k not in skip} for r in workdir_lib.read_metrics(str(workdir))]
 
 
 # ---------------------------------------------------------------------------------------------- expansion
@@ -181,7 +181,7 @@ def test_a_sweep_killed_in_its_second_member_finishes_on_the_same_command_and_th
   assert f'[2/2] norm=layernorm/seed=0: at step {seen["at_kill"][-1]}' in seen['out']
   assert files(seen['first']) == seen['first_files']  # not one byte or mtime changed
   assert 60 in workdir_lib.saved_steps(seen['second'])
-  assert without_time(rows(seen['second'])) == without_time(rows(trained))  # = configs/tiny.py uninterrupted
+  assert rows_without_time(seen['second']) == rows_without_time(trained)  # = configs/tiny.py uninterrupted
   assert (seen['root'] / 'results.md').read_text().count('`norm=') >= 2
 
 
@@ -194,7 +194,7 @@ def test_an_emitted_train_line_trains_the_same_member_as_the_sweep(killed_and_re
   subprocess.run([sys.executable, '-m', 'lmjax', *argv[1:]], cwd=REPO, check=True, capture_output=True, timeout=300)
   by_sweep, by_line = killed_and_rerun['first'], elsewhere / 'norm=rmsnorm' / 'seed=0'
   assert (by_line / 'config.json').read_text() == open(os.path.join(by_sweep, 'config.json')).read()
-  assert without_time(rows(by_line)) == without_time(rows(by_sweep))
+  assert rows_without_time(by_line) == rows_without_time(by_sweep)
 
 
 def test_dry_run_lists_each_members_state_and_only_selects_by_glob(killed_and_rerun, two_members, capsys):
