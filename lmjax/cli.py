@@ -138,7 +138,7 @@ def _bench(args, overrides):
 
 
 def _plan_args(p):
-  p.add_argument('--config', required=True, help='configs/NAME.py[:variant]')
+  p.add_argument('--config', required=True, help='configs/NAME.py[:variant], or a workdir (its recorded config)')
   p.add_argument(
     '--vocab_size',
     type=int,
@@ -158,6 +158,36 @@ def _plan(args, overrides):
   from lmjax import plan  # pylint: disable=import-outside-toplevel
 
   plan.run(args, overrides)
+  return 0
+
+
+def _import_hf_args(p):
+  p.add_argument(
+    '--from',
+    dest='source',
+    required=True,
+    help='a directory save_pretrained wrote (config.json, *.safetensors, tokenizer.json), or a hub name such as '
+    'gpt2 on a machine with network access',
+  )
+  p.add_argument('--workdir', required=True, help='the new lmjax workdir to write')
+
+
+def _import_hf(args, overrides):
+  from lmjax import hf  # pylint: disable=import-outside-toplevel
+
+  print(json.dumps(hf.import_hf(args.source, args.workdir)))
+  return 0
+
+
+def _export_hf_args(p):
+  _workdir_args(p, 'export')
+  p.add_argument('--to', required=True, help='a new directory for config.json, model.safetensors and the tokenizer')
+
+
+def _export_hf(args, overrides):
+  from lmjax import hf  # pylint: disable=import-outside-toplevel
+
+  print(json.dumps(hf.export_hf(args.workdir, args.to, step=args.step)))
   return 0
 
 
@@ -217,6 +247,12 @@ COMMANDS = {
     'compile time, ms/step, tokens/s and MFU of a config (no data, no checkpoints)', _bench_args, _bench
   ),
   'plan': Command('parameters, FLOPs and per-device memory of a config, without training', _plan_args, _plan),
+  'import-hf': Command(
+    'a Hugging Face GPT-2 or Llama model (safetensors) as an lmjax workdir', _import_hf_args, _import_hf
+  ),
+  'export-hf': Command(
+    "a workdir's checkpoint as a directory transformers' from_pretrained loads", _export_hf_args, _export_hf
+  ),
   'sweep': Command('train the members of a sweep file one after another, then compare them', _sweep_args, _sweep),
   'compare': Command('the table and plots of a sweep for any workdirs, grouping seeds', _compare_args, _compare),
 }

@@ -24,12 +24,14 @@ from lmjax.errors import ConfigError  # noqa: F401  -- re-exported: `config.Conf
 # The names each choice accepts: the modules that implement them assert they implement exactly these.
 NORMS = ('layernorm', 'rmsnorm')
 POSITIONS = ('learned', 'rope')
-MLPS = ('gelu', 'swiglu')
+MLPS = ('gelu', 'gelu_tanh', 'swiglu')
+ROPE_SCALINGS = ('none', 'llama3')
 REMAT = ('none', 'full', 'save_dots', 'save_proj')  # lmjax/model.py REMAT_POLICIES
 ATTENTION = ('xla', 'dot_product_attention', 'cudnn', 'splash', 'auto')  # lmjax/attention.py
 OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon')  # lmjax/optim.py
 ROWS = ('windows', 'packed')  # lmjax/data.py
-TOKENIZERS = ('char', 'byte', 'spm')  # lmjax/tokenizers.py
+TOKENIZERS = ('char', 'byte', 'spm', 'hf')  # lmjax/tokenizers.py
+JSONL = 'jsonl'  # data.dataset of prompt/completion pairs (lmjax/sources.py)
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
@@ -51,7 +53,14 @@ class ModelConfig:
   norm_eps: float = 1e-5
   positions: str = 'learned'  # learned | rope
   rope_theta: float = 10000.0
-  mlp: str = 'gelu'  # gelu (exact erf, as GPT-2/nanoGPT) | swiglu
+  # 'llama3': Llama 3.1's rescaled rotary frequencies (long wavelengths divided by rope_factor, a smooth blend
+  # between the low and high frequency cut-offs, measured in rope_original_max_len positions); 'none' = plain RoPE.
+  rope_scaling: str = 'none'
+  rope_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  mlp: str = 'gelu'  # gelu (exact erf, as nanoGPT) | gelu_tanh (GPT-2's tanh approximation, HF's gelu_new) | swiglu
   tied_embeddings: bool = True  # output projection = input embedding transposed
   use_bias: bool = True  # biases in projections and LayerNorm
   dtype: str = 'float32'  # compute dtype (bfloat16 on GPU/TPU); logits, softmax and loss stay float32
@@ -104,6 +113,14 @@ class ModelConfig:
     one_of('norm', NORMS)
     one_of('positions', POSITIONS)
     one_of('mlp', MLPS)
+    one_of('rope_scaling', ROPE_SCALINGS)
+    if self.rope_scaling == 'llama3':
+      need(
+        self.rope_factor > 0 and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+        'rope_factor must be > 0 and 0 < rope_low_freq_factor < rope_high_freq_factor, got '
+        f'{self.rope_factor}, {self.rope_low_freq_factor}, {self.rope_high_freq_factor}',
+      )
+      need(self.rope_original_max_len > 0, f'rope_original_max_len must be > 0, got {self.rope_original_max_len}')
     one_of('remat', REMAT)
     one_of('attention', ATTENTION)
     one_of('dtype', DTYPES)
@@ -131,6 +148,31 @@ class ModelConfig:
     return self
 
 
+# The model fields a checkpoint's parameters depend on (train.init_from takes them from its source); the others
+# (dropout, precision, attention kernel, remat, scan) say how to run the same parameters. max_len is one of them
+# only with learned positions (the position table's length).
+ARCHITECTURE_FIELDS = (
+  'vocab_size',
+  'n_layers',
+  'n_heads',
+  'n_kv_heads',
+  'd_model',
+  'd_ff',
+  'norm',
+  'norm_eps',
+  'positions',
+  'rope_theta',
+  'rope_scaling',
+  'rope_factor',
+  'rope_low_freq_factor',
+  'rope_high_freq_factor',
+  'rope_original_max_len',
+  'mlp',
+  'tied_embeddings',
+  'use_bias',
+)
+
+
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # one seed for init, data order and dropout; the same seed and config give the same run
@@ -138,18 +180,23 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))  # fields and meanings: ModelConfig
 
   c.data = d = ml_collections.ConfigDict()
-  d.dataset = 'tiny_shakespeare'  # a TFDS name (lm1b, c4/en, ...) read from array_record without TF; or text_files
-  d.train_split = 'train'  # a TFDS split ('train[:90%]' works); for text_files, a glob of files ('/data/*.txt')
+  # a TFDS name (lm1b, c4/en, ...) read from array_record without TF; text_files; or jsonl: prompt/completion
+  # pairs, one JSON object per line, trained on packed rows with the loss on the completion only
+  d.dataset = 'tiny_shakespeare'
+  d.train_split = 'train'  # a TFDS split ('train[:90%]' works); text_files and jsonl: a glob of files ('/data/*.txt')
   d.eval_split = 'validation+test'  # for tiny_shakespeare, the last 10% of the text: nanoGPT's val split
   d.feature = 'text'  # the TFDS feature holding the text
   d.file_docs = 'file'  # text_files: one document per 'file' or per non-empty 'line'
+  d.prompt_field = 'prompt'  # jsonl: the keys of each line's prompt and completion (the loss covers the completion)
+  d.completion_field = 'completion'
   d.data_dir = ''  # TFDS data_dir ('' = ~/tensorflow_datasets); may be gs://... on a TPU VM
   d.manual_dir = ''  # a folder holding the raw files for machines without internet ('' = TFDS's default)
   d.rows = 'windows'  # windows: continuous text cut into random windows (nanoGPT) | packed: documents, shuffled,
   #                     tokenized and packed into rows with segment_ids / positions (see lmjax/data.py)
   d.window_stride = 1  # windows: a training row may start at any multiple of this offset
   d.read_threads = 2  # packed: Grain threads reading and tokenizing documents ahead of the train step
-  d.tokenizer = 'char'  # char | byte | spm (SentencePiece; see lmjax/tokenizers.py for the special ids)
+  d.tokenizer = 'char'  # char | byte | spm (SentencePiece) | hf (a tokenizer.json); lmjax/tokenizers.py: special ids
+  d.hf_tokenizer = ''  # hf: a tokenizer.json, or a directory holding one (an imported run brings its own)
   d.spm_vocab_size = 8000  # spm: pieces, including 4 specials, newline and 256 byte-fallback pieces
   d.spm_model_type = 'bpe'  # spm: bpe | unigram
   d.spm_train_chars = 10_000_000  # spm: train on at most this many characters of the train split (shuffled docs)
@@ -158,6 +205,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 2000
+  t.epochs = 0.0  # > 0: train for this many passes over the train split instead (train.steps is computed from it)
   t.batch_size = 12  # global batch, in rows of model.max_len tokens
   t.grad_accum = 1  # micro-batches per step; batch_size must be divisible by it
   # The three intervals below: steps between events, which also happen at the last step; 0 = only at the last step.
@@ -173,8 +221,10 @@ def default_config() -> ml_collections.ConfigDict:
   t.nonfinite = 'stop'
   t.max_skipped = 10
   t.checkpoint_minutes = 0.0  # 0 = off; also checkpoint when this many minutes passed since the last save
-  # '' = a fresh init. WORKDIR or WORKDIR:STEP of another run: start from its parameters (fresh optimizer state,
-  # this config's schedule and data, that run's tokenizer): fine-tuning and continued pre-training.
+  # '' = a fresh init. WORKDIR or WORKDIR:STEP of another run (`lmjax import-hf` makes one from a Hugging Face
+  # model), or hf:DIR (a saved transformers model, converted on the fly): start from its parameters, with its
+  # architecture and tokenizer, a fresh optimizer state, and this config's schedule, data, dropout and precision.
+  # Fine-tuning and continued pre-training are this one field.
   t.init_from = ''
   t.peak_flops = 0.0  # per device, for MFU; 0 = look the device up in lmjax/metrics.py PEAK_FLOPS
   t.progress_bar = True  # shown only when stdout is a terminal
@@ -365,6 +415,11 @@ def problems(config) -> list[str]:
   need(d.tokenizer in TOKENIZERS, f'data.tokenizer must be one of {", ".join(TOKENIZERS)}; got {d.tokenizer!r}')
   need(d.file_docs in ('file', 'line'), f"data.file_docs must be 'file' or 'line'; got {d.file_docs!r}")
   need(d.window_stride > 0, f'data.window_stride must be > 0, got {d.window_stride}')
+  need(
+    d.dataset != JSONL or d.rows == 'packed',
+    "data.dataset='jsonl' holds prompt/completion pairs, trained on packed rows: set --config.data.rows=packed",
+  )
+  need(t.epochs >= 0, f'train.epochs must be >= 0 (0 = train.steps decides), got {t.epochs}')
   for axis in ('data', 'fsdp', 'tensor'):
     need(
       config.mesh[axis] == -1 or config.mesh[axis] > 0,

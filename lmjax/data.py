@@ -55,6 +55,7 @@ class Data:
   eval_batches: list  # fixed list of local eval batches (padded rows weighted 0)
   eval_bytes_per_token: float  # UTF-8 bytes of the eval text per weighted eval target: nats/token -> bits/byte
   train_keys: dict  # TRAIN_KEYS of these rows: {name: dtype} of every array in a training batch
+  rows_per_epoch: float = 0.0  # training rows in one pass over the train split (counted only with train.epochs)
 
 
 def make_data(config, tokenizer=None, *, workdir=None, process_index=None, process_count=None) -> Data:
@@ -82,15 +83,20 @@ def make_data(config, tokenizer=None, *, workdir=None, process_index=None, proce
       eval_rows_batches(eval_ids, L, tc.eval_batch_size, tc.eval_max_batches, pi, pc),
       eval_bytes_per_token=len(eval_text.encode('utf-8')) / max(len(eval_ids), 1),
       train_keys=TRAIN_KEYS['windows'],
+      rows_per_epoch=len(train_ids) / L,  # as nanoGPT counts epochs: tokens / row length
     )
   # The tokenizer trains on documents in a fixed shuffled order, so a capped sample (spm_train_chars) is unbiased.
-  sample = lambda: (train_docs[int(i)] for i in grain.MapDataset.range(len(train_docs)).shuffle(seed=0))
+  sample = lambda: (
+    DocumentEncoder.text(train_docs[int(i)]) for i in grain.MapDataset.range(len(train_docs)).shuffle(seed=0)
+  )
   tokenizer = _tokenizer(dc, tokenizer, sample, workdir, pi, pc)
   encode = DocumentEncoder(tokenizer)
   rows = packed_rows(train_docs, encode, L, config.seed, pi, pc, read_threads=dc.read_threads)
   train_it = iter(rows.batch(_local_batch(tc.batch_size, pc), drop_remainder=True))
   batches, bytes_per_token = packed_eval_batches(eval_docs, encode, L, tc.eval_batch_size, tc.eval_max_batches, pi, pc)
-  return Data(tokenizer, train_it, batches, bytes_per_token, TRAIN_KEYS['packed'])
+  # Packing splits documents across rows and drops nothing, so a pass is its tokens over the row length.
+  per_epoch = sum(len(encode(train_docs[i])['inputs']) for i in range(len(train_docs))) / L if tc.epochs else 0.0
+  return Data(tokenizer, train_it, batches, bytes_per_token, TRAIN_KEYS['packed'], math.ceil(per_epoch))
 
 
 def _join(docs) -> str:
@@ -170,22 +176,41 @@ def _eval_batches(rows: dict, global_batch: int, max_batches: int, pi: int, pc: 
 
 
 class DocumentEncoder:
-  """Text of one document -> {'inputs', 'targets'} of equal length (see lmjax/tokenizers.py for the specials).
+  """One document -> {'inputs', 'targets', 'weights'} of equal length (see lmjax/tokenizers.py for the specials).
 
-  A tokenizer without BOS/EOS (char) predicts each document's tokens after its first."""
+  A document is a text, or a prompt/completion pair (data.dataset='jsonl'): the pair is encoded as prompt ids then
+  completion ids (each encoded alone, so the split between them is exact) and only targets that are completion
+  tokens (and the EOS after them) carry weight: the loss never trains the model to write the prompt. A tokenizer
+  without BOS/EOS (char) predicts each document's tokens after its first."""
 
   def __init__(self, tokenizer):
     self.tokenizer = tokenizer
 
-  def __call__(self, text: str) -> dict:
-    ids = self.tokenizer.encode(text)
+  def __call__(self, doc) -> dict:
     tok = self.tokenizer
+    if isinstance(doc, str):
+      prompt, ids = np.zeros(0, np.int32), tok.encode(doc)
+    else:
+      prompt, ids = tok.encode(doc['prompt']), tok.encode(doc['completion'])
+    n_prompt, ids = len(prompt), np.concatenate([prompt, ids]).astype(np.int32)
     if tok.bos_id is not None:
-      return {
-        'inputs': np.concatenate([np.int32([tok.bos_id]), ids]),
-        'targets': np.concatenate([ids, np.int32([tok.eos_id])]),
-      }
-    return {'inputs': ids[:-1], 'targets': ids[1:]}
+      inputs = np.concatenate([np.int32([tok.bos_id]), ids])
+      targets = np.concatenate([ids, np.int32([tok.eos_id])])
+      weights = (np.arange(len(targets)) >= n_prompt).astype(np.float32)
+    else:
+      inputs, targets = ids[:-1], ids[1:]
+      weights = (np.arange(len(targets)) + 1 >= n_prompt).astype(np.float32)
+    return {'inputs': inputs, 'targets': targets, 'weights': weights}
+
+  @staticmethod
+  def n_bytes(doc) -> int:
+    """UTF-8 bytes of the text the weighted targets spell: bits per byte count the completion of a pair."""
+    return len((doc if isinstance(doc, str) else doc['completion']).encode('utf-8'))
+
+  @staticmethod
+  def text(doc) -> str:
+    """A document's whole text, to train a tokenizer on."""
+    return doc if isinstance(doc, str) else doc['prompt'] + doc['completion']
 
 
 def packed_rows(docs, encode, L: int, seed: int, pi: int, pc: int, *, epochs=None, read_threads: int = 2):
@@ -196,7 +221,7 @@ def packed_rows(docs, encode, L: int, seed: int, pi: int, pc: int, *, epochs=Non
   ds = ds[pi::pc].map(encode).filter(lambda d: len(d['inputs']) > 0)
   # Threads tokenize ahead of the consumer; the iterator's state still counts documents, so resume is exact.
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=256))
-  it = grain_exp.ConcatThenSplitIterDataset(it, length_struct={'inputs': L, 'targets': L})
+  it = grain_exp.ConcatThenSplitIterDataset(it, length_struct={'inputs': L, 'targets': L, 'weights': L})
   return it.map(_packed_batch_keys)
 
 
@@ -207,7 +232,7 @@ def _packed_batch_keys(row: dict) -> dict:
     'targets': row['targets'],
     'segment_ids': seg,
     'positions': row['inputs_positions'],
-    'weights': (seg > 0).astype(np.float32),
+    'weights': row['weights'] * (seg > 0),
   }
 
 
@@ -217,10 +242,9 @@ def packed_eval_rows(docs, encode, L: int, max_rows: int = 0) -> tuple[dict, int
   With max_rows, a document cut off at the last row gets weight 0, so loss and bytes cover the same text."""
   pieces, n_tokens = [], 0
   for i in range(len(docs)):
-    text = docs[i]
-    d = encode(text)
+    d = encode(docs[i])
     if len(d['inputs']):
-      pieces.append((d, len(text.encode('utf-8'))))
+      pieces.append((d, encode.n_bytes(docs[i])))
       n_tokens += len(d['inputs'])
     if max_rows and n_tokens >= max_rows * L:
       break
@@ -236,7 +260,7 @@ def packed_eval_rows(docs, encode, L: int, max_rows: int = 0) -> tuple[dict, int
     end = start + len(d['inputs'])
     flat['inputs'][start:end], flat['targets'][start:end], flat['doc'][start:end] = d['inputs'], d['targets'], k
     if end <= size:  # wholly inside the evaluated rows
-      weights[start:end], n_bytes = 1.0, n_bytes + b
+      weights[start:end], n_bytes = d['weights'], n_bytes + b
     start = end
   inputs_NxL, targets_NxL, doc_NxL = (flat[k][:size].reshape(n_rows, L) for k in ('inputs', 'targets', 'doc'))
   col_NxL = np.broadcast_to(np.arange(L), (n_rows, L))

@@ -39,5 +39,9 @@ class WorkdirError(UserError):
   """A workdir that cannot be created, written or read (a file in its place, a read-only or full disk)."""
 
 
+class InteropError(UserError):
+  """A Hugging Face model that cannot be imported, or a run that HF's model classes cannot express on export."""
+
+
 class SweepError(UserError):
   """A sweep file that cannot be expanded or run: a bad field, a member whose config fails, an unknown variant."""

@@ -1,7 +1,9 @@
 """Decoder-only Transformer in Flax Linen.
 
-Defaults reproduce the GPT-2 block: pre-LayerNorm, learned positions, exact-erf GELU MLP, tied embeddings,
-biases. Options cover the Llama family too: RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases.
+Defaults reproduce the GPT-2 block: pre-LayerNorm, learned positions, a GELU MLP (exact erf as nanoGPT, or
+GPT-2's own tanh approximation), tied embeddings, biases. Options cover the Llama family too: RMSNorm, RoPE (with
+Llama 3.1's frequency scaling), SwiGLU, grouped-query attention, no biases. lmjax/hf.py maps both families'
+Hugging Face checkpoints onto these parameters.
 
 Shapes live in names, one letter per dim: B batch, L query length, T key/value length (the cache length when
 decoding), D d_model, H query heads, N key/value heads (H = N * G, G heads share one kv head), K head dim,
@@ -106,10 +108,26 @@ def _standardize_bwd(eps, center, res, g):
 standardize.defvjp(_standardize_fwd, _standardize_bwd)
 
 
-def rope(x_BxLxHxK, positions_BxL, theta):
-  """Rotary position embedding (half-split layout, as Llama/NeoX): rotates pairs (i, i + K/2)."""
-  k = x_BxLxHxK.shape[-1]
-  freq_K2 = theta ** -(jnp.arange(0, k, 2, dtype=jnp.float32) / k)
+def rope_frequencies(cfg: ModelConfig):
+  """The K/2 rotary frequencies (radians per position): theta^(-2i/K), and with rope_scaling='llama3' Llama 3.1's
+  rescaling: wavelengths longer than rope_original_max_len / low_freq_factor are stretched by rope_factor, those
+  shorter than rope_original_max_len / high_freq_factor kept, and the band between blended linearly in
+  rope_original_max_len / wavelength."""
+  k = cfg.head_dim
+  freq_K2 = cfg.rope_theta ** -(jnp.arange(0, k, 2, dtype=jnp.float32) / k)
+  if cfg.rope_scaling == 'none':
+    return freq_K2
+  old_len, factor = cfg.rope_original_max_len, cfg.rope_factor
+  low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  wavelen_K2 = 2 * jnp.pi / freq_K2
+  smooth_K2 = (old_len / wavelen_K2 - low) / (high - low)
+  blended_K2 = (1 - smooth_K2) * freq_K2 / factor + smooth_K2 * freq_K2
+  scaled_K2 = jnp.where(wavelen_K2 > old_len / low, freq_K2 / factor, blended_K2)
+  return jnp.where(wavelen_K2 < old_len / high, freq_K2, scaled_K2)
+
+
+def rope(x_BxLxHxK, positions_BxL, freq_K2):
+  """Rotary position embedding (half-split layout, as Llama/NeoX): rotates pairs (i, i + K/2) by position * freq."""
   angle_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * freq_K2[None, None, :]
   sin, cos = jnp.sin(angle_BxLxK2)[:, :, None, :], jnp.cos(angle_BxLxK2)[:, :, None, :]
   x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
@@ -190,8 +208,9 @@ class Attention(nn.Module):
     k_BxNxLxK = k_BLxNK.reshape(B, L, N, K).transpose(0, 2, 1, 3)
     v_BxNxLxK = v_BLxNK.reshape(B, L, N, K).transpose(0, 2, 1, 3)
     if cfg.positions == 'rope':
-      q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
-      k_BxNxLxK = rope(k_BxNxLxK.transpose(0, 2, 1, 3), positions_BxL, cfg.rope_theta).transpose(0, 2, 1, 3)
+      freq_K2 = rope_frequencies(cfg)
+      q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, freq_K2)
+      k_BxNxLxK = rope(k_BxNxLxK.transpose(0, 2, 1, 3), positions_BxL, freq_K2).transpose(0, 2, 1, 3)
 
     new_cache = None
     if cache is not None:  # decoding: write this chunk at cache_index, attend over the whole cache
@@ -243,6 +262,8 @@ class Mlp(nn.Module):
     h_BLxF = dense('up', x_BLxD, (D, F), ('embed', 'mlp'))
     if cfg.mlp == 'swiglu':
       h_BLxF = nn.silu(dense('gate', x_BLxD, (D, F), ('embed', 'mlp'))) * h_BLxF
+    elif cfg.mlp == 'gelu_tanh':
+      h_BLxF = jax.nn.gelu(h_BLxF, approximate=True)
     else:
       h_BLxF = gelu(h_BLxF)
     h_BxLxF = nn.with_logical_constraint(h_BLxF.reshape(B, L, F), ('batch', 'length', 'mlp'))

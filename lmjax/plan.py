@@ -10,6 +10,7 @@ mesh. `--devices=8` simulates 8 CPU devices, so an 8-way FSDP or tensor-parallel
 from __future__ import annotations
 
 import math
+import os
 
 # Components of a parameter, by the first path entry below a block that names it (see lmjax/model.py paths).
 _BLOCK_PARTS = {'attn': 'attention', 'mlp': 'mlp', 'ln1': 'norms', 'ln2': 'norms'}
@@ -24,7 +25,12 @@ def run(args, overrides):
     jax.config.update('jax_num_cpu_devices', args.devices)
   from lmjax import config as config_lib
 
-  config = config_lib.load(args.config, overrides)
+  if os.path.isdir(args.config):  # a workdir: the config its run recorded (an imported model's among them)
+    from lmjax import workdir as workdir_lib
+
+    config = workdir_lib.load_config(args.config, overrides)
+  else:
+    config = config_lib.load(args.config, overrides)
   notes = []
   if config.model.vocab_size == 0:
     with config.unlocked():

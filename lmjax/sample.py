@@ -462,8 +462,8 @@ def sample_texts(params, model_cfg, tokenizer, prompts: Sequence[str], *, stop: 
   ids = []
   for text in prompts:
     p = tokenizer.encode(text)
-    if len(p) == 0 and tokenizer.bos_id is not None:
-      p = np.array([tokenizer.bos_id], np.int32)
+    if (len(p) == 0 or tokenizer.adds_bos) and tokenizer.bos_id is not None:  # Llama's prompts start with BOS
+      p = np.concatenate([np.array([tokenizer.bos_id], np.int32), p])
     ids.append(p)
   kwargs.setdefault('eos_id', tokenizer.eos_id)
   eos = kwargs['eos_id']

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import re
 import os
 
@@ -23,10 +24,12 @@ from etils import epath
 
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.file_adapters import FileFormat
+from lmjax import config as config_lib
 from lmjax.errors import DataError
 
 TINY_SHAKESPEARE = 'tiny_shakespeare'
 TEXT_FILES = 'text_files'
+JSONL = config_lib.JSONL
 _TS_FILE = 'input.txt'
 _FORMAT = 'array_record'
 _StockTinyShakespeare = tfds.builder_cls(TINY_SHAKESPEARE)
@@ -248,6 +251,41 @@ class TextFiles:
       raise DataError(f'{path} is not UTF-8 text ({e}); convert it or leave it out of the glob') from None
 
 
+class JsonlPairs:
+  """Prompt/completion pairs from JSONL files matched by a glob: one JSON object per non-empty line, its prompt and
+  completion under the given keys. All lines are read and checked up front (fine-tuning sets are small), so a bad
+  line fails before training starts, naming the file and line."""
+
+  def __init__(self, pattern: str, prompt_field: str = 'prompt', completion_field: str = 'completion'):
+    self.pairs = []
+    for path in glob(pattern):
+      for n, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1):
+        if not line.strip():
+          continue
+        try:
+          obj = json.loads(line)
+        except ValueError as e:
+          raise DataError(f'{path}:{n} is not a JSON object ({e}); write one object per line') from None
+        if not isinstance(obj, dict):
+          raise DataError(f'{path}:{n} holds a JSON {type(obj).__name__}, not an object')
+        for key in (prompt_field, completion_field):
+          if not isinstance(obj.get(key), str):
+            keys = ', '.join(sorted(obj)) or 'none'
+            raise DataError(
+              f'{path}:{n} has no string field {key!r} (its keys: {keys}); set --config.data.prompt_field / '
+              'completion_field to the names your file uses'
+            )
+        self.pairs.append({'prompt': obj[prompt_field], 'completion': obj[completion_field]})
+    if not self.pairs:
+      raise DataError(f'the files matching {pattern!r} hold no prompt/completion line')
+
+  def __len__(self):
+    return len(self.pairs)
+
+  def __getitem__(self, i) -> dict:
+    return self.pairs[int(i)]
+
+
 def glob(pattern: str) -> list:
   """Files matching `pattern` (`*`, `?`, `[...]`, `**` in any component after the first), sorted; DataError if none."""
   parts = pattern.split('/')
@@ -267,6 +305,8 @@ def documents(dc, split: str):
   """The documents of `split` of the dataset the data config `dc` names; DataError if there are none."""
   if dc.dataset == TEXT_FILES:
     return TextFiles(split, dc.file_docs)
+  if dc.dataset == JSONL:
+    return JsonlPairs(split, dc.prompt_field, dc.completion_field)
   source = text_source(dc.dataset, split, dc.data_dir or default_data_dir(), dc.manual_dir or None)
   if len(source) == 0:
     raise DataError(f'{dc.dataset!r} split {split!r} holds no examples; choose another split')

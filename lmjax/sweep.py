@@ -203,13 +203,13 @@ def select(members, pattern: str) -> list[Member]:
 
 
 def check(sweep: Sweep, members, root: str) -> dict:
-  """Loads and validates every member's config, and checks that a member's existing workdir recorded the same
-  config; raises one SweepError naming each failing member and its key. Returns {member name: config}."""
+  """Loads and validates every member's config, and checks that a member's existing workdir recorded the values
+  the sweep sets; raises one SweepError naming each failing member and its key. Returns {member name: config}."""
   configs, failures = {}, {}
   for m in members:
     try:
       configs[m.name] = config_lib.load(sweep.config, m.overrides)
-      _check_recorded(configs[m.name], m.workdir(root))
+      _check_recorded(m, configs[m.name], m.workdir(root))
     except ConfigError as e:
       failures.setdefault(' '.join(str(e).split()), []).append(m.name)
   if failures:
@@ -219,21 +219,24 @@ def check(sweep: Sweep, members, root: str) -> dict:
   return configs
 
 
-def _check_recorded(config, workdir: str):
-  """A workdir that recorded another config (the sweep file changed since) would be skipped or resumed as
-  something it is not."""
-  path = os.path.join(workdir, workdir_lib.CONFIG)
-  if not os.path.exists(path):
+def _recorded(workdir: str):
+  """The config a member's workdir recorded (None before its first start)."""
+  return workdir_lib.load_config(workdir) if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG)) else None
+
+
+def _check_recorded(member: Member, config, workdir: str):
+  """A workdir that recorded other values for the sweep's overrides (the sweep file changed since) would be
+  skipped or resumed as something it is not. Only the overrides are compared: training fills in other fields
+  (the vocabulary size, the steps of train.epochs, an init_from source's architecture)."""
+  recorded = _recorded(workdir)
+  if recorded is None:
     return
-  with open(path) as f:
-    recorded = results.flat(json.load(f))
-  want = results.flat(json.loads(json.dumps(config.to_dict())))
-  if want.get('model.vocab_size') == 0:  # filled in from the tokenizer by train
-    recorded.pop('model.vocab_size', None), want.pop('model.vocab_size')
-  diff = [f'{k}: recorded {recorded.get(k)!r}, now {want.get(k)!r}' for k in sorted(want) if recorded.get(k) != want[k]]
+  keys = dict.fromkeys(o.partition('=')[0] for o in member.overrides)
+  old, new = (results.flat(json.loads(json.dumps(c.to_dict()))) for c in (recorded, config))  # tuples as lists
+  diff = [f'{k}: recorded {old.get(k)!r}, now {new[k]!r}' for k in keys if old.get(k) != new[k]]
   if diff:
     raise ConfigError(
-      f'{workdir} was trained with another config ({"; ".join(diff[:4])}); give the sweep a new --workdir, or move '
+      f'{workdir} was trained with other values ({"; ".join(diff[:4])}); give the sweep a new --workdir, or move '
       'that member away to retrain it'
     )
 
@@ -241,7 +244,8 @@ def _check_recorded(config, workdir: str):
 def state(config, workdir: str) -> str:
   """'finished' (the checkpoint of the last step is saved), 'at step N' (resumable), or 'not started'."""
   steps = workdir_lib.saved_steps(workdir)
-  if config.train.steps in steps:
+  recorded = _recorded(workdir)  # its train.steps is the resolved one (train.epochs)
+  if (recorded or config).train.steps in steps:
     return 'finished'
   return f'at step {steps[-1]}' if steps else 'not started'
 

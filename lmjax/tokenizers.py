@@ -1,4 +1,4 @@
-"""Tokenizers: char, byte and SentencePiece, one interface, recorded in the workdir.
+"""Tokenizers: char, byte, SentencePiece and Hugging Face tokenizer.json, one interface, recorded in the workdir.
 
 Special ids are defined here and nowhere else:
   char -- the sorted characters of the training text, nothing else (as nanoGPT): no BOS/EOS/pad.
@@ -7,6 +7,11 @@ Special ids are defined here and nowhere else:
           byte pieces (byte_fallback: a character never seen in training becomes its UTF-8 bytes, so no text is
           ever lost) and the learned pieces. Normalisation is off (identity, no dummy prefix, spaces kept), so
           decode(encode(text)) == text for any text and bits per byte count the bytes of the text as written.
+  hf   -- a Hugging Face `tokenizer.json` (the `tokenizers` library; GPT-2's and Llama's byte-level BPE among
+          others) with its own special ids, read from the files beside it (config.json, tokenizer_config.json).
+          Text is encoded without specials (byte-level BPE round-trips exactly); `adds_bos` says whether the
+          tokenizer's own post-processor starts a sequence with BOS (Llama's does), which prompts then follow.
+          A tokenizer with only one of BOS and EOS uses it for both (GPT-2's <|endoftext|>).
 How the data uses them (lmjax/data.py): continuous text (rows = 'windows') is encoded as is, with no specials;
 a packed document becomes inputs [BOS] + ids and targets ids + [EOS], so the model learns where documents start
 and end; PAD (or 0 for char) fills only rows that have no more text, with weight 0.
@@ -44,6 +49,7 @@ def _check_ids(ids: Sequence[int], vocab_size: int, kind: str) -> np.ndarray:
 
 class CharTokenizer:
   pad_id = bos_id = eos_id = None
+  adds_bos = False  # prompts are encoded as they are (HFTokenizer may start them with BOS)
 
   def __init__(self, chars: str):
     self.chars = chars
@@ -81,6 +87,7 @@ class CharTokenizer:
 
 class ByteTokenizer:
   pad_id, bos_id, eos_id = 256, 257, 258
+  adds_bos = False
   vocab_size = 259
 
   def encode(self, text: str) -> np.ndarray:
@@ -96,6 +103,7 @@ class ByteTokenizer:
 
 class SentencePieceTokenizer:
   pad_id, unk_id, bos_id, eos_id = 0, 1, 2, 3
+  adds_bos = False
   MODEL_FILE = 'tokenizer.model'  # the proto's name inside a workdir, next to tokenizer.json
 
   def __init__(self, proto: bytes):
@@ -136,6 +144,94 @@ class SentencePieceTokenizer:
     }
 
 
+class HFTokenizer:
+  """A Hugging Face tokenizer.json through the `tokenizers` library, with the special ids of its model."""
+
+  MODEL_FILE = 'hf_tokenizer.json'  # inside a workdir, next to lmjax's own tokenizer.json (the spec)
+
+  def __init__(self, raw: bytes, bos_id=None, eos_id=None, pad_id=None, adds_bos=None):
+    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+
+    self.raw = raw
+    self.sha256 = hashlib.sha256(raw).hexdigest()
+    try:
+      self._tok = Tokenizer.from_str(raw.decode('utf-8'))
+    except Exception as e:  # pylint: disable=broad-except  -- the library raises a bare Exception for bad JSON
+      raise TokenizerError(f'the tokenizer.json cannot be read by the tokenizers library: {e}') from None
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    bos_id = eos_id if bos_id is None else bos_id
+    eos_id = bos_id if eos_id is None else eos_id
+    self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+    if adds_bos is None:  # does the tokenizer's own post-processor start a sequence with BOS?
+      with_specials = self._tok.encode('a', add_special_tokens=True).ids
+      adds_bos = bos_id is not None and bool(with_specials) and with_specials[0] == bos_id
+    self.adds_bos = bool(adds_bos)
+
+  @classmethod
+  def from_path(cls, path: str) -> 'HFTokenizer':
+    """A tokenizer.json (or a directory holding one), with the special ids named by the files beside it."""
+    directory = path if os.path.isdir(path) else os.path.dirname(path) or '.'
+    file = os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else path
+    if not os.path.exists(file):
+      raise TokenizerError(
+        f'{file} does not exist; point at a Hugging Face tokenizer.json (save one with '
+        "transformers.AutoTokenizer.from_pretrained(...).save_pretrained(DIR), which writes the fast tokenizer's "
+        'tokenizer.json)'
+      )
+    with open(file, 'rb') as f:
+      raw = f.read()
+    tok = cls(raw)
+    ids = hf_special_ids(directory, tok._tok)
+    return cls(raw, ids['bos'], ids['eos'], ids['pad'])
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode(_check_ids(ids, self.vocab_size, 'tokenizer.json').tolist(), skip_special_tokens=True)
+
+  def spec(self) -> dict:
+    return {
+      'kind': 'hf',
+      'vocab_size': self.vocab_size,
+      'sha256': self.sha256,
+      'model_file': self.MODEL_FILE,
+      'bos_id': self.bos_id,
+      'eos_id': self.eos_id,
+      'pad_id': self.pad_id,
+      'adds_bos': self.adds_bos,
+    }
+
+
+def hf_special_ids(directory: str, tok) -> dict:
+  """{'bos', 'eos', 'pad'} ids (None where absent) from a Hugging Face model directory: config.json's and
+  generation_config.json's *_token_id, else tokenizer_config.json's or special_tokens_map.json's token strings."""
+
+  def read(name):
+    try:
+      with open(os.path.join(directory, name)) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return {}
+
+  def first_id(value):  # eos_token_id may be a list (Llama 3 instruct); the first is the document end
+    return value[0] if isinstance(value, list) and value else (value if isinstance(value, int) else None)
+
+  config, generation = read('config.json'), read('generation_config.json')
+  strings = {**read('special_tokens_map.json'), **read('tokenizer_config.json')}
+  out = {}
+  for name in ('bos', 'eos', 'pad'):
+    found = first_id(config.get(f'{name}_token_id'))
+    found = first_id(generation.get(f'{name}_token_id')) if found is None else found
+    if found is None:
+      token = strings.get(f'{name}_token')
+      token = token.get('content') if isinstance(token, dict) else token
+      found = tok.token_to_id(token) if isinstance(token, str) else None
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    out[name] = found if found is not None and 0 <= found < vocab else None
+  return out
+
+
 KINDS = config_lib.TOKENIZERS
 _FILE = 'tokenizer.json'
 
@@ -158,6 +254,13 @@ def build(dc, texts: Callable[[], Iterable[str]], cache_dir: Optional[str] = Non
         )
       return check_config(SentencePieceTokenizer(path.read_bytes()), dc, str(path))
     return _trained_spm(dc, texts, cache_dir, process_index, process_count)
+  if dc.tokenizer == 'hf':
+    if not dc.hf_tokenizer:
+      raise TokenizerError(
+        "data.tokenizer='hf' needs data.hf_tokenizer: a tokenizer.json or the directory of a saved Hugging Face "
+        'model (or start from one with train.init_from, which brings its tokenizer)'
+      )
+    return HFTokenizer.from_path(dc.hf_tokenizer)
   raise TokenizerError(f'unknown tokenizer {dc.tokenizer!r}; choose one of {KINDS} with --config.data.tokenizer=...')
 
 
@@ -288,6 +391,13 @@ def from_spec(spec: dict, directory: Optional[str] = None):
     tok = SentencePieceTokenizer(path.read_bytes())
     check_same(spec, tok.spec(), str(path))
     return tok
+  if spec['kind'] == 'hf':
+    path = epath.Path(directory or '.') / spec['model_file']
+    if not path.exists():
+      raise TokenizerError(f'{path} is missing: the tokenizer.json this run uses must sit next to {_FILE}')
+    tok = HFTokenizer(path.read_bytes(), spec['bos_id'], spec['eos_id'], spec['pad_id'], spec['adds_bos'])
+    check_same(spec, tok.spec(), str(path))
+    return tok
   raise TokenizerError(f'tokenizer spec of unknown kind {spec["kind"]!r}')
 
 
@@ -296,6 +406,8 @@ def save(tok, workdir: str) -> None:
   directory = epath.Path(workdir)
   if isinstance(tok, SentencePieceTokenizer):
     _write(directory / tok.MODEL_FILE, tok.proto)
+  if isinstance(tok, HFTokenizer):
+    _write(directory / tok.MODEL_FILE, tok.raw)
   _write(directory / _FILE, json.dumps(tok.spec()).encode())
 
 

@@ -8,7 +8,9 @@ the static build of a run is lmjax/task.py.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 import os
 import signal
 
@@ -16,7 +18,8 @@ import jax
 import numpy as np
 
 from lmjax import actions as actions_lib, checkpoint, compiling, data as data_lib, hostenv
-from lmjax import metrics as metrics_lib, parallel, profiling, workdir as workdir_lib
+from lmjax import config as config_lib, metrics as metrics_lib, parallel, profiling, tokenizers as tokenizers_lib
+from lmjax import workdir as workdir_lib
 from lmjax.errors import ConfigError, TrainingError, WorkdirError
 from lmjax.task import Task, check_host_memory, check_training
 
@@ -28,7 +31,7 @@ class Preempted(Exception):
 
 def prepare_data(config, workdir, tokenizer=None):
   """Data and tokenizer (the workdir's recorded one when it has one, else `tokenizer`, else one built from the
-  data), with model.vocab_size filled in."""
+  data), with model.vocab_size filled in and, with train.epochs, train.steps computed."""
   data = data_lib.make_data(config, workdir_lib.load_tokenizer(workdir) or tokenizer, workdir=workdir)
   vocab = data.tokenizer.vocab_size
   with config.unlocked():
@@ -39,33 +42,95 @@ def prepare_data(config, workdir, tokenizer=None):
       f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "
       f"vocabulary ({vocab}); set it to 0 to take the tokenizer's size"
     )
+  tc = config.train
+  if tc.epochs:  # the run's length in passes over the data: train.steps follows, and with it the schedule
+    K = tc.steps_per_call
+    steps = max(1, math.ceil(tc.epochs * data.rows_per_epoch / tc.batch_size))
+    with config.unlocked():
+      tc.steps = -(-steps // K) * K
   return data
 
 
 class _InitFrom:
-  """train.init_from=WORKDIR[:STEP]: another run's checkpoint, whose parameters start this run."""
+  """train.init_from: the run whose parameters start this one. WORKDIR[:STEP|:best] is another lmjax run (an
+  `lmjax import-hf` workdir among them); hf:DIR a saved transformers model, converted in memory (lmjax/hf.py).
+
+  The source decides the architecture (config.ARCHITECTURE_FIELDS, and max_len with learned positions) and the
+  tokenizer; this config decides everything else. A field this config sets away from its default to a value
+  that differs from the source's is an error naming it, rather than silently ignored."""
 
   def __init__(self, ref: str):
+    self.ref = ref
+    self.hf_params = None
+    if ref.startswith('hf:'):
+      from lmjax import hf  # pylint: disable=import-outside-toplevel
+
+      fields, _, self.tokenizer, self.hf_params = hf.read(hf.resolve_source(ref[3:]))
+      self.model = {**dataclasses.asdict(config_lib.ModelConfig()), **fields}
+      return
     self.workdir, self.step = workdir_lib.split_ref(ref)
     if not os.path.isdir(self.workdir):
       raise WorkdirError(
         f'train.init_from={ref!r}: {self.workdir} is not a directory; give the --workdir of a '
-        'trained run, optionally with :STEP or :best'
+        'trained run, optionally with :STEP or :best, or hf:DIR for a saved Hugging Face model'
       )
     self.tokenizer = workdir_lib.load_tokenizer(self.workdir)
     if self.tokenizer is None:
       raise WorkdirError(f'train.init_from={ref!r}: {self.workdir} holds no tokenizer.json; is it a trained run?')
+    self.model = workdir_lib.load_config(self.workdir).model.to_dict()
     best = self.step == 'best'
     self.checkpointer = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(self.workdir, best=best))
     self.step = None if best else self.step
 
+  def adopt(self, config) -> None:
+    """Sets this config's architecture and tokenizer kind to the source's (ConfigError on a conflict)."""
+    fields = config_lib.ARCHITECTURE_FIELDS + (('max_len',) if self.model['positions'] == 'learned' else ())
+    default = config_lib.ModelConfig()
+    conflicts = [
+      f'model.{k}={config.model[k]!r} (the source has {self.model[k]!r})'
+      for k in fields
+      if config.model[k] not in (self.model[k], getattr(default, k))
+    ]
+    if conflicts:
+      raise ConfigError(
+        f'train.init_from={self.ref!r} decides the architecture, but this config sets {", ".join(conflicts)}; '
+        'remove those settings (or start from a fresh init)'
+      )
+    spec = self.tokenizer.spec()
+    with config.unlocked():
+      for k in fields:
+        config.model[k] = self.model[k]
+      config.data.tokenizer = spec['kind']
+      if spec['kind'] == 'spm':
+        config.data.spm_vocab_size, config.data.spm_model_type = spec['vocab_size'], spec['model_type']
+
   def params(self, task: Task, config, tokenizer):
-    """The source's parameters, restored onto this task's shardings (its optimizer state is never read)."""
+    """The source's parameters on this task's shardings (its optimizer state is never read)."""
+    if self.hf_params is not None:
+      from lmjax import model as model_lib  # pylint: disable=import-outside-toplevel
+
+      params = (
+        model_lib.stack_layers(self.hf_params, config.model.n_layers) if config.model.scan_layers else self.hf_params
+      )
+      return jax.tree.map(
+        lambda a, x: jax.device_put(x.astype(a.dtype), a.sharding), task.abstract_state.params, params
+      )
     try:
       meta = self.checkpointer.read_meta(self.step)
-      workdir_lib.check_compatible(meta, config, tokenizer.spec(), self.workdir, what='Initialise from it')
+      layout = {k: meta['config']['model'].get(k) for k in ('scan_layers', 'param_dtype')}
+      wanted = {k: config.model[k] for k in layout}
+      if layout != wanted:
+        raise ConfigError(
+          f'train.init_from={self.ref!r} was saved with model {layout}, this run asks for {wanted}; set the same '
+          'model.scan_layers and model.param_dtype (lmjax.model.stack_layers / unstack_layers convert layouts)'
+        )
+      tokenizers_lib.check_same(meta.get('tokenizer', tokenizer.spec()), tokenizer.spec(), self.workdir)
       return self.checkpointer.restore_params(self.step, task.abstract_state).params
     finally:
+      self.checkpointer.close()
+
+  def close(self):
+    if self.hf_params is None:
       self.checkpointer.close()
 
 
@@ -133,6 +198,8 @@ def _train(config, workdir, actions, clock, lock, preempt):
   compiling.enable_compilation_cache(config.train.compilation_cache_dir)
   tc, primary = config.train, jax.process_index() == 0
   init_from = _InitFrom(tc.init_from) if tc.init_from else None
+  if init_from is not None:
+    init_from.adopt(config)
   data = prepare_data(config, workdir, init_from.tokenizer if init_from else None)
   task = Task(config)
   check_training(config, task.mesh)
@@ -152,6 +219,11 @@ def _train(config, workdir, actions, clock, lock, preempt):
     )
     meta = {'config': config.to_dict(), 'tokenizer': data.tokenizer.spec()}
     if ckpt.latest_step() is not None:
+      if ckpt.read_meta().get('params_only'):  # written by `lmjax import-hf`: parameters, no run to resume
+        raise WorkdirError(
+          f'{workdir} holds an imported model, not a run to resume; fine-tune it into a new --workdir with '
+          f'--config.train.init_from={workdir}'
+        )
 
       def restore(step):
         workdir_lib.check_compatible(ckpt.read_meta(step), config, data.tokenizer.spec(), workdir)

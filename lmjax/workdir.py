@@ -14,6 +14,7 @@ A workdir is addressed as DIR, or DIR:STEP for one checkpoint (DIR:best for the 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -239,7 +240,9 @@ def record(config, tokenizer, workdir: str, primary: bool) -> None:
 
 def check_compatible(recorded: dict, config, tokenizer_spec: dict | None, where: str, what: str = 'Resume'):
   """Raises ConfigError when a checkpoint's model or tokenizer differs from this run's, naming the fields."""
-  old, new = recorded['config']['model'], config.model.to_dict()
+  # A field added to the model since the checkpoint was written has its default there: the old model had none.
+  old = {**dataclasses.asdict(config_lib.ModelConfig()), **recorded['config']['model']}
+  new = config.model.to_dict()
   diff = {
     k: (old.get(k), new.get(k))
     for k in sorted(set(old) | set(new))
