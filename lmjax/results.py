@@ -85,6 +85,11 @@ class Run:
       seg_end = t
     return out
 
+  @property
+  def finished(self) -> bool:
+    """Its metrics reach train.steps (what the metrics say, so runs copied without checkpoints count too)."""
+    return bool(self.rows) and self.rows[-1]['step'] >= self.config['train']['steps']
+
   def summary(self) -> dict:
     evals = [r for r in self.evals if r['val_loss'] is not None]
     speed = [r['tokens_per_sec'] for r in self.rows if r.get('tokens_per_sec') is not None]
@@ -462,7 +467,11 @@ def plot(table: Table, out_dir: str) -> list[str]:
 
 def compare(args) -> int:
   """`lmjax compare DIR ... --out=OUT`: the sweep's table and plots for any workdirs."""
-  runs = find_runs(args.dirs)
+  found = find_runs(args.dirs)
+  runs = [r for r in found if r.finished]
+  unfinished = [r.workdir for r in found if not r.finished]
+  if not runs:
+    raise WorkdirError(f'none of the {len(found)} runs found has reached its train.steps: {", ".join(unfinished)}')
   groups = group_by_seed(runs)
   base = next(iter(groups))
   if args.baseline:
@@ -475,7 +484,9 @@ def compare(args) -> int:
   unknown = [m for m in metrics if m not in SUMMARIES]
   if unknown:
     raise WorkdirError(f'--metrics: unknown {unknown}; choose from {", ".join(SUMMARIES)}')
-  written = write(args.out, groups, baseline=base, metrics=metrics, alpha=args.alpha, title='lmjax compare')
+  written = write(
+    args.out, groups, baseline=base, metrics=metrics, alpha=args.alpha, title='lmjax compare', missing=unfinished
+  )
   with open(written[1]) as f:
     print(f.read())
   for name, rs in groups.items():

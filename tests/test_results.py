@@ -136,8 +136,10 @@ def test_compare_groups_runs_that_differ_only_by_seed_or_by_where_their_files_we
     'positions=rope,steps=60': ['b0'],
     'positions=learned,steps=30': ['c0', 'c1'],
   }
-  assert cli.main(['compare', str(tmp_path / 'b0'), f'--out={tmp_path / "out"}']) == 0  # one run: no test
-  assert '| `base` (baseline) | 1 | 2.0000 |' in capsys.readouterr().out
+  fake_run(tmp_path / 'd0', 0, 1.0, 'train.steps=120')  # its metrics stop at step 60: not finished, left out
+  assert cli.main(['compare', str(tmp_path / 'a0'), str(tmp_path / 'd0'), f'--out={tmp_path / "out"}']) == 0
+  out = capsys.readouterr().out
+  assert '| `base` (baseline) | 1 | 2.0000 |' in out and f'Not finished, so not included: {tmp_path / "d0"}.' in out
   assert cli.main(['compare', str(tmp_path / 'nothing'), f'--out={tmp_path / "out"}']) == 2
   assert 'is not a directory' in capsys.readouterr().err
 
