@@ -300,7 +300,7 @@ class Table:
 def _cell(s: dict, fmt: str) -> str:
   if s['n'] == 0:
     return '-'
-  if s['n'] == 1:
+  if s['n'] == 1 or s['std'] == 0:  # one seed, or a figure the seed does not change (parameters, steps)
     return format(s['mean'], fmt)
   return f'{format(s["mean"], fmt)} ± {format(s["std"], fmt)}'
 
@@ -447,9 +447,10 @@ def plot(table: Table, out_dir: str) -> list[str]:
     fig, panels = plt.subplots(1, 2, figsize=(11, 4))
     xs = np.concatenate([x for x, *_ in lines.values()]) if lines else np.zeros(1)
     half = (xs.min() + xs.max()) / 2
-    for name, (x, mean, low, high, n) in lines.items():
+    for i, (name, (x, mean, low, high, n)) in enumerate(lines.items()):
+      style = dict(marker='o', ms=2.5, lw=1.5, ls=('-', '--', '-.', ':')[i % 4])  # variants that overlap stay visible
       for ax, keep in zip(panels, (x >= x.min(), x >= half)):
-        (line,) = ax.plot(x[keep], mean[keep], marker='o', ms=2.5, lw=1.5, label=f'{name} (n={n})')
+        (line,) = ax.plot(x[keep], mean[keep], **style, label=f'{name} (n={n})')
         ax.fill_between(x[keep], low[keep], high[keep], color=line.get_color(), alpha=0.2, lw=0)
     for ax, what in zip(panels, ('', ', second half')):
       ax.set_xlabel(label + what)
