@@ -3,7 +3,8 @@
 Each command is its arguments and one function to run; the functions import what they use, so `lmjax --help`
 imports no JAX. `--config.a.b=value` overrides any config field (type-checked; unknown keys name the closest valid
 ones). Exit codes are decided here: 0 done, 2 a user error (one line, `lmjax CMD: error: ...`), 143 stopped by
-SIGTERM after checkpointing; anything else is a bug and shows its traceback.
+SIGTERM after checkpointing, 1 from `lmjax sweep` when members failed; anything else is a bug and shows its
+traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lmjax.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM
+EXIT_MEMBERS_FAILED = 1  # lmjax sweep: some members failed (each said why); the others finished
 
 
 def _multihost(p):
@@ -198,6 +200,47 @@ def _export_hf(args, overrides):
   return 0
 
 
+def _sweep_args(p):
+  p.add_argument('sweep', help='experiments/NAME.py: a sweep file (lmjax/sweep.py describes the format)')
+  p.add_argument('--workdir', required=True, help="the sweep's folder: one workdir per member, then the results")
+  p.add_argument('--dry-run', action='store_true', help='list the members, their overrides and state; train nothing')
+  p.add_argument('--only', default='', metavar='GLOB', help='only the members whose name matches, e.g. "*/seed=0"')
+  p.add_argument(
+    '--emit',
+    choices=('commands', 'slurm'),
+    default='',
+    help="train nothing: print each member's `lmjax train` line, or write WORKDIR/sweep.sbatch (a SLURM array)",
+  )
+
+
+def _sweep(args, overrides):
+  from lmjax import sweep  # pylint: disable=import-outside-toplevel
+
+  if overrides:
+    raise UserError(f'--config.{overrides[0]}: a sweep sets its overrides in the sweep file, not on the command line')
+  try:
+    failed = sweep.run(args)
+  except sweep.Stopped:
+    return EXIT_PREEMPTED
+  return EXIT_MEMBERS_FAILED if failed else 0
+
+
+def _compare_args(p):
+  p.add_argument('dirs', nargs='+', metavar='DIR', help='workdirs, or folders holding workdirs (searched below)')
+  p.add_argument('--out', required=True, help='where results.csv, results.md and the plots go')
+  p.add_argument('--baseline', default='', help='a workdir of the baseline variant (default: the first variant)')
+  p.add_argument('--metrics', default='val_loss', help='comma-separated results to test against the baseline')
+  p.add_argument('--alpha', type=float, default=0.05, help="a difference is real when Welch's p < alpha")
+
+
+def _compare(args, overrides):
+  from lmjax import results  # pylint: disable=import-outside-toplevel
+
+  if overrides:
+    raise UserError(f'--config.{overrides[0]}: compare reads the configs the workdirs recorded')
+  return results.compare(args)
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
   help: str
@@ -224,6 +267,8 @@ COMMANDS = {
   'export-hf': Command(
     "a workdir's checkpoint as a directory transformers' from_pretrained loads", _export_hf_args, _export_hf, True
   ),
+  'sweep': Command('train the members of a sweep file one after another, then compare them', _sweep_args, _sweep),
+  'compare': Command('the table and plots of a sweep for any workdirs, grouping seeds', _compare_args, _compare),
 }
 
 
