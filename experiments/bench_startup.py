@@ -10,6 +10,10 @@ Runs alternate between the three so that a noisy host slows them alike; the medi
   pipeline, checkpointing or logging: the floor that importing JAX, tracing and compiling put under any JAX run.
 
   python experiments/bench_startup.py --repeats=3 [--record=experiments/results.jsonl]
+
+With --phases it prints instead where each command's start-up goes (train cold, resumed and fresh warm; sample cold
+and warm; eval), from the `lmjax timeline:` lines LMJAX_TIMELINE=1 makes every command print, beside the import
+floor: a fresh interpreter importing JAX, Flax, Optax, Orbax, Grain and TFDS.
 """
 
 import argparse
@@ -22,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,11 +100,64 @@ def prototype_first_step() -> float:
   return float(out.stdout.split('FIRST_STEP')[-1])
 
 
+IMPORT_FLOOR = 'import jax, flax, optax, orbax.checkpoint, grain, tensorflow_datasets, numpy'
+
+
+def import_floor() -> float:
+  """Wall seconds of a fresh interpreter importing lmjax's stack and exiting: what no command can go below."""
+  t0 = time.perf_counter()
+  subprocess.run([sys.executable, '-c', IMPORT_FLOOR], check=True)
+  return time.perf_counter() - t0
+
+
+def timeline(args: list[str]) -> dict:
+  """{phase: seconds since the process started} of `lmjax ARGS` (hostenv.mark's lines), plus 'exit': the whole
+  command's wall time as its caller sees it."""
+  t0 = time.perf_counter()
+  proc = subprocess.run(
+    ['lmjax', *args], cwd=REPO, capture_output=True, text=True, env={**os.environ, 'LMJAX_TIMELINE': '1'}
+  )
+  wall = time.perf_counter() - t0
+  if proc.returncode:
+    raise SystemExit(f'lmjax {" ".join(args)} failed:\n{proc.stderr}')
+  phases = dict(re.findall(r'lmjax timeline: (.+) ([\d.]+)s', proc.stderr))
+  return {**{k: float(v) for k, v in phases.items()}, 'exit': round(wall, 3)}
+
+
+def phases_of_commands(tmp: str) -> dict:
+  """Each command's phases, cold (empty caches) and warm (run again): train fresh, train resumed, sample, eval."""
+  cache, run = os.path.join(tmp, 'phase_cache'), os.path.join(tmp, 'phase_run')
+  train = [
+    'train',
+    '--config=configs/shakespeare_char_cpu.py',
+    f'--workdir={run}',
+    '--config.data.manual_dir=../shared/data/tinyshakespeare',
+    '--config.train.eval_every=10',
+    '--config.train.checkpoint_every=10',
+    '--config.train.log_every=10',
+    '--config.train.progress_bar=false',
+    f'--config.train.compilation_cache_dir={cache}',
+  ]
+  sample = ['sample', f'--workdir={run}', '--prompt=ROMEO:', '--max_new_tokens=500', '--num_samples=4', '--seed=0']
+  out = {'train cold': timeline(train + ['--config.train.steps=10'])}
+  out['train resumed, warm'] = timeline(train + ['--config.train.steps=20'])
+  shutil.rmtree(run)
+  out['train fresh, warm'] = timeline(train + ['--config.train.steps=10'])
+  out['sample cold'] = timeline(sample)  # the sampler's first compile for this shape
+  out['sample warm'] = timeline(sample)
+  out['eval warm'] = timeline(['eval', f'--workdir={run}'])
+  return out
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--record', default='', help='append the medians as a JSON line to this file')
+  p.add_argument('--phases', action='store_true', help="each command's start-up phases (LMJAX_TIMELINE) instead")
+  p.add_argument('--nanogpt', default='', help='with --phases: a nanoGPT checkout with out-shakespeare-char')
   args = p.parse_args()
+  if args.phases:
+    return print_phases(args.record, args.nanogpt, args.repeats)
   times = {'lmjax cold': [], 'lmjax rerun': [], 'prototype (no cache)': []}
   with tempfile.TemporaryDirectory() as tmp:
     for i in range(args.repeats):
@@ -121,6 +179,63 @@ def main():
       **{k: {'median_s': statistics.median(v), 'all_s': v} for k, v in times.items()},
     }
     with open(args.record, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+
+
+def sample_against_nanogpt(nanogpt: str, run: str, tmp: str, repeats: int) -> dict:
+  """Whole-command wall seconds of 4 x 500 sampled tokens, alternating: `lmjax sample` warm (its sampler cached),
+  cold (a fresh cache: traced and compiled), and nanoGPT's sample.py (torch, CPU, no KV cache) on its own
+  shakespeare_char checkpoint in NANOGPT/out-shakespeare-char (train.py config/train_shakespeare_char.py with
+  --device=cpu --compile=False and the CPU recipe's sizes; sampling speed does not depend on the weights)."""
+  lmjax = ['sample', f'--workdir={run}', '--prompt=ROMEO:', '--max_new_tokens=500', '--num_samples=4', '--seed=0']
+  peer = [
+    sys.executable,
+    'sample.py',
+    '--out_dir=out-shakespeare-char',
+    '--device=cpu',
+    '--compile=False',
+    '--start=ROMEO:',
+    '--num_samples=4',
+    '--max_new_tokens=500',
+  ]
+  times = {'lmjax sample warm': [], 'lmjax sample cold': [], 'nanoGPT sample.py': []}
+  for i in range(repeats):
+    times['lmjax sample warm'].append(timeline(lmjax)['exit'])
+    cold = lmjax + [f'--config.train.compilation_cache_dir={os.path.join(tmp, f"cold{i}")}']
+    times['lmjax sample cold'].append(timeline(cold)['exit'])
+    t0 = time.perf_counter()
+    subprocess.run(peer, cwd=nanogpt, capture_output=True, check=True)
+    times['nanoGPT sample.py'].append(round(time.perf_counter() - t0, 3))
+    print(f'round {i + 1}: ' + ', '.join(f'{k} {v[-1]:.2f} s' for k, v in times.items()), flush=True)
+  return times
+
+
+def print_phases(record: str, nanogpt: str = '', repeats: int = 3):
+  with tempfile.TemporaryDirectory() as tmp:
+    floor = [import_floor() for _ in range(3)]
+    commands = phases_of_commands(tmp)
+    peer = sample_against_nanogpt(nanogpt, os.path.join(tmp, 'phase_run'), tmp, repeats) if nanogpt else {}
+  print(f'import floor (fresh interpreter, {IMPORT_FLOOR!r}): median {statistics.median(floor):.2f} s')
+  for name, phases in commands.items():
+    print(f'{name:22s} ' + ' | '.join(f'{k} {v:.2f}' for k, v in phases.items()))
+  for name, v in peer.items():
+    print(f'{name:22s} median {statistics.median(v):5.2f} s  (all {v})')
+  if peer:
+    ratio = statistics.median(peer['nanoGPT sample.py']) / statistics.median(peer['lmjax sample warm'])
+    print(f'lmjax sample (warm) is {ratio:.2f}x faster than nanoGPT sample.py as a whole command')
+    commands['sample vs nanoGPT'] = peer
+  if record:
+    from lmjax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+
+    row = {
+      'date': datetime.datetime.now().isoformat(timespec='seconds'),
+      'hardware': workdir_lib.hardware(),
+      'git_commit': workdir_lib.git_commit(),
+      'benchmark': 'start-up phases of lmjax commands, CPU recipe (seconds since the process started)',
+      'import_floor_s': floor,
+      **commands,
+    }
+    with open(record, 'a') as f:
       f.write(json.dumps(row) + '\n')
 
 

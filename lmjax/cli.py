@@ -3,7 +3,8 @@
 Each command is its arguments and one function to run; the functions import what they use, so `lmjax --help`
 imports no JAX. `--config.a.b=value` overrides any config field (type-checked; unknown keys name the closest valid
 ones). Exit codes are decided here: 0 done, 2 a user error (one line, `lmjax CMD: error: ...`), 143 stopped by
-SIGTERM after checkpointing; anything else is a bug and shows its traceback.
+SIGTERM after checkpointing, 1 from `lmjax sweep` when members failed; anything else is a bug and shows its
+traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Callable
 
@@ -19,6 +21,7 @@ from lmjax.errors import ConfigError, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM
+EXIT_MEMBERS_FAILED = 1  # lmjax sweep: some members failed (each said why); the others finished
 
 
 def _multihost(p):
@@ -54,7 +57,10 @@ def _train(args, overrides):
   from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
 
   config = config_lib.load(args.config, overrides)  # validated before JAX is imported or any data is read
+  hostenv.mark('config loaded')
   from lmjax import train  # pylint: disable=import-outside-toplevel
+
+  hostenv.mark('imports')
 
   hostenv.init_distributed(args.coordinator, args.num_processes, args.process_id)
   try:
@@ -92,11 +98,14 @@ def _eval_args(p):
 def _eval(args, overrides):
   from lmjax import inference  # pylint: disable=import-outside-toplevel
 
+  hostenv.mark('imports')
+
   hostenv.init_distributed(args.coordinator, args.num_processes, args.process_id)
   if not args.task:
     if args.data:
       raise ConfigError('--data names the data of a --task; add --task=mc (or ppl, gen, div) before it')
     print(json.dumps(inference.evaluate_run(args.workdir, overrides, step=args.step)))
+    hostenv.mark('done')
     return 0
   from lmjax.evals import tasks  # pylint: disable=import-outside-toplevel
 
@@ -140,7 +149,9 @@ def _sample_args(p):
 def _sample(args, overrides):
   from lmjax import sample  # pylint: disable=import-outside-toplevel
 
+  hostenv.mark('imports')
   sample.run(args, overrides)
+  hostenv.mark('done')
   return 0
 
 
@@ -221,11 +232,55 @@ def _export_hf(args, overrides):
   return 0
 
 
+def _sweep_args(p):
+  p.add_argument('sweep', help='experiments/NAME.py: a sweep file (lmjax/sweep.py describes the format)')
+  p.add_argument('--workdir', required=True, help="the sweep's folder: one workdir per member, then the results")
+  p.add_argument('--dry-run', action='store_true', help='list the members, their overrides and state; train nothing')
+  p.add_argument('--only', default='', metavar='GLOB', help='only the members whose name matches, e.g. "*/seed=0"')
+  p.add_argument(
+    '--emit',
+    choices=('commands', 'slurm'),
+    default='',
+    help="train nothing: print each member's `lmjax train` line, or write WORKDIR/sweep.sbatch (a SLURM array)",
+  )
+
+
+def _sweep(args, overrides):
+  from lmjax import sweep  # pylint: disable=import-outside-toplevel
+
+  if overrides:
+    raise UserError(f'--config.{overrides[0]}: a sweep sets its overrides in the sweep file, not on the command line')
+  try:
+    failed = sweep.run(args)
+  except sweep.Stopped:
+    return EXIT_PREEMPTED
+  return EXIT_MEMBERS_FAILED if failed else 0
+
+
+def _compare_args(p):
+  p.add_argument('dirs', nargs='+', metavar='DIR', help='workdirs, or folders holding workdirs (searched below)')
+  p.add_argument('--out', required=True, help='where results.csv, results.md and the plots go')
+  p.add_argument('--baseline', default='', help='a workdir of the baseline variant (default: the first variant)')
+  p.add_argument('--metrics', default='val_loss', help='comma-separated results to test against the baseline')
+  p.add_argument('--alpha', type=float, default=0.05, help="a difference is real when Welch's p < alpha")
+
+
+def _compare(args, overrides):
+  from lmjax import results  # pylint: disable=import-outside-toplevel
+
+  if overrides:
+    raise UserError(f'--config.{overrides[0]}: compare reads the configs the workdirs recorded')
+  return results.compare(args)
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
   help: str
   add_arguments: Callable[[argparse.ArgumentParser], None]
   run: Callable[[argparse.Namespace, list], int]
+  # The command has written and closed everything when `run` returns, so the process may end at once: the
+  # interpreter's teardown of JAX's runtime costs about half a second a command otherwise.
+  quick_exit: bool = False
 
 
 COMMANDS = {
@@ -234,18 +289,23 @@ COMMANDS = {
     "evaluate a workdir's checkpoint: the eval split's loss, or tasks (multiple choice, perplexity, generation)",
     _eval_args,
     _eval,
+    quick_exit=True,
   ),
-  'sample': Command('sample text from a trained workdir', _sample_args, _sample),
+  'sample': Command('sample text from a trained workdir', _sample_args, _sample, quick_exit=True),
   'bench': Command(
     'compile time, ms/step, tokens/s and MFU of a config (no data, no checkpoints)', _bench_args, _bench
   ),
-  'plan': Command('parameters, FLOPs and per-device memory of a config, without training', _plan_args, _plan),
+  'plan': Command(
+    'parameters, FLOPs and per-device memory of a config, without training', _plan_args, _plan, quick_exit=True
+  ),
   'import-hf': Command(
-    'a Hugging Face GPT-2 or Llama model (safetensors) as an lmjax workdir', _import_hf_args, _import_hf
+    'a Hugging Face GPT-2 or Llama model (safetensors) as an lmjax workdir', _import_hf_args, _import_hf, True
   ),
   'export-hf': Command(
-    "a workdir's checkpoint as a directory transformers' from_pretrained loads", _export_hf_args, _export_hf
+    "a workdir's checkpoint as a directory transformers' from_pretrained loads", _export_hf_args, _export_hf, True
   ),
+  'sweep': Command('train the members of a sweep file one after another, then compare them', _sweep_args, _sweep),
+  'compare': Command('the table and plots of a sweep for any workdirs, grouping seeds', _compare_args, _compare),
 }
 
 
@@ -284,11 +344,18 @@ def main(argv=None) -> int:
   if as_command:  # a command, not a call from Python: restart with the allocator tuned (lmjax/hostenv.py)
     hostenv.reexec_tuned(['-m', 'lmjax', *argv])
   hostenv.tune_host_allocator()  # before JAX allocates anything
+  hostenv.mark('arguments parsed')
+  command = COMMANDS[args.command]
   try:
-    return COMMANDS[args.command].run(args, overrides)
+    code = command.run(args, overrides)
   except UserError as e:
     print(f'lmjax {args.command}: error: {_one_line(e)}', file=sys.stderr)
-    return EXIT_USER_ERROR
+    code = EXIT_USER_ERROR
+  if as_command and command.quick_exit:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  return code
 
 
 def _one_line(e: Exception) -> str:

@@ -41,3 +41,7 @@ class WorkdirError(UserError):
 
 class InteropError(UserError):
   """A Hugging Face model that cannot be imported, or a run that HF's model classes cannot express on export."""
+
+
+class SweepError(UserError):
+  """A sweep file that cannot be expanded or run: a bad field, a member whose config fails, an unknown variant."""

@@ -254,35 +254,56 @@ def _safetensors_files(directory: str) -> list[str]:
 
 
 class Tensors:
-  """The tensors of a directory's safetensors files, read one at a time (memory-mapped) by name."""
+  """The tensors of a directory's safetensors files by name, each read from disk when asked for.
+
+  The files are read with plain reads at the offsets their headers give (the safetensors layout: an 8-byte
+  little-endian header size, a JSON header of dtype, shape and data_offsets per tensor, then the data). The
+  `safetensors` library's reader memory-maps the whole file instead, and the mapped pages count as resident beside
+  the converted copies: for GPT-2 124M that is the model's size once more at the peak. tests/test_hf.py checks this
+  reader against the library's."""
+
+  DTYPES = {'F32': np.float32, 'F16': np.float16, 'F64': np.float64, 'BF16': 'bfloat16'}
 
   def __init__(self, directory: str):
-    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-
-    self._files = [safe_open(path, framework='np') for path in _safetensors_files(directory)]
-    self._where = {}
-    for f in self._files:
-      for name in f.keys():
-        self._where[name] = f
+    self._where = {}  # name -> (path, dtype, shape, start byte, end byte)
+    for path in _safetensors_files(directory):
+      with open(path, 'rb') as f:
+        try:
+          (size,) = np.frombuffer(f.read(8), '<u8')
+          header = json.loads(f.read(int(size)))
+        except ValueError as e:
+          raise InteropError(f'{path} is not a safetensors file ({e}); save the model again with save_pretrained')
+      for name, info in header.items():
+        if name != '__metadata__':
+          begin, end = info['data_offsets']
+          self._where[name] = (path, info['dtype'], tuple(info['shape']), 8 + int(size) + begin, 8 + int(size) + end)
     # The hub's original gpt2 files name tensors without the 'transformer.' prefix the model class adds.
     names = list(self._where)
     if any(n.startswith('h.') or n == 'wte.weight' for n in names) and not any(
       n.startswith('transformer.') for n in names
     ):
-      self._where = {f'transformer.{n}': f for n, f in self._where.items()}
-      self._strip = len('transformer.')
-    else:
-      self._strip = 0
+      self._where = {f'transformer.{n}': v for n, v in self._where.items()}
 
   def names(self) -> set:
     return set(self._where)
 
   def shape(self, name: str) -> tuple:
-    return tuple(self._where[name].get_slice(name[self._strip :]).get_shape())
+    return self._where[name][2]
 
   def get(self, name: str) -> np.ndarray:
-    x = self._where[name].get_tensor(name[self._strip :])
-    return x.astype(np.float32) if x.dtype != np.float32 else x
+    """The tensor as float32."""
+    path, dtype, shape, begin, end = self._where[name]
+    if dtype not in self.DTYPES:
+      raise InteropError(f'{name} in {path} is {dtype}; lmjax reads F32, F16, BF16 and F64 weights')
+    kind = self.DTYPES[dtype]
+    if kind == 'bfloat16':
+      import ml_dtypes  # pylint: disable=import-outside-toplevel  -- JAX's own dependency
+
+      kind = ml_dtypes.bfloat16
+    with open(path, 'rb') as f:
+      f.seek(begin)
+      x = np.frombuffer(f.read(end - begin), kind).reshape(shape)
+    return x if x.dtype == np.float32 else x.astype(np.float32)
 
 
 def _expected(cfg: ModelConfig, arch: str) -> dict:
@@ -529,6 +550,7 @@ def import_hf(source: str, workdir: str) -> dict:
     'params_only': True,
     'imported_from': {'source': os.path.abspath(source), 'architecture': arch},
   }
+  _to_device(params)
   state = TrainState(step=np.zeros((), np.int32), params=params, opt_state=None)
   with checkpoint.Checkpointer(ckpt_dir, async_save=False) as ckpt:
     ckpt.save(0, state, meta=meta, force=True)
@@ -536,6 +558,18 @@ def import_hf(source: str, workdir: str) -> dict:
   workdir_lib.record(config, tokenizer, workdir, primary=True)
   n = sum(x.size for x in _leaves(params))
   return {'workdir': workdir, 'architecture': arch, 'parameters': int(n), 'tokenizer_vocab': tokenizer.vocab_size}
+
+
+def _to_device(tree: dict) -> None:
+  """Moves each leaf to the default device in place, one at a time: its host copy is freed as soon as it is moved,
+  and Orbax saves device arrays without another host copy of the whole model."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      _to_device(v)
+    else:
+      tree[k] = jax.device_put(v)
 
 
 def _leaves(tree):

@@ -162,6 +162,16 @@ def init_distributed(coordinator: str = '', num_processes: int = 0, process_id: 
     jax.distributed.initialize()
 
 
+TIMELINE = 'LMJAX_TIMELINE'  # set (to anything) to print each start-up phase's time to stderr
+
+
+def mark(phase: str) -> None:
+  """With LMJAX_TIMELINE set, prints `lmjax timeline: PHASE 1.23s` (seconds since the process started) to stderr:
+  where a command's start-up goes (experiments/bench_startup.py reads these lines). Costs nothing when unset."""
+  if os.environ.get(TIMELINE):
+    print(f'lmjax timeline: {phase} {seconds_since_process_start():.3f}s', file=sys.stderr, flush=True)
+
+
 def seconds_since_process_start() -> float:
   """Wall seconds since this process started (Linux: /proc/self/stat; elsewhere: since this module was
   imported), so start-up figures include the interpreter and the imports, as a user timing the command sees."""

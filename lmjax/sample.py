@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax import model as model_lib
-from lmjax import beam, compiling, parallel, tokenizers
+from lmjax import beam, compiling, hostenv, parallel, tokenizers
 from lmjax.errors import SampleError
 
 _NEG = beam.NEG
@@ -484,6 +484,7 @@ def run(args, overrides):
   from lmjax import inference  # pylint: disable=import-outside-toplevel  -- keeps `import lmjax.sample` light
 
   config, tokenizer, task, state = inference.load_run(args.workdir, overrides, step=args.step)
+  hostenv.mark('restored')
   s, cfg = config.sample, task.model_cfg
   cache_dir = config.train.compilation_cache_dir  # the run's caches serve its sampler too
   compiling.enable_compilation_cache(cache_dir)
@@ -535,6 +536,7 @@ def run(args, overrides):
     executables=executables,
   )
   seconds = time.perf_counter() - t0
+  hostenv.mark('generated')
   for i, text in enumerate(texts):
     prompt = prompts[i // n]
     if args.format == 'jsonl':

@@ -202,6 +202,7 @@ def _train(config, workdir, actions, clock, lock, preempt):
   if init_from is not None:
     init_from.adopt(config)
   data = prepare_data(config, workdir, init_from.tokenizer if init_from else None)
+  hostenv.mark('data ready')
   task = Task(config)
   check_training(config, task.mesh)
   K = task.steps_per_call
@@ -215,16 +216,16 @@ def _train(config, workdir, actions, clock, lock, preempt):
       max_to_keep=tc.keep_checkpoints,
       save_interval_steps=tc.checkpoint_every or tc.steps,
     )
+    if ckpt.latest_step() is not None and ckpt.read_meta().get('params_only'):  # `lmjax import-hf` wrote it
+      raise WorkdirError(
+        f'{workdir} holds an imported model, not a run to resume; fine-tune it into a new --workdir with '
+        f'--config.train.init_from={workdir}'
+      )
     best = (
       checkpoint.Checkpointer(workdir_lib.checkpoint_dir(workdir, best=True), max_to_keep=1) if tc.keep_best else None
     )
     meta = {'config': config.to_dict(), 'tokenizer': data.tokenizer.spec()}
     if ckpt.latest_step() is not None:
-      if ckpt.read_meta().get('params_only'):  # written by `lmjax import-hf`: parameters, no run to resume
-        raise WorkdirError(
-          f'{workdir} holds an imported model, not a run to resume; fine-tune it into a new --workdir with '
-          f'--config.train.init_from={workdir}'
-        )
 
       def restore(step):
         workdir_lib.check_compatible(ckpt.read_meta(step), config, data.tokenizer.spec(), workdir)
@@ -238,9 +239,12 @@ def _train(config, workdir, actions, clock, lock, preempt):
     else:
       state = task.init_state()
       start = 'fresh start'
+    hostenv.mark('state ready')
     workdir_lib.record(config, data.tokenizer, workdir, primary)
     batch = parallel.put_batch(_next_batches(data.train_iter, K), task.batch_sharding)
+    hostenv.mark('first batch')
     train_exec, compile_s = compiled()
+    hostenv.mark('train step ready')
     check_host_memory(train_exec)
   except BaseException:
     compiled.wait()  # XLA must not be compiling when the process exits: that aborts it (exit 134)
@@ -269,6 +273,7 @@ def _train(config, workdir, actions, clock, lock, preempt):
   log.echo(
     f'{how} in {compile_s:.2f}s; first step {hostenv.seconds_since_process_start():.1f}s after the command started'
   )
+  hostenv.mark('first step')
 
   periodic = actions_lib.from_config(config, best) + list(actions or ())
   log_interval = actions_lib.Action(every=tc.log_every)  # when metrics are logged: the actions' interval rule

@@ -80,6 +80,34 @@ def metrics_path(workdir: str) -> str:
   return os.path.join(workdir, METRICS)
 
 
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of WORKDIR/metrics.jsonl, in order (none when it has none). A torn last line (a run killed while
+  writing it, or one being written now) is left out; a damaged line before it is an error."""
+  try:
+    with open(metrics_path(workdir)) as f:
+      lines = f.readlines()
+  except FileNotFoundError:
+    return []
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except ValueError:
+      if i < len(lines) - 1:
+        raise WorkdirError(f'{metrics_path(workdir)} line {i + 1} is not JSON; the file is damaged') from None
+  return rows
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The steps WORKDIR/checkpoints holds, read from the directory names without opening Orbax: a step's directory
+  gets its final name only once its write is complete (it is written under a temporary name first)."""
+  try:
+    names = os.listdir(checkpoint_dir(workdir))
+  except OSError:
+    return []
+  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(checkpoint_dir(workdir), n)))
+
+
 # ---------------------------------------------------------------------------------------------- the lock
 
 

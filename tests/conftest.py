@@ -17,6 +17,7 @@ jax.config.update('jax_numpy_rank_promotion', 'raise')  # implicit rank broadcas
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data' / 'tinyshakespeare'
+os.environ.setdefault('HF_HUB_OFFLINE', '1')  # the hub hangs without network; tests build their HF models
 
 
 @pytest.fixture(scope='session')
@@ -91,3 +92,43 @@ def tiny_train_command(workdir, overrides):
     f'--workdir={workdir}',
     *(f'--config.{o}' for o in overrides),
   ]
+
+
+def load_tiny_hf():
+  """experiments/tiny_hf.py (random-weight HF models and their tokenizers), imported by path."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+
+  spec = importlib.util.spec_from_file_location('tiny_hf', REPO / 'experiments' / 'tiny_hf.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope='session')
+def hf_models(tmp_path_factory):
+  """Saved transformers models with random weights, built once per session, by name: gpt2 (tied), gpt2_untied
+  (an odd width: 36 = 4 heads of 9), llama (grouped-query, untied, Llama 3.1 rope scaling), llama_tied
+  (multi-query, tied, in two safetensors shards). Returns {name: directory}."""
+  pytest.importorskip('transformers')
+  tiny_hf = load_tiny_hf()
+  text = tiny_hf.read_shakespeare()[:100_000]
+  root = tmp_path_factory.mktemp('hf')
+  llama3 = {
+    'rope_type': 'llama3',
+    'factor': 8.0,
+    'low_freq_factor': 1.0,
+    'high_freq_factor': 4.0,
+    'original_max_position_embeddings': 16,
+    'rope_theta': 500000.0,
+  }
+  shapes = {
+    'gpt2': dict(arch='gpt2'),
+    'gpt2_untied': dict(arch='gpt2', n_embd=36, tie_word_embeddings=False, activation_function='gelu'),
+    'llama': dict(arch='llama', rope_scaling=llama3, rope_theta=500000.0),
+    'llama_tied': dict(arch='llama', num_key_value_heads=1, tie_word_embeddings=True, max_shard_size='40KB'),
+  }
+  out = {}
+  for name, kw in shapes.items():
+    out[name] = str(root / name)
+    tiny_hf.save(out[name], text=text, std=0.3, **kw)
+  return out
