@@ -46,6 +46,22 @@ PLACE_FIELDS = (
   'train.profile_steps',
 )
 PLOTS = {'step': 'step', 'tokens': 'tokens seen', 'seconds': 'wall-clock seconds'}
+# Evaluation tasks (train.eval_tasks, lmjax/evals) log NAME/METRIC; a run's last value of each is a column too, and
+# which way is better follows the METRIC part.
+TASK_BETTER = {'acc': 1, 'acc_norm': 1, 'exact_match': 1, 'bleu': 1, 'rouge_l': 1, 'loss': -1, 'ppl': -1, 'bpb': -1}
+TASK_BETTER.update({f'distinct_{n}': 1 for n in (1, 2, 3)})
+
+
+def is_known(metric: str) -> bool:
+  """A summary of SUMMARIES, or an evaluation task's NAME/METRIC."""
+  return metric in SUMMARIES or '/' in metric
+
+
+def column(metric: str) -> tuple:
+  """(label, which way is better, format) of a summary or of an evaluation task's NAME/METRIC."""
+  if metric in SUMMARIES:
+    return SUMMARIES[metric]
+  return (f'final {metric}', TASK_BETTER.get(metric.rsplit('/', 1)[-1], 0), '.4f')
 
 
 # ---------------------------------------------------------------------------------------------- reading runs
@@ -94,7 +110,11 @@ class Run:
     evals = [r for r in self.evals if r['val_loss'] is not None]
     speed = [r['tokens_per_sec'] for r in self.rows if r.get('tokens_per_sec') is not None]
     nan = math.nan
+    tasks = {}
+    for r in self.rows:  # the last value of each evaluation task's NAME/METRIC
+      tasks.update({k: v for k, v in r.items() if '/' in k and isinstance(v, (int, float))})
     return {
+      **tasks,
       'val_loss': evals[-1]['val_loss'] if evals else nan,
       'best_val_loss': min(r['val_loss'] for r in evals) if evals else nan,
       'val_bpb': _or_nan(evals[-1].get('val_bpb')) if evals else nan,
@@ -261,7 +281,7 @@ def verdict(metric: str, diff: float, p: float | None, alpha: float, n: tuple) -
     return 'identical over every seed' if diff == 0 else 'no test: no spread over seeds'
   if p >= alpha:
     return f'within seed noise (p = {p:.2g})'
-  better = SUMMARIES[metric][1]
+  better = column(metric)[1]
   word = 'different' if not better else ('better' if diff * better > 0 else 'worse')
   return f'{word}, p = {p:.2g}'
 
@@ -276,13 +296,16 @@ class Table:
   alpha: float
   base_config: dict
   summaries: dict = dataclasses.field(default_factory=dict)  # name -> {summary: [per-run values]}
+  columns: dict = dataclasses.field(default_factory=dict)  # summary -> column(summary): SUMMARIES, then task metrics
 
   def __post_init__(self):
     if self.baseline not in self.groups:
       raise WorkdirError(f'the baseline {self.baseline!r} is not among the variants ({", ".join(self.groups)})')
-    for name, runs in self.groups.items():
-      per_run = [r.summary() for r in runs]
-      self.summaries[name] = {k: [s[k] for s in per_run] for k in SUMMARIES}
+    per_run = {name: [r.summary() for r in runs] for name, runs in self.groups.items()}
+    tasks = sorted({k for runs in per_run.values() for s in runs for k in s if k not in SUMMARIES} | set(self.metrics))
+    self.columns = {k: column(k) for k in (*SUMMARIES, *(t for t in tasks if t not in SUMMARIES))}
+    for name, runs in per_run.items():
+      self.summaries[name] = {k: [s.get(k, math.nan) for s in runs] for k in self.columns}
 
   def stats(self, name: str, metric: str) -> dict:
     return stats(self.summaries[name][metric])
@@ -323,14 +346,14 @@ def write(out_dir, groups, *, baseline, metrics=('val_loss',), alpha=0.05, base_
 
 def write_csv(table: Table, path: str):
   header = ['variant', 'seeds']
-  header += [f'{k}_{x}' for k in SUMMARIES for x in ('mean', 'std')]
+  header += [f'{k}_{x}' for k in table.columns for x in ('mean', 'std')]
   header += [f'{m}_{x}' for m in table.metrics for x in ('diff', 'p', 'verdict')] + ['config_diff']
   with open(path, 'w', newline='') as f:
     w = csv.writer(f)
     w.writerow(header)
     for name in table.groups:
       row = [name, len(table.groups[name])]
-      for k in SUMMARIES:
+      for k in table.columns:
         s = table.stats(name, k)
         row += [_num(s['mean']), _num(s['std'])]
       for m in table.metrics:
@@ -355,11 +378,11 @@ def markdown(table: Table, title: str, plots=(), missing=()) -> str:
     f'{n_runs} runs in {len(names)} variants; baseline `{table.baseline}`. Each cell is the mean ± sample standard '
     'deviation (ddof 1) over seeds.',
     '',
-    '| variant | seeds | ' + ' | '.join(label for label, _, _ in SUMMARIES.values()) + ' |',
-    '|---|---:|' + '---:|' * len(SUMMARIES),
+    '| variant | seeds | ' + ' | '.join(label for label, _, _ in table.columns.values()) + ' |',
+    '|---|---:|' + '---:|' * len(table.columns),
   ]
   for name in names:
-    cells = [_cell(table.stats(name, k), fmt) for k, (_, _, fmt) in SUMMARIES.items()]
+    cells = [_cell(table.stats(name, k), fmt) for k, (_, _, fmt) in table.columns.items()]
     label = f'`{name}`' + (' (baseline)' if name == table.baseline else '')
     out.append(f'| {label} | {len(table.groups[name])} | ' + ' | '.join(cells) + ' |')
   others = [n for n in names if n != table.baseline]
@@ -379,7 +402,7 @@ def markdown(table: Table, title: str, plots=(), missing=()) -> str:
       for m in table.metrics:
         c = table.against_baseline(name, m)
         p = '-' if c['p'] is None else f'{c["p"]:.2g}'
-        out.append(f'| `{name}` | {m} | {c["diff"]:+{SUMMARIES[m][2]}} | {p} | {c["verdict"]} |')
+        out.append(f'| `{name}` | {m} | {c["diff"]:+{table.columns[m][2]}} | {p} | {c["verdict"]} |')
   out += ['', '## Config of each variant against the base', '']
   for name in names:
     diff = table.diff(name)
@@ -482,9 +505,11 @@ def compare(args) -> int:
       raise WorkdirError(f'--baseline={args.baseline} is not one of the workdirs compared')
     base = hits[0]
   metrics = tuple(m for m in args.metrics.split(',') if m)
-  unknown = [m for m in metrics if m not in SUMMARIES]
+  unknown = [m for m in metrics if not is_known(m)]
   if unknown:
-    raise WorkdirError(f'--metrics: unknown {unknown}; choose from {", ".join(SUMMARIES)}')
+    raise WorkdirError(
+      f"--metrics: unknown {unknown}; choose from {', '.join(SUMMARIES)} or an evaluation task's NAME/METRIC"
+    )
   written = write(
     args.out, groups, baseline=base, metrics=metrics, alpha=args.alpha, title='lmjax compare', missing=unfinished
   )

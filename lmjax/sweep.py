@@ -51,7 +51,7 @@ class Sweep:
   baseline: dict | str | None = (
     None  # the variant the others are compared with (its overrides or name; default the first)
   )
-  metrics: tuple = ('val_loss',)  # the results (lmjax/results.py SUMMARIES) whose differences get a verdict
+  metrics: tuple = ('val_loss',)  # results (lmjax/results.py SUMMARIES, or eval tasks' NAME/METRIC) to test
   alpha: float = 0.05  # a difference is reported as real when Welch's p < alpha
 
 
@@ -125,8 +125,11 @@ def _checked(sweep: Sweep, path: str) -> Sweep:
   swept = set(sweep.product) | {k for v in sweep.variants for k in v}
   need('seed' not in swept and 'seed' not in sweep.overrides, 'the seed is not swept by overrides: use Sweep.seeds')
   need(isinstance(sweep.metrics, (list, tuple)) and sweep.metrics, 'Sweep.metrics must name at least one result')
-  unknown = [m for m in sweep.metrics if m not in results.SUMMARIES]
-  need(not unknown, f'Sweep.metrics: unknown {unknown}; choose from {", ".join(results.SUMMARIES)}')
+  unknown = [m for m in sweep.metrics if not results.is_known(m)]
+  need(
+    not unknown,
+    f"Sweep.metrics: unknown {unknown}; choose from {', '.join(results.SUMMARIES)} or an eval task's NAME/METRIC",
+  )
   need(0 < sweep.alpha < 1, f'Sweep.alpha must be in (0, 1), got {sweep.alpha!r}')
   return sweep
 

@@ -301,7 +301,9 @@ def test_task_specs_and_their_errors():
     spec.parse_all(['mc:x/a.jsonl', 'gen:y/a.jsonl'])
 
 
-def test_in_loop_tasks_write_their_metrics_at_their_interval(tmp_path, shakespeare_dirs, cache_dir):
+def test_in_loop_tasks_write_their_metrics_at_their_interval_and_compare_reads_them(
+  tmp_path, shakespeare_dirs, cache_dir
+):
   items = [
     {'query': TEXT[i : i + 20], 'choices': [TEXT[i + 21 : i + 30], 'zzq'], 'gold': 0} for i in range(0, 400, 100)
   ]
@@ -313,6 +315,12 @@ def test_in_loop_tasks_write_their_metrics_at_their_interval(tmp_path, shakespea
   assert [(r['step'], r['hs/n']) for r in logged if 'hs/acc' in r] == [(20, 4), (40, 4), (60, 4)]
   assert [r['step'] for r in logged if 'val/loss' in r] == [30, 60]  # train.eval_every
   assert (wd / 'tensorboard').is_dir()
+  # `lmjax compare` (and sweep tables) show each task metric's final value and can test it
+  assert cli.main(['compare', str(wd), f'--out={tmp_path / "table"}', '--metrics=hs/acc_norm,val/loss']) == 0
+  [header] = [
+    line for line in (tmp_path / 'table' / 'results.md').read_text().splitlines() if '| variant | seeds' in line
+  ]
+  assert '| final hs/acc |' in header and '| final hs/acc_norm |' in header and '| final val/loss |' in header
   with pytest.raises(ConfigError, match='train.eval_tasks'):
     train_tiny(tmp_path / 'bad', shakespeare_dirs, "train.eval_tasks=('nope:x',)")
 
