@@ -512,6 +512,7 @@ def import_config(fields: dict, source: str):
   config.data.tokenizer = 'hf'
   config.data.hf_tokenizer = os.path.abspath(source)
   config.train.steps = 1  # nothing was trained here; a fine-tune sets its own schedule (train.init_from)
+  config.train.eval_batch_size = 8  # rows of the full context: 64 of GPT-2's 1024 tokens would be GBs of logits
   return config
 
 
