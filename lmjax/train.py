@@ -20,7 +20,7 @@ import numpy as np
 from lmjax import actions as actions_lib, checkpoint, compiling, data as data_lib, hostenv
 from lmjax import config as config_lib, metrics as metrics_lib, parallel, profiling, tokenizers as tokenizers_lib
 from lmjax import workdir as workdir_lib
-from lmjax.errors import ConfigError, TrainingError, WorkdirError
+from lmjax.errors import CheckpointError, ConfigError, TrainingError, WorkdirError
 from lmjax.task import Task, check_host_memory, check_training
 
 
@@ -134,6 +134,15 @@ class _InitFrom:
       self.checkpointer.close()
 
 
+def _imported(ckpt) -> bool:
+  """Whether the workdir's checkpoint is a parameters-only import (`lmjax import-hf`), not a run to resume. A
+  damaged newest step says nothing either way: resuming sets it aside (checkpoint.restore_newest)."""
+  try:
+    return ckpt.latest_step() is not None and bool(ckpt.read_meta().get('params_only'))
+  except CheckpointError:
+    return False
+
+
 class _Preemption:
   """SIGTERM (a preempted TPU VM, a scheduler's stop) sets a flag; the loop checkpoints and exits cleanly."""
 
@@ -216,7 +225,7 @@ def _train(config, workdir, actions, clock, lock, preempt):
       max_to_keep=tc.keep_checkpoints,
       save_interval_steps=tc.checkpoint_every or tc.steps,
     )
-    if ckpt.latest_step() is not None and ckpt.read_meta().get('params_only'):  # `lmjax import-hf` wrote it
+    if _imported(ckpt):
       raise WorkdirError(
         f'{workdir} holds an imported model, not a run to resume; fine-tune it into a new --workdir with '
         f'--config.train.init_from={workdir}'

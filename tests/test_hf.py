@@ -272,7 +272,7 @@ def test_import_finetune_sample_export_through_the_cli(hf_models, tmp_path):
 
   # Training straight into the imported workdir is refused and changes nothing there.
   before = sorted(os.listdir(base))
-  proc = run('train', '--config=configs/gpt2_finetune.py:tiny', f'--workdir={base}', *overrides[1:])
+  proc = run('train', '--config=configs/gpt2_finetune.py:tiny', f'--workdir={base}', *overrides)
   assert proc.returncode == 2 and 'holds an imported model' in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1
   assert sorted(os.listdir(base)) == before
