@@ -251,6 +251,28 @@ class TextFiles:
       raise DataError(f'{path} is not UTF-8 text ({e}); convert it or leave it out of the glob') from None
 
 
+def jsonl_objects(path: str):
+  """(line number, JSON object) of every non-blank line of a local JSONL file; DataError naming file:line for a
+  line that is not UTF-8, not JSON, or not an object. The one reader of JSONL files (training pairs, eval tasks)."""
+  if not os.path.isfile(path):
+    raise DataError(f'{path} does not exist (or is not a file); give the path of a local .jsonl file')
+  with open(path, 'rb') as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        line = raw.decode('utf-8')
+      except UnicodeDecodeError as e:
+        raise DataError(f'{path}:{n}: not UTF-8 ({e.reason}); save the file as UTF-8') from None
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except ValueError as e:
+        raise DataError(f'{path}:{n}: not valid JSON ({e}); write one JSON object per line') from None
+      if not isinstance(obj, dict):
+        raise DataError(f'{path}:{n}: expected a JSON object, got {type(obj).__name__}; write one object per line')
+      yield n, obj
+
+
 class JsonlPairs:
   """Prompt/completion pairs from JSONL files matched by a glob: one JSON object per non-empty line, its prompt and
   completion under the given keys. All lines are read and checked up front (fine-tuning sets are small), so a bad
@@ -259,15 +281,7 @@ class JsonlPairs:
   def __init__(self, pattern: str, prompt_field: str = 'prompt', completion_field: str = 'completion'):
     self.pairs = []
     for path in glob(pattern):
-      for n, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1):
-        if not line.strip():
-          continue
-        try:
-          obj = json.loads(line)
-        except ValueError as e:
-          raise DataError(f'{path}:{n} is not a JSON object ({e}); write one object per line') from None
-        if not isinstance(obj, dict):
-          raise DataError(f'{path}:{n} holds a JSON {type(obj).__name__}, not an object')
+      for n, obj in jsonl_objects(str(path)):
         for key in (prompt_field, completion_field):
           if not isinstance(obj.get(key), str):
             keys = ', '.join(sorted(obj)) or 'none'

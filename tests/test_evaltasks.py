@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ONE_DEVICE, SHARED_DATA, rows, train_tiny
+from conftest import ONE_DEVICE, SHARED_DATA, load_tiny_hf, rows, train_tiny
 
 from lmjax import cli, inference, tokenizers
 from lmjax.errors import ConfigError, DataError
@@ -335,40 +335,17 @@ def test_the_tokenizers_interface_is_all_the_scorer_needs():
 @pytest.fixture(scope='module')
 def imported_gpt2(tmp_path_factory):
   """(HF model, HF tokenizer, lmjax workdir): a tiny GPT2LMHeadModel with random weights and a byte-level BPE
-  tokenizer trained here, saved as save_pretrained writes them and imported (lmjax/hf.py)."""
-  torch = pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
+  tokenizer trained here (experiments/tiny_hf.py), saved as save_pretrained writes them and imported (lmjax/hf.py)."""
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
   from lmjax import hf
 
-  source = tmp_path_factory.mktemp('hf')
-  bpe = Tokenizer(models.BPE())
-  bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-    vocab_size=400,
-    special_tokens=['<|endoftext|>'],
-    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    show_progress=False,
+  source = str(tmp_path_factory.mktemp('hf'))
+  model, tok = load_tiny_hf().save(
+    source, 'gpt2', text=TEXT, vocab_size=400, std=0.1, n_positions=48, n_embd=32, n_layer=2, n_head=2
   )
-  bpe.train_from_iterator([TEXT], trainer)
-  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token='<|endoftext|>', eos_token='<|endoftext|>')
-  tok.save_pretrained(source)
-  torch.manual_seed(0)
-  config = transformers.GPT2Config(
-    vocab_size=len(tok),
-    n_positions=48,
-    n_embd=32,
-    n_layer=2,
-    n_head=2,
-    initializer_range=0.1,
-    bos_token_id=0,
-    eos_token_id=0,
-  )
-  model = transformers.GPT2LMHeadModel(config).eval()
-  model.save_pretrained(source, safe_serialization=True)
   workdir = str(tmp_path_factory.mktemp('imported'))
-  hf.import_hf(str(source), workdir)
+  hf.import_hf(source, workdir)
   return model, tok, workdir
 
 

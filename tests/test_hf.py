@@ -204,7 +204,7 @@ def test_jsonl_pairs_name_the_bad_line(tmp_path):
   with pytest.raises(errors.DataError, match=r"pairs.jsonl:3 has no string field 'completion' \(its keys: answer"):
     sources.JsonlPairs(str(path))
   path.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
-  with pytest.raises(errors.DataError, match=r'pairs.jsonl:2 is not a JSON object'):
+  with pytest.raises(errors.DataError, match=r'pairs.jsonl:2: not valid JSON'):
     sources.JsonlPairs(str(path))
   path.write_text('{"q": "a", "a": "b"}\n')
   assert sources.JsonlPairs(str(path), 'q', 'a')[0] == {'prompt': 'a', 'completion': 'b'}

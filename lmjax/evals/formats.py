@@ -26,10 +26,10 @@ A line that cannot be used is a DataError naming file:line and what to write ins
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 
+from lmjax import sources
 from lmjax.errors import DataError
 
 LAYOUTS = ('lmjax', 'hellaswag', 'arc', 'piqa', 'lambada')
@@ -48,27 +48,6 @@ class GenItem:
   prompt: str
   references: tuple  # of str
   where: str
-
-
-def _lines(path: str):
-  """(line number, JSON object) of every non-blank line."""
-  if not os.path.isfile(path):
-    raise DataError(f'{path} does not exist (or is not a file); give the path of a local .jsonl file')
-  with open(path, 'rb') as f:
-    for n, raw in enumerate(f, 1):
-      try:
-        line = raw.decode('utf-8')
-      except UnicodeDecodeError as e:
-        raise DataError(f'{path}:{n}: not UTF-8 ({e.reason}); save the file as UTF-8') from None
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except ValueError as e:
-        raise DataError(f'{path}:{n}: not valid JSON ({e}); write one JSON object per line') from None
-      if not isinstance(obj, dict):
-        raise DataError(f'{path}:{n}: expected a JSON object, got {type(obj).__name__}; write one object per line')
-      yield n, obj
 
 
 def _detect(obj: dict) -> str:
@@ -92,7 +71,7 @@ def read_choices(path: str, layout: str = '', labels: str = '', limit: int = 0) 
     raise DataError(f'format={layout!r} is not a multiple-choice layout; use one of {", ".join(LAYOUTS)}')
   gold_lines = _label_lines(labels) if labels else None
   items = []
-  for k, (n, obj) in enumerate(_lines(path)):
+  for k, (n, obj) in enumerate(sources.jsonl_objects(path)):
     where = f'{path}:{n}'
     if not layout:
       layout = _detect(obj)
@@ -200,7 +179,7 @@ assert tuple(_MAPPERS) == LAYOUTS
 def read_generation(path: str, limit: int = 0) -> list[GenItem]:
   """{"prompt", "reference"} items; a reference is a string or a list of strings."""
   items = []
-  for n, obj in _lines(path):
+  for n, obj in sources.jsonl_objects(path):
     where = f'{path}:{n}'
     prompt, ref = obj.get('prompt'), obj.get('reference')
     refs = [ref] if isinstance(ref, str) else ref
@@ -220,7 +199,7 @@ def read_prompts(path: str, limit: int = 0) -> list[str]:
   """Prompts, one per line of a text file (blank lines skipped), or {"prompt": str} lines of a .jsonl file."""
   if path.endswith('.jsonl'):
     prompts = []
-    for n, obj in _lines(path):
+    for n, obj in sources.jsonl_objects(path):
       if not isinstance(obj.get('prompt'), str):
         raise DataError(f'{path}:{n}: write {{"prompt": str}}; got keys {sorted(obj)}')
       prompts.append(obj['prompt'])
