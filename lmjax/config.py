@@ -284,21 +284,26 @@ def model_config(config) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load(path_and_arg: str, overrides=()) -> ml_collections.ConfigDict:
-  """Loads `configs/x.py[:arg]` and applies `a.b=value` overrides; the result is locked against new keys."""
-  path, _, arg = path_and_arg.partition(':')
+def load_file(path: str, error, kind: str, example: str):
+  """The module a user's Python file (a config or a sweep file) defines; `error` (a UserError class) names the
+  file and what went wrong: missing, a syntax error, or an exception while it ran."""
   if not os.path.isfile(path):
-    raise ConfigError(
-      f'config file {path!r} not found (expected a Python file such as configs/shakespeare_char_cpu.py)'
-    )
-  spec = importlib.util.spec_from_file_location(f'lmjax_config_{abs(hash(path))}', path)
+    raise error(f'{kind} file {path!r} not found (expected a Python file such as {example})')
+  spec = importlib.util.spec_from_file_location(f'lmjax_{kind}_{abs(hash(path))}', path)
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
   except SyntaxError as e:
-    raise ConfigError(f'{path} line {e.lineno}: {e.msg}; fix the config file') from None
+    raise error(f'{path} line {e.lineno}: {e.msg}; fix the {kind} file') from None
   except Exception as e:  # pylint: disable=broad-except  -- whatever a user's file raises, say where
-    raise ConfigError(f'{path} failed to load: {type(e).__name__}: {e}') from None
+    raise error(f'{path} failed to load: {type(e).__name__}: {e}') from None
+  return module
+
+
+def load(path_and_arg: str, overrides=()) -> ml_collections.ConfigDict:
+  """Loads `configs/x.py[:arg]` and applies `a.b=value` overrides; the result is locked against new keys."""
+  path, _, arg = path_and_arg.partition(':')
+  module = load_file(path, ConfigError, 'config', 'configs/shakespeare_char_cpu.py')
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'{path} defines no get_config(); a config file returns its ConfigDict from get_config(arg=None)')
   try:

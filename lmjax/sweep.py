@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import importlib.util
 import itertools
 import json
 import os
@@ -77,16 +76,7 @@ class Member:
 
 def load(path: str) -> Sweep:
   """Runs a sweep file's get_sweep(); every problem with the file is a SweepError naming it."""
-  if not os.path.isfile(path):
-    raise SweepError(f'sweep file {path!r} not found (expected a Python file such as experiments/norm_pos.py)')
-  spec = importlib.util.spec_from_file_location(f'lmjax_sweep_{abs(hash(path))}', path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except SyntaxError as e:
-    raise SweepError(f'{path} line {e.lineno}: {e.msg}; fix the sweep file') from None
-  except Exception as e:  # pylint: disable=broad-except  -- whatever a user's file raises, say where
-    raise SweepError(f'{path} failed to load: {type(e).__name__}: {e}') from None
+  module = config_lib.load_file(path, SweepError, 'sweep', 'experiments/norm_pos.py')
   if not hasattr(module, 'get_sweep'):
     raise SweepError(f'{path} defines no get_sweep(); a sweep file returns an lmjax.sweep.Sweep from get_sweep()')
   try:
