@@ -70,9 +70,9 @@ def make_data(config, tokenizer=None, *, workdir=None, process_index=None, proce
   train_docs, eval_docs = sources.documents(dc, dc.train_split), sources.documents(dc, dc.eval_split)
   L = config.model.max_len
   if dc.rows == 'windows':
-    train_text, eval_text = _join(train_docs), _join(eval_docs)
+    train_text = _join(train_docs)
     tokenizer = _tokenizer(dc, tokenizer, lambda: [train_text], workdir, pi, pc)
-    train_ids, eval_ids = tokenizer.encode(train_text), tokenizer.encode(eval_text)
+    train_ids = tokenizer.encode(train_text)
     if len(train_ids) < L + 1:
       raise sources.DataError(
         f'the train split has {len(train_ids)} tokens, fewer than one row of max_len + 1 = {L + 1}'
@@ -80,8 +80,7 @@ def make_data(config, tokenizer=None, *, workdir=None, process_index=None, proce
     return Data(
       tokenizer,
       train_iterator(train_ids, L, tc.batch_size, config.seed, dc.window_stride, pi, pc),
-      eval_rows_batches(eval_ids, L, tc.eval_batch_size, tc.eval_max_batches, pi, pc),
-      eval_bytes_per_token=len(eval_text.encode('utf-8')) / max(len(eval_ids), 1),
+      *eval_set(config, tokenizer, eval_docs, pi, pc),
       train_keys=TRAIN_KEYS['windows'],
       rows_per_epoch=len(train_ids) / L,  # as nanoGPT counts epochs: tokens / row length
     )
@@ -93,7 +92,7 @@ def make_data(config, tokenizer=None, *, workdir=None, process_index=None, proce
   encode = DocumentEncoder(tokenizer)
   rows = packed_rows(train_docs, encode, L, config.seed, pi, pc, read_threads=dc.read_threads)
   train_it = iter(rows.batch(_local_batch(tc.batch_size, pc), drop_remainder=True))
-  batches, bytes_per_token = packed_eval_batches(eval_docs, encode, L, tc.eval_batch_size, tc.eval_max_batches, pi, pc)
+  batches, bytes_per_token = eval_set(config, tokenizer, eval_docs, pi, pc)
   # Packing splits documents across rows and drops nothing, so a pass is its tokens over the row length.
   per_epoch = sum(len(encode(train_docs[i])['inputs']) for i in range(len(train_docs))) / L if tc.epochs else 0.0
   return Data(tokenizer, train_it, batches, bytes_per_token, TRAIN_KEYS['packed'], math.ceil(per_epoch))
