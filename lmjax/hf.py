@@ -486,12 +486,7 @@ def read(directory: str):
   arch = architecture(hf)
   fields = model_fields(hf)
   cfg = ModelConfig(**fields)
-  tokenizer = tokenizers.HFTokenizer.from_path(directory) if _has_tokenizer(directory) else None
-  if tokenizer is None:
-    raise InteropError(
-      f'{directory} holds no tokenizer.json; save the tokenizer beside the model '
-      '(transformers.AutoTokenizer.from_pretrained(...).save_pretrained(DIR) writes it)'
-    )
+  tokenizer = tokenizers.HFTokenizer.from_path(directory)  # a missing tokenizer.json is an error saying how to save it
   if tokenizer.vocab_size > cfg.vocab_size:
     raise InteropError(
       f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}"
@@ -499,10 +494,6 @@ def read(directory: str):
   tensors = Tensors(directory)
   _check_tensors(tensors, cfg, arch, directory)
   return fields, arch, tokenizer, to_params(tensors, cfg, arch)
-
-
-def _has_tokenizer(directory: str) -> bool:
-  return os.path.exists(os.path.join(directory, 'tokenizer.json'))
 
 
 def import_config(fields: dict, source: str):
@@ -534,7 +525,7 @@ def resolve_source(source: str) -> str:
 def import_hf(source: str, workdir: str) -> dict:
   """Writes the HF model in `source` (a directory, or a hub name with network access) as an lmjax workdir:
   config.json, the tokenizer, provenance and a parameters-only checkpoint at step 0. Returns a summary."""
-  from lmjax import checkpoint, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from lmjax import checkpoint, model as model_lib, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   from lmjax.steps import TrainState  # pylint: disable=import-outside-toplevel
 
   source = resolve_source(source)
@@ -557,7 +548,7 @@ def import_hf(source: str, workdir: str) -> dict:
     ckpt.save(0, state, meta=meta, force=True)
     ckpt.wait()
   workdir_lib.record(config, tokenizer, workdir, primary=True)
-  n = sum(x.size for x in _leaves(params))
+  n = model_lib.count_params(params)
   return {'workdir': workdir, 'architecture': arch, 'parameters': int(n), 'tokenizer_vocab': tokenizer.vocab_size}
 
 
@@ -573,14 +564,11 @@ def _to_device(tree: dict) -> None:
       tree[k] = jax.device_put(v)
 
 
-def _leaves(tree):
-  for v in tree.values():
-    yield from (_leaves(v) if isinstance(v, dict) else [v])
-
-
 def write_tokenizer(tokenizer, out: str) -> bool:
   """tokenizer.json and tokenizer_config.json that AutoTokenizer loads, for an 'hf' tokenizer; False otherwise."""
-  if getattr(tokenizer, 'MODEL_FILE', None) != 'hf_tokenizer.json':
+  from lmjax import tokenizers  # pylint: disable=import-outside-toplevel
+
+  if not isinstance(tokenizer, tokenizers.HFTokenizer):
     return False
   with open(os.path.join(out, 'tokenizer.json'), 'wb') as f:
     f.write(tokenizer.raw)

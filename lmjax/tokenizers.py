@@ -149,7 +149,8 @@ class HFTokenizer:
 
   MODEL_FILE = 'hf_tokenizer.json'  # inside a workdir, next to lmjax's own tokenizer.json (the spec)
 
-  def __init__(self, raw: bytes, bos_id=None, eos_id=None, pad_id=None, adds_bos=None):
+  def __init__(self, raw: bytes, bos_id=None, eos_id=None, pad_id=None, adds_bos=None, *, specials_from=None):
+    """`specials_from`: a model directory whose files name the special ids (hf_special_ids), instead of the ids."""
     from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
 
     self.raw = raw
@@ -159,6 +160,9 @@ class HFTokenizer:
     except Exception as e:  # pylint: disable=broad-except  -- the library raises a bare Exception for bad JSON
       raise TokenizerError(f'the tokenizer.json cannot be read by the tokenizers library: {e}') from None
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    if specials_from is not None:
+      ids = hf_special_ids(specials_from, self._tok)
+      bos_id, eos_id, pad_id = ids['bos'], ids['eos'], ids['pad']
     bos_id = eos_id if bos_id is None else bos_id
     eos_id = bos_id if eos_id is None else eos_id
     self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
@@ -180,9 +184,7 @@ class HFTokenizer:
       )
     with open(file, 'rb') as f:
       raw = f.read()
-    tok = cls(raw)
-    ids = hf_special_ids(directory, tok._tok)
-    return cls(raw, ids['bos'], ids['eos'], ids['pad'])
+    return cls(raw, specials_from=directory)
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
