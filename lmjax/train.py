@@ -78,9 +78,6 @@ class _InitFrom:
     if self.tokenizer is None:
       raise WorkdirError(f'train.init_from={ref!r}: {self.workdir} holds no tokenizer.json; is it a trained run?')
     self.model = workdir_lib.load_config(self.workdir).model.to_dict()
-    best = self.step == 'best'
-    self.checkpointer = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(self.workdir, best=best))
-    self.step = None if best else self.step
 
   def adopt(self, config) -> None:
     """Sets this config's architecture and tokenizer kind to the source's (ConfigError on a conflict)."""
@@ -115,8 +112,11 @@ class _InitFrom:
       return jax.tree.map(
         lambda a, x: jax.device_put(x.astype(a.dtype), a.sharding), task.abstract_state.params, params
       )
+    best = self.step == 'best'
+    checkpointer = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(self.workdir, best=best))
+    step = None if best else self.step
     try:
-      meta = self.checkpointer.read_meta(self.step)
+      meta = checkpointer.read_meta(step)
       layout = {k: meta['config']['model'].get(k) for k in ('scan_layers', 'param_dtype')}
       wanted = {k: config.model[k] for k in layout}
       if layout != wanted:
@@ -125,13 +125,9 @@ class _InitFrom:
           'model.scan_layers and model.param_dtype (lmjax.model.stack_layers / unstack_layers convert layouts)'
         )
       tokenizers_lib.check_same(meta.get('tokenizer', tokenizer.spec()), tokenizer.spec(), self.workdir)
-      return self.checkpointer.restore_params(self.step, task.abstract_state).params
+      return checkpointer.restore_params(step, task.abstract_state).params
     finally:
-      self.checkpointer.close()
-
-  def close(self):
-    if self.hf_params is None:
-      self.checkpointer.close()
+      checkpointer.close()
 
 
 def _imported(ckpt) -> bool:
