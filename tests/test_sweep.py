@@ -26,6 +26,15 @@ def lmjax(*args, **kw):
   return subprocess.Popen([sys.executable, '-m', 'lmjax', *args], cwd=REPO, text=True, **kw)
 
 
+def signal_when(proc, started, sig, what: str) -> None:
+  """Sends `sig` to a running sweep once `started()` holds (polled every 5 ms, for at most 300 s)."""
+  deadline = time.time() + 300
+  while not started():
+    assert proc.poll() is None and time.time() < deadline, f'the {what} member did not start'
+    time.sleep(0.005)
+  proc.send_signal(sig)
+
+
 def files(workdir) -> dict:
   """Every file under a workdir: its modification time and a hash of its bytes."""
   out = {}
@@ -156,11 +165,7 @@ def killed_and_rerun(two_members, tmp_path_factory):
   first, second = (m.workdir(str(root)) for m in sweep_lib.expand(sweep_lib.load(two_members)))
   proc = lmjax('sweep', two_members, f'--workdir={root}', stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
-    deadline = time.time() + 300
-    while not workdir_lib.saved_steps(second):
-      assert proc.poll() is None and time.time() < deadline, 'the second member did not start'
-      time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
+    signal_when(proc, lambda: workdir_lib.saved_steps(second), signal.SIGKILL, 'second')
   finally:
     proc.wait(timeout=60)
   seen = {'first': first, 'second': second, 'root': root, 'at_kill': workdir_lib.saved_steps(second)}
@@ -225,11 +230,7 @@ def test_sigterm_stops_the_sweep_with_exit_143_after_the_running_member_checkpoi
   first, second = (m.workdir(str(root)) for m in sweep_lib.expand(sweep_lib.load(two_members)))
   proc = lmjax('sweep', two_members, f'--workdir={root}', stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   try:
-    deadline = time.time() + 300
-    while not workdir_lib.read_metrics(first):
-      assert proc.poll() is None and time.time() < deadline, 'the first member did not start'
-      time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)
+    signal_when(proc, lambda: workdir_lib.read_metrics(first), signal.SIGTERM, 'first')
     out, _ = proc.communicate(timeout=120)
   finally:
     proc.kill()
