@@ -529,11 +529,11 @@ def import_hf(source: str, workdir: str) -> dict:
   from lmjax.steps import TrainState  # pylint: disable=import-outside-toplevel
 
   source = resolve_source(source)
-  workdir_lib.ensure_writable(workdir)
   ckpt_dir = workdir_lib.checkpoint_dir(workdir)
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise InteropError(f'{workdir} already holds checkpoints; import into a new --workdir')
-  fields, arch, tokenizer, params = read(source)
+  fields, arch, tokenizer, params = read(source)  # every refusal comes before the workdir is created
+  workdir_lib.ensure_writable(workdir)
   config = import_config(fields, source)
   config_lib.validate(config)
   meta = {
