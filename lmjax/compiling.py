@@ -30,10 +30,13 @@ class ExecutableCache:
   JAX's persistent cache (above) skips XLA's compile but must still trace and lower the Python function to find
   its key, which costs a warm start more than loading the executable does. This cache keys on the inputs of
   tracing instead: lmjax's source, the library versions, JAX's flags and XLA's environment, the run's resolved
-  config, the devices, and the arguments' shapes, dtypes and shardings. A change to any of them is a miss. Misses,
-  unreadable entries and multi-process runs (whose processes compile together) compile as usual, and JAX's cache
-  still applies.
-  `origin[name]` says which of the three supplied each program. Like JAX's cache, the directory is trusted: its
+  config, the devices, and the arguments' shapes, dtypes and shardings. A change to any of them is a miss, and the
+  function is traced. Each executable is stored once under its program (the lowered module, its argument and
+  result trees, the compile arguments), and an inputs key names the program it traced to. So a change that leaves
+  the program as it was (an edited comment, a logging interval) is traced once and then served untraced again,
+  while a changed program is never served. Unreadable entries and multi-process runs (whose processes compile
+  together) compile as usual, and JAX's cache still applies.
+  `origin[name]` says where each executable came from (ORIGINS). Like JAX's cache, the directory is trusted: its
   entries are loaded as code.
   """
 
@@ -41,52 +44,79 @@ class ExecutableCache:
     self.dir = os.path.join(os.path.expanduser(cache_dir), 'lmjax_executables') if cache_dir else ''
     self.enabled = bool(self.dir) and jax.process_count() == 1
     self._config = json.dumps(config_dict, sort_keys=True, default=str)
-    self.origin = {}  # name -> 'lmjax cache' | "JAX's cache" | 'compiled': where each executable came from
+    self.origin = {}  # name -> one of ORIGINS
 
   def compile(self, name: str, jitted, args: tuple, compiler_options: dict | None = None, key_extra: str = ''):
     """jitted.lower(*args).compile(compiler_options), or the same executable read from the cache. `key_extra`:
     what else decides the program (the static arguments a caller bound into `jitted`)."""
-    key = self._key(name, args, compiler_options, key_extra)
-    path = os.path.join(self.dir, f'{name}-{key}.pkl') if self.enabled else ''
-    if path:
-      try:
-        with open(path, 'rb') as f:
-          device_ids, serialized = pickle.load(f)
-        by_id = {d.id: d for d in jax.devices()}
-        compiled = serialize_executable.deserialize_and_load(
-          *serialized, execution_devices=[by_id[i] for i in device_ids]
-        )
+    alias = os.path.join(self.dir, f'{name}-{self._key(name, args, compiler_options, key_extra)}.key')
+    if self.enabled:
+      compiled = self._load(self._read_alias(alias))
+      if compiled is not None:
         self.origin[name] = 'lmjax cache'
         return compiled
-      except Exception:  # pylint: disable=broad-except  -- absent, stale or truncated: compile it instead
-        pass
-    _jax_cache_served.hit = False
-    compiled = jitted.lower(*args).compile(compiler_options=compiler_options)
-    self.origin[name] = "JAX's cache" if _jax_cache_served.hit else 'compiled'
+    lowered = jitted.lower(*args)
+    program = self._program_key(name, lowered, compiler_options) if self.enabled else None
+    entry = os.path.join(self.dir, f'{name}-program-{program}.pkl') if program else ''
+    compiled = self._load(entry)
+    if compiled is not None:
+      self.origin[name] = 'lmjax cache, traced'
+      self._write(alias, os.path.basename(entry).encode())
+      return compiled
+    _compile_events.hit = _compile_events.backend = False
+    compiled = lowered.compile(compiler_options=compiler_options)
+    if _compile_events.hit:
+      self.origin[name] = "JAX's cache"
+    else:  # no backend compile at all: JAX reused an executable this process already holds
+      self.origin[name] = 'compiled' if _compile_events.backend else 'in memory'
     # XLA (CPU, measured) cannot re-serialize an executable it deserialized: the entry would load, then fail at
-    # run time with 'Function ... not found'. So a program JAX's cache already holds (the lmjax source or the
-    # config changed, the program did not) is traced on every run, as it was without this cache.
-    if path and self.origin[name] == 'compiled':
-      self._store(path, compiled)
+    # run time with 'Function ... not found'. So only a program XLA has just compiled is stored; one JAX's cache
+    # (or this process's memory, which may hold one JAX's cache supplied) served is traced on every run.
+    if entry and self.origin[name] == 'compiled':
+      # The devices it runs on, in order: by default deserialization would spread it over all of them.
+      device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
+      if self._write(entry, lambda f: pickle.dump((device_ids, serialize_executable.serialize(compiled)), f)):
+        self._write(alias, os.path.basename(entry).encode())
     return compiled
 
-  def _store(self, path, compiled):
-    """Writes the entry whole or not at all; a cache that cannot be written (disk full, read-only) costs the next
-    run its head start, never this run."""
+  def _read_alias(self, alias: str) -> str:
+    try:
+      with open(alias, 'rb') as f:
+        name = f.read().decode()
+    except (OSError, UnicodeDecodeError):
+      return ''
+    return os.path.join(self.dir, name) if name.endswith('.pkl') and os.sep not in name else ''
+
+  @staticmethod
+  def _load(entry: str):
+    if not entry:
+      return None
+    try:
+      with open(entry, 'rb') as f:
+        device_ids, serialized = pickle.load(f)
+      by_id = {d.id: d for d in jax.devices()}
+      return serialize_executable.deserialize_and_load(*serialized, execution_devices=[by_id[i] for i in device_ids])
+    except Exception:  # pylint: disable=broad-except  -- absent, stale or truncated: trace or compile instead
+      return None
+
+  def _write(self, path: str, content) -> bool:
+    """Writes an entry whole or not at all (`content`: bytes, or a function writing to the open file); a cache
+    that cannot be written (disk full, read-only) costs the next run its head start, never this run."""
     tmp = f'{path}.{os.getpid()}.tmp'
     try:
       os.makedirs(self.dir, exist_ok=True)
-      # The devices it runs on, in order: by default deserialization would spread it over all of them.
-      device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
       with open(tmp, 'wb') as f:
-        pickle.dump((device_ids, serialize_executable.serialize(compiled)), f)
+        f.write(content) if isinstance(content, bytes) else content(f)
       os.replace(tmp, path)  # atomic: other processes read the old entry or the new one
+      return True
     except Exception as e:  # pylint: disable=broad-except
       print(f'lmjax: could not write {path} ({e}); the next run will compile again', file=sys.stderr)
       if os.path.exists(tmp):
         os.remove(tmp)
+      return False
 
   def _key(self, name, args, compiler_options, key_extra='') -> str:
+    """The inputs of tracing `name` (see the class docstring)."""
     arg_types = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype), str(getattr(x, 'sharding', None))), args)
     parts = [
       _code_fingerprint(),
@@ -96,35 +126,86 @@ class ExecutableCache:
       repr(arg_types),
       str(jax.tree.structure(args)),
       repr(sorted((compiler_options or {}).items())),
-      repr([(d.platform, d.device_kind, d.id) for d in jax.devices()]),
-      jax.devices()[0].client.platform_version,
+      _devices_fingerprint(),
+    ]
+    return hashlib.sha256('\n'.join(parts).encode()).hexdigest()[:32]
+
+  @staticmethod
+  def _program_key(name, lowered, compiler_options) -> str | None:
+    """What decides the executable XLA makes of a lowered program, or None when that cannot be told (a JAX whose
+    Lowered lacks the compile arguments, host callbacks): then nothing is stored. The module text alone is not
+    enough: jit prunes unused arguments, so f(a, b) = 2a and g(a, b) = 2b lower to the same text and differ only
+    in which argument they keep."""
+    compile_args = getattr(getattr(lowered, '_lowering', None), 'compile_args', None)
+    if compile_args is None or compile_args.get('host_callbacks') or 'kept_var_idx' not in compile_args:
+      return None
+    decides = ('kept_var_idx', 'in_shardings', 'out_shardings', 'in_layouts', 'out_layouts')
+    parts = [
+      _library_fingerprint(),
+      name,
+      lowered.as_text(),
+      str(lowered.in_tree),
+      str(lowered.out_tree),
+      repr([(k, sorted(v) if isinstance(v, set) else v) for k, v in sorted(compile_args.items()) if k in decides]),
+      repr(compile_args.get('ordered_effects')),
+      repr(compile_args.get('unordered_effects')),
+      repr(sorted((compiler_options or {}).items())),
+      _devices_fingerprint(),
     ]
     return hashlib.sha256('\n'.join(parts).encode()).hexdigest()[:32]
 
 
-_jax_cache_served = threading.local()  # .hit: JAX's persistent cache supplied this thread's last compile
+ORIGINS = {
+  'lmjax cache': 'loaded from the cache',
+  'lmjax cache, traced': 'traced, loaded from the cache',
+  "JAX's cache": "traced, loaded from JAX's cache",
+  'in memory': 'traced, reused from this process',
+  'compiled': 'compiled',
+}  # where an executable came from, and how commands say it
+
+
+class _CompileEvents(threading.local):
+  hit = False  # JAX's persistent cache supplied this thread's last compile
+  backend = False  # the compile reached XLA's backend (a compile or JAX's cache), not an executable held in memory
+
+
+_compile_events = _CompileEvents()
 
 
 def _note_jax_cache_hit(event: str, **_):
   if event == '/jax/compilation_cache/cache_hits':  # reported on the compiling thread
-    _jax_cache_served.hit = True
+    _compile_events.hit = True
+
+
+def _note_backend_compile(event: str, duration_secs: float, **_):
+  if event == '/jax/core/compile/backend_compile_duration':
+    _compile_events.backend = True
 
 
 jax.monitoring.register_event_listener(_note_jax_cache_hit)
+jax.monitoring.register_event_duration_secs_listener(_note_backend_compile)
+
+
+def _devices_fingerprint() -> str:
+  return repr([(d.platform, d.device_kind, d.id) for d in jax.devices()]) + jax.devices()[0].client.platform_version
+
+
+def _library_fingerprint() -> str:
+  """The libraries that compile a program, the interpreter, JAX's flags and the environment XLA reads."""
+  versions = [(pkg, importlib.metadata.version(pkg)) for pkg in ('jax', 'jaxlib', 'flax', 'optax', 'numpy')]
+  env = sorted((k, v) for k, v in os.environ.items() if k.startswith(('XLA_', 'JAX_', 'LIBTPU')))
+  return repr((versions, sys.version, env, sorted(jax.config.values.items(), key=str)))
 
 
 def _code_fingerprint() -> str:
-  """What decides a traced program besides its config and arguments: lmjax's source, the libraries that trace and
-  compile it, the interpreter, JAX's flags and the environment XLA reads."""
+  """What decides a traced program besides its config and arguments: lmjax's source and _library_fingerprint."""
   h = hashlib.sha256()
   here = os.path.dirname(os.path.abspath(__file__))
   for name in sorted(os.listdir(here)):
     if name.endswith('.py'):
       with open(os.path.join(here, name), 'rb') as f:
         h.update(name.encode() + f.read())
-  versions = [(pkg, importlib.metadata.version(pkg)) for pkg in ('jax', 'jaxlib', 'flax', 'optax', 'numpy')]
-  env = sorted((k, v) for k, v in os.environ.items() if k.startswith(('XLA_', 'JAX_', 'LIBTPU')))
-  h.update(repr((versions, sys.version, env, sorted(jax.config.values.items(), key=str))).encode())
+  h.update(_library_fingerprint().encode())
   return h.hexdigest()
 
 

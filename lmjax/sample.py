@@ -547,9 +547,8 @@ def run(args, overrides):
   # Upper bound on tokens (rows may stop early at EOS or a stop string); includes compilation on a first call.
   rows = len(prompts) * n
   origin = executables.origin.get('sample', 'compiled') if executables is not None else 'compiled'
-  how = {'lmjax cache': 'sampler loaded from the cache', "JAX's cache": "sampler traced, loaded from JAX's cache"}
   print(
     f'lmjax sample: {rows} x {max_new} tokens in {seconds:.2f}s ({rows * max_new / seconds:.0f} tokens/s, '
-    f'{how.get(origin, "sampler compiled")}, included)',
+    f'sampler {compiling.ORIGINS[origin]}, included)',
     file=sys.stderr,
   )

@@ -270,13 +270,9 @@ def _train(config, workdir, actions, clock, lock, preempt):
     f'allocator: {host_allocator}' + (hostenv.jemalloc_hint(host_allocator) if jax.default_backend() == 'cpu' else '')
   )
   peak = metrics_lib.peak_flops_per_device(tc.peak_flops) * task.mesh.size
-  how = {
-    'compiled': 'compiled train step',
-    'lmjax cache': 'loaded the train step from the cache',
-    "JAX's cache": "traced the train step and loaded it from JAX's cache",
-  }[task.executables.origin['train_step']]
+  how = compiling.ORIGINS[task.executables.origin['train_step']]
   log.echo(
-    f'{how} in {compile_s:.2f}s; first step {hostenv.seconds_since_process_start():.1f}s after the command started'
+    f'train step {how} in {compile_s:.2f}s; first step {hostenv.seconds_since_process_start():.1f}s after the command started'
   )
   hostenv.mark('first step')
 

@@ -1,5 +1,5 @@
-"""Compiling: JAX's persistent cache is hit by a second process, lmjax's executable cache skips tracing and
-fails safe."""
+"""Compiling: JAX's persistent cache is hit by a second process, lmjax's executable cache skips tracing, never
+serves a changed program and fails safe."""
 
 import os
 import subprocess
@@ -44,45 +44,85 @@ def test_compilation_cache_is_hit_by_a_second_process(tmp_path):
 _EXECUTABLE_CACHE_PROBE = textwrap.dedent("""
     import sys, jax, jax.numpy as jnp
     from lmjax import compiling
-    cache_dir, run = sys.argv[1:]
+    cache_dir, run, calls = sys.argv[1], sys.argv[2], int(sys.argv[3])
     compiling.enable_compilation_cache(cache_dir)
     f = lambda x: jnp.sin(x) @ x.T + jnp.cos(x).sum()
     x = jnp.arange(64.0).reshape(8, 8) / 64
     cache = compiling.ExecutableCache(cache_dir, {'run': run})
-    got = cache.compile('f', jax.jit(f), (x,))(x)
-    assert jnp.array_equal(got, jax.jit(f)(x)), 'the cached executable computes something else'
-    print('ORIGIN', cache.origin['f'])
+    for _ in range(calls):
+      got = cache.compile('f', jax.jit(f), (x,))(x)
+      assert jnp.array_equal(got, jax.jit(f)(x)), 'the cached executable computes something else'
+      print('ORIGIN', cache.origin['f'])
 """)
 
 
-def test_executable_cache_skips_tracing_and_never_stores_what_jax_cache_served(tmp_path):
-  """Run 'b' differs from 'a' only in its config: a miss for lmjax's cache, a hit for JAX's (same program). XLA
-  cannot re-serialize an executable JAX's cache deserialized -- stored, it would fail at run time -- so 'b' is
-  never stored, and a later 'b' still runs."""
+def _origins(cache_dir, run, calls=1):
+  out = subprocess.run(
+    [sys.executable, '-c', _EXECUTABLE_CACHE_PROBE, str(cache_dir), run, str(calls)],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  return [line.split('ORIGIN ')[1] for line in out.stdout.splitlines() if line.startswith('ORIGIN ')]
 
-  def origin(run):
-    out = subprocess.run(
-      [sys.executable, '-c', _EXECUTABLE_CACHE_PROBE, str(tmp_path), run],
-      capture_output=True,
-      text=True,
-      timeout=120,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout.split('ORIGIN ')[-1].strip()
 
-  assert [origin(r) for r in ('a', 'a', 'b', 'b')] == ['compiled', 'lmjax cache', "JAX's cache", "JAX's cache"]
-  assert len(os.listdir(tmp_path / 'lmjax_executables')) == 1
+def test_executable_cache_skips_tracing_and_a_config_change_that_keeps_the_program_is_traced_once(tmp_path):
+  """Run 'b' differs from 'a' only in its config, not in its program: traced once (its inputs key is new), served
+  the executable 'a' stored, and untraced from then on."""
+  origins = [_origins(tmp_path, r)[0] for r in ('a', 'a', 'b', 'b')]
+  assert origins == ['compiled', 'lmjax cache', 'lmjax cache, traced', 'lmjax cache']
+  entries = sorted(p.suffix for p in (tmp_path / 'lmjax_executables').iterdir())
+  assert entries == ['.key', '.key', '.pkl']  # one executable, two inputs keys naming it
+
+
+def test_what_jax_cache_or_memory_served_is_never_stored(tmp_path):
+  """XLA cannot re-serialize an executable JAX's cache deserialized (stored, it would load and then fail at run
+  time), and a second compile of the same program in one process returns that same executable from memory."""
+  assert _origins(tmp_path, 'a') == ['compiled']
+  for entry in (tmp_path / 'lmjax_executables').iterdir():
+    entry.unlink()  # JAX's cache still holds the program, lmjax's does not
+  assert _origins(tmp_path, 'a', calls=2) == ["JAX's cache", 'in memory']
+  assert list((tmp_path / 'lmjax_executables').iterdir()) == []
+  assert _origins(tmp_path, 'a') == ["JAX's cache"]  # and the next run still runs
+
+
+def test_programs_that_lower_to_the_same_text_are_told_apart(tmp_path):
+  """jit prunes unused arguments, so 2a and 2b of (a, b) lower to the same module text; {'a': .} and {'b': .}
+  differ only in their result tree. Each is compiled, never served the other's executable."""
+  a, b = jnp.arange(4.0), jnp.arange(4.0) + 10
+  variants = {
+    'first': lambda x, y: x * 2,
+    'second': lambda x, y: y * 2,
+    'dict a': lambda x, y: {'a': x * 2},
+    'dict b': lambda x, y: {'b': x * 2},
+  }
+  for name, fn in variants.items():
+    cache = compiling.ExecutableCache(str(tmp_path), {'variant': name})
+    got = cache.compile('f', jax.jit(fn), (a, b))(a, b)
+    assert cache.origin['f'] == 'compiled', name
+    assert jax.tree.all(jax.tree.map(lambda g, w: bool(jnp.array_equal(g, w)), got, fn(a, b))), name
+  cache = compiling.ExecutableCache(str(tmp_path), {'variant': 'second, again'})
+  np.testing.assert_array_equal(cache.compile('f', jax.jit(variants['second']), (a, b))(a, b), b * 2)
+  assert cache.origin['f'] == 'lmjax cache, traced'
 
 
 def test_an_unreadable_cache_entry_is_compiled_again(tmp_path):
-  f, x = jax.jit(lambda x: jnp.tanh(x) * 3.0), jnp.arange(5.0)
-  compiling.ExecutableCache(str(tmp_path), {'a': 1}).compile('f', f, (x,))
-  [entry] = (tmp_path / 'lmjax_executables').iterdir()
+  def compiled(_when):  # a fresh function each time, as in a new process: nothing is reused from memory
+    cache = compiling.ExecutableCache(str(tmp_path), {'a': 1})
+    x = jnp.arange(5.0)
+    np.testing.assert_array_equal(cache.compile('f', jax.jit(lambda x: jnp.tanh(x) * 3.0), (x,))(x), jnp.tanh(x) * 3.0)
+    return cache.origin['f']
+
+  assert compiled('first') == 'compiled'
+  [entry] = (tmp_path / 'lmjax_executables').glob('*.pkl')
   entry.write_bytes(entry.read_bytes()[:100])  # truncated, as by a crash mid-write on a filesystem without rename
-  cache = compiling.ExecutableCache(str(tmp_path), {'a': 1})
-  np.testing.assert_array_equal(cache.compile('f', f, (x,))(x), jnp.tanh(x) * 3.0)
-  assert cache.origin['f'] != 'lmjax cache'
+  assert compiled('after the damage') == 'compiled'
+  assert compiled('stored whole again') == 'lmjax cache'
+  [alias] = (tmp_path / 'lmjax_executables').glob('*.key')
+  alias.write_bytes(b'')  # an unreadable inputs key: traced, and the program's entry serves it
+  assert compiled('alias lost') == 'lmjax cache, traced'
 
 
 def test_a_cache_that_cannot_be_written_costs_only_the_next_runs_head_start(tmp_path, capsys):

@@ -435,9 +435,10 @@ def test_the_sampler_cache_serves_a_repeated_call_and_never_a_changed_program(tm
   assert run(16, 0) == ('lmjax cache', tokens)  # a repeated identical call: served, same samples
   assert run(32, 0)[0] == 'compiled'  # another model
   assert run(16, 3)[0] == 'compiled'  # a decoding option that changes the program (top-k)
-  assert run(16, 0, source='edited')[0] == 'compiled'  # lmjax's source changed
+  # lmjax's source changed: traced again, and the unchanged program it traces to is served, with the same samples
+  assert run(16, 0, source='edited') == ('lmjax cache, traced', tokens)
   entries = sorted((tmp_path / 'lmjax_executables').iterdir())
-  assert len(entries) == 4
+  assert sorted(e.suffix for e in entries) == ['.key'] * 4 + ['.pkl'] * 3  # three programs, four inputs keys
   for entry in entries:  # a truncated entry (a kill mid-write) costs only a recompile
     entry.write_bytes(entry.read_bytes()[:50])
   assert run(16, 0) == ('compiled', tokens)

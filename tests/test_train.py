@@ -97,9 +97,9 @@ def test_a_repeated_run_loads_its_programs_without_tracing_and_computes_the_same
   extra = ('model.d_model=24', 'train.steps=20', 'train.eval_every=20', 'train.checkpoint_every=20')
   cache = str(tmp_path / 'cache')
   _train(tmp_path / 'first', shakespeare_dirs, *extra, cache=cache)
-  assert 'compiled train step' in capsys.readouterr().out
+  assert 'train step compiled' in capsys.readouterr().out
   _train(tmp_path / 'again', shakespeare_dirs, *extra, cache=cache)
-  assert 'loaded the train step from the cache' in capsys.readouterr().out
+  assert 'train step loaded from the cache' in capsys.readouterr().out
   assert sorted(n.split('-')[0] for n in os.listdir(os.path.join(cache, 'lmjax_executables'))) == [
     'init_state',
     'train_step',
