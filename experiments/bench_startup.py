@@ -125,7 +125,8 @@ def timeline(args: list[str]) -> dict:
 
 
 def phases_of_commands(tmp: str) -> dict:
-  """Each command's phases, cold (empty caches) and warm (run again): train fresh, train resumed, sample, eval."""
+  """Each command's phases, cold (empty caches) and warm: train cold, extended, resumed after a kill and fresh; sample
+  cold and warm; eval."""
   cache, run = os.path.join(tmp, 'phase_cache'), os.path.join(tmp, 'phase_run')
   train = [
     'train',
@@ -140,6 +141,10 @@ def phases_of_commands(tmp: str) -> dict:
   ]
   sample = ['sample', f'--workdir={run}', '--prompt=ROMEO:', '--max_new_tokens=500', '--num_samples=4', '--seed=0']
   out = {'train cold': timeline(train + ['--config.train.steps=10'])}
+  # Extending a finished run: a new train.steps is a new config (traced once), the same program (served).
+  out['train extended, warm'] = timeline(train + ['--config.train.steps=20'])
+  # Resuming after a kill: the same command again, from the checkpoint before the one the kill lost.
+  shutil.rmtree(os.path.join(run, 'checkpoints', '20'))
   out['train resumed, warm'] = timeline(train + ['--config.train.steps=20'])
   shutil.rmtree(run)
   out['train fresh, warm'] = timeline(train + ['--config.train.steps=10'])
@@ -147,6 +152,14 @@ def phases_of_commands(tmp: str) -> dict:
   out['sample warm'] = timeline(sample)
   out['eval warm'] = timeline(['eval', f'--workdir={run}'])
   return out
+
+
+def median_phases(rounds: list[dict]) -> dict:
+  """{command: {phase: median seconds}} over rounds of phases_of_commands."""
+  return {
+    name: {k: round(statistics.median(r[name][k] for r in rounds if k in r[name]), 3) for k in rounds[0][name]}
+    for name in rounds[0]
+  }
 
 
 def main():
@@ -212,10 +225,14 @@ def sample_against_nanogpt(nanogpt: str, run: str, tmp: str, repeats: int) -> di
 
 def print_phases(record: str, nanogpt: str = '', repeats: int = 3):
   with tempfile.TemporaryDirectory() as tmp:
-    floor = [import_floor() for _ in range(3)]
-    commands = phases_of_commands(tmp)
-    peer = sample_against_nanogpt(nanogpt, os.path.join(tmp, 'phase_run'), tmp, repeats) if nanogpt else {}
+    floor, rounds = [], []
+    for i in range(repeats):  # alternating, so that a noisy host slows every command alike
+      floor.append(import_floor())
+      rounds.append(phases_of_commands(os.path.join(tmp, f'round{i}')))
+    commands = median_phases(rounds)
+    peer = sample_against_nanogpt(nanogpt, os.path.join(tmp, 'round0', 'phase_run'), tmp, repeats) if nanogpt else {}
   print(f'import floor (fresh interpreter, {IMPORT_FLOOR!r}): median {statistics.median(floor):.2f} s')
+  print(f'each command: the median of {repeats} rounds, in seconds since its process started')
   for name, phases in commands.items():
     print(f'{name:22s} ' + ' | '.join(f'{k} {v:.2f}' for k, v in phases.items()))
   for name, v in peer.items():

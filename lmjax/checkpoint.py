@@ -17,20 +17,28 @@ import logging
 import os
 import sys
 
-import grain.checkpoint  # grain's Orbax handler + CheckpointSave/Restore args
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 from lmjax.errors import CheckpointError
 
-_ITEMS = ('state', 'data', 'meta')
+
+def _grain_checkpoint():
+  """grain.checkpoint: its Orbax handler and save/restore arguments for the data iterator."""
+  import grain.checkpoint  # pylint: disable=import-outside-toplevel  -- only training saves and restores iterators
+
+  return grain.checkpoint
 
 
 def _drop_orbax_info(record: logging.LogRecord) -> bool:
   # Orbax logs ~70 INFO lines per save/restore through absl's "absl" Python
-  # logger; they flood any app that logs at INFO. Keep its warnings/errors.
-  return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+  # logger; they flood any app that logs at INFO. Keep its warnings/errors,
+  # except the one a reader without the iterator's handler gets for every
+  # checkpoint holding one (Checkpointer(data_iterator=False)).
+  if f'{os.sep}orbax{os.sep}' not in record.pathname:
+    return True
+  return record.levelno >= logging.WARNING and not str(record.msg).startswith('Item "%s" was found in the checkpoint')
 
 
 logging.getLogger('absl').addFilter(_drop_orbax_info)
@@ -71,8 +79,16 @@ class Checkpointer:
   """
 
   def __init__(
-    self, directory: str | os.PathLike, *, max_to_keep: int = 3, save_interval_steps: int = 1, async_save: bool = True
+    self,
+    directory: str | os.PathLike,
+    *,
+    max_to_keep: int = 3,
+    save_interval_steps: int = 1,
+    async_save: bool = True,
+    data_iterator: bool = True,
   ):
+    """`data_iterator=False`: a reader of parameters and metadata (sampling, evaluation, init_from), which never
+    imports Grain for the iterator's handler."""
     directory = os.fspath(directory)
     # Resolve relative paths now (a later chdir must not move checkpoints);
     # leave URLs (gs://...) alone.
@@ -92,15 +108,11 @@ class Checkpointer:
     )
     # Handlers are registered up front so that a fresh manager (new process)
     # can read item metadata / restore items it has never saved itself.
+    handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+    if data_iterator:
+      handlers['data'] = _grain_checkpoint().CheckpointHandler()
     self._mngr = ocp.CheckpointManager(
-      self.directory,
-      options=options,
-      item_names=_ITEMS,
-      item_handlers={
-        'state': ocp.StandardCheckpointHandler(),
-        'data': grain.checkpoint.CheckpointHandler(),
-        'meta': ocp.JsonCheckpointHandler(),
-      },
+      self.directory, options=options, item_names=tuple(handlers), item_handlers=handlers
     )
 
   def latest_step(self) -> int | None:
@@ -122,7 +134,7 @@ class Checkpointer:
       return False  # never overwrite (Orbax would raise)
     items = {'state': ocp.args.StandardSave(state)}
     if data_iter is not None:
-      items['data'] = grain.checkpoint.CheckpointSave(data_iter)
+      items['data'] = _grain_checkpoint().CheckpointSave(data_iter)
     if meta is not None:
       items['meta'] = ocp.args.JsonSave(meta)
     try:
@@ -217,7 +229,7 @@ class Checkpointer:
     self._check_tree(step, abstract_state)
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
-      items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+      items['data'] = _grain_checkpoint().CheckpointRestore(data_iter)
     return self._restore_items(step, **items)['state']
 
   def restore_params(self, step: int | None, abstract_state):

@@ -79,6 +79,22 @@ class ExecutableCache:
         self._write(alias, os.path.basename(entry).encode())
     return compiled
 
+  def value(self, name: str, fn):
+    """fn(), or what it returned in an earlier run of the same lmjax source, libraries and config: for the results
+    of tracing that are not executables (the abstract train state). Unreadable entries are computed again."""
+    if not self.enabled:
+      return fn()
+    key = hashlib.sha256('\n'.join([_code_fingerprint(), name, self._config]).encode()).hexdigest()[:32]
+    path = os.path.join(self.dir, f'{name}-{key}.value')
+    try:
+      with open(path, 'rb') as f:
+        return pickle.load(f)
+    except Exception:  # pylint: disable=broad-except  -- absent or truncated
+      pass
+    out = fn()
+    self._write(path, pickle.dumps(out))
+    return out
+
   def _read_alias(self, alias: str) -> str:
     try:
       with open(alias, 'rb') as f:

@@ -544,7 +544,7 @@ def import_hf(source: str, workdir: str) -> dict:
   }
   _to_device(params)
   state = TrainState(step=np.zeros((), np.int32), params=params, opt_state=None)
-  with checkpoint.Checkpointer(ckpt_dir, async_save=False) as ckpt:
+  with checkpoint.Checkpointer(ckpt_dir, async_save=False, data_iterator=False) as ckpt:
     ckpt.save(0, state, meta=meta, force=True)
     ckpt.wait()
   workdir_lib.record(config, tokenizer, workdir, primary=True)

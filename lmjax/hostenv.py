@@ -109,17 +109,26 @@ def reexec_tuned(args: list[str]):
     print(f'lmjax: could not restart with a tuned allocator ({e}); continuing without it', file=sys.stderr)
 
 
-def memory_bytes(meminfo: str = '/proc/meminfo', statm: str = '/proc/self/statm') -> int | None:
-  """Host memory this process can use, in bytes: what it holds now (resident) plus what the kernel reports available,
-  swap included. None off Linux."""
+def _meminfo_kib(meminfo: str = '/proc/meminfo') -> dict:
+  """/proc/meminfo as {name: KiB} ('MemAvailable:    2000 kB'); {} where it cannot be read."""
   kib = {}
   try:
     with open(meminfo) as f:
-      for line in f:  # 'MemAvailable:    2000 kB'
+      for line in f:
         name, _, rest = line.partition(':')
         fields = rest.split()
         if fields and fields[0].isdigit():
           kib[name] = int(fields[0])
+  except OSError:
+    return {}
+  return kib
+
+
+def memory_bytes(meminfo: str = '/proc/meminfo', statm: str = '/proc/self/statm') -> int | None:
+  """Host memory this process can use, in bytes: what it holds now (resident) plus what the kernel reports available,
+  swap included. None off Linux."""
+  kib = _meminfo_kib(meminfo)
+  try:
     with open(statm) as f:
       resident = int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
   except (OSError, ValueError, IndexError):
@@ -127,6 +136,15 @@ def memory_bytes(meminfo: str = '/proc/meminfo', statm: str = '/proc/self/statm'
   if 'MemAvailable' not in kib:
     return None
   return 1024 * (kib['MemAvailable'] + kib.get('SwapFree', 0)) + resident
+
+
+def available_bytes() -> int:
+  """Host memory available to new allocations (the kernel's MemAvailable: free plus reclaimable caches), or the
+  free pages where /proc/meminfo cannot tell."""
+  kib = _meminfo_kib()
+  if 'MemAvailable' in kib:
+    return 1024 * kib['MemAvailable']
+  return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
 
 
 def tune_host_allocator():

@@ -19,7 +19,7 @@ def load_run(workdir: str, overrides=(), mesh=None, step=None, params_only=True)
   config = workdir_lib.load_config(workdir, overrides)
   tokenizer = workdir_lib.load_tokenizer(workdir)
   best = step == 'best'
-  ckpt = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(workdir, best=best))
+  ckpt = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(workdir, best=best), data_iterator=False)
   try:
     if ckpt.latest_step() is None:
       where = f'{workdir}/best (train.keep_best)' if best else f'{workdir}/checkpoints'

@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import os
 import sys
 from typing import NamedTuple, Optional, Sequence
 
@@ -227,12 +226,7 @@ def available_memory_bytes() -> int:
   stats = jax.devices()[0].memory_stats() or {}
   if 'bytes_limit' in stats:
     return int(stats['bytes_limit']) - int(stats.get('bytes_in_use', 0))
-  try:
-    import psutil  # pylint: disable=import-outside-toplevel
-
-    return int(psutil.virtual_memory().available)
-  except ImportError:
-    return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+  return hostenv.available_bytes()
 
 
 def _check(cfg, prompts_ids, max_new_tokens, temperature, top_k, top_p, min_p, num_return_sequences, beam_size):

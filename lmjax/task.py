@@ -33,11 +33,11 @@ class Task:
     self.rng = jax.random.key(config.seed)
     self.executables = compiling.ExecutableCache(config.train.compilation_cache_dir, config.to_dict())
 
-    abstract_boxed = jax.eval_shape(self._boxed_params, self.rng)
+    # Tracing the model's init for its shapes costs a warm start more than loading its executables: kept on disk
+    abstract_boxed, abstract_opt = self.executables.value('abstract_state', self._abstract_state)
     self.rules = parallel.make_rules(config.mesh.rules)
     self.param_shardings = parallel.param_shardings(abstract_boxed, self.mesh, self.rules)
     abstract_params = nn.meta.unbox(abstract_boxed)
-    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
     repl = parallel.replicated(self.mesh)
     self.state_shardings = TrainState(
       step=repl,
@@ -82,6 +82,11 @@ class Task:
 
     keys = data_lib.TRAIN_KEYS[self.config.data.rows]
     return {k: jax.ShapeDtypeStruct(self.train_batch_shape, dtype) for k, dtype in keys.items()}
+
+  def _abstract_state(self):
+    """(parameters as ShapeDtypeStructs in their logical-axis boxes, the optimizer state as ShapeDtypeStructs)."""
+    abstract_boxed = jax.eval_shape(self._boxed_params, self.rng)
+    return abstract_boxed, jax.eval_shape(self.tx.init, nn.meta.unbox(abstract_boxed))
 
   def _boxed_params(self, rng):
     tokens = jnp.zeros((1, self.model_cfg.max_len), jnp.int32)

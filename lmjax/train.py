@@ -113,7 +113,7 @@ class _InitFrom:
         lambda a, x: jax.device_put(x.astype(a.dtype), a.sharding), task.abstract_state.params, params
       )
     best = self.step == 'best'
-    checkpointer = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(self.workdir, best=best))
+    checkpointer = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(self.workdir, best=best), data_iterator=False)
     step = None if best else self.step
     try:
       meta = checkpointer.read_meta(step)

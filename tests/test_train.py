@@ -100,9 +100,15 @@ def test_a_repeated_run_loads_its_programs_without_tracing_and_computes_the_same
   assert 'train step compiled' in capsys.readouterr().out
   _train(tmp_path / 'again', shakespeare_dirs, *extra, cache=cache)
   assert 'train step loaded from the cache' in capsys.readouterr().out
-  assert sorted(n.split('-')[0] for n in os.listdir(os.path.join(cache, 'lmjax_executables'))) == [
-    'init_state',
-    'train_step',
+  entries = sorted(
+    (n.split('-')[0], os.path.splitext(n)[1]) for n in os.listdir(os.path.join(cache, 'lmjax_executables'))
+  )
+  assert entries == [  # each program stored once, named by its inputs key; the abstract state beside them
+    ('abstract_state', '.value'),
+    ('init_state', '.key'),
+    ('init_state', '.pkl'),
+    ('train_step', '.key'),
+    ('train_step', '.pkl'),
   ]
   assert _rows_without_time(tmp_path / 'first') == _rows_without_time(tmp_path / 'again')
 
