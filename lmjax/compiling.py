@@ -152,12 +152,13 @@ class ExecutableCache:
     Lowered lacks the compile arguments, host callbacks): then nothing is stored. The module text alone is not
     enough: jit prunes unused arguments, so f(a, b) = 2a and g(a, b) = 2b lower to the same text and differ only
     in which argument they keep."""
-    compile_args = getattr(getattr(lowered, '_lowering', None), 'compile_args', None)
+    compile_args = getattr(getattr(lowered, '_lowering', None), 'compile_args', None)  # pylint: disable=protected-access
     if compile_args is None or compile_args.get('host_callbacks') or 'kept_var_idx' not in compile_args:
       return None
     decides = ('kept_var_idx', 'in_shardings', 'out_shardings', 'in_layouts', 'out_layouts')
     parts = [
-      _library_fingerprint(),
+      _library_fingerprint(placement_flags=False),  # the devices it was compiled for instead:
+      repr(getattr(lowered._lowering, '_device_list', None)),  # pylint: disable=protected-access
       name,
       lowered.as_text(),
       str(lowered.in_tree),
@@ -206,11 +207,17 @@ def _devices_fingerprint() -> str:
   return repr([(d.platform, d.device_kind, d.id) for d in jax.devices()]) + jax.devices()[0].client.platform_version
 
 
-def _library_fingerprint() -> str:
-  """The libraries that compile a program, the interpreter, JAX's flags and the environment XLA reads."""
+def _library_fingerprint(placement_flags: bool = True) -> str:
+  """The libraries that compile a program, the interpreter, JAX's flags and the environment XLA reads.
+  `placement_flags=False` leaves out jax_default_device (training sets it, a Python caller need not), for a key
+  that names the devices of the lowered program itself."""
   versions = [(pkg, importlib.metadata.version(pkg)) for pkg in ('jax', 'jaxlib', 'flax', 'optax', 'numpy')]
   env = sorted((k, v) for k, v in os.environ.items() if k.startswith(('XLA_', 'JAX_', 'LIBTPU')))
-  return repr((versions, sys.version, env, sorted(jax.config.values.items(), key=str)))
+  # Where and whether JAX's own cache keeps executables decides nothing in them (and differs between a command
+  # that enables it and a Python caller that does not).
+  skip = ('compilation_cache', 'persistent_cache') + (() if placement_flags else ('jax_default_device',))
+  flags = sorted((k, v) for k, v in jax.config.values.items() if not any(s in k for s in skip))
+  return repr((versions, sys.version, env, flags))
 
 
 def _code_fingerprint() -> str:

@@ -7,7 +7,7 @@ optimizer moments (twice the parameters' memory for AdamW) are never read.
 
 from __future__ import annotations
 
-from lmjax import checkpoint, hostenv, workdir as workdir_lib
+from lmjax import checkpoint, compiling, hostenv, workdir as workdir_lib
 from lmjax.errors import CheckpointError
 from lmjax.task import Task
 
@@ -45,6 +45,7 @@ def evaluate_run(workdir: str, overrides=(), step=None) -> dict:
 
   config, tokenizer, task, state = load_run(workdir, overrides, step=step)
   hostenv.mark('restored')
+  compiling.enable_compilation_cache(config.train.compilation_cache_dir)  # the run's caches serve its eval step too
   fit_eval_batch(config, task)
   data = data_lib.make_data(config, tokenizer)
   return {'step': int(state.step), **task.evaluate(state.params, data.eval_batches, data.eval_bytes_per_token)}

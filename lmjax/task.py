@@ -69,6 +69,7 @@ class Task:
       out_shardings=repl,
     )
     self.train_batch_shape = (K, config.train.batch_size, self.model_cfg.max_len)
+    self._eval_executables = {}
 
   @property
   def batch_rows_divisor(self) -> int:
@@ -131,13 +132,22 @@ class Task:
     total = count = 0.0
     with parallel.activate(self.mesh):
       for b in batches:
-        t, c = self.eval_fn(params, parallel.put_batch(b, self.eval_batch_sharding))
+        b = parallel.put_batch(b, self.eval_batch_sharding)
+        t, c = self._eval_executable(params, b)(params, b)
         total, count = total + t, count + c
     loss = float(total) / max(float(count), 1.0)
     out = {'val_loss': loss, 'val_ppl': float(np.exp(min(loss, 50.0)))}
     if bytes_per_token:
       out['val_bpb'] = float(loss / np.log(2) / bytes_per_token)
     return out
+
+  def _eval_executable(self, params, batch):
+    """The eval step for this batch's shapes: compiled, or loaded from train.compilation_cache_dir, once per
+    process (training evaluates every train.eval_every steps)."""
+    shapes = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+    if shapes not in self._eval_executables:
+      self._eval_executables[shapes] = self.executables.compile('eval_step', self.eval_fn, (params, batch))
+    return self._eval_executables[shapes]
 
 
 def check_training(config, mesh):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from conftest import ONE_DEVICE, REPO, rows as _rows, tiny_overrides, tiny_train_command, train_tiny as _train
 
-from lmjax import actions, cli, config as config_lib, errors, hostenv, inference, metrics, parallel, train, workdir
+from lmjax import actions, cli, config as config_lib, data as data_lib, errors, hostenv, inference, metrics, parallel
+from lmjax import train, workdir
 from lmjax.steps import TrainState
 from lmjax.task import Task
 
@@ -105,12 +106,23 @@ def test_a_repeated_run_loads_its_programs_without_tracing_and_computes_the_same
   )
   assert entries == [  # each program stored once, named by its inputs key; the abstract state beside them
     ('abstract_state', '.value'),
+    ('eval_step', '.key'),
+    ('eval_step', '.pkl'),
     ('init_state', '.key'),
     ('init_state', '.pkl'),
     ('train_step', '.key'),
     ('train_step', '.pkl'),
   ]
   assert _rows_without_time(tmp_path / 'first') == _rows_without_time(tmp_path / 'again')
+  # Evaluating the run outside training (another config, as `lmjax eval` has) traces its eval step once and loads
+  # the executable training stored; the next evaluation loads it untraced. Both compute the loss training logged.
+  logged = [r for r in _rows(tmp_path / 'again') if 'val_loss' in r][-1]
+  for origin in ('lmjax cache, traced', 'lmjax cache'):
+    config, _, task, state = inference.load_run(str(tmp_path / 'again'), ONE_DEVICE)
+    data = data_lib.make_data(config, workdir.load_tokenizer(str(tmp_path / 'again')))
+    got = task.evaluate(state.params, data.eval_batches, data.eval_bytes_per_token)
+    assert task.executables.origin['eval_step'] == origin
+    assert got['val_loss'] == pytest.approx(logged['val_loss'], rel=1e-6)
 
 
 def _rows_without_time(workdir):
