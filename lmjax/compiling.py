@@ -16,10 +16,13 @@ from jax.experimental import serialize_executable
 
 
 def enable_compilation_cache(cache_dir: str):
-  """JAX's persistent compilation cache: a repeated or resumed run loads its executables instead of compiling."""
+  """JAX's persistent compilation cache, in CACHE_DIR/jax: a repeated or resumed run loads its executables instead
+  of compiling. Its own folder (lmjax's cache is CACHE_DIR/lmjax_executables) because a program JAX's cache holds
+  is never stored in lmjax's (see ExecutableCache): entries JAX wrote beside an older lmjax would otherwise keep
+  every later run tracing."""
   if not cache_dir:
     return
-  jax.config.update('jax_compilation_cache_dir', os.path.expanduser(cache_dir))
+  jax.config.update('jax_compilation_cache_dir', os.path.join(os.path.expanduser(cache_dir), 'jax'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
