@@ -288,11 +288,18 @@ def packed_eval_batches(docs, encode, L, global_batch, max_batches, pi, pc) -> t
   return _eval_batches(rows, global_batch, max_batches, pi, pc), n_bytes / n_targets
 
 
-def eval_set(config, tokenizer, docs, process_index=None, process_count=None) -> tuple[list, float]:
+def eval_split(config, tokenizer) -> tuple[list, float]:
+  """eval_set of the run's eval split alone (`lmjax eval`): its train split is neither read nor tokenized."""
+  tokenizers.check_config(tokenizer, config.data)
+  return eval_set(config, tokenizer, sources.documents(config.data, config.data.eval_split))
+
+
+def eval_set(config, tokenizer, docs, process_index=None, process_count=None, max_batches=None) -> tuple[list, float]:
   """(this process's eval batches, UTF-8 bytes per weighted target) of any documents, cut as the run's eval split
-  is (data.rows, train.eval_batch_size, train.eval_max_batches): a named perplexity set (lmjax/evals) of the same
-  split reproduces the run's val_loss."""
+  is (data.rows, train.eval_batch_size, train.eval_max_batches unless `max_batches`): a named perplexity set
+  (lmjax/evals) of the same split reproduces the run's val_loss."""
   tc, L = config.train, config.model.max_len
+  max_batches = tc.eval_max_batches if max_batches is None else max_batches
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   if config.data.rows == 'windows':
@@ -300,6 +307,6 @@ def eval_set(config, tokenizer, docs, process_index=None, process_count=None) ->
     ids = tokenizer.encode(text)
     if len(ids) < 2:
       raise sources.DataError('the eval set holds fewer than two tokens: nothing to predict')
-    batches = eval_rows_batches(ids, L, tc.eval_batch_size, tc.eval_max_batches, pi, pc)
-    return batches, len(text.encode('utf-8')) / max(len(ids), 1)
-  return packed_eval_batches(docs, DocumentEncoder(tokenizer), L, tc.eval_batch_size, tc.eval_max_batches, pi, pc)
+    batches = eval_rows_batches(ids, L, tc.eval_batch_size, max_batches, pi, pc)
+    return batches, len(text.encode('utf-8')) / len(ids)
+  return packed_eval_batches(docs, DocumentEncoder(tokenizer), L, tc.eval_batch_size, max_batches, pi, pc)

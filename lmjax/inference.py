@@ -15,8 +15,10 @@ from lmjax.task import Task
 def load_run(workdir: str, overrides=(), mesh=None, step=None, params_only=True):
   """(config, tokenizer, Task, state) of a trained workdir's checkpoint, restored onto `mesh` (default: the
   config's mesh over this process's devices) whatever mesh it was saved from. `step`: a step number, 'best' (the
-  train.keep_best checkpoint) or None (the latest). `params_only`: state.opt_state is None."""
+  train.keep_best checkpoint) or None (the latest). `params_only`: state.opt_state is None. The run's compilation
+  caches (train.compilation_cache_dir) serve whatever the caller then compiles."""
   config = workdir_lib.load_config(workdir, overrides)
+  compiling.enable_compilation_cache(config.train.compilation_cache_dir)
   tokenizer = workdir_lib.load_tokenizer(workdir)
   best = step == 'best'
   ckpt = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(workdir, best=best), data_iterator=False)
@@ -36,6 +38,7 @@ def load_run(workdir: str, overrides=(), mesh=None, step=None, params_only=True)
       state = restore(step)
   finally:
     ckpt.close()
+  hostenv.mark('restored')
   return config, tokenizer, task, state
 
 
@@ -44,11 +47,9 @@ def evaluate_run(workdir: str, overrides=(), step=None) -> dict:
   from lmjax import data as data_lib  # pylint: disable=import-outside-toplevel  -- only evaluation reads data
 
   config, tokenizer, task, state = load_run(workdir, overrides, step=step)
-  hostenv.mark('restored')
-  compiling.enable_compilation_cache(config.train.compilation_cache_dir)  # the run's caches serve its eval step too
   fit_eval_batch(config, task)
-  data = data_lib.make_data(config, tokenizer)
-  return {'step': int(state.step), **task.evaluate(state.params, data.eval_batches, data.eval_bytes_per_token)}
+  batches, bytes_per_token = data_lib.eval_split(config, tokenizer)
+  return {'step': int(state.step), **task.evaluate(state.params, batches, bytes_per_token)}
 
 
 def fit_eval_batch(config, task):

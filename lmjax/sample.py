@@ -478,10 +478,8 @@ def run(args, overrides):
   from lmjax import inference  # pylint: disable=import-outside-toplevel  -- keeps `import lmjax.sample` light
 
   config, tokenizer, task, state = inference.load_run(args.workdir, overrides, step=args.step)
-  hostenv.mark('restored')
   s, cfg = config.sample, task.model_cfg
   cache_dir = config.train.compilation_cache_dir  # the run's caches serve its sampler too
-  compiling.enable_compilation_cache(cache_dir)
   executables = compiling.ExecutableCache(cache_dir, {}) if cache_dir else None
   pick = lambda flag, key, default: flag if flag is not None else s.get(key, default)
   if args.prompt_file:

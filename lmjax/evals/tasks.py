@@ -56,14 +56,14 @@ class PerplexityTask:
 
   def __init__(self, spec, config, tokenizer, task):
     self.task = task
-    if spec.get('limit'):  # the first `limit` eval batches, as train.eval_max_batches
-      config = config.copy_and_resolve_references()
-      config.train.eval_max_batches = spec.get('limit')
     if spec_lib.is_path(spec.data):
       docs = sources.TextFiles(spec.data, config.data.file_docs)
     else:
       docs = sources.documents(config.data, spec.data)
-    self.batches, self.bytes_per_token = data_lib.eval_set(config, tokenizer, docs)
+    # limit: the first `limit` eval batches, as train.eval_max_batches
+    self.batches, self.bytes_per_token = data_lib.eval_set(
+      config, tokenizer, docs, max_batches=spec.get('limit') or None
+    )
 
   def __call__(self, params):
     out = self.task.evaluate(params, self.batches, self.bytes_per_token)
@@ -205,14 +205,13 @@ def run(workdir: str, tasks, datas=(), overrides=(), step=None, flags=None, log_
   """`lmjax eval --task=...`: each task on a workdir's checkpoint; prints one JSON object per task (and, with
   log_samples, writes one JSON line per item). Returns the objects. Every process scores; process 0 writes."""
   import jax  # pylint: disable=import-outside-toplevel
-  from lmjax import compiling, inference  # pylint: disable=import-outside-toplevel
+  from lmjax import inference  # pylint: disable=import-outside-toplevel
 
   primary = jax.process_index() == 0
   out = out or sys.stdout
   specs = spec_lib.parse_all(tasks, datas)  # a bad --task fails before the checkpoint is read
   config, tokenizer, task, state = inference.load_run(workdir, overrides, step=step)
   inference.fit_eval_batch(config, task)
-  compiling.enable_compilation_cache(config.train.compilation_cache_dir)
   built = [build(s, config, tokenizer, task, flags) for s in specs]  # every file is read before any is scored
   try:
     log = open(log_samples, 'w') if log_samples and primary else None
