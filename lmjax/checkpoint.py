@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
-from lmjax.errors import CheckpointError
+from lmjax.errors import CheckpointError, one_line
 
 
 def _grain_checkpoint():
@@ -144,7 +144,7 @@ class Checkpointer:
 
   def _write_error(self, step, e) -> CheckpointError:
     """A failed write (a full disk, a read-only or vanished directory) as one line saying where and what to do."""
-    text = ' '.join(str(e).split())
+    text = one_line(e)
     if 'RESOURCE_EXHAUSTED' in text or 'No space' in text or getattr(e, 'errno', None) == 28:
       why = f'the disk is full ({_free(self.directory)} free there); lower train.keep_checkpoints or use a --workdir on a larger disk'
     elif 'PERMISSION_DENIED' in text or 'Read-only' in text or getattr(e, 'errno', None) in (13, 30):
@@ -192,7 +192,7 @@ class Checkpointer:
     except (KeyError, ValueError, OSError) as e:  # a zero-filled or truncated metadata file, a missing item
       raise CheckpointError(
         f'Checkpoint step {step} in {self.directory} is damaged or incomplete '
-        f'({" ".join(str(e).split())[:200]}); restore an older step with --step, or delete '
+        f'({one_line(e)[:200]}); restore an older step with --step, or delete '
         f'{os.path.join(self.directory, str(step))} to resume from the one before it'
       ) from e
     if stored is None:
@@ -294,7 +294,7 @@ def restore_newest(checkpointer: Checkpointer, restore, *, move_aside: bool = Fa
     try:
       return step, restore(step)
     except CheckpointError as e:
-      why.append(f'step {step}: {" ".join(str(e).split())[:300]}')
+      why.append(f'step {step}: {one_line(e)[:300]}')
       where = f'; moved to {checkpointer.move_aside(step)}' if move_aside else ''
       warn(f'lmjax: warning: checkpoint step {step} in {checkpointer.directory} does not restore{where} ({why[-1]})')
   raise CheckpointError(f'no checkpoint in {checkpointer.directory} restores: {"; ".join(why)}')

@@ -17,7 +17,7 @@ import sys
 from typing import Callable
 
 from lmjax import hostenv  # imports nothing heavy: the process is set up before JAX loads
-from lmjax.errors import ConfigError, UserError
+from lmjax.errors import ConfigError, UserError, one_line
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM
@@ -170,7 +170,6 @@ def _bench_args(p):
 
 
 def _bench(args, overrides):
-  import os  # pylint: disable=import-outside-toplevel
   from lmjax import bench, config as config_lib  # pylint: disable=import-outside-toplevel
 
   config = config_lib.load(args.config, overrides)
@@ -248,8 +247,6 @@ def _sweep_args(p):
 def _sweep(args, overrides):
   from lmjax import sweep  # pylint: disable=import-outside-toplevel
 
-  if overrides:
-    raise UserError(f'--config.{overrides[0]}: a sweep sets its overrides in the sweep file, not on the command line')
   try:
     failed = sweep.run(args)
   except sweep.Stopped:
@@ -268,8 +265,6 @@ def _compare_args(p):
 def _compare(args, overrides):
   from lmjax import results  # pylint: disable=import-outside-toplevel
 
-  if overrides:
-    raise UserError(f'--config.{overrides[0]}: compare reads the configs the workdirs recorded')
   return results.compare(args)
 
 
@@ -281,6 +276,8 @@ class Command:
   # The command has written and closed everything when `run` returns, so the process may end at once: the
   # interpreter's teardown of JAX's runtime costs about half a second a command otherwise.
   quick_exit: bool = False
+  # Why the command takes no --config.* overrides ('' when it does): it reads no config the overrides could change.
+  refuses_overrides: str = ''
 
 
 COMMANDS = {
@@ -299,13 +296,31 @@ COMMANDS = {
     'parameters, FLOPs and per-device memory of a config, without training', _plan_args, _plan, quick_exit=True
   ),
   'import-hf': Command(
-    'a Hugging Face GPT-2 or Llama model (safetensors) as an lmjax workdir', _import_hf_args, _import_hf, True
+    'a Hugging Face GPT-2 or Llama model (safetensors) as an lmjax workdir',
+    _import_hf_args,
+    _import_hf,
+    quick_exit=True,
+    refuses_overrides="the model's config.json decides it; change the rest when fine-tuning (train.init_from)",
   ),
   'export-hf': Command(
-    "a workdir's checkpoint as a directory transformers' from_pretrained loads", _export_hf_args, _export_hf, True
+    "a workdir's checkpoint as a directory transformers' from_pretrained loads",
+    _export_hf_args,
+    _export_hf,
+    quick_exit=True,
+    refuses_overrides='export writes the run as it was trained',
   ),
-  'sweep': Command('train the members of a sweep file one after another, then compare them', _sweep_args, _sweep),
-  'compare': Command('the table and plots of a sweep for any workdirs, grouping seeds', _compare_args, _compare),
+  'sweep': Command(
+    'train the members of a sweep file one after another, then compare them',
+    _sweep_args,
+    _sweep,
+    refuses_overrides='a sweep sets its overrides in the sweep file, not on the command line',
+  ),
+  'compare': Command(
+    'the table and plots of a sweep for any workdirs, grouping seeds',
+    _compare_args,
+    _compare,
+    refuses_overrides='compare reads the configs the workdirs recorded',
+  ),
 }
 
 
@@ -347,19 +362,17 @@ def main(argv=None) -> int:
   hostenv.mark('arguments parsed')
   command = COMMANDS[args.command]
   try:
+    if overrides and command.refuses_overrides:
+      raise UserError(f'--config.{overrides[0]}: {command.refuses_overrides}')
     code = command.run(args, overrides)
   except UserError as e:
-    print(f'lmjax {args.command}: error: {_one_line(e)}', file=sys.stderr)
+    print(f'lmjax {args.command}: error: {one_line(e)}', file=sys.stderr)
     code = EXIT_USER_ERROR
   if as_command and command.quick_exit:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # pylint: disable=protected-access
   return code
-
-
-def _one_line(e: Exception) -> str:
-  return ' '.join(str(e).split())
 
 
 if __name__ == '__main__':

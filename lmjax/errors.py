@@ -45,3 +45,8 @@ class InteropError(UserError):
 
 class SweepError(UserError):
   """A sweep file that cannot be expanded or run: a bad field, a member whose config fails, an unknown variant."""
+
+
+def one_line(e: BaseException) -> str:
+  """An error's text on one line (messages may hold a library's multi-line detail): what every error line prints."""
+  return ' '.join(str(e).split())

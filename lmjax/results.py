@@ -57,6 +57,19 @@ def is_known(metric: str) -> bool:
   return metric in SUMMARIES or '/' in metric
 
 
+def unknown_metrics(metrics, where: str) -> str:
+  """'' when every metric is known, else the message naming the unknown ones and what to choose from."""
+  unknown = [m for m in metrics if not is_known(m)]
+  return (
+    f"{where}: unknown {unknown}; choose from {', '.join(SUMMARIES)} or an eval task's NAME/METRIC" if unknown else ''
+  )
+
+
+def plain(config) -> dict:
+  """A config as JSON gives it back (tuples as lists): how recorded configs read, so the two compare equal."""
+  return json.loads(json.dumps(config.to_dict()))
+
+
 def column(metric: str) -> tuple:
   """(label, which way is better, format) of a summary or of an evaluation task's NAME/METRIC."""
   if metric in SUMMARIES:
@@ -82,7 +95,8 @@ class Run:
 
   @property
   def evals(self) -> list[dict]:
-    return [r for r in self.rows if 'val_loss' in r]
+    """The rows of evaluations that produced a val_loss."""
+    return [r for r in self.rows if r.get('val_loss') is not None]
 
   def seconds(self) -> list[float]:
     """Wall-clock seconds of training at each row, summed over the run's starts (provenance.json), so the time a
@@ -107,7 +121,7 @@ class Run:
     return bool(self.rows) and self.rows[-1]['step'] >= self.config['train']['steps']
 
   def summary(self) -> dict:
-    evals = [r for r in self.evals if r['val_loss'] is not None]
+    evals = self.evals
     speed = [r['tokens_per_sec'] for r in self.rows if r.get('tokens_per_sec') is not None]
     nan = math.nan
     tasks = {}
@@ -127,7 +141,7 @@ class Run:
   def curve(self) -> dict:
     """{'step' | 'tokens' | 'seconds' | 'val_loss': one value per evaluation}."""
     seconds = dict(zip(map(id, self.rows), self.seconds()))
-    evals = [r for r in self.evals if r['val_loss'] is not None]
+    evals = self.evals
     tokens_per_step = self.config['train']['batch_size'] * self.config['model']['max_len']
     return {
       'step': [r['step'] for r in evals],
@@ -142,7 +156,7 @@ def read_run(workdir: str) -> Run:
   config = workdir_lib.load_config(workdir)
   return Run(
     str(workdir),
-    json.loads(json.dumps(config.to_dict())),
+    plain(config),
     workdir_lib.read_metrics(workdir),
     workdir_lib.read_provenance(workdir),
   )
@@ -505,11 +519,8 @@ def compare(args) -> int:
       raise WorkdirError(f'--baseline={args.baseline} is not one of the workdirs compared')
     base = hits[0]
   metrics = tuple(m for m in args.metrics.split(',') if m)
-  unknown = [m for m in metrics if not is_known(m)]
-  if unknown:
-    raise WorkdirError(
-      f"--metrics: unknown {unknown}; choose from {', '.join(SUMMARIES)} or an evaluation task's NAME/METRIC"
-    )
+  if problem := unknown_metrics(metrics, '--metrics'):
+    raise WorkdirError(problem)
   written = write(
     args.out, groups, baseline=base, metrics=metrics, alpha=args.alpha, title='lmjax compare', missing=unfinished
   )

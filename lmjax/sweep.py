@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import itertools
-import json
 import os
 import shlex
 import sys
@@ -30,7 +29,7 @@ import time
 import traceback
 
 from lmjax import config as config_lib, results, workdir as workdir_lib
-from lmjax.errors import ConfigError, SweepError, UserError
+from lmjax.errors import ConfigError, SweepError, UserError, one_line
 
 
 class Stopped(Exception):
@@ -115,11 +114,8 @@ def _checked(sweep: Sweep, path: str) -> Sweep:
   swept = set(sweep.product) | {k for v in sweep.variants for k in v}
   need('seed' not in swept and 'seed' not in sweep.overrides, 'the seed is not swept by overrides: use Sweep.seeds')
   need(isinstance(sweep.metrics, (list, tuple)) and sweep.metrics, 'Sweep.metrics must name at least one result')
-  unknown = [m for m in sweep.metrics if not results.is_known(m)]
-  need(
-    not unknown,
-    f"Sweep.metrics: unknown {unknown}; choose from {', '.join(results.SUMMARIES)} or an eval task's NAME/METRIC",
-  )
+  problem = results.unknown_metrics(sweep.metrics, 'Sweep.metrics')
+  need(not problem, problem)
   need(0 < sweep.alpha < 1, f'Sweep.alpha must be in (0, 1), got {sweep.alpha!r}')
   return sweep
 
@@ -204,7 +200,7 @@ def check(sweep: Sweep, members, root: str) -> dict:
       configs[m.name] = config_lib.load(sweep.config, m.overrides)
       _check_recorded(m, configs[m.name], m.workdir(root))
     except ConfigError as e:
-      failures.setdefault(' '.join(str(e).split()), []).append(m.name)
+      failures.setdefault(one_line(e), []).append(m.name)
   if failures:
     parts = [f'member {", ".join(names)}: {why}' for why, names in failures.items()]
     bad = sum(len(names) for names in failures.values())
@@ -225,7 +221,7 @@ def _check_recorded(member: Member, config, workdir: str):
   if recorded is None:
     return
   keys = dict.fromkeys(o.partition('=')[0] for o in member.overrides)
-  old, new = (results.flat(json.loads(json.dumps(c.to_dict()))) for c in (recorded, config))  # tuples as lists
+  old, new = (results.flat(results.plain(c)) for c in (recorded, config))
   diff = [f'{k}: recorded {old.get(k)!r}, now {new[k]!r}' for k in keys if old.get(k) != new[k]]
   if diff:
     raise ConfigError(
@@ -322,7 +318,7 @@ def _train_members(sweep, members, chosen, configs, base, args) -> int:
       raise Stopped(m.name) from None
     except UserError as e:
       failed.append(m.name)
-      print(f'lmjax sweep: {m.name} failed: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
+      print(f'lmjax sweep: {m.name} failed: {one_line(e)}', file=sys.stderr, flush=True)
     except Exception:  # pylint: disable=broad-except  -- one member's bug must not lose the rest of the sweep
       failed.append(m.name)
       traceback.print_exc()
@@ -336,7 +332,7 @@ def _train_members(sweep, members, chosen, configs, base, args) -> int:
     for m in done:
       groups.setdefault(m.variant, []).append(results.read_run(m.workdir(root)))
     try:  # the variants are diffed against the base config with the overrides they share
-      base_config = json.loads(json.dumps(config_lib.load(sweep.config, sweep_overrides(sweep)).to_dict()))
+      base_config = results.plain(config_lib.load(sweep.config, sweep_overrides(sweep)))
     except ConfigError:  # a base that is valid only with a variant's overrides: diff against the baseline
       base_config = None
     written = results.write(
