@@ -155,13 +155,14 @@ class ExecutableCache:
     Lowered lacks the compile arguments, host callbacks): then nothing is stored. The module text alone is not
     enough: jit prunes unused arguments, so f(a, b) = 2a and g(a, b) = 2b lower to the same text and differ only
     in which argument they keep."""
-    compile_args = getattr(getattr(lowered, '_lowering', None), 'compile_args', None)  # pylint: disable=protected-access
+    lowering = getattr(lowered, '_lowering', None)  # pylint: disable=protected-access
+    compile_args = getattr(lowering, 'compile_args', None)
     if compile_args is None or compile_args.get('host_callbacks') or 'kept_var_idx' not in compile_args:
       return None
     decides = ('kept_var_idx', 'in_shardings', 'out_shardings', 'in_layouts', 'out_layouts')
     parts = [
       _library_fingerprint(placement_flags=False),  # the devices it was compiled for instead:
-      repr(getattr(lowered._lowering, '_device_list', None)),  # pylint: disable=protected-access
+      repr(getattr(lowering, '_device_list', None)),
       name,
       lowered.as_text(),
       str(lowered.in_tree),

@@ -272,7 +272,8 @@ def _train(config, workdir, actions, clock, lock, preempt):
   peak = metrics_lib.peak_flops_per_device(tc.peak_flops) * task.mesh.size
   how = compiling.ORIGINS[task.executables.origin['train_step']]
   log.echo(
-    f'train step {how} in {compile_s:.2f}s; first step {hostenv.seconds_since_process_start():.1f}s after the command started'
+    f'train step {how} in {compile_s:.2f}s; '
+    f'first step {hostenv.seconds_since_process_start():.1f}s after the command started'
   )
   hostenv.mark('first step')
 
