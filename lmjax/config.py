@@ -33,7 +33,7 @@ ROWS = ('windows', 'packed')  # lmjax/data.py
 TOKENIZERS = ('char', 'byte', 'spm', 'hf')  # lmjax/tokenizers.py
 JSONL = 'jsonl'  # data.dataset of prompt/completion pairs (lmjax/sources.py)
 DTYPES = ('float32', 'bfloat16', 'float16')
-EVAL_TASKS = ('mc', 'ppl', 'gen', 'div')  # lmjax/evals/spec.py: the kinds of train.eval_tasks and `lmjax eval --task`
+EVAL_TASKS = ('mc', 'ppl', 'gen', 'div')  # the kinds of train.eval_tasks and `lmjax eval --task` (lmjax/evals/spec.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,12 +413,16 @@ def problems(config) -> list[str]:
     out.append(f'train.profile_steps {prof} must be multiples of train.steps_per_call ({K}): calls are traced whole')
   need(t.nonfinite in ('stop', 'skip'), f"train.nonfinite must be 'stop' or 'skip'; got {t.nonfinite!r}")
   need(t.max_skipped >= 1, f'train.max_skipped must be >= 1, got {t.max_skipped}')
-  for task in t.eval_tasks if isinstance(t.eval_tasks, (tuple, list)) else [t.eval_tasks]:
-    kind = task.split(',')[0].partition(':')[0] if isinstance(task, str) else None
-    need(
-      kind in EVAL_TASKS,
-      f'train.eval_tasks: {task!r} is not KIND:DATA[,KEY=VALUE...] with KIND one of {", ".join(EVAL_TASKS)}',
-    )
+  tasks = t.eval_tasks if isinstance(t.eval_tasks, (tuple, list)) else [t.eval_tasks]
+  if not all(isinstance(task, str) for task in tasks):
+    out.append(f'train.eval_tasks must be strings KIND:DATA[,KEY=VALUE...]; got {t.eval_tasks!r}')
+  else:
+    from lmjax.evals import spec as eval_spec  # pylint: disable=import-outside-toplevel  -- it imports this module
+
+    try:
+      eval_spec.parse_all(tasks)  # the one parser of task texts (`lmjax eval --task` too); reads no file
+    except ConfigError as e:
+      out.append(f'train.eval_tasks: {e}')
   need(t.checkpoint_minutes >= 0, f'train.checkpoint_minutes must be >= 0 (0 = off), got {t.checkpoint_minutes}')
   need(o.name in OPTIMIZERS, f'optimizer.name must be one of {", ".join(OPTIMIZERS)}; got {o.name!r}')
   need(o.lr > 0, f'optimizer.lr must be > 0, got {o.lr}')
