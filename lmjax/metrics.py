@@ -191,3 +191,13 @@ def _fmt(k, v):
       return f'{k} {v:.2e}'
     return f'{k} {v:.4f}'
   return f'{k} {v}'
+
+
+def progress_bar(total: int, desc: str, unit: str):
+  """A tqdm bar on stderr for a long loop outside training (sampling, scoring), or None when stderr is not a
+  terminal."""
+  if not sys.stderr.isatty():
+    return None
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)

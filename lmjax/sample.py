@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax import model as model_lib
-from lmjax import beam, compiling, hostenv, parallel, tokenizers
+from lmjax import beam, compiling, hostenv, metrics, parallel, tokenizers
 from lmjax.errors import SampleError
 
 _NEG = beam.NEG
@@ -290,15 +290,6 @@ def _check_memory(cfg, rows, cache_len, limit_bytes, max_new_tokens=0):
 # ------------------------------------------------------------------------------------------ Python API
 
 
-def _progress(total_tokens: int, wanted: bool):
-  """A progress bar in tokens per row for long sliding-window generations, when stderr is a terminal."""
-  if not wanted or not sys.stderr.isatty():
-    return None
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
-  return tqdm(total=total_tokens, unit='tok', desc='sampling', leave=False, dynamic_ncols=True)
-
-
 def window_chunk_len(model_cfg, window_chunk: int = 0) -> int:
   """Tokens per sliding-window chunk: `window_chunk`, or max_len // 4 when 0 (each token then sees >= 3/4 of the
   context, for one prefill per max_len // 4 tokens)."""
@@ -425,7 +416,7 @@ def generate(
     out_RxN = np.full((R, max_new_tokens), pad_id, np.int32)
     windows_R = prompts_R
     starts = range(0, max_new_tokens, chunk)
-    bar = _progress(len(starts) * chunk, progress)
+    bar = metrics.progress_bar(len(starts) * chunk, 'sampling', 'tok') if progress else None  # tokens per row
     for k, start in enumerate(starts):
       new_RxC = call(windows_R, done_R, jax.random.fold_in(jax.random.key(seed), k))
       n = min(chunk, max_new_tokens - start)  # the last chunk decodes a whole chunk and keeps what was asked for

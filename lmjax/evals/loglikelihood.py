@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -275,12 +274,3 @@ def choice_metrics(items, results) -> dict:
     out['ppl'] = float(math.exp(-np.mean([r['ll'][0] for r in results])))
   out['n'] = n
   return out
-
-
-def progress_bar(total: int, desc: str):
-  """A tqdm bar on stderr when it is a terminal, else None."""
-  if not sys.stderr.isatty():
-    return None
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
-  return tqdm(total=total, desc=desc, unit='req', leave=False, dynamic_ncols=True)

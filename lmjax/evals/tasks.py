@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from lmjax import data as data_lib, sources
+from lmjax import data as data_lib, metrics, sources
 from lmjax.errors import DataError
 from lmjax.evals import formats, loglikelihood, spec as spec_lib, textmetrics
 
@@ -38,7 +38,7 @@ class ChoiceTask:
     self.scorer = loglikelihood.Scorer(task)
 
   def __call__(self, params):
-    bar = loglikelihood.progress_bar(len(self.requests), self.spec.name)
+    bar = metrics.progress_bar(len(self.requests), self.spec.name, 'req')
     ll, greedy = self.scorer(params, self.requests, progress=bar.update if bar is not None else None)
     if bar is not None:
       bar.close()
@@ -95,7 +95,7 @@ class _Generating:
     o = self.options
     stop = o['stop'] if isinstance(o['stop'], (list, tuple)) else [o['stop']]
     per_call = max(1, self.config.train.eval_batch_size // n)
-    bar = loglikelihood.progress_bar(len(prompts), desc)
+    bar = metrics.progress_bar(len(prompts), desc, 'req')
     texts = []
     for k in range(0, len(prompts), per_call):
       chunk = prompts[k : k + per_call]
