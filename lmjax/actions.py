@@ -32,6 +32,25 @@ class Loop:
   checkpointer: Any  # lmjax.checkpoint.Checkpointer of WORKDIR/checkpoints
   meta: dict  # what a checkpoint records beside the arrays (config, tokenizer spec)
   echo: Callable[[str], None]
+  # (step, loss from the state) -> whether to save it; may raise: a state whose own loss is not finite is never
+  # saved (loop_parts.NonfiniteGuard.confirm_save)
+  confirm_save: Callable[[int, Any], bool] = lambda step, loss: True
+  _state_loss: list = dataclasses.field(default_factory=list)
+
+  def state_loss(self) -> float | None:
+    """The loss this step's state gives: the val_loss an earlier action computed at this step, else the loss on
+    the first eval batch (computed once per step); None without eval data."""
+    if 'val_loss' in self.metrics:
+      return self.metrics['val_loss']
+    if not self._state_loss:
+      batches = self.data.eval_batches[:1]
+      self._state_loss.append(self.task.evaluate(self.state.params, batches)['val_loss'] if batches else None)
+    return self._state_loss[0]
+
+  def save(self, checkpointer, meta: dict) -> None:
+    """Saves this step's state (and the data position) into `checkpointer`, once its loss is known finite."""
+    if self.confirm_save(self.step, self.state_loss()):
+      checkpointer.save(self.step, self.state, data_iter=self.data.train_iter, meta=meta, force=True)
 
 
 class Action:
@@ -101,7 +120,7 @@ class Checkpoint(Action):
   name = 'checkpoint'
 
   def run(self, loop):
-    loop.checkpointer.save(loop.step, loop.state, data_iter=loop.data.train_iter, meta=loop.meta, force=True)
+    loop.save(loop.checkpointer, loop.meta)
 
 
 class TimedCheckpoint(Checkpoint):
@@ -132,7 +151,7 @@ class KeepBest(Action):
       return None
     self.best = value
     meta = {**loop.meta, 'best': {'metric': self.metric, 'value': value, 'step': loop.step}}
-    self.checkpointer.save(loop.step, loop.state, data_iter=loop.data.train_iter, meta=meta, force=True)
+    loop.save(self.checkpointer, meta)
     return {f'best_{self.metric}': value}
 
 

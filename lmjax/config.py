@@ -6,7 +6,8 @@ experiment changes. `--config=configs/x.py:variant` passes 'variant' as `arg` (o
 `--config.a.b=value` overrides a field; the value is parsed to the field's type and an unknown key is an error
 that names the closest valid keys. `validate(config)` checks the whole config at once, before any data is read.
 
-A leaf: this module imports nothing else of lmjax but the error classes, so every other module can import it.
+Near the bottom of the imports: this module imports nothing of lmjax but the error classes and the grammar of
+eval-task strings (lmjax/evals/spec.py, which imports only the errors), so every other module can import it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import ml_collections
 
 from lmjax.errors import ConfigError  # noqa: F401  -- re-exported: `config.ConfigError` is the same class
+from lmjax.evals import spec as eval_spec
 
 # The names each choice accepts: the modules that implement them assert they implement exactly these.
 NORMS = ('layernorm', 'rmsnorm')
@@ -33,43 +35,62 @@ ROWS = ('windows', 'packed')  # lmjax/data.py
 TOKENIZERS = ('char', 'byte', 'spm', 'hf')  # lmjax/tokenizers.py
 JSONL = 'jsonl'  # data.dataset of prompt/completion pairs (lmjax/sources.py)
 DTYPES = ('float32', 'bfloat16', 'float16')
-EVAL_TASKS = ('mc', 'ppl', 'gen', 'div')  # the kinds of train.eval_tasks and `lmjax eval --task` (lmjax/evals/spec.py)
+TRACKERS = ('jsonl', 'tensorboard', 'wandb')  # train.trackers (lmjax/sinks.py)
+WANDB_MODES = ('online', 'offline', 'disabled')
+
+
+# What each model field is to a checkpoint, tagged on the field (ModelConfig below); `fields(role)` lists them.
+ARCH = 'architecture'  # the parameters' shapes and meaning: train.init_from takes these from its source
+LENGTH = 'length'  # max_len: architecture with learned positions (the table's length), free with rope
+LAYOUT = 'layout'  # how the same parameters are stored (stacked layers, master dtype): a restore needs the same
+RUNTIME = 'runtime'  # how the parameters are run (dropout, precision, kernel, remat): may change on resume
+ROLES = (ARCH, LENGTH, LAYOUT, RUNTIME)
+
+
+def _field(default, role: str):
+  return dataclasses.field(default=default, metadata={'role': role})
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The model's fields, declared once: `default_config().model` is built from these defaults, and the model
-  reads this frozen dataclass (`model_config(config)`). A new model option is one field here, one check in
-  `problems`, and its use in lmjax/model.py."""
+  reads this frozen dataclass (`model_config(config)`). A new model option is one field here, tagged with what it
+  is to a checkpoint (ARCH, LENGTH, LAYOUT or RUNTIME), one check in `problems`, and its use in lmjax/model.py."""
 
-  vocab_size: int = 0  # 0 = the tokenizer's vocabulary size (filled in before the model is built)
-  max_len: int = 64  # context length; training rows are this long
-  n_layers: int = 4
-  n_heads: int = 4
-  n_kv_heads: int = 0  # 0 = n_heads (multi-head); 1 = multi-query; otherwise grouped-query
-  d_model: int = 128
-  d_ff: int = 0  # 0 = 4 * d_model
-  dropout: float = 0.0  # on embeddings, attention weights and both residual branches (as nanoGPT)
-  norm: str = 'layernorm'  # layernorm | rmsnorm
-  norm_eps: float = 1e-5
-  positions: str = 'learned'  # learned | rope
-  rope_theta: float = 10000.0
+  vocab_size: int = _field(0, ARCH)  # 0 = the tokenizer's vocabulary size (filled in before the model is built)
+  max_len: int = _field(64, LENGTH)  # context length; training rows are this long
+  n_layers: int = _field(4, ARCH)
+  n_heads: int = _field(4, ARCH)
+  n_kv_heads: int = _field(0, ARCH)  # 0 = n_heads (multi-head); 1 = multi-query; otherwise grouped-query
+  d_model: int = _field(128, ARCH)
+  d_ff: int = _field(0, ARCH)  # 0 = 4 * d_model
+  dropout: float = _field(0.0, RUNTIME)  # on embeddings, attention weights and both residual branches (as nanoGPT)
+  norm: str = _field('layernorm', ARCH)  # layernorm | rmsnorm
+  norm_eps: float = _field(1e-5, ARCH)
+  positions: str = _field('learned', ARCH)  # learned | rope
+  rope_theta: float = _field(10000.0, ARCH)
   # 'llama3': Llama 3.1's rescaled rotary frequencies (long wavelengths divided by rope_factor, a smooth blend
   # between the low and high frequency cut-offs, measured in rope_original_max_len positions); 'none' = plain RoPE.
-  rope_scaling: str = 'none'
-  rope_factor: float = 8.0
-  rope_low_freq_factor: float = 1.0
-  rope_high_freq_factor: float = 4.0
-  rope_original_max_len: int = 8192
-  mlp: str = 'gelu'  # gelu (exact erf, as nanoGPT) | gelu_tanh (GPT-2's tanh approximation, HF's gelu_new) | swiglu
-  tied_embeddings: bool = True  # output projection = input embedding transposed
-  use_bias: bool = True  # biases in projections and LayerNorm
-  dtype: str = 'float32'  # compute dtype (bfloat16 on GPU/TPU); logits, softmax and loss stay float32
-  param_dtype: str = 'float32'  # master weights and optimizer state
-  scan_layers: bool = False  # nn.scan over layers: compile time flat in depth
-  remat: str = 'none'  # none | full | save_dots | save_proj (see lmjax/model.py REMAT_POLICIES)
-  attention: str = 'xla'  # xla | dot_product_attention | cudnn | splash | auto (see lmjax/attention.py)
-  attention_chunk: int = -1  # 'xla': queries in causal chunks of this length (-1 auto: CPU from length 128; 0 off)
+  rope_scaling: str = _field('none', ARCH)
+  rope_factor: float = _field(8.0, ARCH)
+  rope_low_freq_factor: float = _field(1.0, ARCH)
+  rope_high_freq_factor: float = _field(4.0, ARCH)
+  rope_original_max_len: int = _field(8192, ARCH)
+  # gelu (exact erf, as nanoGPT) | gelu_tanh (GPT-2's tanh approximation, HF's gelu_new) | swiglu
+  mlp: str = _field('gelu', ARCH)
+  tied_embeddings: bool = _field(True, ARCH)  # output projection = input embedding transposed
+  use_bias: bool = _field(True, ARCH)  # biases in projections and LayerNorm
+  # compute dtype (bfloat16 on GPU/TPU); logits, softmax and loss stay float32
+  dtype: str = _field('float32', RUNTIME)
+  param_dtype: str = _field('float32', LAYOUT)  # master weights and optimizer state
+  scan_layers: bool = _field(False, LAYOUT)  # nn.scan over layers: compile time flat in depth
+  remat: str = _field('none', RUNTIME)  # none | full | save_dots | save_proj (see lmjax/model.py REMAT_POLICIES)
+  attention: str = _field(
+    'xla', RUNTIME
+  )  # xla | dot_product_attention | cudnn | splash | auto (see lmjax/attention.py)
+  attention_chunk: int = _field(
+    -1, RUNTIME
+  )  # 'xla': queries in causal chunks of this length (-1 auto: CPU from length 128; 0 off)
 
   @property
   def kv_heads(self) -> int:
@@ -149,29 +170,14 @@ class ModelConfig:
     return self
 
 
-# The model fields a checkpoint's parameters depend on (train.init_from takes them from its source); the others
-# (dropout, precision, attention kernel, remat, scan) say how to run the same parameters. max_len is one of them
-# only with learned positions (the position table's length).
-ARCHITECTURE_FIELDS = (
-  'vocab_size',
-  'n_layers',
-  'n_heads',
-  'n_kv_heads',
-  'd_model',
-  'd_ff',
-  'norm',
-  'norm_eps',
-  'positions',
-  'rope_theta',
-  'rope_scaling',
-  'rope_factor',
-  'rope_low_freq_factor',
-  'rope_high_freq_factor',
-  'rope_original_max_len',
-  'mlp',
-  'tied_embeddings',
-  'use_bias',
-)
+def fields(*roles: str) -> tuple[str, ...]:
+  """The ModelConfig fields tagged with any of `roles`, in declaration order."""
+  return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata['role'] in roles)
+
+
+def architecture_fields(positions: str) -> tuple[str, ...]:
+  """What a checkpoint's parameters depend on: the ARCH fields, and max_len with learned positions."""
+  return fields(ARCH) + (fields(LENGTH) if positions == 'learned' else ())
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -233,6 +239,9 @@ def default_config() -> ml_collections.ConfigDict:
   t.init_from = ''
   t.peak_flops = 0.0  # per device, for MFU; 0 = look the device up in lmjax/metrics.py PEAK_FLOPS
   t.progress_bar = True  # shown only when stdout is a terminal
+  # Where metrics go, comma-separated: jsonl (WORKDIR/metrics.jsonl, which compare and sweeps read), tensorboard,
+  # wandb (Weights & Biases, `pip install 'lmjax[wandb]'`, settings in wandb.* below). lmjax/sinks.py.
+  t.trackers = 'jsonl,tensorboard'
   # '' = off. A directory holds JAX's persistent compilation cache and lmjax's own cache of the train-step and init
   # executables (keyed on lmjax's source and the config: compiling.ExecutableCache), so a repeated or resumed run
   # neither traces nor compiles them.
@@ -260,6 +269,15 @@ def default_config() -> ml_collections.ConfigDict:
   ms.fsdp = 1
   ms.tensor = 1
   ms.rules = ()  # overrides of lmjax/parallel.py RULES, e.g. (('embed', None), ('mlp', ('fsdp', 'tensor')))
+
+  c.wandb = w = ml_collections.ConfigDict()  # train.trackers with 'wandb': the W&B run (lmjax/sinks.py)
+  w.project = 'lmjax'
+  w.entity = ''  # '' = your default entity
+  w.name = ''  # '' = the workdir's folder name
+  w.group = ''  # e.g. the sweep's name, to see its members together
+  w.tags = ()
+  w.mode = 'online'  # online | offline (no network; `wandb sync` later) | disabled
+  w.init_timeout_s = 30.0  # how long to wait for the W&B service before going on without it
 
   c.sample = s = ml_collections.ConfigDict()  # defaults for `lmjax sample`
   s.prompt = '\n'
@@ -417,12 +435,18 @@ def problems(config) -> list[str]:
   if not all(isinstance(task, str) for task in tasks):
     out.append(f'train.eval_tasks must be strings KIND:DATA[,KEY=VALUE...]; got {t.eval_tasks!r}')
   else:
-    from lmjax.evals import spec as eval_spec  # pylint: disable=import-outside-toplevel  -- it imports this module
-
     try:
       eval_spec.parse_all(tasks)  # the one parser of task texts (`lmjax eval --task` too); reads no file
     except ConfigError as e:
       out.append(f'train.eval_tasks: {e}')
+  trackers = [x.strip() for x in t.trackers.split(',') if x.strip()]
+  unknown = [x for x in trackers if x not in TRACKERS]
+  need(
+    not unknown, f'train.trackers: unknown {", ".join(unknown)}; choose from {", ".join(TRACKERS)} (comma-separated)'
+  )
+  need(
+    config.wandb.mode in WANDB_MODES, f'wandb.mode must be one of {", ".join(WANDB_MODES)}; got {config.wandb.mode!r}'
+  )
   need(t.checkpoint_minutes >= 0, f'train.checkpoint_minutes must be >= 0 (0 = off), got {t.checkpoint_minutes}')
   need(o.name in OPTIMIZERS, f'optimizer.name must be one of {", ".join(OPTIMIZERS)}; got {o.name!r}')
   need(o.lr > 0, f'optimizer.lr must be > 0, got {o.lr}')

@@ -7,39 +7,26 @@ optimizer moments (twice the parameters' memory for AdamW) are never read.
 
 from __future__ import annotations
 
-from lmjax import checkpoint, compiling, hostenv, workdir as workdir_lib
-from lmjax.errors import CheckpointError
+from lmjax import compiling, hostenv, param_sources
+from lmjax.errors import ConfigError
 from lmjax.task import Task
 
 
 def load_run(workdir: str, overrides=(), mesh=None, step=None, params_only=True):
-  """(config, tokenizer, Task, state) of a trained workdir's checkpoint, restored onto `mesh` (default: the
-  config's mesh over this process's devices) whatever mesh it was saved from. `step`: a step number, 'best' (the
-  train.keep_best checkpoint) or None (the latest). `params_only`: state.opt_state is None. The run's compilation
-  caches (train.compilation_cache_dir) serve whatever the caller then compiles."""
-  config = workdir_lib.load_config(workdir, overrides)
+  """(config, tokenizer, Task, state) of a trained workdir's checkpoint (or of hf:DIR, a saved Hugging Face model),
+  restored onto `mesh` (default: the config's mesh over this process's devices) whatever mesh it was saved from.
+  `step`: a step number, 'best' (the train.keep_best checkpoint) or None (the newest that restores).
+  `params_only`: state.opt_state is None. The run's compilation caches (train.compilation_cache_dir) serve
+  whatever the caller then compiles."""
+  if step is not None and workdir.startswith('hf:'):
+    raise ConfigError(f'--step={step} names a checkpoint of an lmjax run; {workdir} is a Hugging Face model')
+  source = param_sources.open_source(workdir if step is None else f'{workdir}:{step}')
+  config = source.config(overrides)
   compiling.enable_compilation_cache(config.train.compilation_cache_dir)
-  tokenizer = workdir_lib.load_tokenizer(workdir)
-  best = step == 'best'
-  ckpt = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(workdir, best=best), data_iterator=False)
-  try:
-    if ckpt.latest_step() is None:
-      where = f'{workdir}/best (train.keep_best)' if best else f'{workdir}/checkpoints'
-      raise CheckpointError(f'{where} holds no checkpoint yet; train first')
-    task = Task(config, mesh)
-
-    def restore(at):
-      workdir_lib.check_compatible(ckpt.read_meta(at), config, tokenizer.spec(), workdir, what='Load it')
-      return (ckpt.restore_params if params_only else ckpt.restore)(at, task.abstract_state)
-
-    if step is None or best:  # the newest that restores (a damaged newest step is named and skipped)
-      _, state = checkpoint.restore_newest(ckpt, restore)
-    else:  # a step asked for by number: that step exactly
-      state = restore(step)
-  finally:
-    ckpt.close()
+  task = Task(config, mesh)
+  state = source.state(task, config, params_only=params_only)
   hostenv.mark('restored')
-  return config, tokenizer, task, state
+  return config, source.tokenizer, task, state
 
 
 def evaluate_run(workdir: str, overrides=(), step=None) -> dict:

@@ -1,18 +1,17 @@
-"""Where numbers go: DIR/metrics.jsonl, TensorBoard event files (tensorboardX, no TensorFlow), the terminal.
-
-Also the peak-FLOP/s table MFU is measured against. Only process 0 writes; the others get a logger that
+"""Numbers on their way out: the logger (rows to the sinks of lmjax/sinks.py, lines to the terminal), the step
+timer, and the peak-FLOP/s table MFU is measured against. Only process 0 writes; the others get a logger that
 does nothing, so the training loop never asks who it is.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 
 import jax
+
+from lmjax import sinks as sinks_lib
 
 # Dense peak FLOP/s per device at the compute dtype researchers use there (bf16 on accelerators). Matched by
 # substring of jax.devices()[0].device_kind, first hit wins. The CPU figure is XLA's f32 matmul peak on the project's
@@ -42,24 +41,6 @@ def peak_flops_per_device(override: float = 0.0) -> float:
   return math.nan  # unknown device: MFU is reported as NaN rather than made up
 
 
-def _summary_writer_class():
-  """tensorboardX's SummaryWriter, imported without torch. tensorboardX.writer imports torch at module level
-  whenever it is installed, only to accept torch tensors; that import took 1.5-3 s of `lmjax train`'s start-up here,
-  and lmjax logs Python floats. A None entry in sys.modules makes `import torch` raise ImportError, which
-  tensorboardX handles; the entry is removed at once, so torch stays importable. A process that already imported
-  torch keeps it."""
-  if 'torch' in sys.modules:
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-
-    return SummaryWriter
-  sys.modules['torch'] = None
-  try:
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-  finally:
-    del sys.modules['torch']
-  return SummaryWriter
-
-
 class StepTimer:
   """Seconds per step between two metric reads of a loop that queues the next call before reading the last one.
 
@@ -87,7 +68,8 @@ class StepTimer:
 
 
 class Logger:
-  """Writes one metrics dict per call to metrics.jsonl and TensorBoard, and prints a line for humans."""
+  """Sends one metrics dict per call to the sinks (lmjax/sinks.py: metrics.jsonl and TensorBoard unless told
+  otherwise), and prints a line for humans. A sink that fails is one warning and is dropped."""
 
   def __init__(
     self,
@@ -97,17 +79,15 @@ class Logger:
     progress_total: int = 0,
     progress_start: int = 0,
     progress_bar: bool = True,
+    sinks=None,
   ):
     self.enabled = enabled
-    self._jsonl = self._tb = self._bar = None
+    self._sinks, self._bar = [], None
     if not enabled:
       return
-    path = os.path.join(workdir, 'metrics.jsonl')
-    drop_rows_after(path, progress_start)  # a resumed run logs again the steps after its checkpoint
-    self._jsonl = open(path, 'a')
-    # TensorBoard's writer opens at the first write: importing tensorboardX takes ~0.15 s that the first training
-    # step need not wait for.
-    self._tb_dir = os.path.join(workdir, 'tensorboard')
+    if sinks is None:
+      sinks = [sinks_lib.Jsonl(None, workdir, progress_start), sinks_lib.TensorBoard(None, workdir, progress_start)]
+    self._sinks = list(sinks)
     if progress_bar and progress_total and sys.stderr.isatty():
       from tqdm import tqdm
 
@@ -117,15 +97,17 @@ class Logger:
     if not self.enabled:
       return
     row = {'step': int(step), 'time': round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(row, allow_nan=False) + '\n')
-    self._jsonl.flush()
-    if self._tb is None:
-      self._tb = _summary_writer_class()(self._tb_dir)
-    for k, v in row.items():
-      if k not in ('step', 'time') and isinstance(v, (int, float)):
-        self._tb.add_scalar(k, v, step)
+    self._each('failed to write', lambda sink: sink.write(int(step), row))
     if echo:
       self.echo(f'step {step:6d} | ' + ' | '.join(_fmt(k, v) for k, v in metrics.items()))
+
+  def _each(self, what: str, call) -> None:
+    for sink in list(self._sinks):
+      try:
+        call(sink)
+      except Exception as e:  # pylint: disable=broad-except  -- a tracker never stops a run
+        self._sinks.remove(sink)
+        self.echo(sinks_lib.failed(sink.name, what, e))
 
   def advance(self, n: int):
     if self._bar is not None:
@@ -142,10 +124,8 @@ class Logger:
   def close(self):
     if self._bar is not None:
       self._bar.close()
-    if self._tb is not None:
-      self._tb.close()
-    if self._jsonl is not None:
-      self._jsonl.close()
+    self._each('failed to close', lambda sink: sink.close())
+    self._sinks = []
 
 
 def _plain(v):
@@ -154,31 +134,6 @@ def _plain(v):
   if isinstance(v, float):
     return float(v) if math.isfinite(v) else None
   return v
-
-
-def drop_rows_after(path: str, step: int) -> None:
-  """Keeps the rows of metrics.jsonl up to `step` (the step a run resumes from), and drops a torn last line: a
-  resumed run writes the later steps again, so the file holds one row per step and kind across any number of
-  crashes and resumes."""
-  if not os.path.exists(path):
-    return
-  kept, changed = [], False
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except ValueError:
-        changed = True
-        continue
-      if isinstance(row, dict) and row.get('step', 0) <= step:
-        kept.append(line if line.endswith('\n') else line + '\n')
-      else:
-        changed = True
-  if changed:
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
 
 
 def _fmt(k, v):

@@ -84,6 +84,12 @@ class Task:
     keys = data_lib.TRAIN_KEYS[self.config.data.rows]
     return {k: jax.ShapeDtypeStruct(self.train_batch_shape, dtype) for k, dtype in keys.items()}
 
+  def put_train_batch(self, it) -> dict:
+    """The next call's batch: steps_per_call batches from the iterator, stacked (S x B x L) and placed on the mesh
+    (the shape and sharding every compiled train step takes)."""
+    batches = [next(it) for _ in range(self.steps_per_call)]
+    return parallel.put_batch({k: np.stack([b[k] for b in batches]) for k in batches[0]}, self.batch_sharding)
+
   def _abstract_state(self):
     """(parameters as ShapeDtypeStructs in their logical-axis boxes, the optimizer state as ShapeDtypeStructs)."""
     abstract_boxed = jax.eval_shape(self._boxed_params, self.rng)

@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from etils import epath
-from lmjax import config as config_lib
+from lmjax import config as config_lib, files
 from lmjax.errors import TokenizerError
 
 
@@ -283,9 +283,7 @@ def _trained_spm(dc, texts, cache_dir, process_index=0, process_count=1):
   tok = SentencePieceTokenizer(train_spm(texts(), dc.spm_vocab_size, dc.spm_model_type, dc.spm_train_chars))
   if path is not None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f'{path.name}.{os.getpid()}.tmp'  # one writer's own file: renames never collide
-    tmp.write_bytes(tok.proto)
-    tmp.rename(path)
+    files.write_atomic(path, tok.proto)
   return tok
 
 
@@ -407,16 +405,10 @@ def save(tok, workdir: str) -> None:
   """tokenizer.json (the spec) and, for spm, tokenizer.model: a new process reloads it from the workdir alone."""
   directory = epath.Path(workdir)
   if isinstance(tok, SentencePieceTokenizer):
-    _write(directory / tok.MODEL_FILE, tok.proto)
+    files.write_atomic(directory / tok.MODEL_FILE, tok.proto)
   if isinstance(tok, HFTokenizer):
-    _write(directory / tok.MODEL_FILE, tok.raw)
-  _write(directory / _FILE, json.dumps(tok.spec()).encode())
-
-
-def _write(path, content: bytes):
-  tmp = path.parent / (path.name + '.tmp')
-  tmp.write_bytes(content)
-  tmp.replace(path)  # atomic: a reader never sees half a file; overwrites a previous copy
+    files.write_atomic(directory / tok.MODEL_FILE, tok.raw)
+  files.write_atomic(directory / _FILE, json.dumps(tok.spec()).encode())
 
 
 def load(workdir: str):

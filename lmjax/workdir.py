@@ -27,7 +27,7 @@ import time
 
 import ml_collections
 
-from lmjax import config as config_lib, tokenizers
+from lmjax import config as config_lib, files, tokenizers
 from lmjax.errors import ConfigError, WorkdirError
 
 CONFIG = 'config.json'
@@ -38,9 +38,6 @@ PROFILE = 'profile'
 CHECKPOINTS = 'checkpoints'
 BEST = 'best'
 _LIBRARIES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy')
-
-# Model fields a resumed run may change: they alter how the step computes, not what the parameters are.
-RESUMABLE_MODEL_CHANGES = ('dropout', 'attention', 'attention_chunk', 'remat', 'dtype')
 
 
 def split_ref(ref: str) -> tuple[str, int | str | None]:
@@ -238,16 +235,16 @@ def record(config, tokenizer, workdir: str, primary: bool) -> None:
     add_provenance(workdir)
 
 
-def check_compatible(recorded: dict, config, tokenizer_spec: dict | None, where: str, what: str = 'Resume'):
-  """Raises ConfigError when a checkpoint's model or tokenizer differs from this run's, naming the fields."""
+def check_compatible(
+  recorded: dict, config, tokenizer_spec: dict | None, where: str, what: str = 'Resume', fields=None
+):
+  """Raises ConfigError when a checkpoint's model or tokenizer differs from this run's, naming the fields.
+  `fields`: the model fields that must agree (default: all but the RUNTIME ones, which a resume may change)."""
+  fields = fields if fields is not None else [k for k in config.model if k not in config_lib.fields(config_lib.RUNTIME)]
   # A field added to the model since the checkpoint was written has its default there: the old model had none.
   old = {**dataclasses.asdict(config_lib.ModelConfig()), **recorded['config']['model']}
   new = config.model.to_dict()
-  diff = {
-    k: (old.get(k), new.get(k))
-    for k in sorted(set(old) | set(new))
-    if k not in RESUMABLE_MODEL_CHANGES and old.get(k) != new.get(k)
-  }
+  diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if k in fields and old.get(k) != new.get(k)}
   if diff:
     lines = ', '.join(f'model.{k}: checkpoint {a!r} vs run {b!r}' for k, (a, b) in diff.items())
     hint = (
@@ -362,12 +359,7 @@ def read_provenance(workdir: str) -> list[dict]:
 
 
 def _write_json(path: str, obj) -> None:
-  tmp = f'{path}.{os.getpid()}.tmp'
   try:
-    with open(tmp, 'w') as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+    files.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
   except OSError as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
     raise WorkdirError(f'cannot write {path} ({e.strerror or e}); free space or use a writable --workdir') from None

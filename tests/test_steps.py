@@ -83,3 +83,18 @@ def test_skipping_drops_non_finite_updates_counts_them_and_stops_after_max_in_a_
   assert counts and counts == sorted(counts) and counts[-1] >= 4
   _, _, _, state = inference.load_run(wd, ONE_DEVICE)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_a_checkpoint_is_kept_only_once_the_loss_from_it_is_finite(tmp_path, shakespeare_dirs, capsys):
+  # Found by trying it: with checkpoint_every=5 the parameters after step 10 were finite, so step 10 was saved, yet
+  # the loss they give is not; the run only stopped at step 11. Now the save itself checks the loss of the state.
+  overrides = tiny_overrides(*shakespeare_dirs) + ONE_DEVICE + ['optimizer.lr=1e3', 'train.checkpoint_every=5']
+  wd = tmp_path / 'run'
+  code = cli.main(['train', '--config=configs/tiny.py', f'--workdir={wd}', *(f'--config.{o}' for o in overrides)])
+  [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith('lmjax train: error: ')]
+  assert code == 2, line
+  saved = sorted(int(s) for s in __import__('os').listdir(workdir.checkpoint_dir(wd)) if s.isdigit())
+  assert saved and f'the last checkpoint is step {saved[-1]}' in line, line
+  for step in saved:
+    result = inference.evaluate_run(str(wd), ONE_DEVICE, step=step)
+    assert np.isfinite(result['val_loss']), (step, result)

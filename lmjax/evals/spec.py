@@ -17,7 +17,7 @@
                     every=STEPS (in the training loop; default train.eval_every)
 
 A task's numbers are named NAME/METRIC (hellaswag/acc, validation/ppl) in metrics.jsonl and TensorBoard. `stop`
-takes backslash escapes (stop=\\n). Imports nothing of lmjax but the config's names and the errors.
+takes backslash escapes (stop=\\n). Imports nothing of lmjax but the errors.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ import dataclasses
 import os
 import re
 
-from lmjax import config as config_lib
 from lmjax.errors import ConfigError
 
-KINDS = config_lib.EVAL_TASKS
+KINDS = ('mc', 'ppl', 'gen', 'div')  # the kinds of train.eval_tasks and `lmjax eval --task`
 _DECODING = {
   'max_new_tokens': int,
   'temperature': float,

@@ -1,0 +1,165 @@
+"""Where parameters come from: one reference, read by one function, for every command that needs them.
+
+  WORKDIR         the newest checkpoint of an lmjax run that restores (an `lmjax import-hf` workdir among them)
+  WORKDIR:STEP    that step exactly
+  WORKDIR:best    the train.keep_best checkpoint
+  hf:DIR          a saved transformers model (a directory, or a hub name already in the local cache), converted
+                  in memory (lmjax/hf/)
+
+`open_source(ref)` gives a Source: its model fields, tokenizer and recorded config, `adopt(config)` (training's
+init_from: the source decides the architecture), and `state(engine)`, the parameters on the engine's shardings.
+Training's init_from, `lmjax sample`, `lmjax eval` and `lmjax export-hf` all read parameters through it, and
+`restore` below is the one path from a workdir's checkpoint to a state, resume included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+
+from lmjax import checkpoint, config as config_lib, workdir as workdir_lib
+from lmjax.errors import CheckpointError, ConfigError, WorkdirError
+
+
+def open_source(ref: str):
+  """The Source a reference names (module docstring); a bad reference is a WorkdirError saying what to give."""
+  return HFSource(ref[3:]) if ref.startswith('hf:') else WorkdirSource(ref)
+
+
+class WorkdirSource:
+  """A checkpoint of an lmjax workdir: WORKDIR, WORKDIR:STEP or WORKDIR:best."""
+
+  def __init__(self, ref: str):
+    self.ref = ref
+    self.workdir, self.step = workdir_lib.split_ref(ref)
+    if not os.path.isdir(self.workdir):
+      raise WorkdirError(
+        f'{ref!r}: {self.workdir} is not a directory; give the --workdir of a trained run, optionally with :STEP '
+        'or :best, or hf:DIR for a saved Hugging Face model'
+      )
+    self.tokenizer = workdir_lib.load_tokenizer(self.workdir)
+    if self.tokenizer is None:
+      raise WorkdirError(f'{ref!r}: {self.workdir} holds no tokenizer.json; is it a trained run?')
+    self.model = workdir_lib.load_config(self.workdir).model.to_dict()
+
+  def config(self, overrides=()):
+    """The run's recorded config with `overrides` applied (sampling and evaluation run the run as it was)."""
+    return workdir_lib.load_config(self.workdir, overrides)
+
+  def state(self, engine, config, params_only: bool = True, fields=None):
+    """The checkpoint's state on `engine`'s shardings (opt_state None with `params_only`). `fields`: the model
+    fields that must match the checkpoint's (default: all but RUNTIME ones)."""
+    best = self.step == 'best'
+    ckpt = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(self.workdir, best=best), data_iterator=False)
+    try:
+      if ckpt.latest_step() is None:
+        where = f'{self.workdir}/best (train.keep_best)' if best else f'{self.workdir}/checkpoints'
+        raise CheckpointError(f'{where} holds no checkpoint yet; train first')
+      step = None if best else self.step
+      return restore(
+        ckpt,
+        engine,
+        config,
+        self.tokenizer.spec(),
+        self.workdir,
+        step=step,
+        params_only=params_only,
+        fields=fields,
+        what='Load it',
+      )
+    finally:
+      ckpt.close()
+
+
+class HFSource:
+  """A transformers model directory (or a hub name in the local cache): its config.json, weights and tokenizer."""
+
+  def __init__(self, source: str):
+    from lmjax import hf  # pylint: disable=import-outside-toplevel  -- safetensors and tokenizers load only here
+
+    self.ref, self._hf = f'hf:{source}', hf
+    self.directory = hf.resolve_source(source)
+    fields, _, self.tokenizer, self._params = hf.read(self.directory)
+    self.model = {**dataclasses.asdict(config_lib.ModelConfig()), **fields}
+
+  def config(self, overrides=()):
+    config = self._hf.import_config(self.model, self.directory)
+    with config.unlocked():
+      config_lib.apply_overrides(config, overrides)
+    return config_lib.validate(config)
+
+  def state(self, engine, config, params_only: bool = True, fields=None):
+    """The converted parameters on `engine`'s shardings, as a state at step 0 (an HF model has no optimizer state:
+    `params_only` is always true here)."""
+    del params_only, fields
+    from lmjax import model as model_lib  # pylint: disable=import-outside-toplevel
+
+    params = model_lib.stack_layers(self._params, config.model.n_layers) if config.model.scan_layers else self._params
+    params = jax.tree.map(
+      lambda a, x: jax.device_put(x.astype(a.dtype), a.sharding), engine.abstract_state.params, params
+    )
+    return engine.abstract_state.replace(step=jax.numpy.int32(0), params=params, opt_state=None)
+
+
+def adopt(source, config) -> None:
+  """train.init_from: sets this config's architecture and tokenizer kind to the source's. The source decides the
+  architecture (config.architecture_fields) and the tokenizer; this config decides everything else. A field this
+  config sets away from its default to a value that differs from the source's is a ConfigError naming it, rather
+  than silently ignored."""
+  fields = config_lib.architecture_fields(source.model['positions'])
+  default = config_lib.ModelConfig()
+  conflicts = [
+    f'model.{k}={config.model[k]!r} (the source has {source.model[k]!r})'
+    for k in fields
+    if config.model[k] not in (source.model[k], getattr(default, k))
+  ]
+  if conflicts:
+    raise ConfigError(
+      f'train.init_from={source.ref!r} decides the architecture, but this config sets {", ".join(conflicts)}; '
+      'remove those settings (or start from a fresh init)'
+    )
+  spec = source.tokenizer.spec()
+  with config.unlocked():
+    for k in fields:
+      config.model[k] = source.model[k]
+    config.data.tokenizer = spec['kind']
+    if spec['kind'] == 'spm':
+      config.data.spm_vocab_size, config.data.spm_model_type = spec['vocab_size'], spec['model_type']
+
+
+def init_params(source, engine, config):
+  """train.init_from's parameters on `engine`'s shardings (its optimizer state is never read). The architecture was
+  adopted; the stored layout (stacked layers, master dtype) must be this run's."""
+  return source.state(engine, config, params_only=True, fields=config_lib.fields(config_lib.LAYOUT)).params
+
+
+def restore(
+  ckpt,
+  engine,
+  config,
+  tokenizer_spec,
+  workdir,
+  *,
+  step=None,
+  params_only=False,
+  data_iter=None,
+  fields=None,
+  move_aside=False,
+  what='Resume',
+):
+  """The one path from a workdir's checkpoint to a state on `engine`'s shardings. `step` None: the newest step that
+  restores (a damaged newest step is named, skipped, and with `move_aside` moved to DIR/damaged/); a number: that
+  step exactly. The model (`fields`, see workdir.check_compatible) and tokenizer must be the checkpoint's;
+  `data_iter` is set to the saved position; `params_only` leaves the optimizer state unread."""
+
+  def one(at):
+    workdir_lib.check_compatible(ckpt.read_meta(at), config, tokenizer_spec, workdir, what=what, fields=fields)
+    if params_only:
+      return ckpt.restore_params(at, engine.abstract_state)
+    return ckpt.restore(at, engine.abstract_state, data_iter=data_iter)
+
+  if step is not None:
+    return one(step)
+  return checkpoint.restore_newest(ckpt, one, move_aside=move_aside)[1]
