@@ -44,6 +44,28 @@ def _drop_orbax_info(record: logging.LogRecord) -> bool:
 logging.getLogger('absl').addFilter(_drop_orbax_info)
 
 
+_DISK_FULL = ('RESOURCE_EXHAUSTED', 'No space left on device')
+
+
+def _drop_disk_full_reports(record: logging.LogRecord) -> bool:
+  # A full disk during an async save is logged, with tracebacks, by Orbax's background threads (absl) and by
+  # asyncio ("Task exception was never retrieved") before the failure reaches the next save or wait, where
+  # Checkpointer raises it as one line. Those copies of the same error are dropped; everything else passes.
+  text = record.getMessage() if record.args else str(record.msg)
+  if record.exc_info and record.exc_info[1] is not None:
+    text += str(record.exc_info[1])
+  return not any(k in text for k in _DISK_FULL)
+
+
+def _is_async_failure(e: BaseException) -> bool:
+  """A save's error raised by a later call (Orbax waits for the previous save first): the disk filled meanwhile."""
+  return any(k in str(e) for k in _DISK_FULL)
+
+
+for _name in ('absl', 'asyncio'):
+  logging.getLogger(_name).addFilter(_drop_disk_full_reports)
+
+
 def _free(directory: str) -> str:
   """Free space on the disk holding `directory`, for messages ('?' for remote or unreadable paths)."""
   import shutil  # pylint: disable=import-outside-toplevel
@@ -114,6 +136,7 @@ class Checkpointer:
     self._mngr = ocp.CheckpointManager(
       self.directory, options=options, item_names=tuple(handlers), item_handlers=handlers
     )
+    self._writing = None  # the step of the last save started: an async failure surfaces at the next save or wait
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -138,9 +161,12 @@ class Checkpointer:
     if meta is not None:
       items['meta'] = ocp.args.JsonSave(meta)
     try:
-      return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
+      started = self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
     except (OSError, ValueError, RuntimeError) as e:
-      raise self._write_error(step, e) from e
+      failed = self._writing if _is_async_failure(e) and self._writing is not None else step
+      raise self._write_error(failed, e) from e
+    self._writing = step if started else self._writing
+    return started
 
   def _write_error(self, step, e) -> CheckpointError:
     """A failed write (a full disk, a read-only or vanished directory) as one line saying where and what to do."""
@@ -268,7 +294,7 @@ class Checkpointer:
     try:
       self._mngr.wait_until_finished()
     except (OSError, ValueError, RuntimeError) as e:
-      raise self._write_error(self._mngr.latest_step(), e) from e
+      raise self._write_error(self._writing, e) from e
 
   def close(self) -> None:
     self._mngr.close()

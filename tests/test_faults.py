@@ -4,6 +4,7 @@ leaves equals the uninterrupted run bitwise: parameters, optimizer state, and me
 disk and a damaged newest step in test_cli/test_checkpoint, two trains on one workdir in test_workdir, NaN with
 both policies in test_steps, SIGTERM mid-run in test_train.)"""
 
+import json
 import os
 import random
 import shutil
@@ -162,3 +163,50 @@ def test_sigterm_during_the_final_checkpoint_write_waits_for_it(tmp_path, traine
   )
   assert proc.returncode == 0 and 'FINISHED True' in proc.stdout, proc.stderr[-3000:]  # the run was done: exit 0
   _assert_equals_the_uninterrupted_run(wd, trained)
+
+
+def _in_a_small_filesystem(script: str, size: str):
+  """Runs bash `script` with $SMALL a fresh tmpfs of `size`, in a mount namespace of its own (unshare -rm: root
+  inside, no mount left behind); skips where the machine allows no such mount."""
+  probe = subprocess.run(['unshare', '-rm', 'sh', '-c', 'mount -t tmpfs tmpfs /mnt'], capture_output=True, check=False)
+  if probe.returncode:
+    pytest.skip(f'this machine allows no private tmpfs mount (unshare -rm: {probe.stderr.decode().strip()[:120]})')
+  small = f'/tmp/lmjax-small-{os.getpid()}'
+  os.makedirs(small, exist_ok=True)
+  wrapped = f'mount -t tmpfs -o size={size} tmpfs {small} && export SMALL={small} && {script}'
+  env = {**os.environ, 'HF_HUB_OFFLINE': '1'}
+  try:
+    return subprocess.run(
+      ['unshare', '-rm', 'bash', '-c', wrapped],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=REPO,
+      timeout=600,
+      check=False,
+    )
+  finally:
+    os.rmdir(small)
+
+
+def test_a_really_full_disk_during_an_async_save_is_one_line_and_keeps_the_earlier_steps(shakespeare_dirs):
+  # Found by trying it: a real full disk (not an injected ENOSPC) surfaced as Orbax's RESOURCE_EXHAUSTED traceback
+  # from its background threads. A tiny run's checkpoint is ~0.5 MB: 1.5 MB of tmpfs holds two and fills on the third.
+  overrides = (
+    tiny_overrides(*shakespeare_dirs) + ONE_DEVICE + ['train.checkpoint_every=5', 'train.keep_checkpoints=100']
+  )
+  train = ' '.join(f"'{a}'" for a in tiny_train_command('$SMALL/run', overrides)).replace(
+    "'--workdir=$SMALL/run'", '"--workdir=$SMALL/run"'
+  )
+  evaluate = f'{sys.executable} -m lmjax eval "--workdir=$SMALL/run" --step=10 ' + ' '.join(
+    f"'--config.{o}'" for o in ONE_DEVICE
+  )
+  out = _in_a_small_filesystem(f'{train}; echo "train exit $?" >&2; ls "$SMALL/run/checkpoints"; {evaluate}', '1500k')
+  errors = [l for l in out.stderr.splitlines() if 'Traceback' in l or l.startswith(('ERROR', 'lmjax train:'))]
+  assert 'train exit 2' in out.stderr, out.stderr[-3000:]
+  [line] = errors  # the one line, and no traceback or logged error beside it
+  assert line.startswith('lmjax train: error: saving the checkpoint of step') and 'the disk is full' in line, line
+  listed = out.stdout.split()
+  assert '5' in listed and '10' in listed, out.stdout
+  evaluated = json.loads(out.stdout.strip().splitlines()[-1])
+  assert evaluated['step'] == 10 and np.isfinite(evaluated['val_loss'])
