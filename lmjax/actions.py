@@ -133,7 +133,7 @@ class TimedCheckpoint(Checkpoint):
 
 
 class KeepBest(Action):
-  """Keeps the checkpoint with the lowest `metric` seen so far in WORKDIR/best/ (one step), beside the last K in
+  """Keeps the checkpoint with the lowest `metric` seen so far in WORKDIR/best/ (one step), beside the last train.keep_checkpoints in
   checkpoints/. Runs where the metric is computed: list it after the action that returns it. The best value
   survives a resume: it is read back from the kept checkpoint's metadata."""
 

@@ -225,7 +225,7 @@ def default_config() -> ml_collections.ConfigDict:
   # NAME/METRIC (hellaswag_val/acc_norm).
   t.eval_tasks = ()
   t.checkpoint_every = 500
-  t.keep_checkpoints = 3  # the last K checkpoints are kept; older ones are deleted
+  t.keep_checkpoints = 3  # the last N checkpoints are kept; older ones are deleted
   t.keep_best = ''  # '' = off; a metric (val_loss, val_ppl, val_bpb): its best checkpoint is kept in WORKDIR/best/
   # A loss, gradient norm or updated parameter that is not finite: 'stop' ends the run naming the step (no state
   # after it is saved); 'skip' drops that update, counts it in the metrics, and stops after max_skipped in a row.
@@ -249,7 +249,7 @@ def default_config() -> ml_collections.ConfigDict:
   # (first, count): a jax.profiler trace of steps first + 1 ... first + count in WORKDIR/profile (lmjax/profiling.py
   # says how to open it); (0, 0) = off.
   t.profile_steps = (0, 0)
-  t.steps_per_call = 1  # optimizer steps per jitted call (lax.scan over K batches): less per-call overhead
+  t.steps_per_call = 1  # optimizer steps per jitted call (lax.scan over S batches): less per-call overhead
 
   c.optimizer = o = ml_collections.ConfigDict()
   o.name = 'adamw'  # adamw | lion | adafactor | muon
@@ -403,9 +403,9 @@ def problems(config) -> list[str]:
       out.append(msg)
 
   t, o, d, s = config.train, config.optimizer, config.data, config.sample
-  K = t.steps_per_call
+  S = t.steps_per_call
   need(t.steps > 0, f'train.steps ({t.steps}) must be > 0')
-  need(K > 0, f'train.steps_per_call must be > 0, got {K}')
+  need(S > 0, f'train.steps_per_call must be > 0, got {S}')
   need(t.batch_size > 0, f'train.batch_size must be > 0, got {t.batch_size}')
   need(
     t.grad_accum > 0 and t.batch_size % max(t.grad_accum, 1) == 0,
@@ -417,8 +417,8 @@ def problems(config) -> list[str]:
       continue
     if t[name] < 0:
       out.append(f'train.{name} ({t[name]}) must be >= 0 (0 = only at the last step)')
-    elif K > 0 and t[name] % K:
-      out.append(f'train.{name} ({t[name]}) must be a multiple of train.steps_per_call ({K})')
+    elif S > 0 and t[name] % S:
+      out.append(f'train.{name} ({t[name]}) must be a multiple of train.steps_per_call ({S})')
   need(t.keep_checkpoints >= 1, f'train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}')
   need(
     t.keep_best in ('',) + BEST_METRICS,
@@ -427,8 +427,8 @@ def problems(config) -> list[str]:
   prof = tuple(t.profile_steps)
   if len(prof) != 2 or not all(isinstance(x, int) and x >= 0 for x in prof):
     out.append(f'train.profile_steps must be (first, count), two ints >= 0; got {t.profile_steps!r}')
-  elif K > 0 and (prof[0] % K or prof[1] % K):
-    out.append(f'train.profile_steps {prof} must be multiples of train.steps_per_call ({K}): calls are traced whole')
+  elif S > 0 and (prof[0] % S or prof[1] % S):
+    out.append(f'train.profile_steps {prof} must be multiples of train.steps_per_call ({S}): calls are traced whole')
   need(t.nonfinite in ('stop', 'skip'), f"train.nonfinite must be 'stop' or 'skip'; got {t.nonfinite!r}")
   need(t.max_skipped >= 1, f'train.max_skipped must be >= 1, got {t.max_skipped}')
   tasks = t.eval_tasks if isinstance(t.eval_tasks, (tuple, list)) else [t.eval_tasks]

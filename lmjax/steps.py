@@ -1,4 +1,4 @@
-"""The pure, jitted functions of training: the train state, the loss, one (or K) optimizer steps, the eval step.
+"""The pure, jitted functions of training: the train state, the loss, one (or S, steps per call) optimizer steps, the eval step.
 
 Nothing here does I/O or knows about meshes; lmjax/task.py jits these with shardings, lmjax/train.py runs them.
 """
@@ -87,10 +87,10 @@ def _global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def train_steps(state, batches_KxBxL, rng, **kw):
-  """K optimizer steps in one call (lax.scan over K stacked batches): the per-call cost of launching an executable
-  is paid once per K steps. Metrics come back stacked, one value per step."""
-  return jax.lax.scan(lambda s, b: train_step(s, b, rng, **kw), state, batches_KxBxL)
+def train_steps(state, batches_SxBxL, rng, **kw):
+  """S optimizer steps in one call (lax.scan over S stacked batches): the per-call cost of launching an executable
+  is paid once per S steps. Metrics come back stacked, one value per step."""
+  return jax.lax.scan(lambda s, b: train_step(s, b, rng, **kw), state, batches_SxBxL)
 
 
 def eval_step(params, batch, *, model):

@@ -51,7 +51,6 @@ class Task:
     self.n_params = model_lib.count_params(abstract_params)
     self.flops_per_token = model_lib.flops_per_token(self.model_cfg, self.model_cfg.max_len)
 
-    K = self.steps_per_call
     self.batch_sharding = parallel.batch_sharding(self.mesh, ndim=3)
     self.eval_batch_sharding = parallel.batch_sharding(self.mesh, ndim=2)
     step_kw = dict(
@@ -68,7 +67,7 @@ class Task:
       in_shardings=(self.param_shardings, self.eval_batch_sharding),
       out_shardings=repl,
     )
-    self.train_batch_shape = (K, config.train.batch_size, self.model_cfg.max_len)
+    self.train_batch_shape = (self.steps_per_call, config.train.batch_size, self.model_cfg.max_len)
     self._eval_executables = {}
 
   @property

@@ -45,10 +45,10 @@ def prepare_data(config, workdir, tokenizer=None):
     )
   tc = config.train
   if tc.epochs:  # the run's length in passes over the data: train.steps follows, and with it the schedule
-    K = tc.steps_per_call
+    S = tc.steps_per_call
     steps = max(1, math.ceil(tc.epochs * data.rows_per_epoch / tc.batch_size))
     with config.unlocked():
-      tc.steps = -(-steps // K) * K
+      tc.steps = -(-steps // S) * S
   return data
 
 
