@@ -12,12 +12,12 @@ import contextlib
 import io
 import re
 import shlex
-import tomllib
 
 import pytest
 from conftest import REPO
 
-from lmjax import cli, config as config_lib, errors
+from lmjax import cli, errors
+from lmjax import config as config_lib
 
 DOCS = [REPO / 'README.md', *sorted((REPO / 'docs').glob('*.md'))]
 README_LIMIT = 12 * 1024  # bytes: the README is a first screen and a map; reference lives in docs/
@@ -176,8 +176,15 @@ def check_script(argv) -> str:
   return ''
 
 
+def _extras() -> list[str]:
+  """The names in pyproject.toml's [project.optional-dependencies] (no tomllib before Python 3.11)."""
+  text = (REPO / 'pyproject.toml').read_text()
+  section = text.split('[project.optional-dependencies]', 1)[1].split('\n[', 1)[0]
+  return re.findall(r'^([A-Za-z0-9_-]+)\s*=', section, re.MULTILINE)
+
+
 def check_pip(argv) -> str:
-  extras = tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['optional-dependencies']
+  extras = _extras()
   for a in argv:
     m = re.fullmatch(r'\.\[([\w,-]+)\]', a)
     for extra in m.group(1).split(',') if m else ():
@@ -240,22 +247,18 @@ def test_the_readme_is_short_and_its_links_resolve():
 
 
 def test_the_extractor_sees_through_continuations_chains_comments_and_the_environment():
-  text = '\n'.join(
-    [
-      'prose lmjax train is not a command',
-      '```bash',
-      '# a comment',
-      'FOO=1 lmjax train --config=configs/tiny.py \\',
-      '  --workdir=w   # trailing words',
-      'python3 -m venv .venv && . .venv/bin/activate && python -m lmjax eval --workdir=w > out.txt',
-      '```',
-      '```python',
-      'lmjax = 1',
-      '```',
-    ]
-  )
-  path = REPO / 'tests' / '__doc_sample__.md'
-  got = [argv for _, _, argv in doc_commands(_Text(path, text))]
+  text = """prose lmjax train is not a command
+```bash
+# a comment
+FOO=1 lmjax train --config=configs/tiny.py \\
+  --workdir=w   # trailing words
+python3 -m venv .venv && . .venv/bin/activate && python -m lmjax eval --workdir=w > out.txt
+```
+```python
+lmjax = 1
+```
+"""
+  got = [argv for _, _, argv in doc_commands(_Text(text))]
   assert got == [
     ['lmjax', 'train', '--config=configs/tiny.py', '--workdir=w'],
     ['python3', '-m', 'venv', '.venv'],
@@ -267,8 +270,8 @@ def test_the_extractor_sees_through_continuations_chains_comments_and_the_enviro
 class _Text:
   """A stand-in for a doc file (doc_commands only reads it)."""
 
-  def __init__(self, path, text):
-    self.path, self.text = path, text
+  def __init__(self, text):
+    self.text = text
 
   def read_text(self):
     return self.text
@@ -303,6 +306,6 @@ TYPOS = [
 @pytest.mark.parametrize('command', TYPOS)
 def test_a_typo_in_a_doc_command_fails_and_says_why(command, tmp_path, monkeypatch):
   monkeypatch.chdir(REPO)
-  found = doc_commands(_Text(REPO / 'x.md', f'```bash\n{command}\n```'))
+  found = doc_commands(_Text(f'```bash\n{command}\n```'))
   assert found, command
   assert any(check(argv, tmp_path) for _, _, argv in found), command
