@@ -51,6 +51,22 @@ def shell_lines(text: str):
   return out
 
 
+def python_blocks(text: str):
+  """(line number, code) of every ```python block."""
+  out, code, start = [], None, 0
+  for number, line in enumerate(text.splitlines(), 1):
+    if line.strip().startswith('```'):
+      if code is not None:
+        out.append((start, '\n'.join(code) + '\n'))
+        code = None
+      elif line.strip() == '```python':
+        code, start = [], number
+      continue
+    if code is not None:
+      code.append(line)
+  return out
+
+
 def split_commands(line: str) -> list[list[str]]:
   """The simple commands of a shell line (split at && ; | &), redirections dropped."""
   lex = shlex.shlex(line, posix=True, punctuation_chars=True)
@@ -226,6 +242,22 @@ def test_every_command_in_the_docs_runs_as_written(doc, tmp_path, monkeypatch):
     if why:
       failures.append(f'{doc.relative_to(REPO)}:{number}: {line.strip()}\n    {shlex.join(argv[:2])} ...: {why}')
   assert not failures, 'doc commands that do not run as written:\n' + '\n'.join(failures)
+
+
+def test_the_sweep_files_the_docs_show_load_expand_and_validate(tmp_path, monkeypatch):
+  from lmjax import sweep as sweep_lib
+
+  monkeypatch.chdir(REPO)
+  shown = [(doc, n, code) for doc in DOCS for n, code in python_blocks(doc.read_text()) if 'def get_sweep(' in code]
+  assert shown, 'docs/sweeps.md shows a sweep file'
+  for i, (doc, number, code) in enumerate(shown):
+    path = tmp_path / f'sweep_{i}.py'
+    path.write_text(code)
+    try:
+      sweep = sweep_lib.load(str(path))
+      sweep_lib.check(sweep, sweep_lib.expand(sweep), str(tmp_path / f'runs_{i}'))
+    except errors.UserError as e:
+      pytest.fail(f'{doc.relative_to(REPO)}:{number}: the sweep file shown does not load: {errors.one_line(e)}')
 
 
 def test_the_readme_has_its_two_set_up_commands_and_ci_runs_the_second():
