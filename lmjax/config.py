@@ -469,6 +469,11 @@ def problems(config) -> list[str]:
       config.mesh[axis] == -1 or config.mesh[axis] > 0,
       f'mesh.{axis} must be a device count or -1 (the devices left over), got {config.mesh[axis]}',
     )
+  leftover = [f'mesh.{a}' for a in ('data', 'fsdp', 'tensor') if config.mesh[a] == -1]
+  need(
+    len(leftover) <= 1,
+    f'{" and ".join(leftover)} are both -1 (the devices left over); at most one axis may be -1: give the others counts',
+  )
   need(s.max_new_tokens >= 0, f'sample.max_new_tokens must be >= 0, got {s.max_new_tokens}')
   need(s.temperature >= 0, f'sample.temperature must be >= 0 (0 = greedy), got {s.temperature}')
   return out
