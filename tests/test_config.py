@@ -5,6 +5,7 @@ import json
 import pytest
 
 from lmjax import cli, config as config_lib, workdir
+from lmjax.errors import ConfigError
 
 
 def test_overrides_are_parsed_to_the_field_type():
@@ -60,3 +61,8 @@ def test_cli_reports_a_bad_override_without_a_traceback(capsys, tmp_path):
   err = capsys.readouterr().err
   assert code == 2
   assert "unknown config key 'train.stepz'" in err and 'train.steps' in err and 'Traceback' not in err
+
+
+def test_two_mesh_axes_of_minus_one_are_refused_when_the_config_loads():
+  with pytest.raises(ConfigError, match=r'mesh.data and mesh.fsdp are both -1'):
+    config_lib.load('configs/tiny.py', ['mesh.fsdp=-1'])
