@@ -57,11 +57,6 @@ def _drop_disk_full_reports(record: logging.LogRecord) -> bool:
   return not any(k in text for k in _DISK_FULL)
 
 
-def _is_async_failure(e: BaseException) -> bool:
-  """A save's error raised by a later call (Orbax waits for the previous save first): the disk filled meanwhile."""
-  return any(k in str(e) for k in _DISK_FULL)
-
-
 for _name in ('absl', 'asyncio'):
   logging.getLogger(_name).addFilter(_drop_disk_full_reports)
 
@@ -160,11 +155,14 @@ class Checkpointer:
       items['data'] = _grain_checkpoint().CheckpointSave(data_iter)
     if meta is not None:
       items['meta'] = ocp.args.JsonSave(meta)
+    try:  # the previous save's background writes first: a disk that filled meanwhile is that step's failure
+      self._mngr.wait_until_finished()
+    except (OSError, ValueError, RuntimeError) as e:
+      raise self._write_error(self._writing, e) from e
     try:
       started = self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
     except (OSError, ValueError, RuntimeError) as e:
-      failed = self._writing if _is_async_failure(e) and self._writing is not None else step
-      raise self._write_error(failed, e) from e
+      raise self._write_error(step, e) from e
     self._writing = step if started else self._writing
     return started
 

@@ -204,7 +204,8 @@ def test_a_really_full_disk_during_an_async_save_is_one_line_and_keeps_the_earli
   out = _in_a_small_filesystem(f'{train}; echo "train exit $?" >&2; ls "$SMALL/run/checkpoints"; {evaluate}', '1500k')
   errors = [l for l in out.stderr.splitlines() if 'Traceback' in l or l.startswith(('ERROR', 'lmjax train:'))]
   assert 'train exit 2' in out.stderr, out.stderr[-3000:]
-  [line] = errors  # the one line, and no traceback or logged error beside it
+  assert len(errors) == 1, out.stderr[-4000:]  # the one line, and no traceback or logged error beside it
+  [line] = errors
   assert line.startswith('lmjax train: error: saving the checkpoint of step') and 'the disk is full' in line, line
   listed = out.stdout.split()
   assert '5' in listed and '10' in listed, out.stdout
