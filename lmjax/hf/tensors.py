@@ -149,7 +149,7 @@ def read_header(path: str) -> dict:
   entries = {}
   for name, info in header.items():
     if name == '__metadata__':
-      if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+      if info is not None and not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
         raise bad('its __metadata__ is not an object of strings')
     else:
       entries[name] = _entry(name, info, bad)
