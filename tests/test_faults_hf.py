@@ -7,6 +7,7 @@ import copy
 import hashlib
 import json
 import os
+import pathlib
 import random
 import shutil
 import socket
@@ -61,7 +62,7 @@ def _refused(proc, *names):
 
 def _tree_digest(directory) -> dict:
   return {
-    os.path.relpath(os.path.join(d, n), directory): hashlib.sha256(open(os.path.join(d, n), 'rb').read()).hexdigest()
+    os.path.relpath(os.path.join(d, n), directory): hashlib.sha256(pathlib.Path(d, n).read_bytes()).hexdigest()
     for d, _, names in os.walk(directory)
     for n in names
   }
@@ -70,6 +71,15 @@ def _tree_digest(directory) -> dict:
 def _copy(src, dst):
   shutil.copytree(src, dst, symlinks=True)
   return str(dst)
+
+
+def _json(path):
+  return json.loads(pathlib.Path(path).read_text())
+
+
+def _truncate(path):
+  text = pathlib.Path(path).read_text()
+  pathlib.Path(path).write_text(text[: len(text) // 2])
 
 
 def _drop(obj: dict, key: str) -> None:
@@ -291,8 +301,7 @@ def test_a_damaged_config_json_is_named_before_any_weight_is_read(change, says, 
   src = _copy(hf_models['gpt2'], tmp_path / 'src')
   path = os.path.join(src, 'config.json')
   if change == 'truncate':
-    text = open(path).read()
-    open(path, 'w').write(text[: len(text) // 2])
+    _truncate(path)
   else:
     _edit_json(path, change)
   with pytest.raises(errors.InteropError) as e:
@@ -328,10 +337,9 @@ _FIRST_SHARD = 'model-00001-of-00005.safetensors'  # llama_tied is saved in five
 def test_a_damaged_shard_index_is_named(change, says, hf_models, tmp_path):
   src = _copy(hf_models['llama_tied'], tmp_path / 'src')
   path = os.path.join(src, hf.INDEX)
-  assert json.load(open(path))['weight_map']['model.norm.weight'] != _FIRST_SHARD  # so 'wrong-shard' is wrong
+  assert _json(path)['weight_map']['model.norm.weight'] != _FIRST_SHARD  # so 'wrong-shard' is wrong
   if change == 'truncate':
-    text = open(path).read()
-    open(path, 'w').write(text[: len(text) // 2])
+    _truncate(path)
   else:
     _edit_json(path, change)
   with pytest.raises(errors.InteropError) as e:
@@ -346,16 +354,16 @@ def test_shards_and_symlinks_that_lead_outside_the_model_directory_are_refused(h
   src = _copy(hf_models['llama_tied'], tmp_path / 'src')
   outside = tmp_path / 'outside'
   os.makedirs(outside)
-  shard = json.load(open(os.path.join(src, hf.INDEX)))['weight_map']['model.norm.weight']
+  shard = _json(os.path.join(src, hf.INDEX))['weight_map']['model.norm.weight']
   shutil.move(os.path.join(src, shard), outside / shard)
   index = os.path.join(src, hf.INDEX)
-  original = json.load(open(index))
+  original = _json(index)
   for name in (f'../outside/{shard}', str(outside / shard)):
     _edit_json(index, lambda i, n=name: {'weight_map': {k: n if v == shard else v for k, v in i['weight_map'].items()}})
     with pytest.raises(errors.InteropError) as e:
       hf.read(src)
     assert 'outside the model directory' in _one_line(e.value, shard)
-  json.dump(original, open(index, 'w'))
+  pathlib.Path(index).write_text(json.dumps(original))
   os.symlink(outside / shard, os.path.join(src, shard))  # the index is as saved; the shard is a link out
   with pytest.raises(errors.InteropError) as e:
     hf.read(src)
@@ -374,7 +382,7 @@ def _fake_hub_cache(home, repo, src, link_out=None):
   os.makedirs(os.path.join(folder, 'blobs'))
   snapshot = os.path.join(folder, 'snapshots', commit)
   os.makedirs(snapshot)
-  open(os.path.join(folder, 'refs', 'main'), 'w').write(commit)
+  pathlib.Path(folder, 'refs', 'main').write_text(commit)
   for name in os.listdir(src):
     blob = hashlib.sha256(name.encode()).hexdigest()
     shutil.copy(os.path.join(src, name), os.path.join(folder, 'blobs', blob))
@@ -470,7 +478,7 @@ def test_an_import_that_stopped_early_with_a_stale_lock_is_written_again(hf_mode
   (workdir / 'lock.json').write_text(json.dumps({'host': socket.gethostname(), 'pid': gone.pid, 'since': 'then'}))
   summary = hf.import_hf(hf_models['gpt2'], str(workdir))
   assert summary['architecture'] == 'GPT2LMHeadModel'
-  assert json.load(open(workdir / 'config.json')) == json.load(open(os.path.join(imported_gpt2, 'config.json')))
+  assert _json(workdir / 'config.json') == _json(os.path.join(imported_gpt2, 'config.json'))
   assert not os.path.exists(workdir / 'lock.json')  # the import held the lock and let it go
   with pytest.raises(errors.InteropError, match='already holds checkpoints'):
     hf.import_hf(hf_models['gpt2'], str(workdir))
@@ -522,7 +530,7 @@ def test_special_tokens_the_files_name_but_the_vocabulary_lacks_are_not_dropped(
   assert model.tokenizer.eos_id == 0 and model.tokenizer.pad_id is None
   assert "names pad_token '<pad>', which is not in tokenizer.json's vocabulary" in capfd.readouterr().err
 
-  open(os.path.join(src, 'tokenizer_config.json'), 'w').write('{"eos_token": "<|endof')
+  pathlib.Path(src, 'tokenizer_config.json').write_text('{"eos_token": "<|endof')
   with pytest.raises(errors.TokenizerError) as e:
     hf.read(src)
   assert 'cannot be read as JSON' in _one_line(e.value, 'tokenizer_config.json')
