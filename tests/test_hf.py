@@ -1,5 +1,5 @@
 """Hugging Face interop: import GPT-2 and Llama checkpoints with exact parity, the 'hf' tokenizer, export back,
-fine-tune on prompt/completion pairs, and the refusals (lmjax/hf.py)."""
+fine-tune on prompt/completion pairs, and the refusals (lmjax/hf/)."""
 
 import json
 import os
