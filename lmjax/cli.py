@@ -17,7 +17,7 @@ import sys
 from typing import Callable
 
 from lmjax import hostenv  # imports nothing heavy: the process is set up before JAX loads
-from lmjax.errors import ConfigError, UserError, one_line
+from lmjax.errors import ConfigError, UserError, WorkdirError, one_line
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM
@@ -265,6 +265,8 @@ def _compare_args(p):
 def _compare(args, overrides):
   from lmjax import results  # pylint: disable=import-outside-toplevel
 
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    raise WorkdirError(f'--out {args.out} is a file; compare writes a folder of tables and plots: give a new path')
   return results.compare(args)
 
 

@@ -28,6 +28,7 @@ import io
 import json
 import os
 import re
+import sys
 import time
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -207,31 +208,63 @@ class HFTokenizer:
 
 def hf_special_ids(directory: str, tok) -> dict:
   """{'bos', 'eos', 'pad'} ids (None where absent) from a Hugging Face model directory: config.json's and
-  generation_config.json's *_token_id, else tokenizer_config.json's or special_tokens_map.json's token strings."""
+  generation_config.json's *_token_id, else tokenizer_config.json's or special_tokens_map.json's token strings.
+  A BOS or EOS the files name but the vocabulary lacks is a TokenizerError (training needs the very token the
+  model was given); such a PAD is a warning, since lmjax pads with its own ids."""
 
   def read(name):
-    try:
-      with open(os.path.join(directory, name)) as f:
-        return json.load(f)
-    except (OSError, ValueError):
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
       return {}
+    try:
+      with open(path, 'rb') as f:
+        settings = json.loads(f.read().decode('utf-8'))
+    except (OSError, ValueError, RecursionError) as e:
+      raise TokenizerError(f'{path} cannot be read as JSON ({" ".join(str(e).split())[:120]}); save it again') from None
+    if not isinstance(settings, dict):
+      raise TokenizerError(f'{path} holds a JSON {type(settings).__name__}, not an object; save it again')
+    return settings
 
   def first_id(value):  # eos_token_id may be a list (Llama 3 instruct); the first is the document end
-    return value[0] if isinstance(value, list) and value else (value if isinstance(value, int) else None)
+    value = value[0] if isinstance(value, list) and value else value
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
-  config, generation = read('config.json'), read('generation_config.json')
-  strings = {**read('special_tokens_map.json'), **read('tokenizer_config.json')}
+  files = {name: read(name) for name in ('config.json', 'generation_config.json')}
+  strings = {
+    **{k: ('special_tokens_map.json', v) for k, v in read('special_tokens_map.json').items()},
+    **{k: ('tokenizer_config.json', v) for k, v in read('tokenizer_config.json').items()},
+  }
+  vocab = tok.get_vocab_size(with_added_tokens=True)
   out = {}
   for name in ('bos', 'eos', 'pad'):
-    found = first_id(config.get(f'{name}_token_id'))
-    found = first_id(generation.get(f'{name}_token_id')) if found is None else found
-    if found is None:
-      token = strings.get(f'{name}_token')
-      token = token.get('content') if isinstance(token, dict) else token
-      found = tok.token_to_id(token) if isinstance(token, str) else None
-    vocab = tok.get_vocab_size(with_added_tokens=True)
+    found = None
+    for file, settings in files.items():
+      found = first_id(settings.get(f'{name}_token_id'))
+      if found is not None:
+        if not 0 <= found < vocab:
+          _missing_special(name, f'{file} gives {name}_token_id={found}', vocab)
+        break
+    file, token = strings.get(f'{name}_token', (None, None))
+    token = token.get('content') if isinstance(token, dict) else token
+    if found is None and isinstance(token, str):
+      found = tok.token_to_id(token)
+      if found is None:
+        _missing_special(name, f'{file} names {name}_token {token!r}', vocab)
     out[name] = found if found is not None and 0 <= found < vocab else None
   return out
+
+
+def _missing_special(name: str, named: str, vocab: int) -> None:
+  problem = f"{named}, which is not in tokenizer.json's vocabulary of {vocab} tokens"
+  if name == 'pad':
+    print(f'lmjax: warning: {problem}; the model gets no pad id (lmjax pads on its own)', file=sys.stderr)
+    return
+  role = {'bos': 'begin', 'eos': 'end'}[name]
+  raise TokenizerError(
+    f'{problem}: without it no document would {role} with the token the model knows (a fine-tune on pairs '
+    f'{"would never learn to stop" if name == "eos" else "would start differently"}). Add the token to '
+    'tokenizer.json (tokenizer.add_special_tokens, then save_pretrained) or name one it holds'
+  )
 
 
 KINDS = config_lib.TOKENIZERS

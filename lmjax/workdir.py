@@ -188,6 +188,27 @@ class Lock:
     self.held = False
 
 
+def may_write(workdir: str, command: str, writes=()) -> None:
+  """Raises WorkdirError unless `lmjax COMMAND` may write into `workdir`: no live run holds its lock, and it is
+  new, empty, or holds only names COMMAND itself writes (`writes`). Commands that create a workdir call this
+  before writing anything."""
+  if '://' in workdir or not os.path.isdir(workdir):
+    return  # new (or remote, where no lock file is kept): ensure_writable says if it cannot be made
+  lock = Lock(workdir)
+  holder = lock._read()  # pylint: disable=protected-access
+  if holder is not None and not lock._stale(holder):  # pylint: disable=protected-access
+    raise WorkdirError(
+      f'{workdir} is in use by a run on host {holder.get("host")}, pid {holder.get("pid")}, since '
+      f'{holder.get("since")}; `lmjax {command}` would replace what it wrote. Use another --workdir'
+    )
+  foreign = sorted(set(os.listdir(workdir)) - set(writes) - {LOCK})
+  if foreign:
+    shown = ', '.join(foreign[:4]) + (f' and {len(foreign) - 4} more' if len(foreign) > 4 else '')
+    raise WorkdirError(
+      f'{workdir} is not empty and holds {shown}, which `lmjax {command}` does not write; use a new or empty --workdir'
+    )
+
+
 # ---------------------------------------------------------------------------------------------- config, tokenizer
 
 

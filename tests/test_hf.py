@@ -1,5 +1,5 @@
 """Hugging Face interop: import GPT-2 and Llama checkpoints with exact parity, the 'hf' tokenizer, export back,
-fine-tune on prompt/completion pairs, and the refusals (lmjax/hf.py)."""
+fine-tune on prompt/completion pairs, and the refusals (lmjax/hf/)."""
 
 import json
 import os
@@ -329,3 +329,32 @@ def test_the_safetensors_reader_matches_the_library(hf_models, tmp_path):
   np.testing.assert_array_equal(half.get('h'), x.half().float().numpy())
   np.testing.assert_array_equal(half.get('b'), x.bfloat16().float().numpy())
   assert half.get('b').dtype == np.float32
+
+
+@pytest.mark.parametrize('arch', list(hf.FAMILIES))
+def test_every_family_in_the_table_round_trips_its_tensors_and_config(arch, hf_models):
+  """The table is the only list of families: each has a test model, reads to parameters that write back to the
+  file's own tensors bit for bit, and writes a config.json that reads back to the same model fields."""
+  from lmjax.config import ModelConfig
+
+  dirs = [d for d in hf_models.values() if hf.architecture(hf.read_hf_config(d)) == arch]
+  assert dirs, f'{arch} is in hf.FAMILIES but no model in tests/conftest.py hf_models is one'
+  family = hf.FAMILIES[arch]
+  for directory in dirs:
+    model = hf.read(directory)
+    cfg = ModelConfig(**model.fields)
+    theirs = hf.Tensors(directory)
+    theirs.rename(family.rename(theirs.names()))
+    ours = dict(hf.from_params(model.params, cfg, arch))
+    assert all(n.endswith(family.IGNORED) for n in theirs.names() - set(ours))
+    for name, x in ours.items():
+      np.testing.assert_array_equal(x, theirs.get(name))
+    assert hf.model_fields(hf.hf_config(cfg, model.tokenizer)) == model.fields
+
+
+def test_an_architecture_outside_the_table_names_every_one_in_it():
+  with pytest.raises(errors.InteropError) as e:
+    hf.architecture({'architectures': ['NoSuchForCausalLM']})
+  [line] = str(e.value).splitlines()
+  assert line.startswith('architecture NoSuchForCausalLM is not supported; lmjax imports ')
+  assert all(arch in line for arch in hf.FAMILIES)
