@@ -225,9 +225,9 @@ def _export_hf_args(p):
 
 
 def _export_hf(args, overrides):
-  from lmjax import hf  # pylint: disable=import-outside-toplevel
+  from lmjax import inference  # pylint: disable=import-outside-toplevel
 
-  print(json.dumps(hf.export_hf(args.workdir, args.to, step=args.step)))
+  print(json.dumps(inference.export_hf(args.workdir, args.to, step=args.step)))
   return 0
 
 

@@ -1,13 +1,13 @@
 """Using a trained run: its config, tokenizer and checkpoint restored onto this host's devices, with none of
 training's checks (a run trained on one device samples and evaluates on eight), and `lmjax eval`.
 
-Sampling (lmjax/sample.py), evaluation and export start here. Parameters only are restored by default: the
+Sampling (lmjax/sample.py), evaluation and export to Hugging Face start here. Parameters only are restored by default: the
 optimizer moments (twice the parameters' memory for AdamW) are never read.
 """
 
 from __future__ import annotations
 
-from lmjax import compiling, hostenv, param_sources
+from lmjax import compiling, config as config_lib, hostenv, param_sources
 from lmjax.errors import ConfigError
 from lmjax.task import Task
 
@@ -46,3 +46,20 @@ def fit_eval_batch(config, task):
   if config.train.eval_batch_size % rows:
     with config.unlocked():
       config.train.eval_batch_size = -(-config.train.eval_batch_size // rows) * rows
+
+
+def export_hf(workdir: str, out: str, step=None) -> dict:
+  """`lmjax export-hf`: a workdir's checkpoint (`step`: a number, 'best' or None for the newest) as a directory
+  transformers' from_pretrained loads (lmjax/hf/). Everything that can be refused is, before an array is read."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from lmjax import hf, model as model_lib, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+
+  config = workdir_lib.load_config(workdir)
+  cfg = config_lib.ModelConfig(**config.model.to_dict())
+  hf_config = hf.check_export(cfg, workdir_lib.load_tokenizer(workdir), out)
+  _, tokenizer, _, state = load_run(workdir, step=step)
+  params = jax.device_get(state.params)  # whole arrays on the host, from whatever mesh they were restored onto
+  if cfg.scan_layers:
+    params = model_lib.unstack_layers(params)
+  return {**hf.write_model(out, hf_config, params, cfg, tokenizer), 'step': int(state.step)}

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from lmjax import cli, errors, hf
+from lmjax import cli, errors, hf, inference
 
 SEED = 20261215
 _DTYPES = {
@@ -488,7 +488,7 @@ def test_export_to_a_file_and_compare_out_a_file_are_one_line(imported_gpt2, tmp
   target = tmp_path / 'taken'
   target.write_text('keep me')
   with pytest.raises(errors.InteropError) as e:
-    hf.export_hf(imported_gpt2, str(target))
+    inference.export_hf(imported_gpt2, str(target))
   assert 'is a file' in _one_line(e.value, target)
   assert cli.main(['compare', imported_gpt2, f'--out={target}']) == 2
   [line] = capsys.readouterr().err.strip().splitlines()

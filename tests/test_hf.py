@@ -103,7 +103,7 @@ def test_the_hf_tokenizer_round_trips_and_encodes_as_transformers_does(hf_models
 def test_export_loads_in_transformers_with_the_same_logits(imported, tmp_path, trained):
   for name in ('gpt2_untied', 'llama'):
     out = str(tmp_path / name)
-    hf.export_hf(imported[name], out)
+    inference.export_hf(imported[name], out)
     tok = tokenizers.load(imported[name])
     ids = _real_text_ids(tok)
     assert np.abs(_hf_logits(out, ids) - _lmjax_logits(imported[name], ids)).max() <= 1e-4
@@ -111,7 +111,7 @@ def test_export_loads_in_transformers_with_the_same_logits(imported, tmp_path, t
     assert theirs('To be', add_special_tokens=False).input_ids == tok.encode('To be').tolist()
   # A run trained in lmjax (GPT-2-shaped, exact GELU, char tokenizer): the model exports, its tokenizer cannot.
   out = str(tmp_path / 'trained')
-  summary = hf.export_hf(trained, out)
+  summary = inference.export_hf(trained, out)
   assert summary['architecture'] == 'GPT2LMHeadModel' and not summary['tokenizer']
   ids = tokenizers.load(trained).encode(TEXT[:32])[None]
   assert np.abs(_hf_logits(out, ids) - _lmjax_logits(trained, ids)).max() <= 1e-4
@@ -125,7 +125,7 @@ def test_export_names_what_hf_cannot_express(tmp_path, shakespeare_dirs):
   workdir_lib.save_config(config, str(tmp_path / 'run'))
   workdir_lib.save_tokenizer(tokenizers.ByteTokenizer(), str(tmp_path / 'run'))
   with pytest.raises(errors.InteropError, match="GPT-2 needs model.norm='rmsnorm'.*Llama needs.*positions='learned'"):
-    hf.export_hf(str(tmp_path / 'run'), str(tmp_path / 'out'))
+    inference.export_hf(str(tmp_path / 'run'), str(tmp_path / 'out'))
   assert not os.path.exists(tmp_path / 'out')
 
 

@@ -3,7 +3,8 @@
 `import_hf(DIR, WORKDIR)` reads a directory that `save_pretrained` wrote (config.json, model.safetensors or its
 shards with model.safetensors.index.json, tokenizer.json) and writes a normal lmjax workdir: config.json, the
 tokenizer (kind 'hf'), and a parameters-only checkpoint at step 0 that `lmjax sample`, `eval` and
-`train.init_from` restore. `export_hf(WORKDIR, OUT)` writes the reverse: a directory `from_pretrained` loads.
+`train.init_from` restore. `check_export` and `write_model` are the reverse, a directory `from_pretrained` loads
+(`lmjax export-hf` is lmjax/inference.py `export_hf`: it reads the run, these write it).
 `read(DIR)` is the reading half alone: (model fields, architecture, tokenizer, numpy parameters), nothing written.
 
   tensors.py   the safetensors reader: shard discovery, every header checked against its file, path checks
@@ -12,7 +13,7 @@ tokenizer (kind 'hf'), and a parameters-only checkpoint at step 0 that `lmjax sa
   gpt2.py      one module per family: config <-> ModelConfig fields, tensor names and shapes, norm and rope
   llama.py       rules, to_params / from_params
   source.py    read(): a directory or hub name, checked in full, to fields + tokenizer + parameters
-  convert.py   import_hf / export_hf: between HF directories and lmjax workdirs
+  convert.py   import_hf (an HF directory into an lmjax workdir), check_export / write_model (the reverse)
 
 A family module holds NAME, ARCHITECTURE, MODEL_TYPE, IS (a phrase for messages), IGNORED (tensor-name endings
 that hold nothing lmjax needs), and model_fields(HFConfig), mismatches(ModelConfig), hf_config(ModelConfig),
@@ -21,7 +22,7 @@ is checked against the shape the config implies before anything is written: a mi
 is an error naming it and both shapes. Pickled pytorch_model.bin files are never opened.
 """
 
-from lmjax.hf.convert import export_hf, import_config, import_hf, write_tokenizer
+from lmjax.hf.convert import check_export, import_config, import_hf, write_model, write_tokenizer
 from lmjax.hf.families import (
   ARCHITECTURES,
   FAMILIES,
@@ -44,7 +45,8 @@ __all__ = [
   'Tensors',
   'architecture',
   'check_tensors',
-  'export_hf',
+  'check_export',
+  'write_model',
   'from_params',
   'hf_config',
   'import_config',

@@ -108,26 +108,22 @@ def write_tokenizer(tokenizer, out: str) -> bool:
   return True
 
 
-def export_hf(workdir: str, out: str, step=None) -> dict:
-  """Writes a workdir's checkpoint (`step`: a number, 'best' or None for the latest) as a directory that
-  transformers' from_pretrained loads: config.json, model.safetensors, and the tokenizer when it is an 'hf' one."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-
-  from lmjax import inference, model as model_lib, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-
-  config = workdir_lib.load_config(workdir)
-  cfg = ModelConfig(**config.model.to_dict())
-  tokenizer = workdir_lib.load_tokenizer(workdir)
-  hf = families.hf_config(cfg, tokenizer)  # refuses before any array is read
+def check_export(cfg: ModelConfig, tokenizer, out: str) -> dict:
+  """The HF config.json a model exports as, after refusing what cannot be written (a model transformers has no
+  class for, an output that is a file or a non-empty directory) before any array is read."""
+  hf = families.hf_config(cfg, tokenizer)
   if os.path.exists(out) and not os.path.isdir(out):
     raise InteropError(f'--to {out} is a file; export into a new directory')
   if os.path.exists(out) and os.listdir(out):
     raise InteropError(f'{out} is not empty; export into a new directory')
-  _, tokenizer, _, state = inference.load_run(workdir, step=step)
-  params = jax.device_get(state.params)  # whole arrays on the host, from whatever mesh they were restored onto
-  if cfg.scan_layers:
-    params = model_lib.unstack_layers(params)
+  return hf
+
+
+def write_model(out: str, hf: dict, params, cfg: ModelConfig, tokenizer) -> dict:
+  """Writes host `params` (layers unstacked) as a directory that transformers' from_pretrained loads: config.json
+  (`hf`, from check_export), model.safetensors, and the tokenizer when it is an 'hf' one. Returns a summary."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+
   os.makedirs(out, exist_ok=True)
   arch = hf['architectures'][0]
   tensors = dict(families.from_params(params, cfg, arch))
@@ -144,7 +140,6 @@ def export_hf(workdir: str, out: str, step=None) -> dict:
   return {
     'out': out,
     'architecture': arch,
-    'step': int(state.step),
     'parameters': int(sum(x.size for x in tensors.values())),
     'tokenizer': has_tokenizer,
   }
