@@ -56,8 +56,9 @@ class _InitFrom:
   `lmjax import-hf` workdir among them); hf:DIR a saved transformers model, converted in memory (lmjax/hf.py).
 
   The source decides the architecture (config.ARCHITECTURE_FIELDS, and max_len with learned positions) and the
-  tokenizer; this config decides everything else. A field this config sets away from its default to a value
-  that differs from the source's is an error naming it, rather than silently ignored."""
+  tokenizer; this config decides everything else. A field this config sets away from its default, or that an
+  override names (even with the default value), to a value that differs from the source's is an error naming it,
+  rather than silently ignored."""
 
   def __init__(self, ref: str):
     self.ref = ref
@@ -82,11 +83,11 @@ class _InitFrom:
   def adopt(self, config) -> None:
     """Sets this config's architecture and tokenizer kind to the source's (ConfigError on a conflict)."""
     fields = config_lib.ARCHITECTURE_FIELDS + (('max_len',) if self.model['positions'] == 'learned' else ())
-    default = config_lib.ModelConfig()
+    default, explicit = config_lib.ModelConfig(), config_lib.overridden(config)
     conflicts = [
       f'model.{k}={config.model[k]!r} (the source has {self.model[k]!r})'
       for k in fields
-      if config.model[k] not in (self.model[k], getattr(default, k))
+      if config.model[k] != self.model[k] and (config.model[k] != getattr(default, k) or f'model.{k}' in explicit)
     ]
     if conflicts:
       raise ConfigError(
@@ -202,7 +203,7 @@ def train(config, workdir: str, actions=None, clock=None) -> dict:
 def _train(config, workdir, actions, clock, lock, preempt):
   compiling.enable_compilation_cache(config.train.compilation_cache_dir)
   tc, primary = config.train, jax.process_index() == 0
-  actions_lib.eval_tasks(config)  # a bad train.eval_tasks entry fails here, before any work
+  actions_lib.check_eval_tasks(config)  # a bad train.eval_tasks entry or file fails here, before any work
   init_from = _InitFrom(tc.init_from) if tc.init_from else None
   if init_from is not None:
     init_from.adopt(config)
