@@ -28,8 +28,8 @@ import sys
 import time
 import traceback
 
-from lmjax import config as config_lib, results, workdir as workdir_lib
-from lmjax.errors import ConfigError, SweepError, UserError, one_line
+from lmjax import actions, config as config_lib, results, workdir as workdir_lib
+from lmjax.errors import ConfigError, DataError, SweepError, UserError, one_line
 
 
 class Stopped(Exception):
@@ -211,7 +211,8 @@ def check(sweep: Sweep, members, root: str) -> dict:
     try:
       configs[m.name] = config_lib.load(sweep.config, m.overrides)
       _check_recorded(m, configs[m.name], m.workdir(root))
-    except ConfigError as e:
+      actions.check_eval_tasks(configs[m.name])  # their files, which training would read only once started
+    except (ConfigError, DataError) as e:
       failures.setdefault(one_line(e), []).append(m.name)
   if failures:
     parts = [f'member {", ".join(names)}: {why}' for why, names in failures.items()]
