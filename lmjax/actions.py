@@ -114,6 +114,17 @@ def eval_tasks(config) -> list[EvalTask]:
   return [EvalTask(s, s.get('every', config.train.eval_every)) for s in specs]
 
 
+def check_eval_tasks(config) -> None:
+  """Fails on a bad train.eval_tasks entry (ConfigError) or a missing or malformed file of one (DataError, naming
+  the task): what training runs first, so neither waits for the first evaluation."""
+  specs = eval_spec.parse_all(config.train.eval_tasks)
+  if specs:
+    from lmjax.evals import tasks  # pylint: disable=import-outside-toplevel  -- only runs with eval tasks import it
+
+    for s in specs:
+      tasks.check_data(s)
+
+
 class Checkpoint(Action):
   """Saves the state, the data iterator's position and the metadata into WORKDIR/checkpoints (async)."""
 

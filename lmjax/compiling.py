@@ -8,11 +8,14 @@ import importlib.metadata
 import json
 import os
 import pickle
+import stat
 import sys
 import threading
 
 import jax
 from jax.experimental import serialize_executable
+
+from lmjax import files
 
 
 def enable_compilation_cache(cache_dir: str):
@@ -22,7 +25,10 @@ def enable_compilation_cache(cache_dir: str):
   every later run tracing."""
   if not cache_dir:
     return
-  jax.config.update('jax_compilation_cache_dir', os.path.join(os.path.expanduser(cache_dir), 'jax'))
+  jax_dir = os.path.join(os.path.expanduser(cache_dir), 'jax')
+  if not trusted_cache_dir(jax_dir):
+    return
+  jax.config.update('jax_compilation_cache_dir', jax_dir)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
@@ -39,13 +45,13 @@ class ExecutableCache:
   the program as it was (an edited comment, a logging interval) is traced once and then served untraced again,
   while a changed program is never served. Unreadable entries and multi-process runs (whose processes compile
   together) compile as usual, and JAX's cache still applies.
-  `origin[name]` says where each executable came from (ORIGINS). Like JAX's cache, the directory is trusted: its
-  entries are loaded as code.
+  `origin[name]` says where each executable came from (ORIGINS). Entries are code (see trusted_cache_dir): a
+  directory or an entry that another user could have written is never read.
   """
 
   def __init__(self, cache_dir: str, config_dict: dict):
     self.dir = os.path.join(os.path.expanduser(cache_dir), 'lmjax_executables') if cache_dir else ''
-    self.enabled = bool(self.dir) and jax.process_count() == 1
+    self.enabled = bool(self.dir) and jax.process_count() == 1 and trusted_cache_dir(self.dir)
     self._config = json.dumps(config_dict, sort_keys=True, default=str)
     self.origin = {}  # name -> one of ORIGINS
 
@@ -89,49 +95,46 @@ class ExecutableCache:
       return fn()
     key = hashlib.sha256('\n'.join([_code_fingerprint(), name, self._config]).encode()).hexdigest()[:32]
     path = os.path.join(self.dir, f'{name}-{key}.value')
-    try:
-      with open(path, 'rb') as f:
-        return pickle.load(f)
-    except Exception:  # pylint: disable=broad-except  -- absent or truncated
-      pass
+    content = _read_own_entry(path)
+    if content is not None:
+      try:
+        return pickle.loads(content)  # trusted: only this user could have written it
+      except Exception as e:  # pylint: disable=broad-except  -- truncated or stale
+        _warn_damaged(path, e)
     out = fn()
     self._write(path, pickle.dumps(out))
     return out
 
   def _read_alias(self, alias: str) -> str:
     try:
-      with open(alias, 'rb') as f:
-        name = f.read().decode()
-    except (OSError, UnicodeDecodeError):
+      name = (_read_own_entry(alias) or b'').decode()
+    except UnicodeDecodeError:
       return ''
     return os.path.join(self.dir, name) if name.endswith('.pkl') and os.sep not in name else ''
 
   @staticmethod
   def _load(entry: str):
-    if not entry:
+    content = _read_own_entry(entry) if entry else None
+    if content is None:
       return None
-    try:
-      with open(entry, 'rb') as f:
-        device_ids, serialized = pickle.load(f)
+    try:  # trusted: only this user could have written it
+      device_ids, serialized = pickle.loads(content)
       by_id = {d.id: d for d in jax.devices()}
       return serialize_executable.deserialize_and_load(*serialized, execution_devices=[by_id[i] for i in device_ids])
-    except Exception:  # pylint: disable=broad-except  -- absent, stale or truncated: trace or compile instead
+    except Exception as e:  # pylint: disable=broad-except  -- stale or truncated: trace or compile instead
+      _warn_damaged(entry, e)
       return None
 
   def _write(self, path: str, content) -> bool:
     """Writes an entry whole or not at all (`content`: bytes, or a function writing to the open file); a cache
     that cannot be written (disk full, read-only) costs the next run its head start, never this run."""
-    tmp = f'{path}.{os.getpid()}.tmp'
     try:
-      os.makedirs(self.dir, exist_ok=True)
-      with open(tmp, 'wb') as f:
-        f.write(content) if isinstance(content, bytes) else content(f)
-      os.replace(tmp, path)  # atomic: other processes read the old entry or the new one
+      _make_private_dir(self.dir)
+      # private: an entry writable by others would be refused when read (_read_own_entry)
+      files.write_atomic(path, content, private=True)
       return True
     except Exception as e:  # pylint: disable=broad-except
       print(f'lmjax: could not write {path} ({e}); the next run will compile again', file=sys.stderr)
-      if os.path.exists(tmp):
-        os.remove(tmp)
       return False
 
   def _key(self, name, args, compiler_options, key_extra='') -> str:
@@ -174,6 +177,98 @@ class ExecutableCache:
       _devices_fingerprint(),
     ]
     return hashlib.sha256('\n'.join(parts).encode()).hexdigest()[:32]
+
+
+def trusted_cache_dir(cache_dir: str) -> bool:
+  """Whether a cache directory can hold only what this user put there; if not, says so once on stderr.
+
+  Cache entries are code: an XLA executable is machine code, and JAX serializes an executable's metadata (its
+  argument trees, shardings and shapes) as a pickle, so reading a planted entry runs what its author wrote. No
+  file format changes that for an executable cache; what keeps others' code out is that no other user can write
+  the entries. So the directory must be owned by this user (or root) and writable by no one else, and so must
+  every directory above it, unless it is sticky like /tmp (others can then add entries but not rename ours).
+  Each entry is checked again when read (_read_own_entry). A directory that does not exist yet is created first,
+  private to this user, so that no one can create it in between."""
+  path = os.path.realpath(os.path.expanduser(cache_dir))
+  try:
+    _make_private_dir(path)
+  except OSError:
+    pass  # written later or not at all: ExecutableCache._write says so
+  why = _why_others_can_write(path)
+  if not why:
+    return True
+  if why not in _warned:  # JAX's cache and lmjax's share a directory and so, mostly, a reason: said once
+    _warned.add(why)
+    print(
+      f'lmjax: warning: not using the compilation cache in {path}: {why}, and cached executables run as code; '
+      f'compiling instead (make it yours alone, e.g. chmod 700, or set train.compilation_cache_dir elsewhere)',
+      file=sys.stderr,
+      flush=True,
+    )
+  return False
+
+
+_warned = set()  # the cache directories and entries this process has refused, each said once
+
+
+def _why_others_can_write(path: str) -> str:
+  """'' when only this user or root can change what `path` (an absolute, resolved path) holds; else why not."""
+  uid = os.getuid()
+  leaf = True
+  while True:
+    try:
+      st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+      st = None  # not there (a write will say why): its parent decides
+    except OSError as e:
+      return f'it cannot be checked ({e.strerror})'
+    if st is not None:
+      if st.st_uid not in (uid, 0):
+        return f'{path} belongs to another user (uid {st.st_uid})'
+      writable_by_others = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+      if writable_by_others and (leaf or not st.st_mode & stat.S_ISVTX):
+        return f'{path} is writable by others (mode {stat.S_IMODE(st.st_mode):o})'
+      leaf = False
+    parent = os.path.dirname(path)
+    if parent == path:
+      return ''
+    path = parent
+
+
+def _make_private_dir(path: str):
+  """os.makedirs with the directories it creates readable and writable by this user alone (a umask of 002
+  would otherwise make the cache group-writable, and refused on the next run)."""
+  parent = os.path.dirname(path)
+  if parent and parent != path and not os.path.isdir(parent):
+    _make_private_dir(parent)
+  try:
+    os.mkdir(path, 0o700)
+  except FileExistsError:
+    pass
+
+
+def _read_own_entry(path: str) -> bytes | None:
+  """An entry's bytes, or None when it is absent or could have been written by another user (then said once)."""
+  try:
+    with open(path, 'rb') as f:
+      st = os.fstat(f.fileno())  # of the file opened, whatever a symlink pointed at
+      if st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f.read()
+  except OSError:
+    return None  # absent (the usual miss) or unreadable
+  if path not in _warned:
+    _warned.add(path)
+    print(
+      f'lmjax: warning: ignoring cache entry {path}: another user owns it or can write it '
+      f'(mode {stat.S_IMODE(st.st_mode):o}, uid {st.st_uid}), and cached executables run as code; compiling instead',
+      file=sys.stderr,
+      flush=True,
+    )
+  return None
+
+
+def _warn_damaged(path: str, e: Exception):
+  print(f'lmjax: warning: cache entry {path} is damaged ({type(e).__name__}); compiling again', file=sys.stderr)
 
 
 ORIGINS = {

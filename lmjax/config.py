@@ -332,9 +332,16 @@ def load(path_and_arg: str, overrides=()) -> ml_collections.ConfigDict:
     what = e.args[0] if e.args else type(e).__name__
     raise ConfigError(f'{path}:{arg} -- {what}') from None
   apply_overrides(config, overrides)
+  # Which keys the command line set, for checks that must tell "set to the default" from "not set" (init_from).
+  object.__setattr__(config, '_lmjax_overridden', frozenset(o.partition('=')[0] for o in overrides))
   config.lock()
   validate(config)
   return config
+
+
+def overridden(config) -> frozenset:
+  """The keys `load`'s overrides set, whatever their values (a config not made by `load`: none)."""
+  return getattr(config, '_lmjax_overridden', frozenset())
 
 
 def apply_overrides(config, overrides=()):

@@ -106,14 +106,14 @@ class HFSource:
 def adopt(source, config) -> None:
   """train.init_from: sets this config's architecture and tokenizer kind to the source's. The source decides the
   architecture (config.architecture_fields) and the tokenizer; this config decides everything else. A field this
-  config sets away from its default to a value that differs from the source's is a ConfigError naming it, rather
-  than silently ignored."""
+  config sets away from its default, or that an override names (even with the default value), to a value that
+  differs from the source's is a ConfigError naming it, rather than silently ignored."""
   fields = config_lib.architecture_fields(source.model['positions'])
-  default = config_lib.ModelConfig()
+  default, explicit = config_lib.ModelConfig(), config_lib.overridden(config)
   conflicts = [
     f'model.{k}={config.model[k]!r} (the source has {source.model[k]!r})'
     for k in fields
-    if config.model[k] not in (source.model[k], getattr(default, k))
+    if config.model[k] != source.model[k] and (config.model[k] != getattr(default, k) or f'model.{k}' in explicit)
   ]
   if conflicts:
     raise ConfigError(

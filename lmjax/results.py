@@ -154,12 +154,20 @@ class Run:
 def read_run(workdir: str) -> Run:
   """The one reader of a workdir's recorded results (lmjax/workdir.py knows the files)."""
   config = workdir_lib.load_config(workdir)
-  return Run(
-    str(workdir),
-    plain(config),
-    workdir_lib.read_metrics(workdir),
-    workdir_lib.read_provenance(workdir),
-  )
+  rows = workdir_lib.read_metrics(workdir)
+  for i, r in enumerate(rows):
+    bad = [k for k in ('step', 'time') if not _number(r.get(k))]
+    bad += [k for k in ('val_loss', 'val_bpb', 'tokens_per_sec') if r.get(k) is not None and not _number(r[k])]
+    if bad:
+      raise WorkdirError(
+        f'{workdir_lib.metrics_path(workdir)} line {i + 1}: {", ".join(bad)} must be numbers, got '
+        f'{ {k: r.get(k) for k in bad} }; the file is damaged'
+      )
+  return Run(str(workdir), plain(config), rows, workdir_lib.read_provenance(workdir))
+
+
+def _number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def find_runs(paths) -> list[Run]:
@@ -521,6 +529,8 @@ def compare(args) -> int:
   metrics = tuple(m for m in args.metrics.split(',') if m)
   if problem := unknown_metrics(metrics, '--metrics'):
     raise WorkdirError(problem)
+  if not 0 < args.alpha < 1:  # NaN too
+    raise WorkdirError(f'--alpha={args.alpha}: a significance level is in (0, 1), e.g. 0.05')
   written = write(
     args.out, groups, baseline=base, metrics=metrics, alpha=args.alpha, title='lmjax compare', missing=unfinished
   )

@@ -463,26 +463,39 @@ def sample_texts(params, model_cfg, tokenizer, prompts: Sequence[str], *, stop: 
 # ------------------------------------------------------------------------------------------ `lmjax sample`
 
 
+def _read_prompt_file(path: str) -> list[str]:
+  """The non-blank lines of a UTF-8 file, whatever the locale's encoding."""
+  try:
+    with open(path, 'rb') as f:
+      raw = f.read()
+  except OSError as e:
+    raise SampleError(f'--prompt_file {path}: {e.strerror or e}') from None
+  try:
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    line = raw.count(b'\n', 0, e.start) + 1
+    raise SampleError(
+      f'--prompt_file {path}: not UTF-8 at byte {e.start} (line {line}: {e.reason}); save the file as UTF-8'
+    ) from None
+  lines = text.replace('\r\n', '\n').replace('\r', '\n').split('\n')  # any line ending, as text mode reads
+  prompts = [line for line in lines if line.strip()]
+  if not prompts:
+    raise SampleError(f'--prompt_file {path} holds no prompt (only blank lines); write one per line')
+  return prompts
+
+
 def run(args, overrides):
   """`lmjax sample`: loads the workdir's checkpoint (--step, default the latest) and prints the samples (flags override config.sample)."""
   import time  # pylint: disable=import-outside-toplevel
   from lmjax import inference  # pylint: disable=import-outside-toplevel  -- keeps `import lmjax.sample` light
 
+  file_prompts = _read_prompt_file(args.prompt_file) if args.prompt_file else None  # before the checkpoint
   config, tokenizer, task, state = inference.load_run(args.workdir, overrides, step=args.step)
   s, cfg = config.sample, task.model_cfg
   cache_dir = config.train.compilation_cache_dir  # the run's caches serve its sampler too
   executables = compiling.ExecutableCache(cache_dir, {}) if cache_dir else None
   pick = lambda flag, key, default: flag if flag is not None else s.get(key, default)
-  if args.prompt_file:
-    try:
-      with open(args.prompt_file) as f:
-        prompts = [line.rstrip('\n') for line in f if line.strip()]
-    except OSError as e:
-      raise SampleError(f'--prompt_file {args.prompt_file}: {e.strerror or e}') from None
-    if not prompts:
-      raise SampleError(f'--prompt_file {args.prompt_file} holds no prompt (only blank lines); write one per line')
-  else:
-    prompts = [pick(args.prompt, 'prompt', '\n')]
+  prompts = file_prompts or [pick(args.prompt, 'prompt', '\n')]
   max_new = int(pick(args.max_new_tokens, 'max_new_tokens', 500))
   n = pick(args.num_samples, 'num_samples', 1)
   beam_size = pick(args.beam_size, 'beam_size', 1)

@@ -28,8 +28,8 @@ import sys
 import time
 import traceback
 
-from lmjax import config as config_lib, results, workdir as workdir_lib
-from lmjax.errors import ConfigError, SweepError, UserError, one_line
+from lmjax import actions, config as config_lib, results, workdir as workdir_lib
+from lmjax.errors import ConfigError, DataError, SweepError, UserError, one_line
 
 
 class Stopped(Exception):
@@ -95,6 +95,8 @@ def _checked(sweep: Sweep, path: str) -> Sweep:
   need(isinstance(sweep.config, str) and sweep.config, 'Sweep.config must name a config file, e.g. configs/tiny.py')
   for field in ('overrides', 'product'):
     need(isinstance(getattr(sweep, field), dict), f'Sweep.{field} must be a dict of config key -> value')
+    bad = [k for k in getattr(sweep, field) if not isinstance(k, str)]
+    need(not bad, f"Sweep.{field}'s keys must be config keys such as 'model.norm', got {bad!r}")
   for key, values in sweep.product.items():
     need(
       isinstance(values, (list, tuple)) and len(values) > 0,
@@ -105,6 +107,12 @@ def _checked(sweep: Sweep, path: str) -> Sweep:
     isinstance(sweep.variants, (list, tuple)) and all(isinstance(v, dict) for v in sweep.variants),
     'Sweep.variants must be a list of dicts of config key -> value',
   )
+  bad = [k for v in sweep.variants for k in v if not isinstance(k, str)]
+  need(not bad, f"Sweep.variants' keys must be config keys such as 'model.norm', got {bad!r}")
+  need(
+    sweep.baseline is None or isinstance(sweep.baseline, (str, dict)),
+    f"Sweep.baseline must be a variant's name or its overrides (a dict), got {sweep.baseline!r}",
+  )
   seeds = sweep.seeds
   need(
     isinstance(seeds, (list, tuple)) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
@@ -113,10 +121,14 @@ def _checked(sweep: Sweep, path: str) -> Sweep:
   need(len(set(seeds)) == len(seeds), f'Sweep.seeds repeats a seed: {seeds!r}')
   swept = set(sweep.product) | {k for v in sweep.variants for k in v}
   need('seed' not in swept and 'seed' not in sweep.overrides, 'the seed is not swept by overrides: use Sweep.seeds')
-  need(isinstance(sweep.metrics, (list, tuple)) and sweep.metrics, 'Sweep.metrics must name at least one result')
+  need(
+    isinstance(sweep.metrics, (list, tuple)) and sweep.metrics and all(isinstance(m, str) for m in sweep.metrics),
+    f'Sweep.metrics must be a non-empty list of result names (val_loss, ...), got {sweep.metrics!r}',
+  )
   problem = results.unknown_metrics(sweep.metrics, 'Sweep.metrics')
   need(not problem, problem)
-  need(0 < sweep.alpha < 1, f'Sweep.alpha must be in (0, 1), got {sweep.alpha!r}')
+  alpha = sweep.alpha
+  need(isinstance(alpha, (int, float)) and 0 < alpha < 1, f'Sweep.alpha must be a number in (0, 1), got {alpha!r}')
   return sweep
 
 
@@ -199,7 +211,8 @@ def check(sweep: Sweep, members, root: str) -> dict:
     try:
       configs[m.name] = config_lib.load(sweep.config, m.overrides)
       _check_recorded(m, configs[m.name], m.workdir(root))
-    except ConfigError as e:
+      actions.check_eval_tasks(configs[m.name])  # their files, which training would read only once started
+    except (ConfigError, DataError) as e:
       failures.setdefault(one_line(e), []).append(m.name)
   if failures:
     parts = [f'member {", ".join(names)}: {why}' for why, names in failures.items()]

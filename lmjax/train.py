@@ -92,7 +92,7 @@ def start(config, workdir: str) -> Run:
   compiled train step, which compiles on a second thread while the state is restored and the first batch loads."""
   compiling.enable_compilation_cache(config.train.compilation_cache_dir)
   tc, primary = config.train, jax.process_index() == 0
-  actions_lib.eval_tasks(config)  # a bad train.eval_tasks entry fails here, before any work
+  actions_lib.check_eval_tasks(config)  # a bad train.eval_tasks entry or file fails here, before any work
   source = param_sources.open_source(tc.init_from) if tc.init_from else None
   if source is not None:
     param_sources.adopt(source, config)

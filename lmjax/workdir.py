@@ -81,17 +81,20 @@ def read_metrics(workdir: str) -> list[dict]:
   """The rows of WORKDIR/metrics.jsonl, in order (none when it has none). A torn last line (a run killed while
   writing it, or one being written now) is left out; a damaged line before it is an error."""
   try:
-    with open(metrics_path(workdir)) as f:
+    with open(metrics_path(workdir), encoding='utf-8', errors='replace') as f:  # a bad byte: a line not JSON
       lines = f.readlines()
   except FileNotFoundError:
     return []
   rows = []
   for i, line in enumerate(lines):
     try:
-      rows.append(json.loads(line))
+      row = json.loads(line)
     except ValueError:
-      if i < len(lines) - 1:
-        raise WorkdirError(f'{metrics_path(workdir)} line {i + 1} is not JSON; the file is damaged') from None
+      row = None
+    if isinstance(row, dict):
+      rows.append(row)
+    elif i < len(lines) - 1:
+      raise WorkdirError(f'{metrics_path(workdir)} line {i + 1} is not a JSON object; the file is damaged')
   return rows
 
 
@@ -233,7 +236,10 @@ def load_config(workdir: str, overrides=()) -> ml_collections.ConfigDict:
     raise WorkdirError(
       f"{path} cannot be read ({e}); restore it from the run's logs or start a new --workdir"
     ) from None
-  config = config_lib.from_dict(recorded)
+  try:
+    config = config_lib.from_dict(recorded)
+  except (TypeError, AttributeError, ValueError) as e:  # JSON, but not a config's shape (a list, a wrong type)
+    raise WorkdirError(f"{path} is not a recorded config ({e}); restore it from the run's logs") from None
   config_lib.apply_overrides(config, overrides)
   return config_lib.validate(config)
 
@@ -376,7 +382,7 @@ def read_provenance(workdir: str) -> list[dict]:
       entries = json.load(f)
   except (OSError, ValueError):
     return []
-  return entries if isinstance(entries, list) else []
+  return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
 def _write_json(path: str, obj) -> None:

@@ -2,6 +2,7 @@
 serves a changed program and fails safe."""
 
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -57,7 +58,8 @@ _EXECUTABLE_CACHE_PROBE = textwrap.dedent("""
 """)
 
 
-def _origins(cache_dir, run, calls=1, jax_cache=True):
+def _origins(cache_dir, run, calls=1, jax_cache=True, stderr=None):
+  """The origins of `calls` compiles in a new process; its stderr is appended to the list `stderr` if given."""
   out = subprocess.run(
     [sys.executable, '-c', _EXECUTABLE_CACHE_PROBE, str(cache_dir), run, str(calls), 'yes' if jax_cache else 'no'],
     capture_output=True,
@@ -66,6 +68,8 @@ def _origins(cache_dir, run, calls=1, jax_cache=True):
     env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
   )
   assert out.returncode == 0, out.stderr[-2000:]
+  if stderr is not None:
+    stderr.append(out.stderr)
   return [line.split('ORIGIN ')[1] for line in out.stdout.splitlines() if line.startswith('ORIGIN ')]
 
 
@@ -149,3 +153,51 @@ def test_values_are_kept_per_config_and_recomputed_when_unreadable(tmp_path):
   for entry in (tmp_path / 'lmjax_executables').glob('*.value'):
     entry.write_bytes(b'\x80')
   assert value({'d': 8}) == {'d': 8} and len(calls) == 3
+
+
+def _plant(entry, marker, mode=0o600):
+  """Replaces a cache entry with a pickle that, once loaded, writes `marker`: any code could stand in its place."""
+
+  class Payload:
+    def __reduce__(self):
+      return exec, (f'open({str(marker)!r}, "w").write("ran")',)
+
+  entry.write_bytes(pickle.dumps(Payload()))
+  entry.chmod(mode)
+
+
+def test_a_cache_others_can_write_is_never_read(tmp_path):
+  """Planted entries never run when another user could have written them: in a directory writable by others
+  (neither lmjax's cache nor JAX's is used), or as an entry writable by others or owned by another user (that
+  entry is skipped); each run still computes the right result and says why on stderr. The same entry, written
+  by this user in a private directory, does run: the cache trusts only this user's own files."""
+  cache, marker, stderr = tmp_path / 'cache', tmp_path / 'marker', []
+  assert _origins(cache, 'a') == ['compiled']
+  [entry] = (cache / 'lmjax_executables').glob('*.pkl')
+  _plant(entry, marker)
+  cache.chmod(0o777)
+  assert _origins(cache, 'a', stderr=stderr) == ['compiled'] and not marker.exists()
+  assert 'not using the compilation cache' in stderr[-1] and 'writable by others (mode 777)' in stderr[-1]
+  assert len(stderr[-1].strip().splitlines()) == 1  # one warning for both caches
+  cache.chmod(0o700)
+  entry.chmod(0o666)  # planted while the directory was open
+  assert _origins(cache, 'a', jax_cache=False, stderr=stderr) == ['compiled'] and not marker.exists()
+  assert 'ignoring cache entry' in stderr[-1]
+  if os.getuid() == 0:  # only root can give a file away
+    _plant(entry, marker, mode=0o644)
+    os.chown(entry, 65534, 65534)
+    assert _origins(cache, 'a', jax_cache=False, stderr=stderr) == ['compiled'] and not marker.exists()
+    assert 'uid 65534' in stderr[-1]
+  _plant(entry, marker)  # this user's own file: loaded, so the payloads above were live
+  assert _origins(cache, 'a', jax_cache=False, stderr=stderr) == ['compiled'] and marker.exists()
+  assert 'is damaged' in stderr[-1]
+
+
+def test_values_others_could_have_written_are_computed_again(tmp_path, capsys):
+  marker = tmp_path / 'marker'
+  value = lambda: compiling.ExecutableCache(str(tmp_path), {'d': 8}).value('shapes', lambda: {'d': 8})
+  assert value() == {'d': 8}
+  [entry] = (tmp_path / 'lmjax_executables').glob('*.value')
+  _plant(entry, marker, mode=0o646)
+  assert value() == {'d': 8} and not marker.exists()
+  assert 'ignoring cache entry' in capsys.readouterr().err

@@ -206,8 +206,14 @@ def read_prompts(path: str, limit: int = 0) -> list[str]:
   else:
     if not os.path.isfile(path):
       raise DataError(f'{path} does not exist (or is not a file); give a text file with one prompt per line')
-    with open(path, encoding='utf-8') as f:
-      prompts = [line.rstrip('\n') for line in f if line.strip()]
+    with open(path, 'rb') as f:
+      raw = f.read()
+    try:
+      text = raw.decode('utf-8').replace('\r\n', '\n').replace('\r', '\n')  # any line ending, as text mode reads
+      prompts = [line for line in text.split('\n') if line.strip()]
+    except UnicodeDecodeError as e:
+      line = raw.count(b'\n', 0, e.start) + 1
+      raise DataError(f'{path}:{line}: not UTF-8 at byte {e.start} ({e.reason}); save the file as UTF-8') from None
   if not prompts:
     raise DataError(f'{path} holds no prompt; write one per line (or {{"prompt": str}} lines in a .jsonl file)')
   return prompts[:limit] if limit else prompts

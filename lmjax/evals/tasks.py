@@ -185,6 +185,23 @@ class DiversityTask(_Generating):
     return metrics, records
 
 
+def check_data(spec, where: str = 'train.eval_tasks'):
+  """Reads a task's files as building it will, but needs no tokenizer or model: a training run checks its
+  train.eval_tasks with this before any data or compile work, so a missing or malformed file does not wait for the
+  first evaluation. A ppl split of the run's own dataset is checked with that dataset."""
+  try:
+    if spec.kind == 'mc':
+      formats.read_choices(spec.data, spec.get('format', ''), spec.get('labels', ''), spec.get('limit', 0))
+    elif spec.kind == 'gen':
+      formats.read_generation(spec.data, spec.get('limit', 0))
+    elif spec.kind == 'div':
+      formats.read_prompts(spec.data, spec.get('limit', 0))
+    elif spec_lib.is_path(spec.data):
+      sources.glob(spec.data)
+  except DataError as e:
+    raise DataError(f'{where} task {spec.name!r} ({spec.text}): {e}') from None
+
+
 def build(spec, config, tokenizer, task, flags=None):
   """The task a spec describes, its data read and tokenized. `flags`: decoding options from the command line
   (None = not given), under the spec's own."""
