@@ -71,7 +71,7 @@ def dropout_keep(seed_4, shape, rate):
   On CPU the generator runs ThreeFry, which XLA's CPU backend generates faster than its default (Philox) or
   jax.random's threefry (docs/performance.md). Other backends keep their default, the fast one on their hardware.
   """
-  algorithm = lax.RandomAlgorithm.RNG_THREE_FRY if jax.default_backend() == 'cpu' else lax.RandomAlgorithm.RNG_DEFAULT
+  algorithm = lax.RandomAlgorithm.RNG_THREE_FRY if parallel.platform() == 'cpu' else lax.RandomAlgorithm.RNG_DEFAULT
   _, bits = lax.rng_bit_generator(seed_4, shape, jnp.uint32, algorithm=algorithm)
   return bits >= jnp.uint32(min(int(rate * 2.0**32), 2**32 - 1))
 
@@ -89,7 +89,7 @@ def chunk_for(length: int, setting: int) -> int:
   there; off elsewhere, where fused kernels ('cudnn') or the MXU's wide tiles change the trade."""
   if setting >= 0:
     return setting if 0 < setting < length else 0
-  if jax.default_backend() != 'cpu' or length < 128:
+  if parallel.platform() != 'cpu' or length < 128:
     return 0
   return max(min(128, max(32, length // 4)), -(-length // 16))
 
@@ -148,7 +148,7 @@ def resolve(impl: str, dtype, dropout: float, causal: bool, length: int, boolean
     return 'xla'
   if impl != 'auto':
     return impl
-  backend = jax.default_backend()
+  backend = parallel.platform()
   if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and dropout == 0 and causal:
     return 'cudnn'
   if backend == 'tpu' and dropout == 0 and causal and length % 128 == 0 and not boolean_mask:
@@ -182,16 +182,17 @@ def _splash_kernel(length: int, heads: int, grouped: bool):
   )
   mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads)])
   make = sk.make_splash_mqa if grouped else sk.make_splash_mha
-  interpret = jax.default_backend() != 'tpu'
+  platform = parallel.platform()
+  interpret = platform != 'tpu'
   if interpret:
-    _warn_interpreted()
+    _warn_interpreted(platform)
   return make(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret), sk.SegmentIds
 
 
 @functools.lru_cache(maxsize=1)
-def _warn_interpreted():
+def _warn_interpreted(platform: str):
   warnings.warn(
-    f"attention='splash' on {jax.default_backend()}: the TPU kernel runs in Pallas's interpreter, "
+    f"attention='splash' on {platform}: the TPU kernel runs in Pallas's interpreter, "
     "exact but orders of magnitude slower; use model.attention='auto' or 'xla' off TPU",
     stacklevel=2,
   )
