@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 
 # Components of a parameter, by the first path entry below a block that names it (see lmjax/model.py paths).
@@ -206,54 +207,71 @@ def _variant(config, **fields):
 
 def fit(config, devices=None, what: str = 'batch', max_compiles: int = 10) -> dict:
   """The largest train.batch_size that fits (what='batch'), or the least-recomputing remat policy that fits the
-  configured batch (what='remat'), found by compiling candidates; returns the search and its result."""
-  from lmjax import parallel  # pylint: disable=import-outside-toplevel
+  configured batch (what='remat'), found by compiling candidates; returns the search and its result. Memory is
+  the chip's HBM on TPU (the compiler refuses what exceeds it) and the host's memory per device on CPU."""
+  from lmjax import hostenv, parallel  # pylint: disable=import-outside-toplevel
 
-  tried = []  # (candidate, step total or None if it did not fit)
+  tried = []  # {field: value, 'fits', 'total' (bytes per device; from the compiler's message when it refused)}
 
   def fits(**fields) -> bool:
     p = plan(_variant(config, **fields), devices, estimate=False)
-    tried.append({**fields, 'fits': p['fits'], 'total': p['train_step'].get('total'), 'hbm': p['hbm_bytes']})
-    return p['fits']
+    budget = p['hbm_bytes'] or (hostenv.memory_bytes() or 0) // p['n_devices']
+    s = p['train_step']
+    total = s.get('total') or _required_bytes(s.get('oom', ''), tried)
+    ok = p['fits'] and (not budget or total <= budget)
+    tried.append({**fields, 'fits': ok, 'total': total, 'temps': s.get('temporaries'), 'hbm': budget})
+    return tried[-1]['fits']
 
   if what == 'remat':
     best = next((r for r in REMAT_ORDER if fits(**{'model.remat': r})), None)
     return {'what': 'remat', 'best': best, 'tried': tried, 'compiles': len(tried)}
   mesh = parallel.make_mesh(config.mesh, devices)
   unit = mesh.shape['data'] * mesh.shape['fsdp'] * config.train.grad_accum  # batch sizes the mesh can split
-  lo, hi, b = 0, None, max(unit, config.train.batch_size // unit * unit)
-  while len(tried) < max_compiles and (hi is None or hi - lo > unit):
-    if fits(**{'train.batch_size': b}):
-      lo = b
-    else:
-      hi = b
-    b = _next_batch(tried, lo, hi, unit)
-    if b is None:
-      break
-  return {'what': 'batch', 'best': lo or None, 'unit': unit, 'tried': tried, 'compiles': len(tried)}
+  b = max(unit, config.train.batch_size // unit * unit)
+  while b is not None and len(tried) < max_compiles:
+    fits(**{'train.batch_size': b})
+    b = _next_batch(tried, unit)
+  lo = max((t['train.batch_size'] for t in tried if t['fits']), default=None)
+  return {'what': 'batch', 'best': lo, 'unit': unit, 'tried': tried, 'compiles': len(tried)}
 
 
-def _next_batch(tried, lo, hi, unit):
-  """The next batch to compile: where the memory line through the fitting points meets the chip's HBM (memory
-  grows linearly in the batch), kept strictly between the largest fit and the smallest failure; halving while
-  nothing has fitted yet; None when the search is done."""
-  ok = sorted((t['train.batch_size'], t['total']) for t in tried if t['fits'] and t['total'])
-  hbm = tried[-1]['hbm']
+def _required_bytes(message: str, tried) -> int | None:
+  """Bytes per device of a program the TPU compiler refused: the temporaries its message names, plus the
+  arguments of the last program that fitted (the state, which does not grow with the batch)."""
+  m = re.search(r'HLO temporaries \(([\d.]+)G\)', message)
+  if not m:
+    return None
+  args = next((t['total'] - t['temps'] for t in reversed(tried) if t.get('temps')), 0)
+  return int(float(m[1]) * (1 << 30)) + args
+
+
+def _next_batch(tried, unit):
+  """The next batch to compile, or None when the search is done (the largest fit and the smallest failure are a
+  unit or 5% apart). Memory grows about linearly in the batch: below the budget, grow by what the budget allows
+  (x2 to x8, along the line through the two largest fits once there are two: small batches' plans are noisy); once
+  bracketed, where the line through the bracket meets the budget, kept 5% inside it."""
+  fit_b = [(t['train.batch_size'], t['total']) for t in tried if t['fits']]
+  bad_b = [(t['train.batch_size'], t['total']) for t in tried if not t['fits']]
+  budget = tried[-1]['hbm']
+  lo, m_lo = max(fit_b) if fit_b else (0, None)
+  hi, m_hi = min(bad_b) if bad_b else (None, None)
   if not lo:
     return None if hi <= unit else max(unit, hi // 2 // unit * unit)
-  if hi is not None and hi - lo <= unit:
+  if hi is None:
+    grow = budget / m_lo if budget and m_lo else 2.0
+    (b1, m1), (b2, m2) = sorted(fit_b)[-2:] if len(fit_b) > 1 else ((0, 0), (0, 0))
+    if budget and m2 > m1:  # the line through the two largest fits, where it meets the budget
+      grow = (b2 + (budget - m2) * (b2 - b1) / (m2 - m1)) / lo
+    return int(lo * min(8.0, max(2.0, grow))) // unit * unit
+  tol = max(unit, 0.05 * lo)
+  if hi - lo <= tol:
     return None
-  guess = 2 * lo
-  if hbm and len(ok) >= 2 and ok[-1][1] > ok[-2][1]:
-    (b1, m1), (b2, m2) = ok[-2], ok[-1]
-    guess = b2 + (hbm - m2) * (b2 - b1) / (m2 - m1)
-  elif hbm and ok:  # one point: a line through it from the batch-independent arguments would under-guess; double
-    guess = 2 * lo if ok[-1][1] * 2 < hbm else lo + (hbm - ok[-1][1]) / (ok[-1][1] / lo)
-  b = int(guess) // unit * unit
-  upper = hi - unit if hi is not None else math.inf
-  if not lo + unit <= b <= upper:
-    b = lo + unit if hi is None else (lo + hi) // 2 // unit * unit
-  return b if b > lo and (hi is None or b < hi) else None
+  b = (lo + hi) / 2
+  if budget and m_hi and m_hi > m_lo:
+    b = lo + (budget - m_lo) * (hi - lo) / (m_hi - m_lo)
+  # At least `tol` inside both ends, so every compile narrows the bracket by that much.
+  b = int(min(max(b, lo + tol), hi - tol)) // unit * unit
+  return b if lo < b < hi else None
 
 
 def fit_report(r: dict, args, overrides) -> str:
