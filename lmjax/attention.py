@@ -13,8 +13,10 @@ Implementations (ModelConfig.attention):
   'splash' -- JAX's Pallas splash-attention kernel (jax.experimental.pallas.ops.tpu), the flash kernel for TPU:
              causal self-attention with segment ids, grouped kv heads, no dropout, lengths a multiple of 128.
              Under a mesh of several devices it runs per shard (batch over data/fsdp, kv heads over tensor). Calls
-             with a KV cache (decoding) run 'xla'. Off TPU it runs in Pallas's interpreter: exact and slow, which is
-             how the CPU tests check it; it has not yet run on a TPU here.
+             with a KV cache (decoding) run 'xla'. Traced for a CPU mesh it runs in Pallas's interpreter: exact and
+             slow, which is how the CPU tests check its numbers; traced for a TPU mesh it compiles to a Mosaic kernel
+             (tests/test_tpu_plan.py compiles it for a v5e slice from a CPU host); it has not yet run on a TPU here.
+             Every choice here reads the platform of the mesh being traced (parallel.platform), not the host's.
   'auto'  -- 'cudnn' on GPU or 'splash' on TPU for causal self-attention when they apply, else 'xla' (resolve).
 
 The mask enters as an additive float32 bias (0 or -1e30) rather than a `where` select, and dropout masks come
