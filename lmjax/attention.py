@@ -13,8 +13,10 @@ Implementations (ModelConfig.attention):
   'splash' -- JAX's Pallas splash-attention kernel (jax.experimental.pallas.ops.tpu), the flash kernel for TPU:
              causal self-attention with segment ids, grouped kv heads, no dropout, lengths a multiple of 128.
              Under a mesh of several devices it runs per shard (batch over data/fsdp, kv heads over tensor). Calls
-             with a KV cache (decoding) run 'xla'. Off TPU it runs in Pallas's interpreter: exact and slow, which is
-             how the CPU tests check it; it has not yet run on a TPU here.
+             with a KV cache (decoding) run 'xla'. Traced for a CPU mesh it runs in Pallas's interpreter: exact and
+             slow, which is how the CPU tests check its numbers; traced for a TPU mesh it compiles to a Mosaic kernel
+             (tests/test_tpu_plan.py compiles it for a v5e slice from a CPU host); it has not yet run on a TPU here.
+             Every choice here reads the platform of the mesh being traced (parallel.platform), not the host's.
   'auto'  -- 'cudnn' on GPU or 'splash' on TPU for causal self-attention when they apply, else 'xla' (resolve).
 
 The mask enters as an additive float32 bias (0 or -1e30) rather than a `where` select, and dropout masks come
@@ -71,7 +73,7 @@ def dropout_keep(seed_4, shape, rate):
   On CPU the generator runs ThreeFry, which XLA's CPU backend generates faster than its default (Philox) or
   jax.random's threefry (docs/performance.md). Other backends keep their default, the fast one on their hardware.
   """
-  algorithm = lax.RandomAlgorithm.RNG_THREE_FRY if jax.default_backend() == 'cpu' else lax.RandomAlgorithm.RNG_DEFAULT
+  algorithm = lax.RandomAlgorithm.RNG_THREE_FRY if parallel.platform() == 'cpu' else lax.RandomAlgorithm.RNG_DEFAULT
   _, bits = lax.rng_bit_generator(seed_4, shape, jnp.uint32, algorithm=algorithm)
   return bits >= jnp.uint32(min(int(rate * 2.0**32), 2**32 - 1))
 
@@ -89,7 +91,7 @@ def chunk_for(length: int, setting: int) -> int:
   there; off elsewhere, where fused kernels ('cudnn') or the MXU's wide tiles change the trade."""
   if setting >= 0:
     return setting if 0 < setting < length else 0
-  if jax.default_backend() != 'cpu' or length < 128:
+  if parallel.platform() != 'cpu' or length < 128:
     return 0
   return max(min(128, max(32, length // 4)), -(-length // 16))
 
@@ -148,7 +150,7 @@ def resolve(impl: str, dtype, dropout: float, causal: bool, length: int, boolean
     return 'xla'
   if impl != 'auto':
     return impl
-  backend = jax.default_backend()
+  backend = parallel.platform()
   if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and dropout == 0 and causal:
     return 'cudnn'
   if backend == 'tpu' and dropout == 0 and causal and length % 128 == 0 and not boolean_mask:
@@ -182,16 +184,17 @@ def _splash_kernel(length: int, heads: int, grouped: bool):
   )
   mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads)])
   make = sk.make_splash_mqa if grouped else sk.make_splash_mha
-  interpret = jax.default_backend() != 'tpu'
+  platform = parallel.platform()
+  interpret = platform != 'tpu'
   if interpret:
-    _warn_interpreted()
+    _warn_interpreted(platform)
   return make(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret), sk.SegmentIds
 
 
 @functools.lru_cache(maxsize=1)
-def _warn_interpreted():
+def _warn_interpreted(platform: str):
   warnings.warn(
-    f"attention='splash' on {jax.default_backend()}: the TPU kernel runs in Pallas's interpreter, "
+    f"attention='splash' on {platform}: the TPU kernel runs in Pallas's interpreter, "
     "exact but orders of magnitude slower; use model.attention='auto' or 'xla' off TPU",
     stacklevel=2,
   )

@@ -192,6 +192,21 @@ def _plan_args(p):
     default=0,
     help="plan for this many simulated CPU devices instead of the machine's accelerators",
   )
+  p.add_argument(
+    '--topology',
+    default='',
+    help='compile for this TPU slice from any host (needs libtpu): v5e-16, v5p-64, v6e-8, v4-32, or v5e:4x4',
+  )
+  p.add_argument('--slices', type=int, default=1, help='with --topology: this many slices joined over DCN')
+  p.add_argument(
+    '--fit',
+    nargs='?',
+    const='batch',
+    default='',
+    choices=('batch', 'remat'),
+    help='search what fits: the largest train.batch_size (default), or the least-recomputing model.remat',
+  )
+  p.add_argument('--json', action='store_true', help='print the plan as JSON (for scripts)')
 
 
 def _plan(args, overrides):

@@ -268,6 +268,7 @@ def default_config() -> ml_collections.ConfigDict:
   ms.data = -1  # -1 = all devices not used by the other axes
   ms.fsdp = 1
   ms.tensor = 1
+  ms.slices = 1  # TPU slices over the data-center network (multi-slice): the data axis spans them (parallel.make_mesh)
   ms.rules = ()  # overrides of lmjax/parallel.py RULES, e.g. (('embed', None), ('mlp', ('fsdp', 'tensor')))
 
   c.wandb = w = ml_collections.ConfigDict()  # train.trackers with 'wandb': the W&B run (lmjax/sinks.py)
@@ -481,6 +482,7 @@ def problems(config) -> list[str]:
     len(leftover) <= 1,
     f'{" and ".join(leftover)} are both -1 (the devices left over); at most one axis may be -1: give the others counts',
   )
+  need(config.mesh.get('slices', 1) >= 1, f'mesh.slices must be >= 1, got {config.mesh.get("slices", 1)}')
   need(s.max_new_tokens >= 0, f'sample.max_new_tokens must be >= 0, got {s.max_new_tokens}')
   need(s.temperature >= 0, f'sample.temperature must be >= 0 (0 = greedy), got {s.temperature}')
   return out

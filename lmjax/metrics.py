@@ -22,6 +22,7 @@ PEAK_FLOPS = (
   ('TPU v5p', 459e12),
   ('TPU v5 lite', 197e12),
   ('TPU v5e', 197e12),
+  ('TPU v5', 459e12),  # v5p's devices call themselves 'TPU v5'; after the 'lite' entries it matches only them
   ('TPU v4', 275e12),
   ('H200', 989e12),
   ('H100', 989e12),
@@ -31,10 +32,11 @@ PEAK_FLOPS = (
 )
 
 
-def peak_flops_per_device(override: float = 0.0) -> float:
+def peak_flops_per_device(override: float = 0.0, device_kind: str = '') -> float:
+  """PEAK_FLOPS of `device_kind` (default: this process's first device), or `override` when set."""
   if override:
     return float(override)
-  kind = jax.devices()[0].device_kind
+  kind = device_kind or jax.devices()[0].device_kind
   for name, flops in PEAK_FLOPS:
     if name.lower() in kind.lower():
       return flops

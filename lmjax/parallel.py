@@ -38,32 +38,82 @@ RULES = (
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over the devices; one axis size may be -1 (= the devices left)."""
+  """A (data, fsdp, tensor) mesh over the devices; one axis size may be -1 (= the devices left).
+
+  mesh.slices > 1 (multi-slice): the devices are that many TPU slices joined over the data-center network, and the
+  sizes describe one slice. The data axis spans the slices (it is slices x mesh.data long), so only the gradient
+  all-reduce crosses the slow links; fsdp and tensor stay inside a slice (mesh_utils' hybrid mesh). Devices that
+  carry no slice_index (CPU, GPU) are taken as `slices` equal groups in order, which is how tests check the layout.
+  """
   devices = list(jax.devices() if devices is None else devices)
+  slices = int(mesh_config.get('slices', 1) or 1)
+  if slices < 1 or len(devices) % slices:
+    raise ConfigError(f'mesh.slices={slices}: must be >= 1 and divide the {len(devices)} devices')
+  sizes = _axis_sizes(mesh_config, len(devices) // slices)
+  if slices == 1:
+    if math.prod(sizes) < len(devices) and jax.process_count() > 1:
+      raise ConfigError(
+        f'mesh {dict(zip(AXES, sizes))} uses {math.prod(sizes)} of the {len(devices)} devices of '
+        'this multi-host job; set --config.mesh.data=-1 to use them all'
+      )
+    # A single process may use fewer devices than it has (one of 8 for sampling, a debugging run): the first ones.
+    return Mesh(_device_grid(sizes, devices[: math.prod(sizes)]), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+  if math.prod(sizes) * slices != len(devices):
+    raise ConfigError(
+      f'mesh {dict(zip(AXES, sizes))} per slice x mesh.slices={slices} = {math.prod(sizes) * slices} devices, '
+      f'but there are {len(devices)}: a multi-slice mesh uses every device (set one axis to -1)'
+    )
+  in_slice = {getattr(d, 'slice_index', None) for d in devices}
+  if None in in_slice:
+    arr = np.array(devices).reshape(slices * sizes[0], *sizes[1:])
+  elif len(in_slice) != slices:
+    raise ConfigError(f'mesh.slices={slices}, but the devices form {len(in_slice)} slice(s)')
+  else:
+    from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+
+    arr = mesh_utils.create_hybrid_device_mesh(sizes, (slices, 1, 1), devices)
+  return Mesh(arr, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def _axis_sizes(mesh_config, n_devices: int) -> list[int]:
+  """The configured (data, fsdp, tensor) with a -1 resolved to the devices left of `n_devices`."""
   sizes = [int(mesh_config[a]) for a in AXES]
   free = [i for i, s in enumerate(sizes) if s == -1]
   if len(free) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ConfigError(f'mesh sizes {dict(zip(AXES, sizes))}: each must be >= 1, and at most one may be -1')
   known = math.prod(s for s in sizes if s != -1)
   if free:
-    if len(devices) % known:
-      raise ConfigError(f'mesh {dict(zip(AXES, sizes))}: {len(devices)} devices are not divisible by {known}')
-    sizes[free[0]] = len(devices) // known
-  if math.prod(sizes) > len(devices) or (math.prod(sizes) < len(devices) and jax.process_count() > 1):
+    if n_devices % known:
+      raise ConfigError(f'mesh {dict(zip(AXES, sizes))}: {n_devices} devices are not divisible by {known}')
+    sizes[free[0]] = n_devices // known
+  if math.prod(sizes) > n_devices:
     raise ConfigError(
-      f'mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but {len(devices)} are '
+      f'mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but {n_devices} are '
       'available; set --config.mesh.data=-1 to use them all'
     )
-  # A single process may use fewer devices than it has (one of 8 for sampling, a debugging run): the first ones.
-  devices = devices[: math.prod(sizes)]
-  # mesh_utils orders devices so that neighbours on the mesh are neighbours on the interconnect (TPU torus).
-  from jax.experimental import mesh_utils
+  return sizes
+
+
+def _device_grid(sizes, devices) -> np.ndarray:
+  """Devices as an array of the mesh's shape; mesh_utils orders them so that neighbours on the mesh are neighbours
+  on the interconnect (TPU torus)."""
+  from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
 
   try:
-    arr = mesh_utils.create_device_mesh(sizes, devices=devices)
+    return mesh_utils.create_device_mesh(sizes, devices=devices)
   except Exception:  # pylint: disable=broad-except  -- unusual topologies: plain order is still correct
-    arr = np.array(devices).reshape(sizes)
-  return Mesh(arr, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    return np.array(devices).reshape(sizes)
+
+
+def platform(mesh=None) -> str:
+  """'cpu', 'gpu' or 'tpu': the platform of `mesh`'s devices, or of the mesh being traced under, else JAX's default
+  backend. Decisions that depend on the hardware (kernels, RNG algorithm, chunking) read this rather than
+  jax.default_backend(): a program compiled ahead of time for a TPU slice from a CPU host is traced here, for there."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  if isinstance(mesh, Mesh):
+    return mesh.devices.flat[0].platform
+  device = None if mesh.empty else mesh.abstract_device
+  return jax.default_backend() if device is None else device.platform
 
 
 def make_rules(overrides=()) -> tuple:

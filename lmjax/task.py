@@ -34,8 +34,8 @@ class Task:
     self.executables = compiling.ExecutableCache(config.train.compilation_cache_dir, config.to_dict())
 
     # Tracing the model's init for its shapes costs a warm start more than loading its executables: kept on disk
-    abstract_boxed, abstract_opt = self.executables.value('abstract_state', self._abstract_state)
     self.rules = parallel.make_rules(config.mesh.rules)
+    abstract_boxed, abstract_opt = self.executables.value('abstract_state', self._abstract_state)
     self.param_shardings = parallel.param_shardings(abstract_boxed, self.mesh, self.rules)
     abstract_params = nn.meta.unbox(abstract_boxed)
     repl = parallel.replicated(self.mesh)
@@ -91,7 +91,8 @@ class Task:
 
   def _abstract_state(self):
     """(parameters as ShapeDtypeStructs in their logical-axis boxes, the optimizer state as ShapeDtypeStructs)."""
-    abstract_boxed = jax.eval_shape(self._boxed_params, self.rng)
+    # Traced for the mesh's platform, like the steps: the attention kernel chosen depends on it.
+    abstract_boxed = jax.eval_shape(parallel.traced_with(self._boxed_params, self.mesh, self.rules), self.rng)
     return abstract_boxed, jax.eval_shape(self.tx.init, nn.meta.unbox(abstract_boxed))
 
   def _boxed_params(self, rng):
@@ -123,8 +124,11 @@ class Task:
     ShapeDtypeStructs), or its executable from train.compilation_cache_dir; returns (executable, seconds)."""
     t0 = time.perf_counter()
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in batch.items()}
+    # The key as a shape only: a concrete one lives on this host's devices, which need not be the mesh's (a TPU
+    # slice compiled for from a CPU host, lmjax/topology.py).
+    rng = jax.ShapeDtypeStruct(self.rng.shape, self.rng.dtype, sharding=parallel.replicated(self.mesh))
     with parallel.activate(self.mesh):
-      compiled = self.executables.compile('train_step', self.train_fn, (self.abstract_state, batch, self.dropout_rng))
+      compiled = self.executables.compile('train_step', self.train_fn, (self.abstract_state, batch, rng))
     return compiled, time.perf_counter() - t0
 
   @property
@@ -185,7 +189,7 @@ def check_host_memory(compiled):
   """On CPU, XLA's buffers are host memory. A step that cannot fit is refused with what to change, before it runs:
   otherwise the kernel's OOM killer ends the process without a word. The plan is a floor, not a guess: resident
   memory while the step runs is the plan plus the runtime and the data pipeline."""
-  if jax.default_backend() != 'cpu':
+  if next(iter(jax.tree.leaves(compiled.input_shardings)[0].device_set)).platform != 'cpu':
     return
   need, have = step_bytes_per_device(compiled.memory_analysis()), hostenv.memory_bytes()
   if need is None or have is None:

@@ -236,5 +236,17 @@ def test_plan_reports_sharded_memory_without_a_dataset():
   assert p['flops_per_token'] == model_lib.flops_per_token(config_lib.model_config(config), 32)
   replicated = 4 * p['n_params']  # float32
   assert p['bytes_per_device']['params'] < replicated / 4
-  assert p['bytes_per_device']['temporaries'] > 0
+  assert p['train_step']['temporaries'] > 0
   assert 'memory per device' in plan.report(p)
+
+
+def test_a_multi_slice_mesh_lays_the_data_axis_across_slices_and_keeps_fsdp_inside_one():
+  devices = jax.devices()[:8]
+  mesh = parallel.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1, 'slices': 2}, devices)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4, 'tensor': 1}  # the sizes are one slice's; data spans both
+  for row, first_half in ((mesh.devices[0], devices[:4]), (mesh.devices[1], devices[4:])):  # CPU: slices in order
+    assert set(row.flat) == set(first_half)
+  with pytest.raises(config_lib.ConfigError, match='mesh.slices=3: must be >= 1 and divide the 8 devices'):
+    parallel.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1, 'slices': 3}, devices)
+  with pytest.raises(config_lib.ConfigError, match='a multi-slice mesh uses every device'):
+    parallel.make_mesh({'data': 1, 'fsdp': 2, 'tensor': 1, 'slices': 2}, devices)

@@ -16,5 +16,5 @@ def test_every_shipped_config_loads_validates_and_plans_on_cpu(name):
     if config.train.batch_size % 8:  # the CPU recipes' 12 rows: planned on the one device they run on
       config.mesh.data = 1
   p = plan.plan(config)
-  assert p['n_params'] > 0 and p['bytes_per_device']['step_total'] > 0
+  assert p['n_params'] > 0 and p['train_step']['total'] > 0 and p['fits']
   assert p['batch_keys'] == sorted(data.TRAIN_KEYS[config.data.rows])  # packed configs: segments and positions too
