@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from lmjax import config as config_lib, data, parallel, sources, task as task_lib  # noqa: E402
+from lmjax import config as config_lib, data, parallel, sources, engine as engine_lib  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(__file__), '..')
 
@@ -37,18 +37,18 @@ def bench(name, config, n_batches, n_steps, repeats):
   next(d.train_iter)  # warm: threads started, first documents read
   pipe = median_rate(lambda n: [next(d.train_iter) for _ in range(n)], n_batches, repeats)
 
-  task = task_lib.Task(config)
-  K, B, L = task.train_batch_shape
+  engine = engine_lib.Engine(config)
+  K, B, L = engine.train_batch_shape
   rng = np.random.default_rng(0)
   batch = {k: rng.integers(0, config.model.vocab_size, (K, B, L)).astype(np.int32) for k in ('inputs', 'targets')}
-  batch = parallel.put_batch(batch, task.batch_sharding)
-  step, _ = task.compile_train(batch)
-  state = [task.init_state()]
+  batch = parallel.put_batch(batch, engine.batch_sharding)
+  step, _ = engine.compile_train(batch)
+  state = [engine.init_state()]
 
   def run(n):
-    with parallel.activate(task.mesh):
+    with parallel.activate(engine.mesh):
       for _ in range(n):
-        state[0], m = step(state[0], batch, task.dropout_rng)
+        state[0], m = step(state[0], batch, engine.dropout_rng)
       jax.block_until_ready(m)
 
   run(2)

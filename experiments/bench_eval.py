@@ -134,9 +134,9 @@ def run_lmjax(workdir: str, items_path: str, eval_batch: int):
   from lmjax import inference  # pylint: disable=import-outside-toplevel
   from lmjax.evals import spec, tasks  # pylint: disable=import-outside-toplevel
 
-  config, tokenizer, task, state = inference.load_run(workdir, ['mesh.data=1', f'train.eval_batch_size={eval_batch}'])
+  config, tokenizer, engine, state = inference.load_run(workdir, ['mesh.data=1', f'train.eval_batch_size={eval_batch}'])
   t0 = time.perf_counter()
-  mc = tasks.build(spec.parse(f'mc:{items_path}'), config, tokenizer, task)
+  mc = tasks.build(spec.parse(f'mc:{items_path}'), config, tokenizer, engine)
   metrics, records = mc(state.params)
   first = time.perf_counter() - t0
   t0 = time.perf_counter()

@@ -64,8 +64,8 @@ def parity(hf_dir: str, workdir: str, rows: int = 4, length: int = 256) -> dict:
   m = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32).eval()
   with torch.no_grad():
     want = m(torch.tensor(ids.astype(np.int64))).logits.numpy().astype(np.float64)
-  _, _, task, state = inference.load_run(workdir, ['mesh.data=1'])
-  got = np.asarray(task.model.apply({'params': state.params}, jnp.asarray(ids))).astype(np.float64)
+  _, _, engine, state = inference.load_run(workdir, ['mesh.data=1'])
+  got = np.asarray(engine.model.apply({'params': state.params}, jnp.asarray(ids))).astype(np.float64)
   logp = lambda x: x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
   p_log, q_log = logp(want), logp(got)
   kl = (np.exp(p_log) * (p_log - q_log)).sum(-1)

@@ -2,7 +2,7 @@
 
 Run:   python experiments/bench_train.py --config=configs/shakespeare_char_cpu.py [--rounds=5] [--steps=20]
          [--record=experiments/results.jsonl] [--no_peer] [--peer=hf|nanogpt|both] [--config.model.scan_layers=true ...]
-What:  lmjax's real train step (`lmjax.bench.Runner`: Task.train_fn, AdamW, clipping, dropout as configured) and
+What:  lmjax's real train step (`lmjax.bench.Runner`: Engine.train_fn, AdamW, clipping, dropout as configured) and
        a torch step doing the same work: GPT2LMHeadModel (n_layer, n_head, n_embd, n_positions=max_len, vocab 65,
        exact-erf GELU, dropout as the config), cross-entropy, backward, clip_grad_norm_, torch.optim.AdamW.
        torch.set_num_threads(--peer_threads, default all cores). Each peer runs in a process of its own, so neither
@@ -259,7 +259,7 @@ def main(argv=None):
         compile_s = peers[name].compile_s
       if compile_s:
         print(f'torch.compile of the nanoGPT-architecture peer: {compile_s:.1f} s')
-  K = runner.task.steps_per_call
+  K = runner.engine.steps_per_call
   runner.time(2)
   for peer in peers.values():
     peer.time(2)

@@ -24,7 +24,7 @@ class Loop:
 
   config: Any
   workdir: str
-  task: Any  # lmjax.task.Task
+  engine: Any  # lmjax.engine.Engine
   data: Any  # lmjax.data.Data
   state: Any  # the train state after `step` optimizer steps
   step: int
@@ -44,7 +44,7 @@ class Loop:
       return self.metrics['val_loss']
     if not self._state_loss:
       batches = self.data.eval_batches[:1]
-      self._state_loss.append(self.task.evaluate(self.state.params, batches)['val_loss'] if batches else None)
+      self._state_loss.append(self.engine.evaluate(self.state.params, batches)['val_loss'] if batches else None)
     return self._state_loss[0]
 
   def save(self, checkpointer, meta: dict) -> None:
@@ -88,7 +88,7 @@ class Evaluate(Action):
   name = 'evaluate'
 
   def run(self, loop):
-    return loop.task.evaluate(loop.state.params, loop.data.eval_batches, loop.data.eval_bytes_per_token)
+    return loop.engine.evaluate(loop.state.params, loop.data.eval_batches, loop.data.eval_bytes_per_token)
 
 
 class EvalTask(Action):
@@ -103,7 +103,7 @@ class EvalTask(Action):
     from lmjax.evals import tasks  # pylint: disable=import-outside-toplevel  -- only runs with eval tasks import it
 
     if self._task is None:
-      self._task = tasks.build(self.spec, loop.config, loop.data.tokenizer, loop.task)
+      self._task = tasks.build(self.spec, loop.config, loop.data.tokenizer, loop.engine)
     metrics, _ = self._task(loop.state.params)
     return {f'{self.name}/{k}': v for k, v in metrics.items()}
 

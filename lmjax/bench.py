@@ -1,6 +1,6 @@
 """`lmjax bench`: compile time, step time, tokens/s, TFLOP/s and MFU of a config's real train step.
 
-No data and no checkpoints: random token batches of the config's shape go through the same `Task.train_fn` the
+No data and no checkpoints: random token batches of the config's shape go through the same `Engine.train_fn` the
 training loop runs (steps_per_call, grad_accum, dropout and donation included). MFU is printed against two peaks:
 XLA's matmul throughput in the model's compute dtype, measured in this process (a shared host drifts from the
 table), and the table in lmjax/metrics.py (the steadier figure on a GPU, whose measured peak drifts from run to
@@ -40,24 +40,24 @@ def matmul_flops(dtype='float32', n: int = 0, repeats: int = 10) -> float:
 
 
 class Runner:
-  """A config's Task with its train step compiled and a random batch on device; `time(n)` runs n more calls."""
+  """A config's Engine with its train step compiled and a random batch on device; `time(n)` runs n more calls."""
 
   def __init__(self, config):
-    from lmjax import task as task_lib  # pylint: disable=import-outside-toplevel
+    from lmjax import engine as engine_lib  # pylint: disable=import-outside-toplevel
 
     t_start = time.perf_counter()
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.model.vocab_size = config.model.vocab_size or CHAR_VOCAB
     self.config = config
-    self.task = task = task_lib.Task(config)
-    task_lib.check_training(config, task.mesh)
-    batch = random_batch(task.train_batch_spec(), task.model_cfg.vocab_size)
-    self.state = task.init_state()
+    self.engine = engine = engine_lib.Engine(config)
+    engine_lib.check_training(config, engine.mesh)
+    batch = random_batch(engine.train_batch_spec(), engine.model_cfg.vocab_size)
+    self.state = engine.init_state()
     self.init_s = time.perf_counter() - t_start
-    self.exec, self.compile_s = task.compile_train(batch)
-    task_lib.check_host_memory(self.exec)
-    self.batch = jax.device_put(batch, task.batch_sharding)
+    self.exec, self.compile_s = engine.compile_train(batch)
+    engine_lib.check_host_memory(self.exec)
+    self.batch = jax.device_put(batch, engine.batch_sharding)
     self.time(1)
     self.first_step_s = time.perf_counter() - t_start  # start to the first step's result on the host
 
@@ -66,31 +66,31 @@ class Runner:
     times = []
     for _ in range(calls):
       t = time.perf_counter()
-      self.state, self.metrics = self.exec(self.state, self.batch, self.task.dropout_rng)
+      self.state, self.metrics = self.exec(self.state, self.batch, self.engine.dropout_rng)
       jax.block_until_ready(self.metrics)
-      times.append((time.perf_counter() - t) / self.task.steps_per_call)
+      times.append((time.perf_counter() - t) / self.engine.steps_per_call)
     return times
 
   def result(self, step_times) -> dict:
-    K, B, L = self.task.train_batch_shape
+    K, B, L = self.engine.train_batch_shape
     step_s = statistics.median(step_times)
     tokens_per_s = B * L / step_s
-    model_flops = tokens_per_s * self.task.flops_per_token
-    measured_peak = matmul_flops(self.task.model_cfg.dtype)  # the compute dtype: bf16 units on accelerators
+    model_flops = tokens_per_s * self.engine.flops_per_token
+    measured_peak = matmul_flops(self.engine.model_cfg.dtype)  # the compute dtype: bf16 units on accelerators
     tabled = metrics_lib.peak_flops_per_device(self.config.train.peak_flops) * jax.device_count()
     return {
-      'n_params': self.task.n_params,
+      'n_params': self.engine.n_params,
       'batch': B,
       'length': L,
       'steps_per_call': K,
       'init_s': round(self.init_s, 3),
       'compile_s': round(self.compile_s, 3),
-      'compile_origin': self.task.executables.origin['train_step'],
+      'compile_origin': self.engine.executables.origin['train_step'],
       'start_to_first_step_s': round(self.first_step_s, 3),
       'ms_per_step': round(1e3 * step_s, 3),
       'tokens_per_s': round(tokens_per_s, 1),
       'model_tflops': round(model_flops / 1e12, 5),
-      'matmul_dtype': str(self.task.model_cfg.dtype),
+      'matmul_dtype': str(self.engine.model_cfg.dtype),
       'matmul_gflops': round(measured_peak / 1e9, 2),
       'mfu_measured_peak': round(model_flops / measured_peak, 4),
       'tabled_peak_gflops': round(tabled / 1e9, 2),
@@ -123,7 +123,7 @@ def measure(config, steps: int = 30, warmup: int = 2, profile_dir: str = '') -> 
   runner = Runner(config)
   runner.time(warmup)
   with profiling.trace(profile_dir):
-    times = runner.time(max(1, steps // runner.task.steps_per_call))
+    times = runner.time(max(1, steps // runner.engine.steps_per_call))
   return runner.result(times)
 
 

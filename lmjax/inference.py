@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from lmjax import compiling, config as config_lib, hostenv, param_sources
 from lmjax.errors import ConfigError
-from lmjax.task import Task
+from lmjax.engine import Engine
 
 
 def load_run(workdir: str, overrides=(), mesh=None, step=None, params_only=True):
-  """(config, tokenizer, Task, state) of a trained workdir's checkpoint (or of hf:DIR, a saved Hugging Face model),
+  """(config, tokenizer, Engine, state) of a trained workdir's checkpoint (or of hf:DIR, a saved Hugging Face model),
   restored onto `mesh` (default: the config's mesh over this process's devices) whatever mesh it was saved from.
   `step`: a step number, 'best' (the train.keep_best checkpoint) or None (the newest that restores).
   `params_only`: state.opt_state is None. The run's compilation caches (train.compilation_cache_dir) serve
@@ -23,26 +23,26 @@ def load_run(workdir: str, overrides=(), mesh=None, step=None, params_only=True)
   source = param_sources.open_source(workdir if step is None else f'{workdir}:{step}')
   config = source.config(overrides)
   compiling.enable_compilation_cache(config.train.compilation_cache_dir)
-  task = Task(config, mesh)
-  state = source.state(task, config, params_only=params_only)
+  engine = Engine(config, mesh)
+  state = source.state(engine, config, params_only=params_only)
   hostenv.mark('restored')
-  return config, source.tokenizer, task, state
+  return config, source.tokenizer, engine, state
 
 
 def evaluate_run(workdir: str, overrides=(), step=None) -> dict:
   """`lmjax eval`: loss, perplexity and bits per byte of a workdir's checkpoint over the whole eval split."""
   from lmjax import data as data_lib  # pylint: disable=import-outside-toplevel  -- only evaluation reads data
 
-  config, tokenizer, task, state = load_run(workdir, overrides, step=step)
-  fit_eval_batch(config, task)
+  config, tokenizer, engine, state = load_run(workdir, overrides, step=step)
+  fit_eval_batch(config, engine)
   batches, bytes_per_token = data_lib.eval_split(config, tokenizer)
-  return {'step': int(state.step), **task.evaluate(state.params, batches, bytes_per_token)}
+  return {'step': int(state.step), **engine.evaluate(state.params, batches, bytes_per_token)}
 
 
-def fit_eval_batch(config, task):
+def fit_eval_batch(config, engine):
   """Rounds train.eval_batch_size up to a multiple of this host's batch-sharding devices: the mesh evaluating a
   run need not be the one that trained it."""
-  rows = task.batch_rows_divisor
+  rows = engine.batch_rows_divisor
   if config.train.eval_batch_size % rows:
     with config.unlocked():
       config.train.eval_batch_size = -(-config.train.eval_batch_size // rows) * rows

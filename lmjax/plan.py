@@ -73,39 +73,39 @@ def plan(config, devices=None, estimate: bool = True) -> dict:
   devices (a TPU slice's from lmjax.topology); default this process's. A train step that does not fit comes back
   with fits=False and the compiler's message, never an exception."""
   import jax
-  from lmjax import parallel, task as task_lib, topology
+  from lmjax import parallel, engine as engine_lib, topology
 
-  task = task_lib.Task(config, parallel.make_mesh(config.mesh, devices))
-  task_lib.check_training(config, task.mesh)
-  cfg = task.model_cfg
-  params = task.abstract_state.params
-  K, B, L = task.train_batch_shape
-  batch_spec = task.train_batch_spec()  # the keys training feeds the step (packed rows add segments, positions)
-  device = task.mesh.devices.flat[0]
+  engine = engine_lib.Engine(config, parallel.make_mesh(config.mesh, devices))
+  engine_lib.check_training(config, engine.mesh)
+  cfg = engine.model_cfg
+  params = engine.abstract_state.params
+  K, B, L = engine.train_batch_shape
+  batch_spec = engine.train_batch_spec()  # the keys training feeds the step (packed rows add segments, positions)
+  device = engine.mesh.devices.flat[0]
   chip = topology.chip_of(device)
   out = {
-    'mesh': dict(task.mesh.shape),
+    'mesh': dict(engine.mesh.shape),
     'slices': int(config.mesh.get('slices', 1)),
-    'n_devices': task.mesh.size,
+    'n_devices': engine.mesh.size,
     'device_kind': device.device_kind,
     'platform': device.platform,
     'hbm_bytes': chip.hbm_bytes if chip else None,
     'attention_config': cfg.attention,
     'params': count_by_component(params, cfg.n_layers),
-    'n_params': task.n_params,
-    'flops_per_token': task.flops_per_token,
+    'n_params': engine.n_params,
+    'flops_per_token': engine.flops_per_token,
     'tokens_per_step': B * L,
     'batch_size': B,
     'remat': cfg.remat,
     'batch_keys': sorted(batch_spec),
-    'bytes_per_device': {'params': device_bytes(params), 'optimizer': device_bytes(task.abstract_state.opt_state)},
+    'bytes_per_device': {'params': device_bytes(params), 'optimizer': device_bytes(engine.abstract_state.opt_state)},
   }
-  out['train_step'] = _compiled_stats(lambda: task.compile_train(batch_spec), out['hbm_bytes'])
+  out['train_step'] = _compiled_stats(lambda: engine.compile_train(batch_spec), out['hbm_bytes'])
   out['fits'] = out['train_step']['fits']
   if out['fits']:
     eval_spec = {k: jax.ShapeDtypeStruct((config.train.eval_batch_size, L), v.dtype) for k, v in batch_spec.items()}
     eval_spec['weights'] = jax.ShapeDtypeStruct((config.train.eval_batch_size, L), 'float32')
-    out['eval_step'] = _compiled_stats(lambda: _compile_eval(task, eval_spec), out['hbm_bytes'])
+    out['eval_step'] = _compiled_stats(lambda: _compile_eval(engine, eval_spec), out['hbm_bytes'])
   out['attention'] = _kernel(out['train_step'])
   out['compile_s'] = out['train_step']['compile_s']
   if estimate and out['fits']:
@@ -113,20 +113,20 @@ def plan(config, devices=None, estimate: bool = True) -> dict:
   return out
 
 
-def _compile_eval(task, spec):
+def _compile_eval(engine, spec):
   from lmjax import parallel  # pylint: disable=import-outside-toplevel
 
   t0 = time.perf_counter()
-  batch = {k: v.update(sharding=task.eval_batch_sharding) for k, v in spec.items()}
-  with parallel.activate(task.mesh):
-    compiled = task.eval_fn.lower(task.abstract_state.params, batch).compile()
+  batch = {k: v.update(sharding=engine.eval_batch_sharding) for k, v in spec.items()}
+  with parallel.activate(engine.mesh):
+    compiled = engine.eval_fn.lower(engine.abstract_state.params, batch).compile()
   return compiled, time.perf_counter() - t0
 
 
 def _compiled_stats(compile_fn, hbm_bytes) -> dict:
   """Memory, cost and kernels of `compile_fn()`'s (executable, seconds); fits=False with the compiler's message
   when XLA refuses the program for want of memory (TPU compiles check it against the chip's HBM)."""
-  from lmjax import errors, task as task_lib  # pylint: disable=import-outside-toplevel
+  from lmjax import errors, engine as engine_lib  # pylint: disable=import-outside-toplevel
 
   t0 = time.perf_counter()
   try:
@@ -139,7 +139,7 @@ def _compiled_stats(compile_fn, hbm_bytes) -> dict:
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   text = compiled.as_text()
-  total = task_lib.step_bytes_per_device(mem)
+  total = engine_lib.step_bytes_per_device(mem)
   return {
     'fits': hbm_bytes is None or total is None or total <= hbm_bytes,
     'compile_s': seconds,

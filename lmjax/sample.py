@@ -490,8 +490,8 @@ def run(args, overrides):
   from lmjax import inference  # pylint: disable=import-outside-toplevel  -- keeps `import lmjax.sample` light
 
   file_prompts = _read_prompt_file(args.prompt_file) if args.prompt_file else None  # before the checkpoint
-  config, tokenizer, task, state = inference.load_run(args.workdir, overrides, step=args.step)
-  s, cfg = config.sample, task.model_cfg
+  config, tokenizer, engine, state = inference.load_run(args.workdir, overrides, step=args.step)
+  s, cfg = config.sample, engine.model_cfg
   cache_dir = config.train.compilation_cache_dir  # the run's caches serve its sampler too
   executables = compiling.ExecutableCache(cache_dir, {}) if cache_dir else None
   pick = lambda flag, key, default: flag if flag is not None else s.get(key, default)
@@ -525,7 +525,7 @@ def run(args, overrides):
     seed=args.seed,
     beam_size=beam_size,
     length_penalty=args.length_penalty,
-    mesh=task.mesh,
+    mesh=engine.mesh,
     sliding_window=sliding,
     window_chunk=window_chunk,
     progress=True,

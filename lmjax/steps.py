@@ -1,6 +1,6 @@
 """The pure, jitted functions of training: the train state, the loss, one (or S, steps per call) optimizer steps, the eval step.
 
-Nothing here does I/O or knows about meshes; lmjax/task.py jits these with shardings, lmjax/train.py runs them.
+Nothing here does I/O or knows about meshes; lmjax/engine.py jits these with shardings, lmjax/train.py runs them.
 """
 
 from __future__ import annotations

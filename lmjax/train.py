@@ -6,7 +6,7 @@ step N's metrics, so the host never stalls the device; the parts it calls -- log
 schedule with multi-host agreement, profiler -- are lmjax/loop_parts.py) -> periodic actions (lmjax/actions.py)
 -> `train`, which holds the lock and saves on SIGTERM. Metrics go to the sinks of train.trackers
 (lmjax/sinks.py). All I/O lives here and in those modules, outside the pure steps (lmjax/steps.py); the static
-build of a run is lmjax/task.py. New per-step behaviour is an action (actions.register) or a part, not an edit of
+build of a run is lmjax/engine.py. New per-step behaviour is an action (actions.register) or a part, not an edit of
 the loop.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 from lmjax import actions as actions_lib, checkpoint, compiling, data as data_lib, hostenv, loop_parts
 from lmjax import metrics as metrics_lib, param_sources, parallel, sinks as sinks_lib, workdir as workdir_lib
 from lmjax.errors import CheckpointError, ConfigError, WorkdirError
-from lmjax.task import Task, check_host_memory, check_training
+from lmjax.engine import Engine, check_host_memory, check_training
 
 
 class Preempted(Exception):
@@ -67,7 +67,7 @@ class Run:
 
   config: Any
   workdir: str
-  task: Task
+  engine: Engine
   data: Any  # lmjax.data.Data
   state: Any  # the train state, resumed, from train.init_from, or fresh
   ckpt: checkpoint.Checkpointer  # WORKDIR/checkpoints
@@ -98,26 +98,26 @@ def start(config, workdir: str) -> Run:
     param_sources.adopt(source, config)
   data = prepare_data(config, workdir, source.tokenizer if source else None)
   hostenv.mark('data ready')
-  task = Task(config)
-  check_training(config, task.mesh)
-  compiled = compiling.in_background(task.compile_train, task.train_batch_spec())
+  engine = Engine(config)
+  check_training(config, engine.mesh)
+  compiled = compiling.in_background(engine.compile_train, engine.train_batch_spec())
   ckpt = best = None
   try:
     ckpt, best = _checkpointers(config, workdir)
     meta = {'config': config.to_dict(), 'tokenizer': data.tokenizer.spec()}
     if ckpt.latest_step() is not None:
       state = param_sources.restore(
-        ckpt, task, config, data.tokenizer.spec(), workdir, data_iter=data.train_iter, move_aside=primary
+        ckpt, engine, config, data.tokenizer.spec(), workdir, data_iter=data.train_iter, move_aside=primary
       )
       how = f'resuming at step {int(state.step)}'
     elif source is not None:
-      state = task.init_state(params=param_sources.init_params(source, task, config))
+      state = engine.init_state(params=param_sources.init_params(source, engine, config))
       how = f'parameters from {tc.init_from}'
     else:
-      state, how = task.init_state(), 'fresh start'
+      state, how = engine.init_state(), 'fresh start'
     hostenv.mark('state ready')
     workdir_lib.record(config, data.tokenizer, workdir, primary)
-    batch = task.put_train_batch(data.train_iter)
+    batch = engine.put_train_batch(data.train_iter)
     hostenv.mark('first batch')
     train_exec, compile_s = compiled()
     hostenv.mark('train step ready')
@@ -128,7 +128,7 @@ def start(config, workdir: str) -> Run:
       if c is not None:
         c.close()
     raise
-  return Run(config, workdir, task, data, state, ckpt, best, meta, train_exec, batch, how, compile_s)
+  return Run(config, workdir, engine, data, state, ckpt, best, meta, train_exec, batch, how, compile_s)
 
 
 def _checkpointers(config, workdir):
@@ -154,15 +154,15 @@ def _checkpointers(config, workdir):
 
 def _announce(run: Run, log) -> None:
   """What runs where, how it started, and how long the start took."""
-  task = run.task
+  engine = run.engine
   log.echo(
-    f'lmjax: {task.n_params:,} params | mesh {dict(task.mesh.shape)} | {task.mesh.size} x '
-    f'{task.mesh.devices.flat[0].device_kind} | {run.how} | {run.workdir}'
+    f'lmjax: {engine.n_params:,} params | mesh {dict(engine.mesh.shape)} | {engine.mesh.size} x '
+    f'{engine.mesh.devices.flat[0].device_kind} | {run.how} | {run.workdir}'
   )
   host_allocator = hostenv.allocator()  # on CPU, XLA's temporaries live in malloc: the allocator sets the step time
-  on_cpu = task.mesh.devices.flat[0].platform == 'cpu'
+  on_cpu = engine.mesh.devices.flat[0].platform == 'cpu'
   log.echo(f'allocator: {host_allocator}' + (hostenv.jemalloc_hint(host_allocator) if on_cpu else ''))
-  how = compiling.ORIGINS[task.executables.origin['train_step']]
+  how = compiling.ORIGINS[engine.executables.origin['train_step']]
   log.echo(
     f'train step {how} in {run.compile_s:.2f}s; '
     f'first step {hostenv.seconds_since_process_start():.1f}s after the command started'
@@ -172,11 +172,11 @@ def _announce(run: Run, log) -> None:
 def _loop(run: Run, log, periodic, clock, preempt, heartbeat) -> tuple[int, dict, bool]:
   """Steps to train.steps: dispatch the next call, then read the previous call's metrics while it runs (the host
   never stalls the device), then run what is due. Returns (step, last logged metrics, stopped by SIGTERM)."""
-  tc, task = run.config.train, run.task
-  S = task.steps_per_call
+  tc, engine = run.config.train, run.engine
+  S = engine.steps_per_call
   step = int(run.state.step)
-  peak = metrics_lib.peak_flops_per_device(tc.peak_flops) * task.mesh.size
-  window = loop_parts.LogWindow(task, run.config, step, peak)
+  peak = metrics_lib.peak_flops_per_device(tc.peak_flops) * engine.mesh.size
+  window = loop_parts.LogWindow(engine, run.config, step, peak)
   guard = loop_parts.NonfiniteGuard(run.config, run.ckpt, log.echo)
   schedule = loop_parts.Schedule(periodic, tc.log_every, tc.steps, clock)
   profiler = loop_parts.Profiler(tc.profile_steps, workdir_lib.profile_dir(run.workdir))
@@ -193,12 +193,12 @@ def _loop(run: Run, log, periodic, clock, preempt, heartbeat) -> tuple[int, dict
     return row
 
   try:
-    with parallel.activate(task.mesh):
+    with parallel.activate(engine.mesh):
       while step < tc.steps:
-        batch = run.batch if run.batch is not None else task.put_train_batch(run.data.train_iter)
+        batch = run.batch if run.batch is not None else engine.put_train_batch(run.data.train_iter)
         run.batch = None
         with profiler.call(step, S):
-          run.state, m = run.train_exec(run.state, batch, task.dropout_rng)
+          run.state, m = run.train_exec(run.state, batch, engine.dropout_rng)
         step += S
         profiler.after(step, run.state)
         log.advance(S)
@@ -230,7 +230,7 @@ def _run_actions(run: Run, step: int, due, minutes: float, row: dict, guard, log
   view = actions_lib.Loop(
     config=run.config,
     workdir=run.workdir,
-    task=run.task,
+    engine=run.engine,
     data=run.data,
     state=run.state,
     step=step,

@@ -56,17 +56,17 @@ def char_requests(tokenizer, max_len, n_items=12, seed=0):
 
 
 def test_loglikelihoods_equal_the_harness_computation_on_one_device_and_on_eight(trained):
-  _, tokenizer, task, state = inference.load_run(trained, ONE_DEVICE)
-  L = task.model_cfg.max_len
+  _, tokenizer, engine, state = inference.load_run(trained, ONE_DEVICE)
+  L = engine.model_cfg.max_len
   requests = char_requests(tokenizer, L)
   assert any(len(c) + len(k) > L + 1 for c, k in char_requests(tokenizer, 10**6))  # the window truncates some
-  forward = plain_forward(task.model, state.params, L)
+  forward = plain_forward(engine.model, state.params, L)
   for k in range(4):  # and continuations that greedy decoding writes, whole or their first token
     seq = tokenizer.encode(TEXT[300 * k : 300 * k + 12]).tolist()
     for _ in range(3):
       seq.append(int(np.argmax(forward(seq)[len(seq) - 1])))
     requests += [(tuple(seq[:12]), tuple(seq[12:])), (tuple(seq[:12]), tuple(seq[12:13]))]
-  scorer = loglikelihood.Scorer(task, tokens_per_call=1024)  # small calls: several, of two buckets or more
+  scorer = loglikelihood.Scorer(engine, tokens_per_call=1024)  # small calls: several, of two buckets or more
   ll, greedy = scorer(state.params, requests)
   expected = plain_loglikelihoods(forward, requests)
   np.testing.assert_allclose(ll, [e[0] for e in expected], atol=1e-4, rtol=0)
@@ -228,24 +228,24 @@ def test_lmjax_eval_prints_one_json_object_per_task_and_logs_each_item(trained, 
 
 
 def test_generation_is_scored_against_its_references_and_diversity_over_samples(trained, tmp_path):
-  config, tokenizer, task, state = inference.load_run(trained, ONE_DEVICE)
+  config, tokenizer, engine, state = inference.load_run(trained, ONE_DEVICE)
   prompts = ['ROMEO:', 'KING:', 'First']
   from lmjax import sample
 
   greedy = sample.sample_texts(
-    state.params, task.model_cfg, tokenizer, prompts, max_new_tokens=6, temperature=0.0, mesh=task.mesh
+    state.params, engine.model_cfg, tokenizer, prompts, max_new_tokens=6, temperature=0.0, mesh=engine.mesh
   )
   items = [{'prompt': p, 'reference': [g, 'nothing'] if k else g} for k, (p, g) in enumerate(zip(prompts, greedy))]
   items[2]['reference'] = 'something else'
   gen = spec.parse(f'gen:{write_jsonl(tmp_path / "g.jsonl", items)},max_new_tokens=6,stop=')
-  metrics, records = tasks.build(gen, config, tokenizer, task)(state.params)
+  metrics, records = tasks.build(gen, config, tokenizer, engine)(state.params)
   assert [r['prediction'] for r in records] == greedy  # greedy by default, the KV-cache sampler's
   assert [r['exact_match'] for r in records] == [1.0, 1.0, 0.0] and metrics['exact_match'] == pytest.approx(2 / 3)
   assert [r['rouge_l'] for r in records] == [textmetrics.rouge_l(r['prediction'], r['references']) for r in records]
   assert metrics['n'] == 3 and 0 <= metrics['rouge_l'] <= 1 and 0 <= metrics['bleu'] <= 100
   (tmp_path / 'p.txt').write_text('ROMEO:\nKING:\n')
   div = spec.parse(f'div:{tmp_path / "p.txt"},num_samples=3,max_new_tokens=12,temperature=1.0')
-  metrics, records = tasks.build(div, config, tokenizer, task)(state.params)
+  metrics, records = tasks.build(div, config, tokenizer, engine)(state.params)
   assert [len(r['samples']) for r in records] == [3, 3] and len(set(records[0]['samples'])) == 3  # sampled, seeded
   assert set(metrics) == {'distinct_1', 'distinct_2', 'distinct_3', 'self_bleu', 'n'}
 

@@ -28,8 +28,8 @@ def _hf_logits(directory, ids_BxL):
 
 
 def _lmjax_logits(workdir, ids_BxL):
-  _, _, task, state = inference.load_run(workdir, ONE_DEVICE)
-  return np.asarray(task.model.apply({'params': state.params}, jnp.asarray(ids_BxL)))
+  _, _, engine, state = inference.load_run(workdir, ONE_DEVICE)
+  return np.asarray(engine.model.apply({'params': state.params}, jnp.asarray(ids_BxL)))
 
 
 def _real_text_ids(tok, rows_=3, length=48):
@@ -56,9 +56,9 @@ def test_imported_logits_and_50_greedy_tokens_equal_transformers(name, hf_models
   got = _lmjax_logits(imported[name], ids)
   assert got.shape == want.shape
   assert np.abs(got - want).max() <= 1e-4
-  config, _, task, state = inference.load_run(imported[name], ONE_DEVICE)
+  config, _, engine, state = inference.load_run(imported[name], ONE_DEVICE)
   prompt = ids[0, :8]
-  [ours] = sample.generate(state.params, task.model_cfg, [prompt], max_new_tokens=50, temperature=0.0)
+  [ours] = sample.generate(state.params, engine.model_cfg, [prompt], max_new_tokens=50, temperature=0.0)
   m = transformers.AutoModelForCausalLM.from_pretrained(hf_models[name]).eval()
   with torch.no_grad():
     theirs = m.generate(
@@ -186,9 +186,9 @@ def test_completion_only_loss_ignores_the_prompt(imported):
   n_prompt = len(tok.encode(pair['prompt']))
   assert d['inputs'][0] == tok.bos_id and d['targets'][-1] == tok.eos_id
   assert d['weights'].tolist() == [0.0] * n_prompt + [1.0] * (len(d['targets']) - n_prompt)
-  _, _, task, state = inference.load_run(imported['gpt2'], ONE_DEVICE)
+  _, _, engine, state = inference.load_run(imported['gpt2'], ONE_DEVICE)
   batch = {k: jnp.asarray(v[None]) for k, v in d.items()}
-  loss = lambda b: steps.loss_terms(state.params, task.model, b)[0]
+  loss = lambda b: steps.loss_terms(state.params, engine.model, b)[0]
   base = loss(batch)
   changed = dict(batch, targets=batch['targets'].at[0, 1].set((batch['targets'][0, 1] + 7) % tok.vocab_size))
   assert float(loss(changed)) == float(base)  # a prompt token's target carries no weight

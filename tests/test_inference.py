@@ -18,8 +18,8 @@ WHOLE_SPLIT = ['train.eval_max_batches=0']  # batches of any size then cover the
 
 def test_a_one_device_run_evaluates_on_eight_devices_to_the_same_loss(trained):
   assert jax.device_count() == 8
-  _, _, task, state = inference.load_run(trained, ON_EIGHT)
-  assert task.mesh.size == 8 and state.opt_state is None  # parameters only: no optimizer moments read
+  _, _, engine, state = inference.load_run(trained, ON_EIGHT)
+  assert engine.mesh.size == 8 and state.opt_state is None  # parameters only: no optimizer moments read
   on_eight = inference.evaluate_run(trained, ON_EIGHT + WHOLE_SPLIT)  # 12 rows a batch, rounded up to 16 on 8
   on_one = inference.evaluate_run(trained, ONE_DEVICE + WHOLE_SPLIT)
   assert on_eight['step'] == on_one['step'] == 60

@@ -105,7 +105,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
   ]
 
   # The checkpoint written by 2 processes x 4 devices restores onto one device and evaluates to the same loss.
-  config, tokenizer, task, state = inference.load_run(
+  config, tokenizer, engine, state = inference.load_run(
     two,
     mesh=parallel.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1]),
     overrides=('mesh.data=1', 'mesh.fsdp=1'),
@@ -113,7 +113,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
   )
   assert int(state.step) == 6 and state.params['embed'].sharding.mesh.size == 1 and state.opt_state is None
   data = data_lib.make_data(config, tokenizer)
-  val = task.evaluate(state.params, data.eval_batches)['val_loss']
+  val = engine.evaluate(state.params, data.eval_batches)['val_loss']
   np.testing.assert_allclose(val, losses(two, 'val_loss')[-1][1], rtol=1e-5)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lmjax import attention, checkpoint, config as config_lib, model as model_lib, parallel, plan, task as task_lib
+from lmjax import attention, checkpoint, config as config_lib, model as model_lib, parallel, plan, engine as engine_lib
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (simulated) devices')
 
@@ -38,11 +38,11 @@ def tiny_config(data=1, fsdp=1, tensor=1, *overrides):
 
 
 @functools.lru_cache(maxsize=None)
-def task_on(data, fsdp, tensor) -> task_lib.Task:
-  """One Task per mesh: its jitted step compiles once for the whole file. (1, 1, 1) is a single device."""
+def task_on(data, fsdp, tensor) -> engine_lib.Engine:
+  """One Engine per mesh: its jitted step compiles once for the whole file. (1, 1, 1) is a single device."""
   config = tiny_config(data, fsdp, tensor)
   mesh = parallel.make_mesh(config.mesh, jax.devices()[: data * fsdp * tensor])
-  return task_lib.Task(config, mesh)
+  return engine_lib.Engine(config, mesh)
 
 
 def batches(n, seed=0):
@@ -52,26 +52,26 @@ def batches(n, seed=0):
   return [{'inputs': t[..., :-1], 'targets': t[..., 1:]} for t in tokens]
 
 
-def run_steps(task, state, batch_list):
+def run_steps(engine, state, batch_list):
   """(state, losses) after one optimizer step per batch."""
   losses = []
-  with parallel.activate(task.mesh):
+  with parallel.activate(engine.mesh):
     for b in batch_list:
-      state, m = task.train_fn(state, parallel.put_batch(b, task.batch_sharding), task.dropout_rng)
+      state, m = engine.train_fn(state, parallel.put_batch(b, engine.batch_sharding), engine.dropout_rng)
       losses.append(float(m['train_loss'][-1]))
   return state, losses
 
 
 @functools.lru_cache(maxsize=None)
 def single_device_losses():
-  task = task_on(1, 1, 1)
-  return tuple(run_steps(task, task.init_state(), batches(3))[1])
+  engine = task_on(1, 1, 1)
+  return tuple(run_steps(engine, engine.init_state(), batches(3))[1])
 
 
 @pytest.mark.parametrize('name', list(MESHES))
 def test_sharded_train_steps_match_single_device(name):
-  task = task_on(*MESHES[name])
-  _, losses = run_steps(task, task.init_state(), batches(3))
+  engine = task_on(*MESHES[name])
+  _, losses = run_steps(engine, engine.init_state(), batches(3))
   np.testing.assert_allclose(losses, single_device_losses(), rtol=2e-5)
   assert losses[-1] < losses[0]  # it is training, not replaying the same number
 
@@ -121,8 +121,8 @@ def test_splash_attention_trains_on_a_mesh_as_xla_attention_does_on_one_device(m
       'model.n_layers=1',
       'train.batch_size=4',
     )
-    task = task_lib.Task(config, parallel.make_mesh(config.mesh, jax.devices()[: data * fsdp * tensor]))
-    return run_steps(task, task.init_state(), packed_batches(2, B=4))[1]
+    engine = engine_lib.Engine(config, parallel.make_mesh(config.mesh, jax.devices()[: data * fsdp * tensor]))
+    return run_steps(engine, engine.init_state(), packed_batches(2, B=4))[1]
 
   want = losses(1, 1, 1, 'xla')
   np.testing.assert_allclose(losses(2, 2, 2, 'splash'), want, rtol=2e-5)
@@ -154,8 +154,8 @@ def test_splash_attention_on_meshes_that_split_some_axes_or_none():
 
 
 def test_parameters_are_laid_out_by_their_logical_names():
-  task = task_on(1, 4, 2)
-  params = task.init_state().params
+  engine = task_on(1, 4, 2)
+  params = engine.init_state().params
   specs = {
     ('embed',): ('tensor', 'fsdp'),  # vocab 64 over tensor, d_model over fsdp
     ('block_0', 'attn', 'q_kernel'): ('fsdp', 'tensor', None),  # (D, H, K)
@@ -167,22 +167,22 @@ def test_parameters_are_laid_out_by_their_logical_names():
   for path, spec in specs.items():
     x = functools.reduce(lambda t, k: t[k], path, params)
     assert tuple(x.sharding.spec) == spec, path
-    want = tuple(d // (task.mesh.shape[a] if a else 1) for d, a in zip(x.shape, spec))
+    want = tuple(d // (engine.mesh.shape[a] if a else 1) for d, a in zip(x.shape, spec))
     assert {s.data.shape for s in x.addressable_shards} == {want}, path
 
 
 def test_indivisible_dims_stay_replicated():
   # vocab 65 does not divide over tensor=2: the embedding keeps whole rows and shards only d_model over fsdp.
   config = tiny_config(1, 4, 2, 'model.vocab_size=65')
-  task = task_lib.Task(config)
-  assert tuple(task.param_shardings['embed'].spec) == (None, 'fsdp')
-  assert tuple(task.param_shardings['block_0']['attn']['q_kernel'].spec) == ('fsdp', 'tensor', None)
+  engine = engine_lib.Engine(config)
+  assert tuple(engine.param_shardings['embed'].spec) == (None, 'fsdp')
+  assert tuple(engine.param_shardings['block_0']['attn']['q_kernel'].spec) == ('fsdp', 'tensor', None)
 
 
 def test_fsdp8_device_holds_an_eighth_of_the_train_state():
   # No biases and d_model 64: everything but the norm scales divides by 8, so the replicated remainder is small.
   overrides = ('model.d_model=64', 'model.use_bias=False', 'model.norm=rmsnorm')
-  state = task_lib.Task(tiny_config(1, 8, 1, *overrides)).init_state()
+  state = engine_lib.Engine(tiny_config(1, 8, 1, *overrides)).init_state()
   device0 = jax.devices()[0]
   on_device0 = sum(s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards if s.device == device0)
   whole = sum(x.nbytes for x in jax.tree.leaves(state))
@@ -190,12 +190,12 @@ def test_fsdp8_device_holds_an_eighth_of_the_train_state():
 
 
 def test_activation_constraints_apply_inside_jit_wherever_it_is_traced():
-  task = task_on(2, 2, 2)
+  engine = task_on(2, 2, 2)
   batch = {
-    k: jax.ShapeDtypeStruct(task.train_batch_shape, np.int32, sharding=task.batch_sharding)
+    k: jax.ShapeDtypeStruct(engine.train_batch_shape, np.int32, sharding=engine.batch_sharding)
     for k in ('inputs', 'targets')
   }
-  hlo = task.train_fn.lower(task.abstract_state, batch, task.dropout_rng).as_text()  # no activate() around it
+  hlo = engine.train_fn.lower(engine.abstract_state, batch, engine.dropout_rng).as_text()  # no activate() around it
   assert 'sharding_constraint' in hlo
   assert '[{"data", "fsdp"}, {}, {"tensor"}]' in hlo  # the MLP hidden activations: batch x length x mlp
 
@@ -204,9 +204,9 @@ def test_config_rules_override_the_default_mapping():
   config = tiny_config(1, 4, 2)
   with config.unlocked():
     config.mesh.rules = (('embed', None), ('mlp', ('fsdp', 'tensor')))
-  task = task_lib.Task(config)
-  assert tuple(task.param_shardings['block_0']['mlp']['up_kernel'].spec) == (None, ('fsdp', 'tensor'))
-  assert tuple(task.param_shardings['block_0']['attn']['q_kernel'].spec) == (None, 'tensor', None)
+  engine = engine_lib.Engine(config)
+  assert tuple(engine.param_shardings['block_0']['mlp']['up_kernel'].spec) == (None, ('fsdp', 'tensor'))
+  assert tuple(engine.param_shardings['block_0']['attn']['q_kernel'].spec) == (None, 'tensor', None)
   with pytest.raises(config_lib.ConfigError, match='not mesh axes'):
     parallel.make_rules((('embed', 'model'),))
 

@@ -34,8 +34,8 @@ def test_a_workdir_step_is_that_step_and_best_is_the_kept_one(trained):
   steps = sorted(int(s) for s in __import__('os').listdir(f'{trained}/checkpoints') if s.isdigit())
   source = param_sources.open_source(f'{trained}:{steps[0]}')
   config = source.config(ONE_DEVICE)
-  _, _, task, _ = inference.load_run(str(trained), ONE_DEVICE)
-  assert int(source.state(task, config).step) == steps[0]
+  _, _, engine, _ = inference.load_run(str(trained), ONE_DEVICE)
+  assert int(source.state(engine, config).step) == steps[0]
   with pytest.raises(WorkdirError, match='is not a directory'):
     param_sources.open_source(f'{trained}-missing:best')
 

@@ -15,7 +15,7 @@ from conftest import ONE_DEVICE, REPO, rows as _rows, tiny_overrides, tiny_train
 from lmjax import actions, cli, config as config_lib, data as data_lib, errors, hostenv, inference, metrics, parallel
 from lmjax import train, workdir
 from lmjax.steps import TrainState
-from lmjax.task import Task
+from lmjax.engine import Engine
 
 
 def test_loss_falls_and_metrics_are_written(trained):
@@ -118,10 +118,10 @@ def test_a_repeated_run_loads_its_programs_without_tracing_and_computes_the_same
   # the executable training stored; the next evaluation loads it untraced. Both compute the loss training logged.
   logged = [r for r in _rows(tmp_path / 'again') if 'val_loss' in r][-1]
   for origin in ('lmjax cache, traced', 'lmjax cache'):
-    config, _, task, state = inference.load_run(str(tmp_path / 'again'), ONE_DEVICE)
+    config, _, engine, state = inference.load_run(str(tmp_path / 'again'), ONE_DEVICE)
     data = data_lib.make_data(config, workdir.load_tokenizer(str(tmp_path / 'again')))
-    got = task.evaluate(state.params, data.eval_batches, data.eval_bytes_per_token)
-    assert task.executables.origin['eval_step'] == origin
+    got = engine.evaluate(state.params, data.eval_batches, data.eval_bytes_per_token)
+    assert engine.executables.origin['eval_step'] == origin
     assert got['val_loss'] == pytest.approx(logged['val_loss'], rel=1e-6)
 
 
@@ -260,11 +260,11 @@ def test_init_from_starts_from_the_other_runs_parameters_exactly_with_its_own_sc
   _, tokenizer, _, src = inference.load_run(trained, ONE_DEVICE)
   with jax.default_device(jax.devices()[0]):
     data = train.prepare_data(config, str(tmp_path / 'scratch'), tokenizer)
-    task = Task(config)
-    start = TrainState(jnp.int32(0), src.params, task.tx.init(src.params))
-    batch = parallel.put_batch({k: v[None] for k, v in next(data.train_iter).items()}, task.batch_sharding)
-    with parallel.activate(task.mesh):
-      want, _ = task.train_fn(start, batch, task.dropout_rng)
+    engine = Engine(config)
+    start = TrainState(jnp.int32(0), src.params, engine.tx.init(src.params))
+    batch = parallel.put_batch({k: v[None] for k, v in next(data.train_iter).items()}, engine.batch_sharding)
+    with parallel.activate(engine.mesh):
+      want, _ = engine.train_fn(start, batch, engine.dropout_rng)
   _, _, _, got = inference.load_run(str(tmp_path / 'ft'), ONE_DEVICE, params_only=False)
   assert int(got.step) == 1
   for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):

@@ -154,19 +154,19 @@ def rows_of(requests, longest: int) -> list[_Row]:
 
 
 class Scorer:
-  """Scores (context ids, continuation ids) requests with a Task's model on its mesh. One jitted program; it
+  """Scores (context ids, continuation ids) requests with an Engine's model on its mesh. One jitted program; it
   compiles once per shape (I, T, S), `shapes`."""
 
-  def __init__(self, task, tokens_per_call: int = 0):
-    self.task, self.cfg = task, task.model_cfg
+  def __init__(self, engine, tokens_per_call: int = 0):
+    self.engine, self.cfg = engine, engine.model_cfg
     # The run's eval batch (rows x max_len tokens) sizes a call: memory the run's evaluation already needs.
-    self.tokens_per_call = tokens_per_call or task.config.train.eval_batch_size * self.cfg.max_len
+    self.tokens_per_call = tokens_per_call or engine.config.train.eval_batch_size * self.cfg.max_len
     self.longest_row = max(self.cfg.max_len, 256)
-    mesh = task.mesh
+    mesh = engine.mesh
     self._rows = parallel.batch_sharding(mesh, 2)
     self._fn = jax.jit(
-      parallel.traced_with(functools.partial(_score, cfg=self.cfg), mesh, task.rules),
-      in_shardings=(task.param_shardings,) + (self._rows,) * 5,
+      parallel.traced_with(functools.partial(_score, cfg=self.cfg), mesh, engine.rules),
+      in_shardings=(engine.param_shardings,) + (self._rows,) * 5,
       out_shardings=parallel.replicated(mesh),
     )
     self.shapes = set()  # (I, T, S) of every call so far: the compiled programs
@@ -178,10 +178,10 @@ class Scorer:
     if not requests:
       return ll, wrong == 0
     rows = rows_of(requests, self.longest_row)
-    d = self.task.batch_rows_divisor
+    d = self.engine.batch_rows_divisor
     I = max(d, self.tokens_per_call // bucket(len(rows[0].tokens), _MIN_ROW) // d * d)
     I = min(I, -(-len(rows) // d) * d)
-    with parallel.activate(self.task.mesh, self.task.rules):
+    with parallel.activate(self.engine.mesh, self.engine.rules):
       for k in range(0, len(rows), I):
         call = rows[k : k + I]
         T = bucket(max(len(r.tokens) for r in call), _MIN_ROW)

@@ -31,11 +31,13 @@ DIV_DEFAULTS = {'max_new_tokens': 64, 'num_samples': 8, 'stop': '', 'seed': 0}  
 class ChoiceTask:
   """Multiple choice (or LAMBADA-style single continuations): acc, acc_norm, n."""
 
-  def __init__(self, spec, config, tokenizer, task):
-    self.spec, self.task = spec, task
+  def __init__(self, spec, config, tokenizer, engine):
+    self.spec, self.engine = spec, engine
     self.items = formats.read_choices(spec.data, spec.get('format', ''), spec.get('labels', ''), spec.get('limit', 0))
-    self.requests = loglikelihood.choice_requests(tokenizer, self.items, task.model_cfg.max_len, spec.get('bos', False))
-    self.scorer = loglikelihood.Scorer(task)
+    self.requests = loglikelihood.choice_requests(
+      tokenizer, self.items, engine.model_cfg.max_len, spec.get('bos', False)
+    )
+    self.scorer = loglikelihood.Scorer(engine)
 
   def __call__(self, params):
     bar = metrics.progress_bar(len(self.requests), self.spec.name, 'req')
@@ -54,8 +56,8 @@ class PerplexityTask:
   """Loss, perplexity and bits per byte of a split of the run's dataset or of local text files, cut into rows as
   the run's eval split is."""
 
-  def __init__(self, spec, config, tokenizer, task):
-    self.task = task
+  def __init__(self, spec, config, tokenizer, engine):
+    self.engine = engine
     if spec_lib.is_path(spec.data):
       docs = sources.TextFiles(spec.data, config.data.file_docs)
     else:
@@ -66,7 +68,7 @@ class PerplexityTask:
     )
 
   def __call__(self, params):
-    out = self.task.evaluate(params, self.batches, self.bytes_per_token)
+    out = self.engine.evaluate(params, self.batches, self.bytes_per_token)
     return {k.removeprefix('val_'): v for k, v in out.items()}, []
 
 
@@ -82,8 +84,8 @@ class _Generating:
   """What generation and diversity share: prompts decoded in calls of a fixed number of rows (the last call is
   filled up with copies, so every call has one compiled shape per prompt length bucket)."""
 
-  def __init__(self, config, tokenizer, task, options):
-    self.config, self.tokenizer, self.task, self.options = config, tokenizer, task, options
+  def __init__(self, config, tokenizer, engine, options):
+    self.config, self.tokenizer, self.engine, self.options = config, tokenizer, engine, options
 
   def check_prompt(self, prompt: str, where: str):
     if len(self.tokenizer.encode(prompt)) == 0 and self.tokenizer.bos_id is None:
@@ -102,7 +104,7 @@ class _Generating:
       filled = chunk + [chunk[-1]] * (per_call - len(chunk)) if len(prompts) > per_call else chunk
       out = sample.sample_texts(
         params,
-        self.task.model_cfg,
+        self.engine.model_cfg,
         self.tokenizer,
         filled,
         stop=[s for s in stop if s],
@@ -113,7 +115,7 @@ class _Generating:
         min_p=o['min_p'],
         num_return_sequences=n,
         seed=o['seed'] + k,
-        mesh=self.task.mesh,
+        mesh=self.engine.mesh,
         window_chunk=int(self.config.sample.get('window_chunk', 0)),
       )
       texts += out[: len(chunk) * n]
@@ -127,8 +129,8 @@ class _Generating:
 class GenerationTask(_Generating):
   """Decodes each prompt (greedy by default) and scores it against its references: exact match, BLEU, ROUGE-L."""
 
-  def __init__(self, spec, config, tokenizer, task, flags):
-    super().__init__(config, tokenizer, task, _decoding(spec, GEN_DEFAULTS, flags))
+  def __init__(self, spec, config, tokenizer, engine, flags):
+    super().__init__(config, tokenizer, engine, _decoding(spec, GEN_DEFAULTS, flags))
     self.spec = spec
     self.items = formats.read_generation(spec.data, spec.get('limit', 0))
     for item in self.items:
@@ -158,10 +160,10 @@ class DiversityTask(_Generating):
   """num_samples free samples of each prompt: distinct-1/2/3 and self-BLEU within each prompt's samples,
   averaged over the prompts."""
 
-  def __init__(self, spec, config, tokenizer, task, flags):
+  def __init__(self, spec, config, tokenizer, engine, flags):
     s = config.sample
     defaults = {**DIV_DEFAULTS, 'temperature': s.temperature, 'top_k': s.top_k, 'top_p': s.top_p, 'min_p': s.min_p}
-    super().__init__(config, tokenizer, task, _decoding(spec, defaults, flags))
+    super().__init__(config, tokenizer, engine, _decoding(spec, defaults, flags))
     self.spec = spec
     self.prompts = formats.read_prompts(spec.data, spec.get('limit', 0))
     for k, p in enumerate(self.prompts):
@@ -202,17 +204,17 @@ def check_data(spec, where: str = 'train.eval_tasks'):
     raise DataError(f'{where} task {spec.name!r} ({spec.text}): {e}') from None
 
 
-def build(spec, config, tokenizer, task, flags=None):
+def build(spec, config, tokenizer, engine, flags=None):
   """The task a spec describes, its data read and tokenized. `flags`: decoding options from the command line
   (None = not given), under the spec's own."""
   flags = flags or {}
   if spec.kind == 'mc':
-    return ChoiceTask(spec, config, tokenizer, task)
+    return ChoiceTask(spec, config, tokenizer, engine)
   if spec.kind == 'ppl':
-    return PerplexityTask(spec, config, tokenizer, task)
+    return PerplexityTask(spec, config, tokenizer, engine)
   if spec.kind == 'gen':
-    return GenerationTask(spec, config, tokenizer, task, flags)
-  return DiversityTask(spec, config, tokenizer, task, flags)
+    return GenerationTask(spec, config, tokenizer, engine, flags)
+  return DiversityTask(spec, config, tokenizer, engine, flags)
 
 
 # ------------------------------------------------------------------------------------------ `lmjax eval --task`
@@ -227,9 +229,9 @@ def run(workdir: str, tasks, datas=(), overrides=(), step=None, flags=None, log_
   primary = jax.process_index() == 0
   out = out or sys.stdout
   specs = spec_lib.parse_all(tasks, datas)  # a bad --task fails before the checkpoint is read
-  config, tokenizer, task, state = inference.load_run(workdir, overrides, step=step)
-  inference.fit_eval_batch(config, task)
-  built = [build(s, config, tokenizer, task, flags) for s in specs]  # every file is read before any is scored
+  config, tokenizer, engine, state = inference.load_run(workdir, overrides, step=step)
+  inference.fit_eval_batch(config, engine)
+  built = [build(s, config, tokenizer, engine, flags) for s in specs]  # every file is read before any is scored
   try:
     log = open(log_samples, 'w') if log_samples and primary else None
   except OSError as e:

@@ -1,6 +1,6 @@
 """The static build of a run from its config: model, optimizer, mesh, shardings, and the jitted steps.
 
-Used by training, evaluation, sampling, plan and bench alike. `Task(config)` applies no training check;
+Used by training, evaluation, sampling, plan and bench alike. `Engine(config)` applies no training check;
 `check_training(config, mesh)` is what the training loop (and plan/bench, which build the train step) add.
 """
 
@@ -20,7 +20,7 @@ from lmjax.errors import ConfigError
 from lmjax.steps import TrainState
 
 
-class Task:
+class Engine:
   """Everything static about a run, built from its config: model, optimizer, mesh, shardings, compiled steps."""
 
   def __init__(self, config, mesh=None):
