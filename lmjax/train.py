@@ -280,6 +280,7 @@ def _acquire(workdir: str):
   lock, refused = (workdir_lib.Lock(workdir), None) if jax.process_index() == 0 else (None, None)
   if lock is not None:
     try:
+      workdir_lib.refuse_foreign(workdir, 'train', workdir_lib.RUN_WRITES)
       lock.acquire()
     except WorkdirError as e:
       lock, refused = None, e

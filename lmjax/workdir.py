@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fnmatch
 import importlib.metadata
 import json
 import os
@@ -204,7 +205,37 @@ def may_write(workdir: str, command: str, writes=()) -> None:
       f'{workdir} is in use by a run on host {holder.get("host")}, pid {holder.get("pid")}, since '
       f'{holder.get("since")}; `lmjax {command}` would replace what it wrote. Use another --workdir'
     )
-  foreign = sorted(set(os.listdir(workdir)) - set(writes) - {LOCK})
+  refuse_foreign(workdir, command, writes)
+
+
+# What a training run writes into its workdir (shell patterns): `lmjax train` refuses a non-empty directory holding
+# anything else, so a mistyped --workdir never mixes a run into a folder of other files.
+RUN_WRITES = (
+  CONFIG,
+  PROVENANCE,
+  METRICS,
+  LOCK,
+  PROFILE,
+  CHECKPOINTS,
+  BEST,
+  'tokenizer.json',
+  'tokenizer.model',
+  'hf_tokenizer.json',
+  'spm-*.model',
+  'tensorboard',
+  'wandb',
+  'wandb_run.json',
+  '*.tmp',
+  '.write_test.*',
+)
+
+
+def refuse_foreign(workdir: str, command: str, writes=()) -> None:
+  """Raises WorkdirError when `workdir` holds a name that `lmjax COMMAND` does not write (`writes`: names or shell
+  patterns)."""
+  if '://' in workdir or not os.path.isdir(workdir):
+    return
+  foreign = sorted(n for n in os.listdir(workdir) if n != LOCK and not any(fnmatch.fnmatch(n, w) for w in writes))
   if foreign:
     shown = ', '.join(foreign[:4]) + (f' and {len(foreign) - 4} more' if len(foreign) > 4 else '')
     raise WorkdirError(

@@ -10,7 +10,7 @@ import jax
 import pytest
 from conftest import ONE_DEVICE, REPO, tiny_overrides, tiny_train_command, train_tiny
 
-from lmjax import errors, workdir
+from lmjax import cli, errors, workdir
 
 
 @pytest.mark.parametrize(
@@ -95,3 +95,12 @@ def test_another_hosts_lock_is_stale_only_when_its_heartbeat_is_old(tmp_path):
   assert json.load(open(tmp_path / workdir.LOCK))['pid'] == os.getpid()
   lock.release()
   assert not (tmp_path / workdir.LOCK).exists()
+
+
+def test_train_refuses_a_non_empty_directory_it_did_not_write(tmp_path, shakespeare_dirs, capsys):
+  (tmp_path / 'notes.txt').write_text('mine')
+  overrides = tiny_overrides(*shakespeare_dirs) + ONE_DEVICE
+  code = cli.main(['train', '--config=configs/tiny.py', f'--workdir={tmp_path}', *(f'--config.{o}' for o in overrides)])
+  err = capsys.readouterr().err
+  assert code == 2 and 'is not empty and holds notes.txt, which `lmjax train` does not write' in err, err
+  assert sorted(os.listdir(tmp_path)) == ['notes.txt'] and (tmp_path / 'notes.txt').read_text() == 'mine'
