@@ -170,6 +170,8 @@ def _estimate(config, devices, p) -> dict | None:
   loops = t.scan_layers or tc.steps_per_call > 1 or tc.grad_accum > 1
   how = 'the compiled train step'
   seconds = p['train_step']['optimal_seconds']
+  if seconds is not None and seconds <= 0:  # large programs come back negative: no estimate, and none to make
+    return {'step_s': None, 'optimal_seconds': seconds}
   if loops and seconds:
     # One micro-batch step, unrolled, at 1 and 2 layers: XLA counts a loop body once, and layers add alike.
     per_layers = []
@@ -181,7 +183,7 @@ def _estimate(config, devices, p) -> dict | None:
     seconds = tc.grad_accum * (per_layers[0] + (t.n_layers - 1) * (per_layers[1] - per_layers[0]))
     how = f'unrolled 1- and 2-layer copies of one micro-batch step, extrapolated to {t.n_layers} layers'
   if not seconds or seconds <= 0:
-    return None
+    return None if not seconds else {'step_s': None, 'optimal_seconds': seconds}
   tokens_per_s = p['tokens_per_step'] / seconds
   peak = metrics.peak_flops_per_device(tc.peak_flops, p['device_kind']) * p['n_devices']
   return {
@@ -387,7 +389,11 @@ def _estimate_lines(p: dict) -> list[str]:
     held = f' ({calls} Mosaic kernel calls in the train step)' if calls else ''
     lines.append(f'attention: {p["attention"]}{held}; model.attention={p["attention_config"]!r}')
   e = p.get('estimate')
-  if e:
+  if e and e['step_s'] is None:
+    lines.append(
+      f"compiler's estimate: none usable (XLA's cost analysis gave optimal_seconds={e['optimal_seconds']:.3g})"
+    )
+  elif e:
     mfu = f', MFU {100 * e["mfu"]:.1f}%' if e['mfu'] is not None else ''
     lines += [
       f"compiler's estimate (XLA's cost model, not a measurement): {1e3 * e['step_s']:.3g} ms per step, "

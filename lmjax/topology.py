@@ -92,9 +92,12 @@ def chip_of(device) -> Chip | None:
 
 def _quiet_libtpu():
   """Off a TPU VM libtpu looks for the VM's metadata (worker addresses, host bounds), finds none and logs errors
-  that change nothing for a compile-only slice. Telling it this host is a single worker keeps them out; a real TPU
-  VM (a /dev/accel* or /dev/vfio device) is left to its own metadata."""
+  that change nothing for a compile-only slice: telling it this host is a single worker keeps them out. It also
+  takes a lock file that lets one process at a time own the TPU, so a second compiling process (pytest -n 2, two
+  plans) would be refused; with no TPU to own, loads may share. A real TPU VM (a /dev/accel* or /dev/vfio device)
+  is left to its own metadata and lock."""
   if any(os.path.exists(p) for p in ('/dev/accel0', '/dev/vfio/0')):
     return
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
   os.environ.setdefault('TPU_HOST_BOUNDS', '1,1,1')
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
