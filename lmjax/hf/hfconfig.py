@@ -22,21 +22,24 @@ def read(directory: str) -> HFConfig:
     )
   if not os.path.exists(path):
     raise InteropError(f'{directory} holds no config.json; is it a directory written by save_pretrained?')
-  try:
-    with open(path, 'rb') as f:
-      settings = json.loads(f.read().decode('utf-8'))
-  except OSError as e:
-    raise InteropError(f'{path} cannot be read ({e.strerror or e})') from None
-  except (ValueError, RecursionError) as e:
-    detail = ' '.join(str(e).split())[:120]
-    raise InteropError(
-      f'{path} is not valid JSON ({detail}): it is truncated or damaged; save the model again'
-    ) from None
+  settings = read_json(path, 'save the model again')
   if not isinstance(settings, dict):
     raise InteropError(
       f'{path} holds a JSON {type(settings).__name__}, not an object of settings; save the model again'
     )
   return HFConfig(settings, path)
+
+
+def read_json(path: str, fix: str):
+  """The JSON value in PATH, or an InteropError naming the file, what is wrong, and FIX."""
+  try:
+    with open(path, 'rb') as f:
+      return json.loads(f.read().decode('utf-8'))
+  except OSError as e:
+    raise InteropError(f'{path} cannot be read ({e.strerror or e})') from None
+  except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; deep nesting a RecursionError
+    detail = ' '.join(str(e).split())[:120]
+    raise InteropError(f'{path} is not valid JSON ({detail}): it is truncated or damaged; {fix}') from None
 
 
 class HFConfig:

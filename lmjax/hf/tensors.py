@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from lmjax.errors import InteropError
+from lmjax.hf import hfconfig
 
 SAFETENSORS, INDEX = 'model.safetensors', 'model.safetensors.index.json'
 MAX_HEADER = 100_000_000  # bytes: the format's own limit on a header
@@ -99,13 +100,7 @@ def shard_files(directory: str, root: str | None = None) -> tuple[list[str], dic
 def read_index(path: str) -> dict:
   """The index's weight_map {tensor name: shard file name}, or an InteropError saying what is wrong with it."""
   fix = 'download or save the model again'
-  try:
-    with open(path, 'rb') as f:
-      index = json.loads(f.read().decode('utf-8'))
-  except OSError as e:
-    raise InteropError(f'{path} cannot be read ({e.strerror or e})') from None
-  except (ValueError, RecursionError) as e:
-    raise InteropError(f'{path} is not valid JSON ({_short(e, 120)}): it is truncated or damaged; {fix}') from None
+  index = hfconfig.read_json(path, fix)
   weight_map = index.get('weight_map') if isinstance(index, dict) else None
   if not isinstance(weight_map, dict) or not weight_map:
     raise InteropError(f'{path} has no "weight_map" object of tensor name to shard file; {fix}')
