@@ -30,6 +30,7 @@ MLPS = ('gelu', 'gelu_tanh', 'swiglu')
 ROPE_SCALINGS = ('none', 'llama3')
 REMAT = ('none', 'full', 'save_dots', 'save_proj')  # lmjax/model.py REMAT_POLICIES
 ATTENTION = ('xla', 'dot_product_attention', 'cudnn', 'splash', 'auto')  # lmjax/attention.py
+UNCAPPED_ATTENTION = ('dot_product_attention', 'cudnn')  # kernels with no attention soft-cap (model.attn_softcap)
 OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon')  # lmjax/optim.py
 ROWS = ('windows', 'packed')  # lmjax/data.py
 TOKENIZERS = ('char', 'byte', 'spm', 'hf')  # lmjax/tokenizers.py
@@ -80,6 +81,13 @@ class ModelConfig:
   mlp: str = _field('gelu', ARCH)
   tied_embeddings: bool = _field(True, ARCH)  # output projection = input embedding transposed
   use_bias: bool = _field(True, ARCH)  # biases in projections and LayerNorm
+  # Stability (OLMo 2, Qwen3, Gemma 2/3); off by default. qk_norm: RMSNorm with a learned scale over each head's
+  # q and k, before RoPE (as Qwen3 and Gemma 3), so attention logits cannot grow with the weights' norm.
+  qk_norm: bool = _field(False, ARCH)
+  # Soft-caps, x -> cap * tanh(x / cap) (Gemma 2): attention scores (after the 1/sqrt(K) scale, before the mask)
+  # and final logits stay within (-cap, cap); 0 = off. 'cudnn' and 'dot_product_attention' cannot cap scores.
+  attn_softcap: float = _field(0.0, ARCH)
+  final_softcap: float = _field(0.0, ARCH)
   # compute dtype (bfloat16 on GPU/TPU); logits, softmax and loss stay float32
   dtype: str = _field('float32', RUNTIME)
   param_dtype: str = _field('float32', LAYOUT)  # master weights and optimizer state
@@ -160,6 +168,15 @@ class ModelConfig:
       self.attention_chunk >= -1, f'attention_chunk must be -1 (auto), 0 (off) or a length, got {self.attention_chunk}'
     )
     need(self.norm_eps > 0, f'norm_eps must be > 0, got {self.norm_eps}')
+    need(
+      self.attn_softcap >= 0 and self.final_softcap >= 0,
+      f'attn_softcap and final_softcap must be >= 0 (0 = off), got {self.attn_softcap} and {self.final_softcap}',
+    )
+    need(
+      self.attention not in UNCAPPED_ATTENTION or not self.attn_softcap,
+      f"attention={self.attention!r} cannot soft-cap attention scores: set model.attention='xla', 'splash' or 'auto', "
+      'or model.attn_softcap=0',
+    )
     return out
 
   def validate(self):
@@ -215,6 +232,9 @@ def default_config() -> ml_collections.ConfigDict:
   t.epochs = 0.0  # > 0: train for this many passes over the train split instead (train.steps is computed from it)
   t.batch_size = 12  # global batch, in rows of model.max_len tokens
   t.grad_accum = 1  # micro-batches per step; batch_size must be divisible by it
+  # PaLM's z-loss: adds z_loss * mean(log Z^2) (Z the softmax normaliser) to the loss, keeping logits from drifting
+  # (1e-4 is PaLM's); 0 = off. Logged as z_loss, the term added; train_loss stays the cross-entropy.
+  t.z_loss = 0.0
   # The three intervals below: steps between events, which also happen at the last step; 0 = only at the last step.
   t.log_every = 50  # train-loss / tokens-per-second / MFU lines
   t.eval_every = 250  # evaluations over the whole eval split
@@ -455,6 +475,7 @@ def problems(config) -> list[str]:
   need(
     config.wandb.mode in WANDB_MODES, f'wandb.mode must be one of {", ".join(WANDB_MODES)}; got {config.wandb.mode!r}'
   )
+  need(t.z_loss >= 0, f'train.z_loss must be >= 0 (0 = off), got {t.z_loss}')
   need(t.checkpoint_minutes >= 0, f'train.checkpoint_minutes must be >= 0 (0 = off), got {t.checkpoint_minutes}')
   need(o.name in OPTIMIZERS, f'optimizer.name must be one of {", ".join(OPTIMIZERS)}; got {o.name!r}')
   need(o.lr > 0, f'optimizer.lr must be > 0, got {o.lr}')

@@ -54,7 +54,11 @@ class Engine:
     self.batch_sharding = parallel.batch_sharding(self.mesh, ndim=3)
     self.eval_batch_sharding = parallel.batch_sharding(self.mesh, ndim=2)
     step_kw = dict(
-      model=self.model, tx=self.tx, grad_accum=config.train.grad_accum, skip_nonfinite=config.train.nonfinite == 'skip'
+      model=self.model,
+      tx=self.tx,
+      grad_accum=config.train.grad_accum,
+      skip_nonfinite=config.train.nonfinite == 'skip',
+      z_loss=config.train.z_loss,
     )
     self.train_fn = jax.jit(
       parallel.traced_with(functools.partial(steps.train_steps, **step_kw), self.mesh, self.rules),

@@ -35,7 +35,9 @@ def _run(name, workdir, dirs):
   overrides = tiny_overrides(*dirs) + ONE_DEVICE + list(RUNS[name])
   with jax.default_device(jax.devices()[0]):
     train.train(config_lib.load(config_file, overrides), str(workdir))
-  metrics = [{k: v for k, v in r.items() if k not in ('tokens_per_sec', 'mfu', 'ms_per_step', 'time')} for r in rows(workdir)]
+  metrics = [
+    {k: v for k, v in r.items() if k not in ('tokens_per_sec', 'mfu', 'ms_per_step', 'time')} for r in rows(workdir)
+  ]
   _, _, _, state = inference.load_run(str(workdir), ONE_DEVICE, params_only=False)
   digest = hashlib.sha256()
   for leaf in jax.tree.leaves(state):
