@@ -32,6 +32,8 @@ REMAT = ('none', 'full', 'save_dots', 'save_proj')  # lmjax/model.py REMAT_POLIC
 ATTENTION = ('xla', 'dot_product_attention', 'cudnn', 'splash', 'auto')  # lmjax/attention.py
 UNCAPPED_ATTENTION = ('dot_product_attention', 'cudnn')  # kernels with no attention soft-cap (model.attn_softcap)
 OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon')  # lmjax/optim.py
+SCHEDULES = ('cosine', 'linear', 'constant', 'inverse_sqrt', 'wsd')  # lmjax/optim.py schedule
+COOLDOWN_SHAPES = ('linear', 'cosine', '1-sqrt')  # optimizer.cooldown_shape (wsd)
 ROWS = ('windows', 'packed')  # lmjax/data.py
 TOKENIZERS = ('char', 'byte', 'spm', 'hf')  # lmjax/tokenizers.py
 JSONL = 'jsonl'  # data.dataset of prompt/completion pairs (lmjax/sources.py)
@@ -274,9 +276,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer = o = ml_collections.ConfigDict()
   o.name = 'adamw'  # adamw | lion | adafactor | muon
   o.lr = 1e-3  # peak learning rate
+  # After warmup: cosine | linear | constant | inverse_sqrt | wsd (warmup-stable-decay); lmjax/optim.py says each.
+  # `lmjax schedule --config=...` prints (and with --png plots) the curve.
+  o.schedule = 'cosine'
   o.warmup_steps = 100  # linear from 0 to lr
-  o.decay_steps = 0  # cosine from lr to min_lr over this many steps after warmup ends... 0 = until train.steps
+  o.decay_steps = 0  # cosine, linear and wsd: the decay ends (at min_lr) at this step; 0 = at train.steps
   o.min_lr = 1e-4
+  o.cooldown_steps = 0  # wsd: the decay takes this many steps, the last before decay_steps; 0 = no decay
+  o.cooldown_shape = 'linear'  # wsd: linear | cosine | 1-sqrt (MiniCPM, "Scaling Laws and Compute-Optimal...")
   o.b1 = 0.9
   o.b2 = 0.99
   o.eps = 1e-8
@@ -482,6 +489,17 @@ def problems(config) -> list[str]:
   need(
     o.warmup_steps >= 0 and o.decay_steps >= 0,
     f'optimizer.warmup_steps and decay_steps must be >= 0, got {o.warmup_steps} and {o.decay_steps}',
+  )
+  need(o.schedule in SCHEDULES, f'optimizer.schedule must be one of {", ".join(SCHEDULES)}; got {o.schedule!r}')
+  need(
+    o.cooldown_shape in COOLDOWN_SHAPES,
+    f'optimizer.cooldown_shape must be one of {", ".join(COOLDOWN_SHAPES)}; got {o.cooldown_shape!r}',
+  )
+  end = o.decay_steps or t.steps
+  need(
+    o.cooldown_steps >= 0 and (o.schedule != 'wsd' or o.warmup_steps + o.cooldown_steps <= end),
+    f'optimizer.cooldown_steps ({o.cooldown_steps}) must be >= 0 and, with warmup_steps ({o.warmup_steps}), fit in '
+    f'the {end} steps the schedule decays over (optimizer.decay_steps, or train.steps)',
   )
   need(o.grad_clip >= 0, f'optimizer.grad_clip must be >= 0 (0 = off), got {o.grad_clip}')
   need(d.rows in ROWS, f'data.rows must be one of {", ".join(ROWS)}; got {d.rows!r}')

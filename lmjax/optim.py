@@ -1,4 +1,14 @@
-"""Optimizers from the config: Optax AdamW (default), Lion, Adafactor or Muon; warmup + cosine; clipping.
+"""Optimizers from the config: Optax AdamW (default), Lion, Adafactor or Muon; the learning-rate schedule; clipping.
+
+Schedules (optimizer.schedule), each after optimizer.warmup_steps of linear warmup from 0 to optimizer.lr:
+  cosine        down to min_lr at decay_steps (default: the last step); the default
+  linear        down to min_lr at decay_steps (default: the last step), then min_lr
+  constant      lr
+  inverse_sqrt  lr * sqrt(warmup_steps / step) (the original Transformer's), from the end of warmup
+  wsd           warmup-stable-decay: lr until the last cooldown_steps steps before decay_steps (default: the last
+                step), then down to min_lr along cooldown_shape (linear, cosine or 1-sqrt). In the stable phase the
+                learning rate is exactly lr, whatever the run's length: a run branched from it (train.branch_from)
+                with a cooldown of its own has followed the same schedule until the branch point.
 
 Weight decay touches weight matrices only: every `*_kernel` (attention and MLP projections) and an untied
 `lm_head`; never norms or biases; the token and position embeddings only with optimizer.decay_embeddings.
@@ -7,11 +17,12 @@ Weight decay touches weight matrices only: every `*_kernel` (attention and MLP p
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from optax import contrib
 
 from lmjax.errors import ConfigError
-from lmjax.config import OPTIMIZERS  # the names config.validate accepts
+from lmjax.config import OPTIMIZERS, SCHEDULES, COOLDOWN_SHAPES  # the names config.validate accepts
 
 
 def _leaf_name(path) -> str:
@@ -53,9 +64,41 @@ def _muon_dims(params):
 
 
 def schedule(oc, total_steps: int):
-  """Linear warmup from 0 to lr, then cosine down to min_lr at step decay_steps (default: the last step)."""
+  """The learning rate at each optimizer step (0-based), as the module docstring says."""
   end = max(oc.decay_steps or total_steps, oc.warmup_steps + 1)
-  return optax.warmup_cosine_decay_schedule(0.0, oc.lr, oc.warmup_steps, end, oc.min_lr)
+  if oc.schedule == 'cosine':  # Optax's own, as before the other schedules: a default run is bitwise what it was
+    return optax.warmup_cosine_decay_schedule(0.0, oc.lr, oc.warmup_steps, end, oc.min_lr)
+  if oc.schedule not in SCHEDULES:
+    raise ConfigError(f'optimizer.schedule must be one of {", ".join(SCHEDULES)}; got {oc.schedule!r}')
+  warmup, peak, floor = oc.warmup_steps, jnp.float32(oc.lr), jnp.float32(oc.min_lr)
+
+  def after_warmup(step):
+    if oc.schedule == 'constant' or (oc.schedule == 'wsd' and not oc.cooldown_steps):
+      return peak
+    if oc.schedule == 'inverse_sqrt':
+      return peak * jnp.sqrt(jnp.float32(max(warmup, 1)) / jnp.maximum(step, max(warmup, 1)))
+    start, length = (end - oc.cooldown_steps, oc.cooldown_steps) if oc.schedule == 'wsd' else (warmup, end - warmup)
+    t = jnp.clip((step - start) / length, 0.0, 1.0)
+    shape = 'linear' if oc.schedule == 'linear' else oc.cooldown_shape
+    left = {'linear': 1.0 - t, 'cosine': 0.5 * (1.0 + jnp.cos(jnp.pi * t)), '1-sqrt': 1.0 - jnp.sqrt(t)}[shape]
+    return jnp.where(step < start, peak, floor + (peak - floor) * left)  # exactly lr before the decay starts
+
+  def lr(count):
+    step = jnp.asarray(count, jnp.float32)
+    return jnp.where(step < warmup, peak * step / max(warmup, 1), after_warmup(step)).astype(jnp.float32)
+
+  return lr
+
+
+def schedule_points(oc, total_steps: int, points: int = 11) -> list[tuple[int, float]]:
+  """(step, learning rate) at `points` steps spread evenly from 0 to total_steps - 1, and at the phase boundaries
+  (end of warmup, start of a wsd cooldown): what `lmjax schedule` prints and plots."""
+  lr = schedule(oc, total_steps)
+  at = {round(i * (total_steps - 1) / max(points - 1, 1)) for i in range(points)}
+  end = oc.decay_steps or total_steps
+  at |= {s for s in (oc.warmup_steps, end - oc.cooldown_steps if oc.schedule == 'wsd' else -1) if 0 <= s < total_steps}
+  at = sorted(at)
+  return list(zip(at, map(float, lr(jnp.asarray(at, jnp.int32)))))  # every schedule here is elementwise in the step
 
 
 def make(oc, total_steps: int):
