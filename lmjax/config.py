@@ -259,6 +259,11 @@ def default_config() -> ml_collections.ConfigDict:
   # architecture and tokenizer, a fresh optimizer state, and this config's schedule, data, dropout and precision.
   # Fine-tuning and continued pre-training are this one field.
   t.init_from = ''
+  # '' = off. WORKDIR:STEP of another lmjax run: this new workdir starts from that run's exact state at STEP
+  # (parameters, optimizer state, data-iterator position, step counter) and goes on with this config's schedule,
+  # e.g. one cooldown of a wsd run's stable phase (docs/recipes.md). The model, the optimizer's structure, the data
+  # and the seed must be the source's (checked before anything is read); recorded in checkpoints and provenance.
+  t.branch_from = ''
   t.peak_flops = 0.0  # per device, for MFU; 0 = look the device up in lmjax/metrics.py PEAK_FLOPS
   t.progress_bar = True  # shown only when stdout is a terminal
   # Where metrics go, comma-separated: jsonl (WORKDIR/metrics.jsonl, which compare and sweeps read), tensorboard,
@@ -482,6 +487,13 @@ def problems(config) -> list[str]:
   need(
     config.wandb.mode in WANDB_MODES, f'wandb.mode must be one of {", ".join(WANDB_MODES)}; got {config.wandb.mode!r}'
   )
+  if t.branch_from:
+    head, _, tail = t.branch_from.rpartition(':')
+    need(
+      bool(head) and tail.isdigit(),
+      f'train.branch_from must be WORKDIR:STEP, a step number of another run; got {t.branch_from!r}',
+    )
+    need(not t.init_from, 'train.branch_from and train.init_from both start a run from another: set only one')
   need(t.z_loss >= 0, f'train.z_loss must be >= 0 (0 = off), got {t.z_loss}')
   need(t.checkpoint_minutes >= 0, f'train.checkpoint_minutes must be >= 0 (0 = off), got {t.checkpoint_minutes}')
   need(o.name in OPTIMIZERS, f'optimizer.name must be one of {", ".join(OPTIMIZERS)}; got {o.name!r}')

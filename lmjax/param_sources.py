@@ -9,7 +9,8 @@
 `open_source(ref)` gives a Source: its model fields, tokenizer and recorded config, `adopt(config)` (training's
 init_from: the source decides the architecture), and `state(engine)`, the parameters on the engine's shardings.
 Training's init_from, `lmjax sample`, `lmjax eval` and `lmjax export-hf` all read parameters through it, and
-`restore` below is the one path from a workdir's checkpoint to a state, resume included.
+`restore` below is the one path from a workdir's checkpoint to a state, resume included. Training's branch_from
+(`Branch`) is another run's whole state at WORKDIR:STEP, read by `restore` too.
 """
 
 from __future__ import annotations
@@ -163,3 +164,86 @@ def restore(
   if step is not None:
     return one(step)
   return checkpoint.restore_newest(ckpt, one, move_aside=move_aside)[1]
+
+
+# What a branch must share with its source for the source's state to mean the same here: the optimizer state's
+# structure (the optimizer; clipping adds a state to the chain; Adafactor's decay is a transform of its own) and what decides the train stream the saved iterator position is in.
+BRANCH_SAME = (
+  'seed',
+  'optimizer.name',
+  'train.batch_size',
+  'data.dataset',
+  'data.train_split',
+  'data.feature',
+  'data.file_docs',
+  'data.prompt_field',
+  'data.completion_field',
+  'data.rows',
+  'data.window_stride',
+  'data.tokenizer',
+)
+BRANCH_SAME_ON_OFF = ('optimizer.grad_clip',)  # on in both or off in both
+
+
+class Branch:
+  """train.branch_from=WORKDIR:STEP: the source run, checked against this config before any data or array is read."""
+
+  def __init__(self, config):
+    self.ref = config.train.branch_from
+    self.workdir, self.step = workdir_lib.split_ref(self.ref)
+    self.source = WorkdirSource(self.ref)
+    self.tokenizer = self.source.tokenizer
+    recorded = self.source.config()
+    get = lambda c, key: c[key.split('.')[0]][key.split('.')[1]] if '.' in key else c[key]
+    differ = [
+      f'{k} {get(recorded, k)!r} there, {get(config, k)!r} here'
+      for k in BRANCH_SAME
+      if get(recorded, k) != get(config, k)
+    ] + [
+      f'{k} {"on" if get(recorded, k) else "off"} there, {"on" if get(config, k) else "off"} here'
+      for k in BRANCH_SAME_ON_OFF
+      if bool(get(recorded, k)) != bool(get(config, k))
+    ]
+    if config.optimizer.name == 'adafactor' and bool(recorded.optimizer.weight_decay) != bool(
+      config.optimizer.weight_decay
+    ):
+      differ.append('optimizer.weight_decay on/off (Adafactor keeps a state for it)')
+    if differ:
+      raise ConfigError(
+        f'train.branch_from={self.ref!r} continues that run exactly, but this config differs from it: '
+        f'{"; ".join(differ)}. Set them as the source has them, or use train.init_from (a fresh optimizer)'
+      )
+    if self.step >= config.train.steps:
+      raise ConfigError(
+        f'train.branch_from={self.ref!r} starts at step {self.step}, and train.steps ({config.train.steps}) '
+        'ends the run there: give train.steps past the branch step'
+      )
+
+  def state(self, engine, config, data):
+    """The source's whole state at the step, on `engine`'s shardings; `data`'s train iterator set to its position."""
+    ckpt = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(self.workdir))
+    try:
+      if self.step not in ckpt.all_steps():
+        kept = ', '.join(map(str, ckpt.all_steps())) or 'none'
+        raise CheckpointError(
+          f'train.branch_from={self.ref!r}: {self.workdir} keeps no checkpoint of step {self.step} (it keeps '
+          f'{kept}); branch from a kept step, or save the steps you want with train.checkpoint_every'
+        )
+      return restore(
+        ckpt,
+        engine,
+        config,
+        self.tokenizer.spec(),
+        self.workdir,
+        step=self.step,
+        data_iter=data.train_iter,
+        what='Branch',
+      )
+    finally:
+      ckpt.close()
+
+
+def branch_point(ref: str) -> dict:
+  """What checkpoints and provenance record of train.branch_from=WORKDIR:STEP (the source need not exist any more)."""
+  workdir, step = workdir_lib.split_ref(ref)
+  return {'workdir': os.path.abspath(workdir), 'step': step}

@@ -88,24 +88,30 @@ class Run:
 
 
 def start(config, workdir: str) -> Run:
-  """Start-up: data and tokenizer, the starting state (a checkpoint, train.init_from, or a fresh init) and the
-  compiled train step, which compiles on a second thread while the state is restored and the first batch loads."""
+  """Start-up: data and tokenizer, the starting state (a checkpoint, train.init_from, train.branch_from, or a fresh
+  init) and the compiled train step, which compiles on a second thread while the state is restored and the first
+  batch loads."""
   compiling.enable_compilation_cache(config.train.compilation_cache_dir)
   tc, primary = config.train, jax.process_index() == 0
   actions_lib.check_eval_tasks(config)  # a bad train.eval_tasks entry or file fails here, before any work
   source = param_sources.open_source(tc.init_from) if tc.init_from else None
   if source is not None:
     param_sources.adopt(source, config)
-  data = prepare_data(config, workdir, source.tokenizer if source else None)
-  hostenv.mark('data ready')
-  engine = Engine(config)
-  check_training(config, engine.mesh)
-  compiled = compiling.in_background(engine.compile_train, engine.train_batch_spec())
-  ckpt = best = None
+  ckpt, best = _checkpointers(config, workdir)
+  compiled = None
   try:
-    ckpt, best = _checkpointers(config, workdir)
+    resuming = ckpt.latest_step() is not None
+    # A branch reads its source once, at its first start; resumed, it is a run of its own.
+    branch = param_sources.Branch(config) if tc.branch_from and not resuming else None
+    data = prepare_data(config, workdir, (source or branch).tokenizer if (source or branch) else None)
+    hostenv.mark('data ready')
+    engine = Engine(config)
+    check_training(config, engine.mesh)
+    compiled = compiling.in_background(engine.compile_train, engine.train_batch_spec())
     meta = {'config': config.to_dict(), 'tokenizer': data.tokenizer.spec()}
-    if ckpt.latest_step() is not None:
+    if tc.branch_from:
+      meta['branched_from'] = param_sources.branch_point(tc.branch_from)
+    if resuming:
       state = param_sources.restore(
         ckpt, engine, config, data.tokenizer.spec(), workdir, data_iter=data.train_iter, move_aside=primary
       )
@@ -113,17 +119,20 @@ def start(config, workdir: str) -> Run:
     elif source is not None:
       state = engine.init_state(params=param_sources.init_params(source, engine, config))
       how = f'parameters from {tc.init_from}'
+    elif branch is not None:
+      state, how = branch.state(engine, config, data), f'branched from {tc.branch_from}'
     else:
       state, how = engine.init_state(), 'fresh start'
     hostenv.mark('state ready')
-    workdir_lib.record(config, data.tokenizer, workdir, primary)
+    workdir_lib.record(config, data.tokenizer, workdir, primary, meta.get('branched_from') if branch else None)
     batch = engine.put_train_batch(data.train_iter)
     hostenv.mark('first batch')
     train_exec, compile_s = compiled()
     hostenv.mark('train step ready')
     check_host_memory(train_exec)
   except BaseException:
-    compiled.wait()  # XLA must not be compiling when the process exits: that aborts it (exit 134)
+    if compiled is not None:
+      compiled.wait()  # XLA must not be compiling when the process exits: that aborts it (exit 134)
     for c in (ckpt, best):
       if c is not None:
         c.close()
