@@ -77,3 +77,57 @@ def test_a_branch_that_cannot_continue_its_source_is_one_line_and_writes_nothing
   assert fragment in line, line
   assert not (branch / 'checkpoints').exists() or not any((branch / 'checkpoints').iterdir())
   assert not (branch / 'config.json').exists()
+
+
+def _branch_sweep(path, dirs, stable, branches, seeds=(0,)):
+  common = dict(item.split('=', 1) for item in tiny_overrides(*dirs) + ONE_DEVICE + list(WSD))
+  path.write_text(
+    'from lmjax.sweep import BranchFrom, Sweep\n\n'
+    f'STABLE = {stable!r}\n\n\ndef get_sweep():\n'
+    f'  branches = tuple({{**b, "train.branch_from": BranchFrom(STABLE, s)}} for b, s in {branches!r})\n'
+    f'  return Sweep(config="configs/tiny.py", overrides={common!r}, variants=(STABLE, *branches), seeds={seeds!r})\n'
+  )
+  return str(path)
+
+
+def test_a_sweep_branches_each_seed_from_its_own_stable_member(tmp_path, shakespeare_dirs, capsys):
+  stable = {'optimizer.cooldown_steps': 0, 'train.steps': 20, 'train.checkpoint_every': 10}
+  branches = [({'optimizer.cooldown_steps': c, 'train.steps': 10 + c}, 10) for c in (10, 20)] + [
+    ({'optimizer.cooldown_steps': 10, 'train.steps': 30}, 20)
+  ]
+  path = _branch_sweep(tmp_path / 'cooldowns.py', shakespeare_dirs, stable, branches, seeds=(0, 1))
+  root = tmp_path / 'runs'
+  assert cli.main(['sweep', path, f'--workdir={root}', '--only=*/seed=1', '--emit=commands']) == 0
+  lines = capsys.readouterr().out.strip().splitlines()  # the emitted lines branch from the workdir of the same seed
+  stable_name = 'cooldown_steps=0,steps=20,checkpoint_every=10'
+  assert lines[1].endswith(f'--config.train.branch_from={root / stable_name / "seed=1"}:10 --config.seed=1')
+  assert cli.main(['sweep', path, f'--workdir={root}', '--only=*/seed=0']) == 0
+  for name, step in (
+    ('cooldown_steps=10,steps=20,branch_from=10', 10),
+    ('cooldown_steps=10,steps=30,branch_from=20', 20),
+  ):
+    [entry] = workdir_lib.read_provenance(str(root / name / 'seed=0'))
+    assert entry['branched_from'] == {'workdir': str(root / stable_name / 'seed=0'), 'step': step}
+    assert _losses(root / name / 'seed=0')  # it trained
+
+
+@pytest.mark.parametrize(
+  'stable_step,branch_first,fragment',
+  [(None, False, 'names no variant'), (20, True, 'which is listed after it: list sources first')],
+)
+def test_a_sweep_branch_whose_source_is_missing_or_later_is_refused_in_one_line(
+  stable_step, branch_first, fragment, tmp_path, shakespeare_dirs, capsys
+):
+  stable = {'optimizer.cooldown_steps': 0, 'train.steps': 20}
+  source = stable if stable_step else {'optimizer.cooldown_steps': 0, 'train.steps': 99}
+  common = dict(item.split('=', 1) for item in tiny_overrides(*shakespeare_dirs) + ONE_DEVICE + list(WSD))
+  branch = {'optimizer.cooldown_steps': 10, 'train.steps': 30}
+  order = '(BRANCH, STABLE)' if branch_first else '(STABLE, BRANCH)'
+  (tmp_path / 's.py').write_text(
+    'from lmjax.sweep import BranchFrom, Sweep\n\n'
+    f'STABLE = {stable!r}\nBRANCH = {{**{branch!r}, "train.branch_from": BranchFrom({source!r}, 10)}}\n\n\n'
+    f'def get_sweep():\n  return Sweep(config="configs/tiny.py", overrides={common!r}, variants={order})\n'
+  )
+  assert cli.main(['sweep', str(tmp_path / 's.py'), f'--workdir={tmp_path / "runs"}', '--dry-run']) == 2
+  [line] = capsys.readouterr().err.strip().splitlines()
+  assert line.startswith('lmjax sweep: error: ') and fragment in line
