@@ -42,6 +42,12 @@ def _workdir_args(p, what: str):
   p.add_argument(
     '--step', type=_step, default=None, help='a checkpoint step, or "best" (train.keep_best); default: the latest'
   )
+  p.add_argument(
+    '--params',
+    choices=('raw', 'ema'),  # config.PARAMS (not imported: --help imports nothing of the model)
+    default='raw',
+    help='the trained parameters, or their exponential moving average (runs trained with train.ema_decay)',
+  )
 
 
 # ---------------------------------------------------------------------------------------------- the commands
@@ -104,7 +110,7 @@ def _eval(args, overrides):
   if not args.task:
     if args.data:
       raise ConfigError('--data names the data of a --task; add --task=mc (or ppl, gen, div) before it')
-    print(json.dumps(inference.evaluate_run(args.workdir, overrides, step=args.step)))
+    print(json.dumps(inference.evaluate_run(args.workdir, overrides, step=args.step, params=args.params)))
     hostenv.mark('done')
     return 0
   from lmjax.evals import tasks  # pylint: disable=import-outside-toplevel
@@ -114,7 +120,7 @@ def _eval(args, overrides):
   flags['stop'] = args.stop or None
   if args.greedy:
     flags['temperature'] = 0.0
-  tasks.run(args.workdir, args.task, args.data, overrides, args.step, flags, args.log_samples)
+  tasks.run(args.workdir, args.task, args.data, overrides, args.step, flags, args.log_samples, params=args.params)
   return 0
 
 
@@ -277,7 +283,7 @@ def _export_hf_args(p):
 def _export_hf(args, overrides):
   from lmjax import inference  # pylint: disable=import-outside-toplevel
 
-  print(json.dumps(inference.export_hf(args.workdir, args.to, step=args.step)))
+  print(json.dumps(inference.export_hf(args.workdir, args.to, step=args.step, params=args.params)))
   return 0
 
 

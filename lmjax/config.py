@@ -38,6 +38,7 @@ ROWS = ('windows', 'packed')  # lmjax/data.py
 TOKENIZERS = ('char', 'byte', 'spm', 'hf')  # lmjax/tokenizers.py
 JSONL = 'jsonl'  # data.dataset of prompt/completion pairs (lmjax/sources.py)
 DTYPES = ('float32', 'bfloat16', 'float16')
+PARAMS = ('raw', 'ema')  # --params of eval, sample and export-hf: the trained parameters or their EMA (train.ema_decay)
 TRACKERS = ('jsonl', 'tensorboard', 'wandb')  # train.trackers (lmjax/sinks.py)
 WANDB_MODES = ('online', 'offline', 'disabled')
 
@@ -237,6 +238,10 @@ def default_config() -> ml_collections.ConfigDict:
   # PaLM's z-loss: adds z_loss * mean(log Z^2) (Z the softmax normaliser) to the loss, keeping logits from drifting
   # (1e-4 is PaLM's); 0 = off. Logged as z_loss, the term added; train_loss stays the cross-entropy.
   t.z_loss = 0.0
+  # 0 = off. An exponential moving average of the parameters, ema = d * ema + (1 - d) * params after every step
+  # (0.999 averages over ~1000 steps), saved in the checkpoint's optimizer state. Evaluations also log it as
+  # ema_val_loss (...); `lmjax eval`, `sample` and `export-hf` read it with --params=ema.
+  t.ema_decay = 0.0
   # The three intervals below: steps between events, which also happen at the last step; 0 = only at the last step.
   t.log_every = 50  # train-loss / tokens-per-second / MFU lines
   t.eval_every = 250  # evaluations over the whole eval split
@@ -494,6 +499,7 @@ def problems(config) -> list[str]:
       f'train.branch_from must be WORKDIR:STEP, a step number of another run; got {t.branch_from!r}',
     )
     need(not t.init_from, 'train.branch_from and train.init_from both start a run from another: set only one')
+  need(0 <= t.ema_decay < 1, f'train.ema_decay must be in [0, 1) (0 = off), got {t.ema_decay}')
   need(t.z_loss >= 0, f'train.z_loss must be >= 0 (0 = off), got {t.z_loss}')
   need(t.checkpoint_minutes >= 0, f'train.checkpoint_minutes must be >= 0 (0 = off), got {t.checkpoint_minutes}')
   need(o.name in OPTIMIZERS, f'optimizer.name must be one of {", ".join(OPTIMIZERS)}; got {o.name!r}')

@@ -27,7 +27,7 @@ class Engine:
     self.config = config
     self.model_cfg = config_lib.model_config(config)
     self.model = model_lib.Transformer(self.model_cfg)
-    self.tx, self.lr_schedule = optim.make(config.optimizer, config.train.steps)
+    self.tx, self.lr_schedule = optim.make(config.optimizer, config.train.steps, config.train.ema_decay)
     self.mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
     self.steps_per_call = config.train.steps_per_call
     self.rng = jax.random.key(config.seed)

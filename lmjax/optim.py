@@ -16,6 +16,8 @@ Weight decay touches weight matrices only: every `*_kernel` (attention and MLP p
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -101,8 +103,37 @@ def schedule_points(oc, total_steps: int, points: int = 11) -> list[tuple[int, f
   return list(zip(at, map(float, lr(jnp.asarray(at, jnp.int32)))))  # every schedule here is elementwise in the step
 
 
-def make(oc, total_steps: int):
-  """Returns (optax transform, lr schedule). Clipping happens before the optimizer sees the gradient."""
+class EmaState(NamedTuple):
+  """train.ema_decay: the exponential moving average of the parameters after each update. It lives in the
+  optimizer state, so a checkpoint saves it, a resume restores it bitwise, 'skip' drops it with the update, and
+  its sharding is the parameters' (parallel.match_shardings)."""
+
+  ema: Any
+
+
+def ema(decay: float) -> optax.GradientTransformation:
+  """The last link of the chain: passes the updates through and moves the average towards params + updates
+  (the parameters this step leaves), starting from the parameters it is initialised with."""
+
+  def init(params):
+    return EmaState(jax.tree.map(jnp.copy, params))
+
+  def update(updates, state, params):
+    new = jax.tree.map(lambda e, p, u: decay * e + (1.0 - decay) * (p + u), state.ema, params, updates)
+    return updates, EmaState(new)
+
+  return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state):
+  """The EMA of the parameters an optimizer state made with train.ema_decay holds (None without one)."""
+  found = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaState))
+  return next((x.ema for x in found if isinstance(x, EmaState)), None)
+
+
+def make(oc, total_steps: int, ema_decay: float = 0.0):
+  """Returns (optax transform, lr schedule). Clipping happens before the optimizer sees the gradient; with
+  `ema_decay`, `ema` comes last."""
   lr = schedule(oc, total_steps)
   mask = lambda p: decay_mask(p, oc.decay_embeddings)
   if oc.name == 'adamw':
@@ -126,4 +157,6 @@ def make(oc, total_steps: int):
     raise ConfigError(f'optimizer.name must be one of {", ".join(OPTIMIZERS)}; got {oc.name!r}')
   if oc.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(oc.grad_clip), tx)
+  if ema_decay:
+    tx = optax.chain(tx, ema(ema_decay))
   return tx, lr

@@ -20,7 +20,7 @@ import os
 
 import jax
 
-from lmjax import checkpoint, config as config_lib, workdir as workdir_lib
+from lmjax import checkpoint, config as config_lib, optim, workdir as workdir_lib
 from lmjax.errors import CheckpointError, ConfigError, WorkdirError
 
 
@@ -49,9 +49,12 @@ class WorkdirSource:
     """The run's recorded config with `overrides` applied (sampling and evaluation run the run as it was)."""
     return workdir_lib.load_config(self.workdir, overrides)
 
-  def state(self, engine, config, params_only: bool = True, fields=None):
+  def state(self, engine, config, params_only: bool = True, fields=None, params: str = 'raw'):
     """The checkpoint's state on `engine`'s shardings (opt_state None with `params_only`). `fields`: the model
-    fields that must match the checkpoint's (default: all but RUNTIME ones)."""
+    fields that must match the checkpoint's (default: all but RUNTIME ones). `params='ema'`: state.params is the
+    EMA (train.ema_decay) the optimizer state holds, read with the whole optimizer state."""
+    if params == 'ema' and not config.train.ema_decay:
+      raise ConfigError(f'--params=ema: {self.workdir} kept no EMA of its parameters (train.ema_decay was 0)')
     best = self.step == 'best'
     ckpt = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(self.workdir, best=best), data_iterator=False)
     try:
@@ -59,17 +62,23 @@ class WorkdirSource:
         where = f'{self.workdir}/best (train.keep_best)' if best else f'{self.workdir}/checkpoints'
         raise CheckpointError(f'{where} holds no checkpoint yet; train first')
       step = None if best else self.step
-      return restore(
+      ema = params == 'ema'
+      state = restore(
         ckpt,
         engine,
         config,
         self.tokenizer.spec(),
         self.workdir,
         step=step,
-        params_only=params_only,
+        params_only=params_only and not ema,
         fields=fields,
         what='Load it',
       )
+      if ema:
+        state = state.replace(
+          params=optim.ema_params(state.opt_state), opt_state=None if params_only else state.opt_state
+        )
+      return state
     finally:
       ckpt.close()
 
@@ -91,10 +100,12 @@ class HFSource:
       config_lib.apply_overrides(config, overrides)
     return config_lib.validate(config)
 
-  def state(self, engine, config, params_only: bool = True, fields=None):
+  def state(self, engine, config, params_only: bool = True, fields=None, params: str = 'raw'):
     """The converted parameters on `engine`'s shardings, as a state at step 0 (an HF model has no optimizer state:
-    `params_only` is always true here)."""
+    `params_only` is always true here, and there is no EMA)."""
     del params_only, fields
+    if params != 'raw':
+      raise ConfigError(f'--params={params}: {self.ref} is a Hugging Face model, which has no EMA; drop --params')
     from lmjax import model as model_lib  # pylint: disable=import-outside-toplevel
 
     params = model_lib.stack_layers(self._params, config.model.n_layers) if config.model.scan_layers else self._params
@@ -167,7 +178,8 @@ def restore(
 
 
 # What a branch must share with its source for the source's state to mean the same here: the optimizer state's
-# structure (the optimizer; clipping adds a state to the chain; Adafactor's decay is a transform of its own) and what decides the train stream the saved iterator position is in.
+# structure (the optimizer; clipping adds a state to the chain, and so does the EMA; Adafactor's decay is a transform
+# of its own) and what decides the train stream the saved iterator position is in.
 BRANCH_SAME = (
   'seed',
   'optimizer.name',
@@ -182,7 +194,7 @@ BRANCH_SAME = (
   'data.window_stride',
   'data.tokenizer',
 )
-BRANCH_SAME_ON_OFF = ('optimizer.grad_clip',)  # on in both or off in both
+BRANCH_SAME_ON_OFF = ('optimizer.grad_clip', 'train.ema_decay')  # on in both or off in both
 
 
 class Branch:
