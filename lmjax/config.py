@@ -38,6 +38,8 @@ ROWS = ('windows', 'packed')  # lmjax/data.py
 TOKENIZERS = ('char', 'byte', 'spm', 'hf')  # lmjax/tokenizers.py
 JSONL = 'jsonl'  # data.dataset of prompt/completion pairs (lmjax/sources.py)
 DTYPES = ('float32', 'bfloat16', 'float16')
+# optimizer.lr_multipliers / wd_multipliers: every parameter is in one group (lmjax/optim.py param_group)
+PARAM_GROUPS = ('embeddings', 'norms', 'biases', 'attention', 'mlp', 'head')
 PARAMS = ('raw', 'ema')  # --params of eval, sample and export-hf: the trained parameters or their EMA (train.ema_decay)
 TRACKERS = ('jsonl', 'tensorboard', 'wandb')  # train.trackers (lmjax/sinks.py)
 WANDB_MODES = ('online', 'offline', 'disabled')
@@ -300,6 +302,12 @@ def default_config() -> ml_collections.ConfigDict:
   o.weight_decay = 0.1  # decoupled; applied to weight matrices only (projections and MLP kernels)
   o.decay_embeddings = False  # also decay the token and position embeddings (nanoGPT does; GPT-3/Llama don't)
   o.grad_clip = 1.0  # global-norm clipping; 0 = off
+  # Per parameter group (embeddings, norms, biases, attention, mlp, head; lmjax/optim.py param_group), e.g.
+  # (('embeddings', 0.1), ('head', 0.5)): the group's updates are scaled by the multiplier (its learning rate and
+  # its decoupled decay alike). A group named in wd_multipliers decays at weight_decay x multiplier, decayed by
+  # default or not (('norms', 1.0) decays the norms); adamw and lion. A group that matches no parameter is an error.
+  o.lr_multipliers = ()
+  o.wd_multipliers = ()
 
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = -1  # -1 = all devices not used by the other axes
@@ -434,7 +442,7 @@ def _parse(key, text, old):
     if old is not None and kind in (tuple, list):
       return kind(value)
     return value
-  except (ValueError, SyntaxError):
+  except (ValueError, SyntaxError, TypeError):  # TypeError: a tuple field given a number
     raise ConfigError(f'--config.{key}={text!r}: expected {kind.__name__} (like the default {old!r})') from None
 
 
@@ -519,6 +527,12 @@ def problems(config) -> list[str]:
     f'optimizer.cooldown_steps ({o.cooldown_steps}) must be >= 0 and, with warmup_steps ({o.warmup_steps}), fit in '
     f'the {end} steps the schedule decays over (optimizer.decay_steps, or train.steps)',
   )
+  for field in ('lr_multipliers', 'wd_multipliers'):
+    out.extend(_multiplier_problems(f'optimizer.{field}', o[field]))
+  need(
+    not o.wd_multipliers or o.name in ('adamw', 'lion'),
+    f'optimizer.wd_multipliers works with adamw and lion, whose decay is one link of the chain; got {o.name!r}',
+  )
   need(o.grad_clip >= 0, f'optimizer.grad_clip must be >= 0 (0 = off), got {o.grad_clip}')
   need(d.rows in ROWS, f'data.rows must be one of {", ".join(ROWS)}; got {d.rows!r}')
   need(d.tokenizer in TOKENIZERS, f'data.tokenizer must be one of {", ".join(TOKENIZERS)}; got {d.tokenizer!r}')
@@ -542,6 +556,22 @@ def problems(config) -> list[str]:
   need(config.mesh.get('slices', 1) >= 1, f'mesh.slices must be >= 1, got {config.mesh.get("slices", 1)}')
   need(s.max_new_tokens >= 0, f'sample.max_new_tokens must be >= 0, got {s.max_new_tokens}')
   need(s.temperature >= 0, f'sample.temperature must be >= 0 (0 = greedy), got {s.temperature}')
+  return out
+
+
+def _multiplier_problems(field: str, pairs) -> list[str]:
+  example = f"{field}=\"(('embeddings', 0.1), ('head', 2.0))\""
+  if not isinstance(pairs, (tuple, list)) or not all(
+    isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], (int, float))
+    for p in pairs
+  ):
+    return [f'{field} must be (GROUP, MULTIPLIER) pairs, e.g. --config.{example}; got {pairs!r}']
+  out = [
+    f'{field}: unknown group {g!r}; the groups are {", ".join(PARAM_GROUPS)}' for g, _ in pairs if g not in PARAM_GROUPS
+  ]
+  out += [f'{field}: the multiplier of {g!r} must be >= 0, got {m}' for g, m in pairs if m < 0]
+  names = [g for g, _ in pairs]
+  out += [f'{field} names {g!r} twice' for g in sorted({g for g in names if names.count(g) > 1})]
   return out
 
 

@@ -38,6 +38,7 @@ class Engine:
     abstract_boxed, abstract_opt = self.executables.value('abstract_state', self._abstract_state)
     self.param_shardings = parallel.param_shardings(abstract_boxed, self.mesh, self.rules)
     abstract_params = nn.meta.unbox(abstract_boxed)
+    optim.check_groups(config.optimizer, abstract_params)
     repl = parallel.replicated(self.mesh)
     self.state_shardings = TrainState(
       step=repl,

@@ -12,6 +12,7 @@ Schedules (optimizer.schedule), each after optimizer.warmup_steps of linear warm
 
 Weight decay touches weight matrices only: every `*_kernel` (attention and MLP projections) and an untied
 `lm_head`; never norms or biases; the token and position embeddings only with optimizer.decay_embeddings.
+optimizer.lr_multipliers and wd_multipliers change both per parameter group (`param_group`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import optax
 from optax import contrib
 
 from lmjax.errors import ConfigError
-from lmjax.config import OPTIMIZERS, SCHEDULES, COOLDOWN_SHAPES  # the names config.validate accepts
+from lmjax.config import OPTIMIZERS, PARAM_GROUPS, SCHEDULES, COOLDOWN_SHAPES  # the names config.validate accepts
 
 
 def _leaf_name(path) -> str:
@@ -39,6 +40,74 @@ def decay_mask(params, decay_embeddings: bool = False):
     return name.endswith('_kernel') or name == 'lm_head' or (decay_embeddings and name in ('embed', 'pos_embed'))
 
   return jax.tree_util.tree_map_with_path(decays, params)
+
+
+_GROUP_OF_LEAF = {
+  'embed': 'embeddings',
+  'pos_embed': 'embeddings',
+  'lm_head': 'head',
+  'scale': 'norms',  # every Norm's (ln1, ln2, ln_f, q_norm, k_norm)
+  'bias': 'norms',  # a LayerNorm's; projections' biases are NAME_bias
+  'q_kernel': 'attention',
+  'kv_kernel': 'attention',
+  'o_kernel': 'attention',
+  'up_kernel': 'mlp',
+  'gate_kernel': 'mlp',
+  'down_kernel': 'mlp',
+}
+
+
+def param_group(path) -> str:
+  """The group (config.PARAM_GROUPS) of the parameter at `path`, from its leaf name (the same with scanned layers)."""
+  name = _leaf_name(path)
+  return 'biases' if name.endswith('_bias') else _GROUP_OF_LEAF[name]
+
+
+def check_groups(oc, params) -> None:
+  """A ConfigError for a group optimizer.lr_multipliers or wd_multipliers names that has no parameter in this
+  model (biases without model.use_bias, head with tied embeddings)."""
+  present = set(jax.tree.leaves(jax.tree_util.tree_map_with_path(lambda p, _: param_group(p), params)))
+  for field in ('lr_multipliers', 'wd_multipliers'):
+    empty = [g for g, _ in oc[field] if g not in present]
+    if empty:
+      raise ConfigError(
+        f'optimizer.{field} names {", ".join(map(repr, empty))}, which matches no parameter of this model (its '
+        f'groups: {", ".join(g for g in PARAM_GROUPS if g in present)}); remove it'
+      )
+
+
+def scale_by_group(multipliers) -> optax.GradientTransformation:
+  """optimizer.lr_multipliers: each named group's updates times its multiplier, after the whole optimizer."""
+  factor = dict(multipliers)
+
+  def update(updates, state, params=None):
+    del params
+
+    def scale(path, u):
+      g = param_group(path)
+      return u * jnp.asarray(factor[g], u.dtype) if g in factor else u
+
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def decay_by_group(oc) -> optax.GradientTransformation:
+  """optimizer.wd_multipliers: decoupled weight decay, updates + rate * params, at weight_decay x multiplier for
+  the named groups and the default mask's weight_decay or 0 for the others (optax.add_decayed_weights, per group)."""
+  named = dict(oc.wd_multipliers)
+
+  def update(updates, state, params):
+    masked = decay_mask(params, oc.decay_embeddings)
+
+    def one(path, u, p, decays):
+      g = param_group(path)
+      rate = oc.weight_decay * named[g] if g in named else (oc.weight_decay if decays else 0.0)
+      return u + rate * p if rate else u
+
+    return jax.tree_util.tree_map_with_path(one, updates, params, masked), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
 # Muon orthogonalises each projection as a matrix (reduction axes -> output axes); other axes are batch axes.
@@ -136,7 +205,10 @@ def make(oc, total_steps: int, ema_decay: float = 0.0):
   `ema_decay`, `ema` comes last."""
   lr = schedule(oc, total_steps)
   mask = lambda p: decay_mask(p, oc.decay_embeddings)
-  if oc.name == 'adamw':
+  if oc.wd_multipliers and oc.name in ('adamw', 'lion'):  # optax's adamw and lion, with the decay link per group
+    scale = optax.scale_by_adam(oc.b1, oc.b2, oc.eps) if oc.name == 'adamw' else optax.scale_by_lion(oc.b1, oc.b2)
+    tx = optax.chain(scale, decay_by_group(oc), optax.scale_by_learning_rate(lr))
+  elif oc.name == 'adamw':
     tx = optax.adamw(lr, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay, mask=mask)
   elif oc.name == 'lion':
     tx = optax.lion(lr, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay, mask=mask)
@@ -155,6 +227,8 @@ def make(oc, total_steps: int, ema_decay: float = 0.0):
     )
   else:
     raise ConfigError(f'optimizer.name must be one of {", ".join(OPTIMIZERS)}; got {oc.name!r}')
+  if oc.lr_multipliers:
+    tx = optax.chain(tx, scale_by_group(oc.lr_multipliers))
   if oc.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(oc.grad_clip), tx)
   if ema_decay:

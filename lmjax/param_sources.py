@@ -194,7 +194,8 @@ BRANCH_SAME = (
   'data.window_stride',
   'data.tokenizer',
 )
-BRANCH_SAME_ON_OFF = ('optimizer.grad_clip', 'train.ema_decay')  # on in both or off in both
+# on in both or off in both: each adds or changes a link of the optimizer chain
+BRANCH_SAME_ON_OFF = ('optimizer.grad_clip', 'train.ema_decay', 'optimizer.lr_multipliers', 'optimizer.wd_multipliers')
 
 
 class Branch:

@@ -91,3 +91,134 @@ def test_lmjax_schedule_prints_the_curve_at_the_phase_boundaries_and_plots_it(tm
   assert [int(p[1]) for p in printed] == [0, 10, 30, 40, 59]
   assert [float(p[3]) for p in printed[:4]] == [0.0, 3e-3, 3e-3, 3e-3] and 3e-4 < float(printed[4][3]) < 3e-3
   assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+# ---------------------------------------------------------------------------------------------- parameter groups
+
+
+def _params(**kw):
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from lmjax import model as model_lib  # pylint: disable=import-outside-toplevel
+
+  cfg = model_lib.ModelConfig(vocab_size=11, max_len=8, n_layers=2, n_heads=2, d_model=8, **kw)
+  params = model_lib.Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  return nn.meta.unbox(params)
+
+
+def _groups(params):
+  import jax  # pylint: disable=import-outside-toplevel
+
+  flat = jax.tree_util.tree_leaves_with_path(params)
+  return {'/'.join(str(k.key) for k in p): optim.param_group(p) for p, _ in flat}
+
+
+def test_every_parameter_is_in_the_group_its_role_says():
+  gpt2 = _groups(_params())
+  assert {k for k, g in gpt2.items() if g == 'embeddings'} == {'embed', 'pos_embed'}
+  assert {k for k, g in gpt2.items() if g == 'norms'} == {'ln_f/scale', 'ln_f/bias'} | {
+    f'block_{i}/{n}/{w}' for i in range(2) for n in ('ln1', 'ln2') for w in ('scale', 'bias')
+  }
+  assert {k for k, g in gpt2.items() if g == 'biases'} == {
+    f'block_{i}/{m}_bias' for i in range(2) for m in ('attn/q', 'attn/kv', 'attn/o', 'mlp/up', 'mlp/down')
+  }
+  assert {k for k, g in gpt2.items() if g == 'attention'} == {
+    f'block_{i}/attn/{w}_kernel' for i in range(2) for w in ('q', 'kv', 'o')
+  }
+  assert {k for k, g in gpt2.items() if g == 'mlp'} == {
+    f'block_{i}/mlp/{w}_kernel' for i in range(2) for w in ('up', 'down')
+  }
+  llama = _groups(_params(norm='rmsnorm', mlp='swiglu', use_bias=False, tied_embeddings=False, qk_norm=True))
+  assert llama['lm_head'] == 'head' and llama['block_1/mlp/gate_kernel'] == 'mlp'
+  assert llama['block_0/attn/q_norm/scale'] == 'norms' and 'biases' not in llama.values()
+
+
+def _one_update(oc, grads_of):
+  """The update of one optimizer step from parameters `_params(...)` with gradients grads_of(params)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  params = _params(tied_embeddings=False)
+  tx, _ = optim.make(oc, 100)
+  updates, _ = jax.jit(tx.update)(grads_of(params), tx.init(params), params)
+  return params, updates
+
+
+def test_a_learning_rate_multiplier_scales_its_group_and_nothing_else():
+  import jax  # pylint: disable=import-outside-toplevel
+
+  grads = lambda params: jax.tree.map(lambda p: 0.3 * p + 0.01, params)
+  base = dict(schedule='constant', warmup_steps=0, grad_clip=0.0)
+  _, plain = _one_update(_oc(**base), grads)
+  _, scaled = _one_update(_oc(**base, lr_multipliers=(('head', 2.0), ('mlp', 0.0))), grads)
+  for path, u in jax.tree_util.tree_leaves_with_path(scaled):
+    want = jax.tree_util.tree_leaves_with_path(plain)
+    p = dict((tuple(q), v) for q, v in want)[tuple(path)]
+    factor = {'head': 2.0, 'mlp': 0.0}.get(optim.param_group(path), 1.0)
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(p) * np.float32(factor))
+
+
+def test_a_weight_decay_multiplier_sets_its_groups_decay_and_the_rest_keep_the_default_mask():
+  # Zero gradients: AdamW's step is then the decoupled decay alone, -lr * rate * p, leaf by leaf.
+  import jax  # pylint: disable=import-outside-toplevel
+
+  oc = _oc(
+    'constant', warmup_steps=0, grad_clip=0.0, weight_decay=0.1, wd_multipliers=(('attention', 0.5), ('norms', 1.0))
+  )
+  params, updates = _one_update(oc, lambda params: jax.tree.map(lambda p: 0 * p, params))
+  rates = {'attention': 0.05, 'norms': 0.1, 'mlp': 0.1, 'head': 0.1, 'embeddings': 0.0, 'biases': 0.0}
+  for (path, u), p in zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(params)):
+    np.testing.assert_allclose(u, -LR * rates[optim.param_group(path)] * np.asarray(p), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+  'override,fragment',
+  [
+    ("optimizer.lr_multipliers=(('embedding', 0.1),)", "unknown group 'embedding'; the groups are embeddings, norms"),
+    ("optimizer.wd_multipliers=(('mlp', -1.0),)", "the multiplier of 'mlp' must be >= 0"),
+    ("optimizer.lr_multipliers=(('mlp', 1.0), ('mlp', 2.0))", "names 'mlp' twice"),
+    ('optimizer.lr_multipliers=0.1', 'expected tuple'),
+    ("optimizer.lr_multipliers=('mlp', 0.1)", 'must be (GROUP, MULTIPLIER) pairs'),
+  ],
+)
+def test_a_bad_multiplier_is_a_config_error_naming_it(override, fragment):
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.load('configs/tiny.py', [override])
+  assert fragment in str(e.value)
+  with pytest.raises(config_lib.ConfigError, match='wd_multipliers works with adamw and lion'):
+    config_lib.load('configs/tiny.py', ["optimizer.wd_multipliers=(('mlp', 2.0),)", 'optimizer.name=adafactor'])
+
+
+def test_a_group_that_matches_no_parameter_is_a_config_error_when_the_model_is_built():
+  from lmjax import engine  # pylint: disable=import-outside-toplevel
+
+  for variant, group in (('configs/tiny.py:llama', 'biases'), ('configs/tiny.py', 'head')):
+    config = config_lib.load(
+      variant, ['model.vocab_size=65', 'mesh.data=1', f"optimizer.lr_multipliers=(('{group}', 0.5),)"]
+    )
+    with pytest.raises(config_lib.ConfigError, match=f"names '{group}', which matches no parameter of this model"):
+      engine.Engine(config)
+
+
+def test_a_run_with_group_multipliers_trains_and_its_checkpoint_restores(tmp_path, shakespeare_dirs):
+  from conftest import ONE_DEVICE, rows, train_tiny  # pylint: disable=import-outside-toplevel
+
+  from lmjax import inference  # pylint: disable=import-outside-toplevel
+
+  groups = (
+    "optimizer.lr_multipliers=(('embeddings', 0.5), ('norms', 2.0))",
+    "optimizer.wd_multipliers=(('mlp', 0.5),)",
+  )
+  train_tiny(
+    tmp_path / 'run',
+    shakespeare_dirs,
+    *groups,
+    'train.steps=10',
+    'train.log_every=5',
+    'train.eval_every=10',
+    'train.checkpoint_every=10',
+  )
+  losses = [r['train_loss'] for r in rows(tmp_path / 'run') if 'train_loss' in r]
+  assert losses[-1] < losses[0]
+  assert int(inference.load_run(str(tmp_path / 'run'), ONE_DEVICE, params_only=False)[3].step) == 10
