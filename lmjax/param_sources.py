@@ -226,6 +226,11 @@ class Branch:
         f'train.branch_from={self.ref!r} continues that run exactly, but this config differs from it: '
         f'{"; ".join(differ)}. Set them as the source has them, or use train.init_from (a fresh optimizer)'
       )
+    if self.step % config.train.steps_per_call:
+      raise ConfigError(
+        f'train.branch_from={self.ref!r} starts at step {self.step}, not a multiple of train.steps_per_call '
+        f'({config.train.steps_per_call}): branch from such a step, or lower steps_per_call'
+      )
     if self.step >= config.train.steps:
       raise ConfigError(
         f'train.branch_from={self.ref!r} starts at step {self.step}, and train.steps ({config.train.steps}) '
