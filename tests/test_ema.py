@@ -75,3 +75,16 @@ def test_params_ema_of_a_run_without_an_ema_is_one_line(trained, capsys):
   assert cli.main(['eval', f'--workdir={trained}', '--params=ema']) == 2
   [line] = capsys.readouterr().err.strip().splitlines()
   assert line.startswith('lmjax eval: error: --params=ema:') and 'train.ema_decay was 0' in line
+
+
+def test_the_ema_is_laid_out_like_the_parameters_on_a_sharded_mesh():
+  from lmjax import config as config_lib, engine  # pylint: disable=import-outside-toplevel
+
+  config = config_lib.load(
+    'configs/tiny.py', ['model.vocab_size=64', 'mesh.fsdp=4', 'mesh.data=2', 'train.ema_decay=0.9']
+  )
+  e = engine.Engine(config)
+  ema = optim.ema_params(e.state_shardings.opt_state)
+  assert jax.tree.structure(ema) == jax.tree.structure(e.param_shardings)
+  assert jax.tree.leaves(ema) == jax.tree.leaves(e.param_shardings)
+  assert any(not s.is_fully_replicated for s in jax.tree.leaves(ema))  # some are split, as their parameters are
