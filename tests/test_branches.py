@@ -135,3 +135,12 @@ def test_a_sweep_branch_whose_source_is_missing_or_later_is_refused_in_one_line(
   assert cli.main(['sweep', str(tmp_path / 's.py'), f'--workdir={tmp_path / "runs"}', '--dry-run']) == 2
   [line] = capsys.readouterr().err.strip().splitlines()
   assert line.startswith('lmjax sweep: error: ') and fragment in line
+
+
+def test_a_refused_branch_can_start_again_in_the_same_workdir(source, shakespeare_dirs, tmp_path, capsys):
+  branch = tmp_path / 'branch'
+  argv = ['train', '--config=configs/tiny.py', f'--workdir={branch}']
+  extra = tiny_overrides(*shakespeare_dirs) + ONE_DEVICE + [f'train.branch_from={source}:10', 'train.steps=20', *WSD]
+  assert cli.main(argv + [f'--config.{o}' for o in extra + ['seed=1']]) == 2
+  assert cli.main(argv + [f'--config.{o}' for o in extra]) == 0
+  assert sorted(_losses(branch)) == [15, 20] and 'branched from' in capsys.readouterr().out
