@@ -97,21 +97,20 @@ def start(config, workdir: str) -> Run:
   source = param_sources.open_source(tc.init_from) if tc.init_from else None
   if source is not None:
     param_sources.adopt(source, config)
-  ckpt, best = _checkpointers(config, workdir)
-  compiled = None
+  # A branch reads its source at its first start only; once it has saved a step it resumes as a run of its own.
+  branch = param_sources.Branch(config) if tc.branch_from and not workdir_lib.saved_steps(workdir) else None
+  data = prepare_data(config, workdir, (source or branch).tokenizer if (source or branch) else None)
+  hostenv.mark('data ready')
+  engine = Engine(config)
+  check_training(config, engine.mesh)
+  compiled = compiling.in_background(engine.compile_train, engine.train_batch_spec())
+  ckpt = best = None
   try:
-    resuming = ckpt.latest_step() is not None
-    # A branch reads its source once, at its first start; resumed, it is a run of its own.
-    branch = param_sources.Branch(config) if tc.branch_from and not resuming else None
-    data = prepare_data(config, workdir, (source or branch).tokenizer if (source or branch) else None)
-    hostenv.mark('data ready')
-    engine = Engine(config)
-    check_training(config, engine.mesh)
-    compiled = compiling.in_background(engine.compile_train, engine.train_batch_spec())
+    ckpt, best = _checkpointers(config, workdir)
     meta = {'config': config.to_dict(), 'tokenizer': data.tokenizer.spec()}
     if tc.branch_from:
       meta['branched_from'] = param_sources.branch_point(tc.branch_from)
-    if resuming:
+    if ckpt.latest_step() is not None:
       state = param_sources.restore(
         ckpt, engine, config, data.tokenizer.spec(), workdir, data_iter=data.train_iter, move_aside=primary
       )
@@ -119,7 +118,8 @@ def start(config, workdir: str) -> Run:
     elif source is not None:
       state = engine.init_state(params=param_sources.init_params(source, engine, config))
       how = f'parameters from {tc.init_from}'
-    elif branch is not None:
+    elif tc.branch_from:
+      branch = branch or param_sources.Branch(config)
       state, how = branch.state(engine, config, data), f'branched from {tc.branch_from}'
     else:
       state, how = engine.init_state(), 'fresh start'
@@ -131,8 +131,7 @@ def start(config, workdir: str) -> Run:
     hostenv.mark('train step ready')
     check_host_memory(train_exec)
   except BaseException:
-    if compiled is not None:
-      compiled.wait()  # XLA must not be compiling when the process exits: that aborts it (exit 134)
+    compiled.wait()  # XLA must not be compiling when the process exits: that aborts it (exit 134)
     for c in (ckpt, best):
       if c is not None:
         c.close()

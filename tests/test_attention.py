@@ -270,6 +270,8 @@ def test_a_soft_cap_keeps_auto_off_cudnn_and_an_uncapping_kernel_named_is_a_conf
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')  # the rule itself, on any host
   assert attention.resolve('auto', jnp.bfloat16, 0.0, True, 1024) == 'cudnn'
   assert attention.resolve('auto', jnp.bfloat16, 0.0, True, 1024, cap=50.0) == 'xla'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  assert attention.resolve('auto', jnp.bfloat16, 0.0, True, 1024, cap=50.0) == 'splash'  # splash caps scores itself
   for impl in ('cudnn', 'dot_product_attention'):
     with pytest.raises(ConfigError, match=f"attention='{impl}' cannot soft-cap"):
       model_lib.ModelConfig(**SMALL, attention=impl, attn_softcap=50.0).validate()
