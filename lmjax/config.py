@@ -523,7 +523,7 @@ def problems(config) -> list[str]:
   )
   end = o.decay_steps or t.steps
   need(
-    o.cooldown_steps >= 0 and (o.schedule != 'wsd' or o.warmup_steps + o.cooldown_steps <= end),
+    o.cooldown_steps >= 0 and (o.schedule != 'wsd' or not o.cooldown_steps or o.warmup_steps + o.cooldown_steps <= end),
     f'optimizer.cooldown_steps ({o.cooldown_steps}) must be >= 0 and, with warmup_steps ({o.warmup_steps}), fit in '
     f'the {end} steps the schedule decays over (optimizer.decay_steps, or train.steps)',
   )

@@ -80,6 +80,8 @@ def test_a_wsd_cooldown_longer_than_the_run_is_refused_in_one_line(capsys):
   assert cli.main(argv + ['--config.optimizer.cooldown_steps=55']) == 2  # + 10 warmup steps > 60
   [line] = capsys.readouterr().err.strip().splitlines()
   assert line.startswith('lmjax schedule: error: optimizer.cooldown_steps (55)') and 'fit in the 60 steps' in line
+  # without a cooldown there is nothing to fit: a run shorter than its warmup is as valid as with cosine
+  config_lib.load('configs/tiny.py', ['optimizer.schedule=wsd', 'train.steps=5'])
 
 
 def test_lmjax_schedule_prints_the_curve_at_the_phase_boundaries_and_plots_it(tmp_path, capsys):
