@@ -83,12 +83,18 @@ class Action:
 
 
 class Evaluate(Action):
-  """Loss, perplexity and bits per byte over the eval split."""
+  """Loss, perplexity and bits per byte over the eval split; with train.ema_decay, of the EMA too (ema_val_loss)."""
 
   name = 'evaluate'
 
   def run(self, loop):
-    return loop.engine.evaluate(loop.state.params, loop.data.eval_batches, loop.data.eval_bytes_per_token)
+    evaluate = lambda p: loop.engine.evaluate(p, loop.data.eval_batches, loop.data.eval_bytes_per_token)
+    out = evaluate(loop.state.params)
+    if loop.config.train.ema_decay:
+      from lmjax import optim  # pylint: disable=import-outside-toplevel  -- only runs with an EMA import it
+
+      out.update({f'ema_{k}': v for k, v in evaluate(optim.ema_params(loop.state.opt_state)).items()})
+    return out
 
 
 class EvalTask(Action):

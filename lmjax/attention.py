@@ -78,8 +78,13 @@ def dropout_keep(seed_4, shape, rate):
   return bits >= jnp.uint32(min(int(rate * 2.0**32), 2**32 - 1))
 
 
-def _softmax_dropout(s, bias, dropout, dropout_seed):
-  p = jax.nn.softmax(s + bias, axis=-1)
+def softcap(x, cap: float):
+  """cap * tanh(x / cap): x squashed smoothly into (-cap, cap) (Gemma 2's soft-cap); cap 0 = x unchanged."""
+  return cap * jnp.tanh(x / cap) if cap else x
+
+
+def _softmax_dropout(s, bias, dropout, dropout_seed, cap=0.0):
+  p = jax.nn.softmax(softcap(s, cap) + bias, axis=-1)
   if dropout > 0:
     p = jnp.where(dropout_keep(dropout_seed, p.shape, dropout), p * (1.0 / (1.0 - dropout)), 0.0)
   return p
@@ -96,7 +101,7 @@ def chunk_for(length: int, setting: int) -> int:
   return max(min(128, max(32, length // 4)), -(-length // 16))
 
 
-def _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng, causal_chunk):
+def _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng, causal_chunk, cap=0.0):
   B, L, H, K = q_BxLxHxK.shape
   q_BxLxHxK = q_BxLxHxK * jnp.asarray(K**-0.5, q_BxLxHxK.dtype)
   bias = bias_from_mask(mask)  # B' x 1 x 1 x L x T (B' = 1 or B)
@@ -108,22 +113,23 @@ def _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng, causal_chu
     q1 = min(q0 + chunk, L)
     t1 = q1 if chunk < L else k_BxNxTxK.shape[2]  # keys after the chunk's last query are hidden from all of it
     outs.append(
-      _block(q_BxLxHxK[:, q0:q1], k_BxNxTxK[:, :, :t1], v_BxNxTxK[:, :, :t1], bias[..., q0:q1, :t1], dropout, seed)
+      _block(q_BxLxHxK[:, q0:q1], k_BxNxTxK[:, :, :t1], v_BxNxTxK[:, :, :t1], bias[..., q0:q1, :t1], dropout, seed, cap)
     )
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-def _block(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, bias, dropout, dropout_seed):
-  """Scaled queries against keys and values under an additive bias: one softmax block."""
+def _block(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, bias, dropout, dropout_seed, cap=0.0):
+  """Scaled queries against keys and values under an additive bias: one softmax block (scores soft-capped at
+  `cap` before the mask, as Gemma 2)."""
   B, L, H, K = q_BxLxHxK.shape
   N = k_BxNxTxK.shape[1]
   if N == H:  # multi-head: 4-D contractions; XLA's CPU backward of the 5-D form adds transposes and copies
     s_BxHxLxT = jnp.einsum('BLHK,BHTK->BHLT', q_BxLxHxK, k_BxNxTxK, preferred_element_type=jnp.float32)
-    p_BxHxLxT = _softmax_dropout(s_BxHxLxT, bias[:, 0], dropout, dropout_seed)
+    p_BxHxLxT = _softmax_dropout(s_BxHxLxT, bias[:, 0], dropout, dropout_seed, cap)
     return jnp.einsum('BHLT,BHTK->BLHK', p_BxHxLxT.astype(v_BxNxTxK.dtype), v_BxNxTxK)
   q_BxLxNxGxK = q_BxLxHxK.reshape(B, L, N, H // N, K)
   s_BxNxGxLxT = jnp.einsum('BLNGK,BNTK->BNGLT', q_BxLxNxGxK, k_BxNxTxK, preferred_element_type=jnp.float32)
-  p_BxNxGxLxT = _softmax_dropout(s_BxNxGxLxT, bias, dropout, dropout_seed)
+  p_BxNxGxLxT = _softmax_dropout(s_BxNxGxLxT, bias, dropout, dropout_seed, cap)
   o_BxLxNxGxK = jnp.einsum('BNGLT,BNTK->BLNGK', p_BxNxGxLxT.astype(v_BxNxTxK.dtype), v_BxNxTxK)
   return o_BxLxNxGxK.reshape(B, L, H, K)
 
@@ -142,23 +148,26 @@ def _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, causal, implem
   )
 
 
-def resolve(impl: str, dtype, dropout: float, causal: bool, length: int, boolean_mask: bool = False) -> str:
+def resolve(
+  impl: str, dtype, dropout: float, causal: bool, length: int, boolean_mask: bool = False, cap: float = 0.0
+) -> str:
   """'auto' picks cuDNN on GPU, splash on TPU, for causal self-attention (training, eval) where they apply; splash
-  reads segment ids, so a boolean mask keeps 'auto' on 'xla' there. Decoding over a KV cache stays on 'xla' (as
-  'splash' does): a step of one query gains little from a flash kernel, and that path was never run on a GPU here."""
+  reads segment ids, so a boolean mask keeps 'auto' on 'xla' there, and cuDNN cannot soft-cap scores (`cap`), so a
+  cap keeps 'auto' on 'xla' on GPU. Decoding over a KV cache stays on 'xla' (as 'splash' does): a step of one
+  query gains little from a flash kernel, and that path was never run on a GPU here."""
   if impl == 'splash' and not causal:
     return 'xla'
   if impl != 'auto':
     return impl
   backend = parallel.platform()
-  if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and dropout == 0 and causal:
+  if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and dropout == 0 and causal and not cap:
     return 'cudnn'
   if backend == 'tpu' and dropout == 0 and causal and length % 128 == 0 and not boolean_mask:
     return 'splash'
   return 'xla'
 
 
-def _splash_kernel(length: int, heads: int, grouped: bool):
+def _splash_kernel(length: int, heads: int, grouped: bool, cap: float = 0.0):
   """The splash kernel for one sequence: causal masks for `heads` query heads, each reading its own kv head, or
   (grouped) all reading one kv head. Built on every trace: its block tables become constants of the program being
   traced (a kernel kept across traces would carry the first trace's mesh); the costly mask analysis behind them
@@ -188,7 +197,10 @@ def _splash_kernel(length: int, heads: int, grouped: bool):
   interpret = platform != 'tpu'
   if interpret:
     _warn_interpreted(platform)
-  return make(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret), sk.SegmentIds
+  kernel = make(
+    mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret, attn_logits_soft_cap=cap or None
+  )
+  return kernel, sk.SegmentIds
 
 
 @functools.lru_cache(maxsize=1)
@@ -200,7 +212,7 @@ def _warn_interpreted(platform: str):
   )
 
 
-def _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL):
+def _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL, cap=0.0):
   B, L, H, K = q_BxLxHxK.shape
   N = k_BxNxTxK.shape[1]
   # Queries grouped by kv head (B x L x N x G x K): a mesh splits kv heads and their query heads alike, or, when
@@ -209,7 +221,7 @@ def _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL):
 
   def per_shard(q_BxLxNxGxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL):
     n, G = q_BxLxNxGxK.shape[2:4]
-    kernel, SegmentIds = _splash_kernel(L, G if G > 1 else n, G > 1)
+    kernel, SegmentIds = _splash_kernel(L, G if G > 1 else n, G > 1, cap)
     q_BxNxGxLxK = q_BxLxNxGxK.transpose(0, 2, 3, 1, 4)
     one = lambda q, k, v, s: kernel(q, k, v, segment_ids=None if s is None else SegmentIds(q=s, kv=s))
     if G > 1:  # one grouped (MQA) kernel per kv head: G x L x K queries against T x K keys
@@ -233,7 +245,17 @@ def _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL):
 
 
 def attend(
-  q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, *, impl='xla', dropout=0.0, dropout_rng=None, causal=False, causal_chunk=0
+  q_BxLxHxK,
+  k_BxNxTxK,
+  v_BxNxTxK,
+  mask,
+  *,
+  impl='xla',
+  dropout=0.0,
+  dropout_rng=None,
+  causal=False,
+  causal_chunk=0,
+  softcap=0.0,
 ):
   """Attention output o_BxLxHxK.
 
@@ -243,7 +265,8 @@ def attend(
   per row) or the int32 segment ids B x L of packed rows (0 = padding), as the model passes them: each kernel
   builds its own mask, and 'splash' reads the ids as they are. make_mask's boolean mask is accepted too, by every
   kernel but 'splash'. Without causal, `mask` is make_mask's boolean mask (decoding over a cache).
-  dropout_rng: a JAX key, needed when dropout > 0."""
+  dropout_rng: a JAX key, needed when dropout > 0. softcap > 0: scores become softcap * tanh(scores / softcap)
+  before the mask ('xla' and 'splash' only; config.UNCAPPED_ATTENTION are refused)."""
   segment_ids_BxL = None
   if mask is not None and mask.dtype != jnp.bool_:
     if not causal:
@@ -252,18 +275,20 @@ def attend(
   if not causal and (mask is None or causal_chunk > 0):
     raise ValueError('attend: mask=None (the causal mask alone) and causal_chunk > 0 need causal=True')
   boolean_mask = mask is not None and segment_ids_BxL is None
-  impl = resolve(impl, q_BxLxHxK.dtype, dropout, causal, q_BxLxHxK.shape[1], boolean_mask)
+  impl = resolve(impl, q_BxLxHxK.dtype, dropout, causal, q_BxLxHxK.shape[1], boolean_mask, softcap)
+  if softcap and impl in config_lib.UNCAPPED_ATTENTION:
+    raise ValueError(f"attention={impl!r} cannot soft-cap attention scores; use model.attention='xla' or 'auto'")
   if impl == 'splash' and boolean_mask:
     raise ValueError("attention='splash' reads segment ids, not a boolean mask: pass the B x L segment ids")
   if dropout > 0 and impl != 'xla':
     raise ValueError(f"attention={impl!r} has no attention dropout; set model.dropout=0 or model.attention='xla'")
   if impl == 'splash':
-    return _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL)
+    return _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL, softcap)
   slots_L = jnp.arange(q_BxLxHxK.shape[1], dtype=jnp.int32)
   if segment_ids_BxL is not None:
     mask = make_mask(slots_L, slots_L, segment_ids_BxL, segment_ids_BxL)
   elif mask is None and impl == 'xla':  # the causal mask alone; fused kernels get is_causal and no mask array
     mask = make_mask(slots_L, slots_L)
   if impl == 'xla':
-    return _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng, causal_chunk)
+    return _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng, causal_chunk, softcap)
   return _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, causal, 'cudnn' if impl == 'cudnn' else 'xla')

@@ -42,6 +42,12 @@ def _workdir_args(p, what: str):
   p.add_argument(
     '--step', type=_step, default=None, help='a checkpoint step, or "best" (train.keep_best); default: the latest'
   )
+  p.add_argument(
+    '--params',
+    choices=('raw', 'ema'),  # config.PARAMS (not imported: --help imports nothing of the model)
+    default='raw',
+    help='the trained parameters, or their exponential moving average (runs trained with train.ema_decay)',
+  )
 
 
 # ---------------------------------------------------------------------------------------------- the commands
@@ -104,7 +110,7 @@ def _eval(args, overrides):
   if not args.task:
     if args.data:
       raise ConfigError('--data names the data of a --task; add --task=mc (or ppl, gen, div) before it')
-    print(json.dumps(inference.evaluate_run(args.workdir, overrides, step=args.step)))
+    print(json.dumps(inference.evaluate_run(args.workdir, overrides, step=args.step, params=args.params)))
     hostenv.mark('done')
     return 0
   from lmjax.evals import tasks  # pylint: disable=import-outside-toplevel
@@ -114,7 +120,7 @@ def _eval(args, overrides):
   flags['stop'] = args.stop or None
   if args.greedy:
     flags['temperature'] = 0.0
-  tasks.run(args.workdir, args.task, args.data, overrides, args.step, flags, args.log_samples)
+  tasks.run(args.workdir, args.task, args.data, overrides, args.step, flags, args.log_samples, params=args.params)
   return 0
 
 
@@ -216,6 +222,41 @@ def _plan(args, overrides):
   return 0
 
 
+def _schedule_args(p):
+  p.add_argument('--config', required=True, help='configs/NAME.py[:variant]')
+  p.add_argument('--points', type=int, default=11, help='steps to print, evenly spread (and each phase boundary)')
+  p.add_argument('--png', default='', help='also plot the learning rate at every step into this PNG file')
+
+
+def _schedule(args, overrides):
+  from lmjax import config as config_lib, optim  # pylint: disable=import-outside-toplevel
+
+  config = config_lib.load(args.config, overrides)
+  if args.points < 2:
+    raise ConfigError(f'--points must be >= 2, got {args.points}')
+  oc, steps = config.optimizer, config.train.steps
+  print(f'optimizer.schedule={oc.schedule!r} over train.steps={steps} (lr at the start of each step)')
+  for step, lr in optim.schedule_points(oc, steps, args.points):
+    print(f'step {step:>8}  lr {lr:.4e}')
+  if args.png:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use('Agg')
+    from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    curve = optim.schedule_points(oc, steps, min(steps, 2000))
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot([s for s, _ in curve], [lr for _, lr in curve])
+    ax.set(xlabel='step', ylabel='learning rate', title=f'{os.path.basename(args.config)}: {oc.schedule}')
+    fig.tight_layout()
+    try:
+      fig.savefig(args.png)
+    except OSError as e:
+      raise WorkdirError(f'--png {args.png}: cannot write it ({e.strerror}); give a writable path') from None
+    print(f'wrote {args.png}')
+  return 0
+
+
 def _import_hf_args(p):
   p.add_argument(
     '--from',
@@ -242,7 +283,7 @@ def _export_hf_args(p):
 def _export_hf(args, overrides):
   from lmjax import inference  # pylint: disable=import-outside-toplevel
 
-  print(json.dumps(inference.export_hf(args.workdir, args.to, step=args.step)))
+  print(json.dumps(inference.export_hf(args.workdir, args.to, step=args.step, params=args.params)))
   return 0
 
 
@@ -311,6 +352,12 @@ COMMANDS = {
   ),
   'plan': Command(
     'parameters, FLOPs and per-device memory of a config, without training', _plan_args, _plan, quick_exit=True
+  ),
+  'schedule': Command(
+    "print (and plot) a config's learning rate over its steps, without training",
+    _schedule_args,
+    _schedule,
+    quick_exit=True,
   ),
   'import-hf': Command(
     'a Hugging Face GPT-2 or Llama model (safetensors) as an lmjax workdir',

@@ -30,11 +30,17 @@ MLPS = ('gelu', 'gelu_tanh', 'swiglu')
 ROPE_SCALINGS = ('none', 'llama3')
 REMAT = ('none', 'full', 'save_dots', 'save_proj')  # lmjax/model.py REMAT_POLICIES
 ATTENTION = ('xla', 'dot_product_attention', 'cudnn', 'splash', 'auto')  # lmjax/attention.py
+UNCAPPED_ATTENTION = ('dot_product_attention', 'cudnn')  # kernels with no attention soft-cap (model.attn_softcap)
 OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon')  # lmjax/optim.py
+SCHEDULES = ('cosine', 'linear', 'constant', 'inverse_sqrt', 'wsd')  # lmjax/optim.py schedule
+COOLDOWN_SHAPES = ('linear', 'cosine', '1-sqrt')  # optimizer.cooldown_shape (wsd)
 ROWS = ('windows', 'packed')  # lmjax/data.py
 TOKENIZERS = ('char', 'byte', 'spm', 'hf')  # lmjax/tokenizers.py
 JSONL = 'jsonl'  # data.dataset of prompt/completion pairs (lmjax/sources.py)
 DTYPES = ('float32', 'bfloat16', 'float16')
+# optimizer.lr_multipliers / wd_multipliers: every parameter is in one group (lmjax/optim.py param_group)
+PARAM_GROUPS = ('embeddings', 'norms', 'biases', 'attention', 'mlp', 'head')
+PARAMS = ('raw', 'ema')  # --params of eval, sample and export-hf: the trained parameters or their EMA (train.ema_decay)
 TRACKERS = ('jsonl', 'tensorboard', 'wandb')  # train.trackers (lmjax/sinks.py)
 WANDB_MODES = ('online', 'offline', 'disabled')
 
@@ -80,6 +86,13 @@ class ModelConfig:
   mlp: str = _field('gelu', ARCH)
   tied_embeddings: bool = _field(True, ARCH)  # output projection = input embedding transposed
   use_bias: bool = _field(True, ARCH)  # biases in projections and LayerNorm
+  # Stability (OLMo 2, Qwen3, Gemma 2/3); off by default. qk_norm: RMSNorm with a learned scale over each head's
+  # q and k, before RoPE (as Qwen3 and Gemma 3), so attention logits cannot grow with the weights' norm.
+  qk_norm: bool = _field(False, ARCH)
+  # Soft-caps, x -> cap * tanh(x / cap) (Gemma 2): attention scores (after the 1/sqrt(K) scale, before the mask)
+  # and final logits stay within (-cap, cap); 0 = off. 'cudnn' and 'dot_product_attention' cannot cap scores.
+  attn_softcap: float = _field(0.0, ARCH)
+  final_softcap: float = _field(0.0, ARCH)
   # compute dtype (bfloat16 on GPU/TPU); logits, softmax and loss stay float32
   dtype: str = _field('float32', RUNTIME)
   param_dtype: str = _field('float32', LAYOUT)  # master weights and optimizer state
@@ -160,6 +173,15 @@ class ModelConfig:
       self.attention_chunk >= -1, f'attention_chunk must be -1 (auto), 0 (off) or a length, got {self.attention_chunk}'
     )
     need(self.norm_eps > 0, f'norm_eps must be > 0, got {self.norm_eps}')
+    need(
+      self.attn_softcap >= 0 and self.final_softcap >= 0,
+      f'attn_softcap and final_softcap must be >= 0 (0 = off), got {self.attn_softcap} and {self.final_softcap}',
+    )
+    need(
+      self.attention not in UNCAPPED_ATTENTION or not self.attn_softcap,
+      f"attention={self.attention!r} cannot soft-cap attention scores: set model.attention='xla', 'splash' or 'auto', "
+      'or model.attn_softcap=0',
+    )
     return out
 
   def validate(self):
@@ -215,6 +237,13 @@ def default_config() -> ml_collections.ConfigDict:
   t.epochs = 0.0  # > 0: train for this many passes over the train split instead (train.steps is computed from it)
   t.batch_size = 12  # global batch, in rows of model.max_len tokens
   t.grad_accum = 1  # micro-batches per step; batch_size must be divisible by it
+  # PaLM's z-loss: adds z_loss * mean(log Z^2) (Z the softmax normaliser) to the loss, keeping logits from drifting
+  # (1e-4 is PaLM's); 0 = off. Logged as z_loss, the term added; train_loss stays the cross-entropy.
+  t.z_loss = 0.0
+  # 0 = off. An exponential moving average of the parameters, ema = d * ema + (1 - d) * params after every step
+  # (0.999 averages over ~1000 steps), saved in the checkpoint's optimizer state. Evaluations also log it as
+  # ema_val_loss (...); `lmjax eval`, `sample` and `export-hf` read it with --params=ema.
+  t.ema_decay = 0.0
   # The three intervals below: steps between events, which also happen at the last step; 0 = only at the last step.
   t.log_every = 50  # train-loss / tokens-per-second / MFU lines
   t.eval_every = 250  # evaluations over the whole eval split
@@ -237,6 +266,11 @@ def default_config() -> ml_collections.ConfigDict:
   # architecture and tokenizer, a fresh optimizer state, and this config's schedule, data, dropout and precision.
   # Fine-tuning and continued pre-training are this one field.
   t.init_from = ''
+  # '' = off. WORKDIR:STEP of another lmjax run: this new workdir starts from that run's exact state at STEP
+  # (parameters, optimizer state, data-iterator position, step counter) and goes on with this config's schedule,
+  # e.g. one cooldown of a wsd run's stable phase (docs/recipes.md). The model, the optimizer's structure, the data
+  # and the seed must be the source's (checked before anything is read); recorded in checkpoints and provenance.
+  t.branch_from = ''
   t.peak_flops = 0.0  # per device, for MFU; 0 = look the device up in lmjax/metrics.py PEAK_FLOPS
   t.progress_bar = True  # shown only when stdout is a terminal
   # Where metrics go, comma-separated: jsonl (WORKDIR/metrics.jsonl, which compare and sweeps read), tensorboard,
@@ -254,15 +288,26 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer = o = ml_collections.ConfigDict()
   o.name = 'adamw'  # adamw | lion | adafactor | muon
   o.lr = 1e-3  # peak learning rate
+  # After warmup: cosine | linear | constant | inverse_sqrt | wsd (warmup-stable-decay); lmjax/optim.py says each.
+  # `lmjax schedule --config=...` prints (and with --png plots) the curve.
+  o.schedule = 'cosine'
   o.warmup_steps = 100  # linear from 0 to lr
-  o.decay_steps = 0  # cosine from lr to min_lr over this many steps after warmup ends... 0 = until train.steps
+  o.decay_steps = 0  # cosine, linear and wsd: the decay ends (at min_lr) at this step; 0 = at train.steps
   o.min_lr = 1e-4
+  o.cooldown_steps = 0  # wsd: the decay takes this many steps, the last before decay_steps; 0 = no decay
+  o.cooldown_shape = 'linear'  # wsd: linear | cosine | 1-sqrt (MiniCPM, "Scaling Laws and Compute-Optimal...")
   o.b1 = 0.9
   o.b2 = 0.99
   o.eps = 1e-8
   o.weight_decay = 0.1  # decoupled; applied to weight matrices only (projections and MLP kernels)
   o.decay_embeddings = False  # also decay the token and position embeddings (nanoGPT does; GPT-3/Llama don't)
   o.grad_clip = 1.0  # global-norm clipping; 0 = off
+  # Per parameter group (embeddings, norms, biases, attention, mlp, head; lmjax/optim.py param_group), e.g.
+  # (('embeddings', 0.1), ('head', 0.5)): the group's updates are scaled by the multiplier (its learning rate and
+  # its decoupled decay alike). A group named in wd_multipliers decays at weight_decay x multiplier, decayed by
+  # default or not (('norms', 1.0) decays the norms); adamw and lion. A group that matches no parameter is an error.
+  o.lr_multipliers = ()
+  o.wd_multipliers = ()
 
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = -1  # -1 = all devices not used by the other axes
@@ -397,7 +442,7 @@ def _parse(key, text, old):
     if old is not None and kind in (tuple, list):
       return kind(value)
     return value
-  except (ValueError, SyntaxError):
+  except (ValueError, SyntaxError, TypeError):  # TypeError: a tuple field given a number
     raise ConfigError(f'--config.{key}={text!r}: expected {kind.__name__} (like the default {old!r})') from None
 
 
@@ -455,12 +500,38 @@ def problems(config) -> list[str]:
   need(
     config.wandb.mode in WANDB_MODES, f'wandb.mode must be one of {", ".join(WANDB_MODES)}; got {config.wandb.mode!r}'
   )
+  if t.branch_from:
+    head, _, tail = t.branch_from.rpartition(':')
+    need(
+      bool(head) and tail.isdigit(),
+      f'train.branch_from must be WORKDIR:STEP, a step number of another run; got {t.branch_from!r}',
+    )
+    need(not t.init_from, 'train.branch_from and train.init_from both start a run from another: set only one')
+  need(0 <= t.ema_decay < 1, f'train.ema_decay must be in [0, 1) (0 = off), got {t.ema_decay}')
+  need(t.z_loss >= 0, f'train.z_loss must be >= 0 (0 = off), got {t.z_loss}')
   need(t.checkpoint_minutes >= 0, f'train.checkpoint_minutes must be >= 0 (0 = off), got {t.checkpoint_minutes}')
   need(o.name in OPTIMIZERS, f'optimizer.name must be one of {", ".join(OPTIMIZERS)}; got {o.name!r}')
   need(o.lr > 0, f'optimizer.lr must be > 0, got {o.lr}')
   need(
     o.warmup_steps >= 0 and o.decay_steps >= 0,
     f'optimizer.warmup_steps and decay_steps must be >= 0, got {o.warmup_steps} and {o.decay_steps}',
+  )
+  need(o.schedule in SCHEDULES, f'optimizer.schedule must be one of {", ".join(SCHEDULES)}; got {o.schedule!r}')
+  need(
+    o.cooldown_shape in COOLDOWN_SHAPES,
+    f'optimizer.cooldown_shape must be one of {", ".join(COOLDOWN_SHAPES)}; got {o.cooldown_shape!r}',
+  )
+  end = o.decay_steps or t.steps
+  need(
+    o.cooldown_steps >= 0 and (o.schedule != 'wsd' or not o.cooldown_steps or o.warmup_steps + o.cooldown_steps <= end),
+    f'optimizer.cooldown_steps ({o.cooldown_steps}) must be >= 0 and, with warmup_steps ({o.warmup_steps}), fit in '
+    f'the {end} steps the schedule decays over (optimizer.decay_steps, or train.steps)',
+  )
+  for field in ('lr_multipliers', 'wd_multipliers'):
+    out.extend(_multiplier_problems(f'optimizer.{field}', o[field]))
+  need(
+    not o.wd_multipliers or o.name in ('adamw', 'lion'),
+    f'optimizer.wd_multipliers works with adamw and lion, whose decay is one link of the chain; got {o.name!r}',
   )
   need(o.grad_clip >= 0, f'optimizer.grad_clip must be >= 0 (0 = off), got {o.grad_clip}')
   need(d.rows in ROWS, f'data.rows must be one of {", ".join(ROWS)}; got {d.rows!r}')
@@ -485,6 +556,22 @@ def problems(config) -> list[str]:
   need(config.mesh.get('slices', 1) >= 1, f'mesh.slices must be >= 1, got {config.mesh.get("slices", 1)}')
   need(s.max_new_tokens >= 0, f'sample.max_new_tokens must be >= 0, got {s.max_new_tokens}')
   need(s.temperature >= 0, f'sample.temperature must be >= 0 (0 = greedy), got {s.temperature}')
+  return out
+
+
+def _multiplier_problems(field: str, pairs) -> list[str]:
+  example = f"{field}=\"(('embeddings', 0.1), ('head', 2.0))\""
+  if not isinstance(pairs, (tuple, list)) or not all(
+    isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], (int, float))
+    for p in pairs
+  ):
+    return [f'{field} must be (GROUP, MULTIPLIER) pairs, e.g. --config.{example}; got {pairs!r}']
+  out = [
+    f'{field}: unknown group {g!r}; the groups are {", ".join(PARAM_GROUPS)}' for g, _ in pairs if g not in PARAM_GROUPS
+  ]
+  out += [f'{field}: the multiplier of {g!r} must be >= 0, got {m}' for g, m in pairs if m < 0]
+  names = [g for g, _ in pairs]
+  out += [f'{field} names {g!r} twice' for g in sorted({g for g in names if names.count(g) > 1})]
   return out
 
 

@@ -27,7 +27,7 @@ class Engine:
     self.config = config
     self.model_cfg = config_lib.model_config(config)
     self.model = model_lib.Transformer(self.model_cfg)
-    self.tx, self.lr_schedule = optim.make(config.optimizer, config.train.steps)
+    self.tx, self.lr_schedule = optim.make(config.optimizer, config.train.steps, config.train.ema_decay)
     self.mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
     self.steps_per_call = config.train.steps_per_call
     self.rng = jax.random.key(config.seed)
@@ -38,6 +38,7 @@ class Engine:
     abstract_boxed, abstract_opt = self.executables.value('abstract_state', self._abstract_state)
     self.param_shardings = parallel.param_shardings(abstract_boxed, self.mesh, self.rules)
     abstract_params = nn.meta.unbox(abstract_boxed)
+    optim.check_groups(config.optimizer, abstract_params)
     repl = parallel.replicated(self.mesh)
     self.state_shardings = TrainState(
       step=repl,
@@ -54,7 +55,11 @@ class Engine:
     self.batch_sharding = parallel.batch_sharding(self.mesh, ndim=3)
     self.eval_batch_sharding = parallel.batch_sharding(self.mesh, ndim=2)
     step_kw = dict(
-      model=self.model, tx=self.tx, grad_accum=config.train.grad_accum, skip_nonfinite=config.train.nonfinite == 'skip'
+      model=self.model,
+      tx=self.tx,
+      grad_accum=config.train.grad_accum,
+      skip_nonfinite=config.train.nonfinite == 'skip',
+      z_loss=config.train.z_loss,
     )
     self.train_fn = jax.jit(
       parallel.traced_with(functools.partial(steps.train_steps, **step_kw), self.mesh, self.rules),

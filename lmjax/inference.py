@@ -12,11 +12,12 @@ from lmjax.errors import ConfigError
 from lmjax.engine import Engine
 
 
-def load_run(workdir: str, overrides=(), mesh=None, step=None, params_only=True):
+def load_run(workdir: str, overrides=(), mesh=None, step=None, params_only=True, params='raw'):
   """(config, tokenizer, Engine, state) of a trained workdir's checkpoint (or of hf:DIR, a saved Hugging Face model),
   restored onto `mesh` (default: the config's mesh over this process's devices) whatever mesh it was saved from.
   `step`: a step number, 'best' (the train.keep_best checkpoint) or None (the newest that restores).
-  `params_only`: state.opt_state is None. The run's compilation caches (train.compilation_cache_dir) serve
+  `params_only`: state.opt_state is None. `params='ema'`: state.params is the EMA of the parameters (a run trained
+  with train.ema_decay). The run's compilation caches (train.compilation_cache_dir) serve
   whatever the caller then compiles."""
   if step is not None and workdir.startswith('hf:'):
     raise ConfigError(f'--step={step} names a checkpoint of an lmjax run; {workdir} is a Hugging Face model')
@@ -24,16 +25,16 @@ def load_run(workdir: str, overrides=(), mesh=None, step=None, params_only=True)
   config = source.config(overrides)
   compiling.enable_compilation_cache(config.train.compilation_cache_dir)
   engine = Engine(config, mesh)
-  state = source.state(engine, config, params_only=params_only)
+  state = source.state(engine, config, params_only=params_only, params=params)
   hostenv.mark('restored')
   return config, source.tokenizer, engine, state
 
 
-def evaluate_run(workdir: str, overrides=(), step=None) -> dict:
+def evaluate_run(workdir: str, overrides=(), step=None, params='raw') -> dict:
   """`lmjax eval`: loss, perplexity and bits per byte of a workdir's checkpoint over the whole eval split."""
   from lmjax import data as data_lib  # pylint: disable=import-outside-toplevel  -- only evaluation reads data
 
-  config, tokenizer, engine, state = load_run(workdir, overrides, step=step)
+  config, tokenizer, engine, state = load_run(workdir, overrides, step=step, params=params)
   fit_eval_batch(config, engine)
   batches, bytes_per_token = data_lib.eval_split(config, tokenizer)
   return {'step': int(state.step), **engine.evaluate(state.params, batches, bytes_per_token)}
@@ -48,7 +49,7 @@ def fit_eval_batch(config, engine):
       config.train.eval_batch_size = -(-config.train.eval_batch_size // rows) * rows
 
 
-def export_hf(workdir: str, out: str, step=None) -> dict:
+def export_hf(workdir: str, out: str, step=None, params='raw') -> dict:
   """`lmjax export-hf`: a workdir's checkpoint (`step`: a number, 'best' or None for the newest) as a directory
   transformers' from_pretrained loads (lmjax/hf/). Everything that can be refused is, before an array is read."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -58,7 +59,7 @@ def export_hf(workdir: str, out: str, step=None) -> dict:
   config = workdir_lib.load_config(workdir)
   cfg = config_lib.ModelConfig(**config.model.to_dict())
   hf_config = hf.check_export(cfg, workdir_lib.load_tokenizer(workdir), out)
-  _, tokenizer, _, state = load_run(workdir, step=step)
+  _, tokenizer, _, state = load_run(workdir, step=step, params=params)
   params = jax.device_get(state.params)  # whole arrays on the host, from whatever mesh they were restored onto
   if cfg.scan_layers:
     params = model_lib.unstack_layers(params)

@@ -25,6 +25,10 @@ from lmjax import actions as actions_lib, metrics as metrics_lib, profiling
 from lmjax.errors import TrainingError
 
 
+# Step metrics only some configs produce (train.z_loss), logged like train_loss: their value at the log point.
+OPTIONAL_METRICS = ('z_loss',)
+
+
 class LogWindow:
   """Metrics of the queued calls stay on device until a log point reads them all at once."""
 
@@ -53,6 +57,7 @@ class LogWindow:
       'train_loss': float(stats[-1]['train_loss'][-1]),
       'lr': float(self.engine.lr_schedule(at_step - 1)),
       'grad_norm': float(stats[-1]['grad_norm'][-1]),
+      **{k: float(stats[-1][k][-1]) for k in OPTIONAL_METRICS if k in stats[-1]},
       **self.speed,
     }
     # A call that brought the run to step s took steps s - S + 1 ... s (S = steps per call).

@@ -3,7 +3,8 @@
 Defaults reproduce the GPT-2 block: pre-LayerNorm, learned positions, a GELU MLP (exact erf as nanoGPT, or
 GPT-2's own tanh approximation), tied embeddings, biases. Options cover the Llama family too: RMSNorm, RoPE (with
 Llama 3.1's frequency scaling), SwiGLU, grouped-query attention, no biases. lmjax/hf.py maps both families'
-Hugging Face checkpoints onto these parameters.
+Hugging Face checkpoints onto these parameters. Stability options, off by default: QK-norm, and soft-caps of the
+attention scores and the final logits (Gemma 2).
 
 Shapes live in names, one letter per dim: B batch, L query length, T key/value length (the cache length when
 decoding), D d_model, H query heads, N key/value heads (H = N * G, G heads share one kv head), K head dim,
@@ -16,7 +17,7 @@ so one rule covers causality, packing and batched prompts of different lengths.
 
 Parameters carry logical axis names (`nn.with_logical_partitioning`); lmjax/parallel.py maps them onto the mesh.
 Parameter paths are stable: `embed`, `pos_embed`, `block_{i}/{ln1,attn/{q,kv,o},ln2,mlp/{up,gate,down}}`,
-`ln_f`, `lm_head`; with scanned layers, `blocks/...` holds the same leaves with a leading layer axis
+`ln_f`, `lm_head` (with model.qk_norm, `attn/{q_norm,k_norm}/scale` too); with scanned layers, `blocks/...` holds the same leaves with a leading layer axis
 (`stack_layers` / `unstack_layers` convert between the two; a checkpoint refuses to resume across them).
 
 Precision: `dtype` is the compute dtype, `param_dtype` the master weights'. On GPU/TPU use dtype='bfloat16' with
@@ -67,16 +68,21 @@ def _lead(v, ndim):
 
 
 class Norm(nn.Module):
+  """The configured norm (model.norm) over the last axis; `rms`: RMSNorm with a scale and no bias whatever model.norm
+  says (model.qk_norm's per-head norm of q and k, as Qwen3 and Gemma 3)."""
+
   cfg: ModelConfig
+  rms: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD):
     cfg = self.cfg
+    layernorm = cfg.norm == 'layernorm' and not self.rms
     ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',))
     # statistics in float32 whatever the compute dtype
-    y = standardize(x_BxLxD.astype(jnp.float32), cfg.norm_eps, cfg.norm == 'layernorm')
+    y = standardize(x_BxLxD.astype(jnp.float32), cfg.norm_eps, layernorm)
     y = y * _lead(self.param('scale', ones, (y.shape[-1],), cfg.param_dtype), y.ndim)
-    if cfg.use_bias and cfg.norm == 'layernorm':
+    if cfg.use_bias and layernorm:
       y = y + _lead(self.param('bias', _zeros(('norm',)), (y.shape[-1],), cfg.param_dtype), y.ndim)
     return y.astype(cfg.dtype)
 
@@ -205,7 +211,11 @@ class Attention(nn.Module):
     # split, not three slices: its backward is one concatenate, where slices' is three pads and their sum
     q_BLxHK, k_BLxNK, v_BLxNK = jnp.split(qkv_BLxC, [H * K, (H + N) * K], axis=1)
     q_BxLxHxK = q_BLxHK.reshape(B, L, H, K)
-    k_BxNxLxK = k_BLxNK.reshape(B, L, N, K).transpose(0, 2, 1, 3)
+    k_BxLxNxK = k_BLxNK.reshape(B, L, N, K)
+    if cfg.qk_norm:  # per head, before RoPE (Qwen3, Gemma 3)
+      q_BxLxHxK = Norm(cfg, rms=True, name='q_norm')(q_BxLxHxK)
+      k_BxLxNxK = Norm(cfg, rms=True, name='k_norm')(k_BxLxNxK)
+    k_BxNxLxK = k_BxLxNxK.transpose(0, 2, 1, 3)
     v_BxNxLxK = v_BLxNK.reshape(B, L, N, K).transpose(0, 2, 1, 3)
     if cfg.positions == 'rope':
       freq_K2 = rope_frequencies(cfg)
@@ -231,6 +241,7 @@ class Attention(nn.Module):
       dropout_rng=drop_rng,
       causal=causal,
       causal_chunk=chunk,
+      softcap=cfg.attn_softcap,
     )
     std_out = _INIT_STD / (2 * cfg.n_layers) ** 0.5
     o_HKxD = dense('o_kernel', (H, K, D), ('heads', 'head_dim', 'embed'), std_out).reshape(H * K, D).astype(dt)
@@ -382,7 +393,7 @@ class Transformer(nn.Module):
     else:
       head = self.param('lm_head', _dense_init(('embed', 'vocab')), (cfg.d_model, cfg.vocab_size), cfg.param_dtype)
       logits_BLxV = jnp.dot(x_BLxD, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
-    logits_BxLxV = logits_BLxV.astype(jnp.float32).reshape(B, L, cfg.vocab_size)
+    logits_BxLxV = attention.softcap(logits_BLxV.astype(jnp.float32).reshape(B, L, cfg.vocab_size), cfg.final_softcap)
     return logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
 
 

@@ -9,7 +9,8 @@
 `open_source(ref)` gives a Source: its model fields, tokenizer and recorded config, `adopt(config)` (training's
 init_from: the source decides the architecture), and `state(engine)`, the parameters on the engine's shardings.
 Training's init_from, `lmjax sample`, `lmjax eval` and `lmjax export-hf` all read parameters through it, and
-`restore` below is the one path from a workdir's checkpoint to a state, resume included.
+`restore` below is the one path from a workdir's checkpoint to a state, resume included. Training's branch_from
+(`Branch`) is another run's whole state at WORKDIR:STEP, read by `restore` too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 
 import jax
 
-from lmjax import checkpoint, config as config_lib, workdir as workdir_lib
+from lmjax import checkpoint, config as config_lib, optim, workdir as workdir_lib
 from lmjax.errors import CheckpointError, ConfigError, WorkdirError
 
 
@@ -48,9 +49,12 @@ class WorkdirSource:
     """The run's recorded config with `overrides` applied (sampling and evaluation run the run as it was)."""
     return workdir_lib.load_config(self.workdir, overrides)
 
-  def state(self, engine, config, params_only: bool = True, fields=None):
+  def state(self, engine, config, params_only: bool = True, fields=None, params: str = 'raw'):
     """The checkpoint's state on `engine`'s shardings (opt_state None with `params_only`). `fields`: the model
-    fields that must match the checkpoint's (default: all but RUNTIME ones)."""
+    fields that must match the checkpoint's (default: all but RUNTIME ones). `params='ema'`: state.params is the
+    EMA (train.ema_decay) the optimizer state holds, read with the whole optimizer state."""
+    if params == 'ema' and not config.train.ema_decay:
+      raise ConfigError(f'--params=ema: {self.workdir} kept no EMA of its parameters (train.ema_decay was 0)')
     best = self.step == 'best'
     ckpt = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(self.workdir, best=best), data_iterator=False)
     try:
@@ -58,17 +62,23 @@ class WorkdirSource:
         where = f'{self.workdir}/best (train.keep_best)' if best else f'{self.workdir}/checkpoints'
         raise CheckpointError(f'{where} holds no checkpoint yet; train first')
       step = None if best else self.step
-      return restore(
+      ema = params == 'ema'
+      state = restore(
         ckpt,
         engine,
         config,
         self.tokenizer.spec(),
         self.workdir,
         step=step,
-        params_only=params_only,
+        params_only=params_only and not ema,
         fields=fields,
         what='Load it',
       )
+      if ema:
+        state = state.replace(
+          params=optim.ema_params(state.opt_state), opt_state=None if params_only else state.opt_state
+        )
+      return state
     finally:
       ckpt.close()
 
@@ -90,10 +100,12 @@ class HFSource:
       config_lib.apply_overrides(config, overrides)
     return config_lib.validate(config)
 
-  def state(self, engine, config, params_only: bool = True, fields=None):
+  def state(self, engine, config, params_only: bool = True, fields=None, params: str = 'raw'):
     """The converted parameters on `engine`'s shardings, as a state at step 0 (an HF model has no optimizer state:
-    `params_only` is always true here)."""
+    `params_only` is always true here, and there is no EMA)."""
     del params_only, fields
+    if params != 'raw':
+      raise ConfigError(f'--params={params}: {self.ref} is a Hugging Face model, which has no EMA; drop --params')
     from lmjax import model as model_lib  # pylint: disable=import-outside-toplevel
 
     params = model_lib.stack_layers(self._params, config.model.n_layers) if config.model.scan_layers else self._params
@@ -163,3 +175,93 @@ def restore(
   if step is not None:
     return one(step)
   return checkpoint.restore_newest(ckpt, one, move_aside=move_aside)[1]
+
+
+# What a branch must share with its source for the source's state to mean the same here: the optimizer state's
+# structure (the optimizer; clipping adds a state to the chain, and so does the EMA; Adafactor's decay is a transform
+# of its own) and what decides the train stream the saved iterator position is in.
+BRANCH_SAME = (
+  'seed',
+  'optimizer.name',
+  'train.batch_size',
+  'data.dataset',
+  'data.train_split',
+  'data.feature',
+  'data.file_docs',
+  'data.prompt_field',
+  'data.completion_field',
+  'data.rows',
+  'data.window_stride',
+  'data.tokenizer',
+)
+# on in both or off in both: each adds or changes a link of the optimizer chain
+BRANCH_SAME_ON_OFF = ('optimizer.grad_clip', 'train.ema_decay', 'optimizer.lr_multipliers', 'optimizer.wd_multipliers')
+
+
+class Branch:
+  """train.branch_from=WORKDIR:STEP: the source run, checked against this config before any data or array is read."""
+
+  def __init__(self, config):
+    self.ref = config.train.branch_from
+    self.workdir, self.step = workdir_lib.split_ref(self.ref)
+    self.source = WorkdirSource(self.ref)
+    self.tokenizer = self.source.tokenizer
+    recorded = self.source.config()
+    get = lambda c, key: c[key.split('.')[0]][key.split('.')[1]] if '.' in key else c[key]
+    differ = [
+      f'{k} {get(recorded, k)!r} there, {get(config, k)!r} here'
+      for k in BRANCH_SAME
+      if get(recorded, k) != get(config, k)
+    ] + [
+      f'{k} {"on" if get(recorded, k) else "off"} there, {"on" if get(config, k) else "off"} here'
+      for k in BRANCH_SAME_ON_OFF
+      if bool(get(recorded, k)) != bool(get(config, k))
+    ]
+    if config.optimizer.name == 'adafactor' and bool(recorded.optimizer.weight_decay) != bool(
+      config.optimizer.weight_decay
+    ):
+      differ.append('optimizer.weight_decay on/off (Adafactor keeps a state for it)')
+    if differ:
+      raise ConfigError(
+        f'train.branch_from={self.ref!r} continues that run exactly, but this config differs from it: '
+        f'{"; ".join(differ)}. Set them as the source has them, or use train.init_from (a fresh optimizer)'
+      )
+    if self.step % config.train.steps_per_call:
+      raise ConfigError(
+        f'train.branch_from={self.ref!r} starts at step {self.step}, not a multiple of train.steps_per_call '
+        f'({config.train.steps_per_call}): branch from such a step, or lower steps_per_call'
+      )
+    if self.step >= config.train.steps:
+      raise ConfigError(
+        f'train.branch_from={self.ref!r} starts at step {self.step}, and train.steps ({config.train.steps}) '
+        'ends the run there: give train.steps past the branch step'
+      )
+
+  def state(self, engine, config, data):
+    """The source's whole state at the step, on `engine`'s shardings; `data`'s train iterator set to its position."""
+    ckpt = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(self.workdir))
+    try:
+      if self.step not in ckpt.all_steps():
+        kept = ', '.join(map(str, ckpt.all_steps())) or 'none'
+        raise CheckpointError(
+          f'train.branch_from={self.ref!r}: {self.workdir} keeps no checkpoint of step {self.step} (it keeps '
+          f'{kept}); branch from a kept step, or save the steps you want with train.checkpoint_every'
+        )
+      return restore(
+        ckpt,
+        engine,
+        config,
+        self.tokenizer.spec(),
+        self.workdir,
+        step=self.step,
+        data_iter=data.train_iter,
+        what='Branch',
+      )
+    finally:
+      ckpt.close()
+
+
+def branch_point(ref: str) -> dict:
+  """What checkpoints and provenance record of train.branch_from=WORKDIR:STEP (the source need not exist any more)."""
+  workdir, step = workdir_lib.split_ref(ref)
+  return {'workdir': os.path.abspath(workdir), 'step': step}

@@ -490,7 +490,7 @@ def run(args, overrides):
   from lmjax import inference  # pylint: disable=import-outside-toplevel  -- keeps `import lmjax.sample` light
 
   file_prompts = _read_prompt_file(args.prompt_file) if args.prompt_file else None  # before the checkpoint
-  config, tokenizer, engine, state = inference.load_run(args.workdir, overrides, step=args.step)
+  config, tokenizer, engine, state = inference.load_run(args.workdir, overrides, step=args.step, params=args.params)
   s, cfg = config.sample, engine.model_cfg
   cache_dir = config.train.compilation_cache_dir  # the run's caches serve its sampler too
   executables = compiling.ExecutableCache(cache_dir, {}) if cache_dir else None

@@ -19,8 +19,9 @@ class TrainState:
   opt_state: Any
 
 
-def loss_terms(params, model, batch, *, train=False, rng=None):
-  """(summed token NLL, number of target tokens) in float32. `weights` (if present) masks padding."""
+def loss_terms(params, model, batch, *, train=False, rng=None, z_loss=False):
+  """(summed token NLL, number of target tokens) in float32. `weights` (if present) masks padding. `z_loss`: a
+  third term, the summed log Z^2 (log of the softmax normaliser, squared; PaLM's z-loss pulls it towards 0)."""
   logits_BxLxV = model.apply(
     {'params': params},
     batch['inputs'],
@@ -33,13 +34,20 @@ def loss_terms(params, model, batch, *, train=False, rng=None):
   target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch['targets'][..., None], axis=-1)[..., 0]
   nll_BxL = logz_BxL - target_logit_BxL
   if 'weights' in batch:
-    return jnp.sum(nll_BxL * batch['weights']), jnp.sum(batch['weights'])
-  return jnp.sum(nll_BxL), jnp.float32(nll_BxL.size)
+    terms = jnp.sum(nll_BxL * batch['weights']), jnp.sum(batch['weights'])
+    z_BxL = jnp.square(logz_BxL) * batch['weights']
+  else:
+    terms = jnp.sum(nll_BxL), jnp.float32(nll_BxL.size)
+    z_BxL = jnp.square(logz_BxL)
+  return (*terms, jnp.sum(z_BxL)) if z_loss else terms
 
 
-def train_step(state: TrainState, batch, rng, *, model, tx, grad_accum: int = 1, skip_nonfinite: bool = False):
+def train_step(
+  state: TrainState, batch, rng, *, model, tx, grad_accum: int = 1, skip_nonfinite: bool = False, z_loss: float = 0.0
+):
   """One optimizer step on one global batch -> (new state, metrics). Dropout keys derive from (rng, step), so a
-  resumed run draws exactly the masks the uninterrupted run drew.
+  resumed run draws exactly the masks the uninterrupted run drew. `z_loss` > 0 adds z_loss * mean(log Z^2) to the
+  loss the gradient follows (metrics: train_loss stays the cross-entropy, z_loss is the term added).
 
   metrics['finite'] says the loss, the gradient norm and every updated parameter are finite: the loop checks it
   before it saves a state, so a checkpoint never holds a non-finite parameter. `skip_nonfinite`: such an update is
@@ -47,24 +55,26 @@ def train_step(state: TrainState, batch, rng, *, model, tx, grad_accum: int = 1,
   rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(params, micro, micro_rng):
-    total, count = loss_terms(params, model, micro, train=True, rng=micro_rng)
-    return total / count, (total, count)
+    terms = loss_terms(params, model, micro, train=True, rng=micro_rng, z_loss=bool(z_loss))
+    total, count = terms[:2]
+    return (total + z_loss * terms[2] if z_loss else total) / count, terms
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum == 1:
-    (_, (total, count)), grads = grad_fn(state.params, batch, rng)
+    (_, terms), grads = grad_fn(state.params, batch, rng)
   else:
     # Micro-batches in a scan: gradients of per-micro-batch means, averaged (equal-sized micro-batches).
     micro_batches = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
     def accumulate(carry, xs):
       micro, i = xs
-      (_, (t, c)), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
-      return jax.tree.map(jnp.add, carry, (g, t, c)), None
+      (_, t), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, carry, (g, *t)), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0), jnp.float32(0))
-    (grads, total, count), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(grad_accum)))
+    zeros = (jax.tree.map(jnp.zeros_like, state.params),) + (jnp.float32(0),) * (3 if z_loss else 2)
+    (grads, *terms), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(grad_accum)))
     grads = jax.tree.map(lambda g: g / grad_accum, grads)
+  total, count = terms[:2]
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = jax.tree.map(jnp.add, state.params, updates)  # optax.apply_updates, minus its dtype casts
@@ -76,7 +86,10 @@ def train_step(state: TrainState, batch, rng, *, model, tx, grad_accum: int = 1,
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  return new_state, {'train_loss': loss, 'grad_norm': grad_norm, 'finite': finite}
+  metrics = {'train_loss': loss, 'grad_norm': grad_norm, 'finite': finite}
+  if z_loss:
+    metrics['z_loss'] = z_loss * terms[2] / count
+  return new_state, metrics
 
 
 def _all_finite(tree):

@@ -12,6 +12,10 @@ command again after a crash or a kill finishes the sweep. Then lmjax/results.py 
   runs/NAME/results.csv, results.md, *.png        the comparison (lmjax/results.py)
   runs/NAME/sweep.sbatch                          with --emit=slurm: a SLURM array script, one task per member
 
+A variant may branch from another (train.branch_from, docs/recipes.md): `BranchFrom(variant, step)` as its
+train.branch_from value names the source variant by its overrides, and each seed's member starts from the source's
+member of the same seed at that step. Sources run before their branches (variants run in the order listed).
+
 Members run in this process rather than as subprocesses: a kill of the sweep then leaves no orphaned trainer
 holding a member's lock, and SIGTERM reaches the running member directly (it checkpoints; the sweep exits 143).
 An error in one member is reported and the sweep goes on with the next.
@@ -54,6 +58,18 @@ class Sweep:
 
 
 @dataclasses.dataclass(frozen=True)
+class BranchFrom:
+  """A variant's `train.branch_from` in a sweep file: the member of `variant` (its overrides, as listed in the
+  sweep) with the same seed, at `step`. The variant's name shows it as branch_from=STEP."""
+
+  variant: dict
+  step: int
+
+
+_BRANCH = '@'  # a member's train.branch_from before the sweep's --workdir is known: '@VARIANT_NAME:STEP'
+
+
+@dataclasses.dataclass(frozen=True)
 class Member:
   """One run of a sweep: a variant at one seed."""
 
@@ -68,6 +84,18 @@ class Member:
 
   def workdir(self, root: str) -> str:
     return os.path.join(root, self.variant, f'seed={self.seed}')
+
+  def resolved(self, root: str) -> tuple:
+    """The overrides with a BranchFrom made a path: the source variant's member of this seed under `root`."""
+
+    def one(o):
+      key, _, value = o.partition('=')
+      if key != 'train.branch_from' or not value.startswith(_BRANCH):
+        return o
+      name, _, step = value[len(_BRANCH) :].rpartition(':')
+      return f'{key}={os.path.join(root, name, f"seed={self.seed}")}:{step}'
+
+    return tuple(map(one, self.overrides))
 
 
 # ---------------------------------------------------------------------------------------------- the file
@@ -133,7 +161,9 @@ def _checked(sweep: Sweep, path: str) -> Sweep:
 
 
 def text(value) -> str:
-  """A value as override text: what `--config.KEY=` would be given."""
+  """A value as override text: what `--config.KEY=` would be given (a BranchFrom: its step, for names)."""
+  if isinstance(value, BranchFrom):
+    return str(value.step)
   if isinstance(value, bool):
     return 'true' if value else 'false'
   return value if isinstance(value, str) else repr(value)
@@ -143,10 +173,11 @@ def text(value) -> str:
 
 
 def variants(sweep: Sweep) -> list[dict]:
-  """Every variant's {key: value text}: each combination of `product`, combined with each of `variants`."""
+  """Every variant's {key: value text} (a BranchFrom kept as it is): each combination of `product`, combined with
+  each of `variants`."""
   keys = list(sweep.product)
   combos = [dict(zip(keys, map(text, values))) for values in itertools.product(*sweep.product.values())]
-  listed = [{k: text(v) for k, v in v.items()} for v in sweep.variants] or [{}]
+  listed = [{k: v if isinstance(v, BranchFrom) else text(v) for k, v in v.items()} for v in sweep.variants] or [{}]
   out = []
   for combo in combos:
     for extra in listed:
@@ -162,18 +193,42 @@ def expand(sweep: Sweep) -> list[Member]:
   slow hour of a shared host falls on one seed of many variants rather than on one variant. Names are unique and
   the same on every expansion."""
   found = variants(sweep)
+  texts = [{k: text(x) for k, x in v.items()} for v in found]
   keys = list(dict.fromkeys(k for v in found for k in v))
   common = tuple(sweep_overrides(sweep))
+  names = [results.variant_name(t, keys) for t in texts]
+  overrides = _branch_texts(found, texts, names)
   members = [
-    Member(results.variant_name(v, keys), seed, common + tuple(f'{k}={x}' for k, x in v.items()) + (f'seed={seed}',), v)
+    Member(name, seed, common + tuple(f'{k}={x}' for k, x in o.items()) + (f'seed={seed}',), t)
     for seed in sweep.seeds
-    for v in found
+    for name, t, o in zip(names, texts, overrides)
   ]
   names = [m.name for m in members]
   twice = sorted({n for n in names if names.count(n) > 1})
   if twice:
     raise SweepError(f'two members would share the name {twice[0]!r}: make the swept values differ more')
   return members
+
+
+def _branch_texts(found: list, texts: list, names: list) -> list[dict]:
+  """Each variant's override texts, a BranchFrom as '@SOURCE_NAME:STEP' (Member.resolved makes it a path). The
+  source is a variant listed earlier: within a seed, members train in the order of their variants."""
+  out = []
+  for i, variant in enumerate(found):
+    branch = variant.get('train.branch_from')
+    if not isinstance(branch, BranchFrom):
+      out.append(texts[i])
+      continue
+    want = {k: text(x) for k, x in branch.variant.items()}
+    sources = [j for j, t in enumerate(texts) if t == want]
+    if not sources:
+      raise SweepError(
+        f'{names[i]}: BranchFrom({want}, {branch.step}) names no variant; the variants are {", ".join(names)}'
+      )
+    if sources[0] >= i:
+      raise SweepError(f'{names[i]} branches from {names[sources[0]]}, which is listed after it: list sources first')
+    out.append({**texts[i], 'train.branch_from': f'{_BRANCH}{names[sources[0]]}:{branch.step}'})
+  return out
 
 
 def baseline(sweep: Sweep, members) -> str:
@@ -209,7 +264,7 @@ def check(sweep: Sweep, members, root: str) -> dict:
   configs, failures = {}, {}
   for m in members:
     try:
-      configs[m.name] = config_lib.load(sweep.config, m.overrides)
+      configs[m.name] = config_lib.load(sweep.config, m.resolved(root))
       _check_recorded(m, configs[m.name], m.workdir(root))
       actions.check_eval_tasks(configs[m.name])  # their files, which training would read only once started
     except (ConfigError, DataError) as e:
@@ -258,7 +313,7 @@ def state(config, workdir: str) -> str:
 def train_command(sweep: Sweep, member: Member, root: str) -> str:
   """The `lmjax train` line that runs `member`, exactly as the sweep runs it."""
   args = ['lmjax', 'train', f'--config={sweep.config}', f'--workdir={member.workdir(root)}']
-  return shlex.join(args + [f'--config.{o}' for o in member.overrides])
+  return shlex.join(args + [f'--config.{o}' for o in member.resolved(root)])
 
 
 def slurm_script(sweep: Sweep, members, root: str, sweep_path: str) -> str:

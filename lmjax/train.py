@@ -88,15 +88,18 @@ class Run:
 
 
 def start(config, workdir: str) -> Run:
-  """Start-up: data and tokenizer, the starting state (a checkpoint, train.init_from, or a fresh init) and the
-  compiled train step, which compiles on a second thread while the state is restored and the first batch loads."""
+  """Start-up: data and tokenizer, the starting state (a checkpoint, train.init_from, train.branch_from, or a fresh
+  init) and the compiled train step, which compiles on a second thread while the state is restored and the first
+  batch loads."""
   compiling.enable_compilation_cache(config.train.compilation_cache_dir)
   tc, primary = config.train, jax.process_index() == 0
   actions_lib.check_eval_tasks(config)  # a bad train.eval_tasks entry or file fails here, before any work
   source = param_sources.open_source(tc.init_from) if tc.init_from else None
   if source is not None:
     param_sources.adopt(source, config)
-  data = prepare_data(config, workdir, source.tokenizer if source else None)
+  # A branch reads its source at its first start only; once it has saved a step it resumes as a run of its own.
+  branch = param_sources.Branch(config) if tc.branch_from and not workdir_lib.saved_steps(workdir) else None
+  data = prepare_data(config, workdir, (source or branch).tokenizer if (source or branch) else None)
   hostenv.mark('data ready')
   engine = Engine(config)
   check_training(config, engine.mesh)
@@ -105,6 +108,8 @@ def start(config, workdir: str) -> Run:
   try:
     ckpt, best = _checkpointers(config, workdir)
     meta = {'config': config.to_dict(), 'tokenizer': data.tokenizer.spec()}
+    if tc.branch_from:
+      meta['branched_from'] = param_sources.branch_point(tc.branch_from)
     if ckpt.latest_step() is not None:
       state = param_sources.restore(
         ckpt, engine, config, data.tokenizer.spec(), workdir, data_iter=data.train_iter, move_aside=primary
@@ -113,10 +118,13 @@ def start(config, workdir: str) -> Run:
     elif source is not None:
       state = engine.init_state(params=param_sources.init_params(source, engine, config))
       how = f'parameters from {tc.init_from}'
+    elif tc.branch_from:
+      branch = branch or param_sources.Branch(config)
+      state, how = branch.state(engine, config, data), f'branched from {tc.branch_from}'
     else:
       state, how = engine.init_state(), 'fresh start'
     hostenv.mark('state ready')
-    workdir_lib.record(config, data.tokenizer, workdir, primary)
+    workdir_lib.record(config, data.tokenizer, workdir, primary, meta.get('branched_from') if branch else None)
     batch = engine.put_train_batch(data.train_iter)
     hostenv.mark('first batch')
     train_exec, compile_s = compiled()

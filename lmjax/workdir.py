@@ -284,13 +284,14 @@ def load_tokenizer(workdir: str):
   return tokenizers.load(workdir)
 
 
-def record(config, tokenizer, workdir: str, primary: bool) -> None:
-  """Writes the resolved config, the tokenizer and a provenance entry -- only after every check has passed, so a
-  refused resume never overwrites what the workdir recorded. Only the primary process writes."""
+def record(config, tokenizer, workdir: str, primary: bool, branched_from: dict | None = None) -> None:
+  """Writes the resolved config, the tokenizer and a provenance entry (with `branched_from`, the run and step a
+  train.branch_from run started from) -- only after every check has passed, so a refused resume never overwrites
+  what the workdir recorded. Only the primary process writes."""
   if primary:
     save_tokenizer(tokenizer, workdir)
     save_config(config, workdir)
-    add_provenance(workdir)
+    add_provenance(workdir, {'branched_from': branched_from} if branched_from else None)
 
 
 def check_compatible(
@@ -396,10 +397,11 @@ def provenance() -> dict:
   }
 
 
-def add_provenance(workdir: str) -> dict:
-  """Appends this start's provenance to WORKDIR/provenance.json (a list: a resumed run keeps every start)."""
+def add_provenance(workdir: str, extra: dict | None = None) -> dict:
+  """Appends this start's provenance (and `extra`) to WORKDIR/provenance.json (a list: a resumed run keeps every
+  start)."""
   entries = read_provenance(workdir)
-  entry = provenance()
+  entry = {**provenance(), **(extra or {})}
   _write_json(os.path.join(workdir, PROVENANCE), entries + [entry])
   return entry
 

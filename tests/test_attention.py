@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 from lmjax import attention, model as model_lib
+from lmjax.errors import ConfigError
 
 SMALL = dict(vocab_size=37, max_len=16, n_layers=2, n_heads=4, d_model=32)
 
 
-def reference_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask):
-  """Textbook attention, one head at a time in numpy float64: the spec every implementation must meet."""
+def reference_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, cap=0.0):
+  """Textbook attention, one head at a time in numpy float64: the spec every implementation must meet. `cap`: scores
+  soft-capped to cap * tanh(s / cap) before the mask (Gemma 2)."""
   q, k, v = (np.asarray(a, np.float64) for a in (q_BxLxHxK, k_BxNxTxK, v_BxNxTxK))
   B, L, H, K = q.shape
   G = H // k.shape[1]
@@ -23,6 +25,7 @@ def reference_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask):
   for b in range(B):
     for h in range(H):
       s = q[b, :, h] @ k[b, h // G].T / np.sqrt(K)
+      s = cap * np.tanh(s / cap) if cap else s
       s = np.where(mask[b], s, -np.inf)
       p = np.exp(s - s.max(-1, keepdims=True))
       out[b, :, h] = (p / p.sum(-1, keepdims=True)) @ v[b, h // G]
@@ -233,3 +236,49 @@ def test_causal_chunk_auto_rule():
   assert attention.chunk_for(256, 0) == 0 and attention.chunk_for(256, 64) == 64 and attention.chunk_for(64, 64) == 0
   if jax.default_backend() == 'cpu':
     assert [attention.chunk_for(n, -1) for n in (64, 128, 256, 512, 1024, 4096)] == [0, 32, 64, 128, 128, 256]
+
+
+@pytest.mark.parametrize('impl', ['xla', 'auto'])
+@pytest.mark.parametrize('kv_heads', [4, 1])
+@pytest.mark.parametrize('chunk', [0, 3])
+def test_soft_capped_attention_matches_the_reference_in_values_and_decoding(impl, kv_heads, chunk):
+  q, k, v, mask = attention_inputs(kv_heads)
+  q = q * 4.0  # scores well past the cap, where tanh bends them
+  seg_BxL = jnp.array([[1, 1, 1, 2, 2, 2, 2, 2], [0, 0, 1, 1, 1, 1, 1, 1]], jnp.int32)  # attention_inputs' rows
+  attend = functools.partial(attention.attend, impl=impl, softcap=2.0)
+  got = jax.jit(functools.partial(attend, causal=True, causal_chunk=chunk))(q, k, v, seg_BxL)
+  want = reference_attention(q, k, v, mask, cap=2.0)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+  assert not np.allclose(want, reference_attention(q, k, v, mask), atol=1e-2)  # the cap does change the output
+  slots = jnp.arange(q.shape[1])
+  decode = attention.make_mask(slots[5:], slots, seg_BxL[:, 5:], seg_BxL)  # three queries over the whole cache
+  got = jax.jit(attend)(q[:, 5:], k, v, decode)
+  np.testing.assert_allclose(got, reference_attention(q[:, 5:], k, v, decode, cap=2.0), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.filterwarnings("ignore:attention='splash' on cpu")
+def test_soft_capped_splash_attention_matches_the_reference():
+  q, k, v, seg_BxL = splash_inputs(2)
+  q = q * 4.0
+  slots = jnp.arange(q.shape[1])
+  got = jax.jit(functools.partial(attention.attend, impl='splash', causal=True, softcap=2.0))(q, k, v, seg_BxL)
+  want = reference_attention(q, k, v, attention.make_mask(slots, slots, seg_BxL, seg_BxL), cap=2.0)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_a_soft_cap_keeps_auto_off_cudnn_and_an_uncapping_kernel_named_is_a_config_error(monkeypatch):
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')  # the rule itself, on any host
+  assert attention.resolve('auto', jnp.bfloat16, 0.0, True, 1024) == 'cudnn'
+  assert attention.resolve('auto', jnp.bfloat16, 0.0, True, 1024, cap=50.0) == 'xla'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  assert attention.resolve('auto', jnp.bfloat16, 0.0, True, 1024, cap=50.0) == 'splash'  # splash caps scores itself
+  for impl in ('cudnn', 'dot_product_attention'):
+    with pytest.raises(ConfigError, match=f"attention='{impl}' cannot soft-cap"):
+      model_lib.ModelConfig(**SMALL, attention=impl, attn_softcap=50.0).validate()
+    q, k, v, _ = attention_inputs(4)
+    with pytest.raises(ValueError, match='cannot soft-cap'):
+      attention.attend(q, k, v, None, impl=impl, causal=True, softcap=50.0)
+  for ok in ('xla', 'splash', 'auto'):
+    model_lib.ModelConfig(**{**SMALL, 'max_len': 128}, attention=ok, attn_softcap=50.0).validate()
+  with pytest.raises(ConfigError, match='attn_softcap and final_softcap must be >= 0'):
+    model_lib.ModelConfig(**SMALL, final_softcap=-1.0).validate()

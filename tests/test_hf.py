@@ -3,6 +3,7 @@ fine-tune on prompt/completion pairs, and the refusals (lmjax/hf/)."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -127,6 +128,23 @@ def test_export_names_what_hf_cannot_express(tmp_path, shakespeare_dirs):
   with pytest.raises(errors.InteropError, match="GPT-2 needs model.norm='rmsnorm'.*Llama needs.*positions='learned'"):
     inference.export_hf(str(tmp_path / 'run'), str(tmp_path / 'out'))
   assert not os.path.exists(tmp_path / 'out')
+
+
+@pytest.mark.parametrize('option', ['model.qk_norm=true', 'model.attn_softcap=30.0', 'model.final_softcap=15.0'])
+def test_export_refuses_the_stability_options_gpt2_and_llama_do_not_have_in_one_line(option, tmp_path, capsys):
+  from lmjax import cli, config as config_lib, workdir as workdir_lib
+
+  for variant in ('configs/tiny.py', 'configs/tiny.py:llama'):
+    run = tmp_path / variant.replace('/', '_')
+    os.makedirs(run)
+    workdir_lib.save_config(config_lib.load(variant, [option]), str(run))
+    workdir_lib.save_tokenizer(tokenizers.ByteTokenizer(), str(run))
+    assert cli.main(['export-hf', f'--workdir={run}', f'--to={tmp_path / "out"}']) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    field = option.partition('=')[0]
+    assert line.startswith('lmjax export-hf: error: this model has no Hugging Face class')
+    assert re.search(f'GPT-2 needs [^;]*{field}=', line) and re.search(f'Llama needs [^;]*{field}=', line)
+    assert not os.path.exists(tmp_path / 'out')
 
 
 def _copy(src, dst, drop=()):

@@ -19,6 +19,8 @@ VARIANTS = {
   'scan': dict(scan_layers=True),
   'chunked': dict(attention_chunk=5, n_kv_heads=2),  # causal query chunks of 5, 5, 5 and 1
   'dpa': dict(attention='dot_product_attention', n_kv_heads=2),  # jax.nn's kernel: is_causal, B' x 1 x L x T mask
+  # the stability options, with RoPE after QK-norm
+  'stable': dict(qk_norm=True, attn_softcap=1.5, final_softcap=2.0, positions='rope', n_kv_heads=2, norm='rmsnorm'),
 }
 
 
@@ -226,3 +228,56 @@ def test_every_remat_policy_gives_the_gradients_of_no_remat(scan):
     grads[policy] = run(jax.grad(lambda p: steps.loss_terms(p, m, b)[0]), params)
   for policy in policies:  # recomputation may fuse differently: float32 rounding, no more
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), grads[policy], grads['none'])
+
+
+def test_qk_norm_rms_normalises_each_head_of_q_and_k_before_rope():
+  # The reference: q and k projected, each head divided by its RMS and scaled by its own learned vector, then
+  # rotated, then textbook causal attention (numpy float64).
+  cfg, _, params = make('stable', attn_softcap=0.0, final_softcap=0.0, norm_eps=1e-6)
+  attn = model_lib.Attention(cfg)
+  p = dict(params['block_0']['attn'])
+  assert p['q_norm']['scale'].shape == p['k_norm']['scale'].shape == (cfg.head_dim,)
+  ks = jax.random.split(jax.random.key(3), 2)
+  p['q_norm'] = {'scale': 1 + 0.5 * jax.random.normal(ks[0], (cfg.head_dim,))}  # scales that matter
+  p['k_norm'] = {'scale': 1 + 0.5 * jax.random.normal(ks[1], (cfg.head_dim,))}
+  B, L, H, N, K = 2, cfg.max_len, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+  x = 3.0 * jax.random.normal(jax.random.key(4), (B, L, cfg.d_model))
+  pos = jnp.broadcast_to(jnp.arange(L), (B, L))
+  got, _ = jax.jit(functools.partial(attn.apply, train=False))({'params': p}, x, pos, None)
+
+  f64 = lambda a: np.asarray(a, np.float64)
+  xn = f64(x)
+  q = np.einsum('BLD,DHK->BLHK', xn, f64(p['q_kernel']))
+  kv = np.einsum('BLD,DCNK->CBLNK', xn, f64(p['kv_kernel']))
+  rms = lambda a, scale: a / np.sqrt(np.mean(a * a, -1, keepdims=True) + 1e-6) * f64(scale)
+  q, k = rms(q, p['q_norm']['scale']), rms(kv[0], p['k_norm']['scale'])
+  freq = f64(model_lib.rope_frequencies(cfg))
+  ang = np.arange(L)[:, None] * freq[None]
+  cos, sin = np.cos(ang)[None, :, None], np.sin(ang)[None, :, None]
+  rot = lambda a: np.concatenate(
+    [a[..., : K // 2] * cos - a[..., K // 2 :] * sin, a[..., K // 2 :] * cos + a[..., : K // 2] * sin], -1
+  )
+  q, k, v = rot(q), rot(k), kv[1]
+  s = np.einsum('BLNGK,BTNK->BNGLT', q.reshape(B, L, N, H // N, K), k) / np.sqrt(K)
+  s = np.where(np.tril(np.ones((L, L), bool)), s, -np.inf)
+  w = np.exp(s - s.max(-1, keepdims=True))
+  o = np.einsum('BNGLT,BTNK->BLNGK', w / w.sum(-1, keepdims=True), v).reshape(B, L, H, K)
+  want = np.einsum('BLHK,HKD->BLD', o, f64(p['o_kernel']))
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_the_final_soft_cap_is_cap_times_tanh_of_the_uncapped_logits():
+  cfg, m, params = make('stable', final_softcap=0.0)
+  _, m_capped, _ = make('stable', final_softcap=0.3)  # below the largest logit at init
+  x = tokens(2, cfg.max_len)
+  raw = np.asarray(m.apply({'params': params}, x), np.float64)
+  capped = m_capped.apply({'params': params}, x)
+  np.testing.assert_allclose(capped, 0.3 * np.tanh(raw / 0.3), atol=1e-6, rtol=1e-5)
+  assert np.abs(raw).max() > 0.3 > np.abs(np.asarray(capped)).max()  # the cap was reached and held
+
+
+def test_qk_norm_adds_one_scale_per_head_dim_for_q_and_for_k_to_each_layer():
+  _, _, plain = make('llama')
+  _, _, normed = make('llama', qk_norm=True)
+  paths = lambda params: {'/'.join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+  assert paths(normed) - paths(plain) == {f'block_{i}/attn/{w}_norm/scale' for i in range(2) for w in 'qk'}

@@ -98,3 +98,48 @@ def test_a_checkpoint_is_kept_only_once_the_loss_from_it_is_finite(tmp_path, sha
   for step in saved:
     result = inference.evaluate_run(str(wd), ONE_DEVICE, step=step)
     assert np.isfinite(result['val_loss']), (step, result)
+
+
+@pytest.mark.parametrize('grad_accum', [1, 2])
+def test_z_loss_adds_its_coefficient_times_mean_log_z_squared_to_the_loss_the_gradient_follows(grad_accum):
+  # The reference: mean cross-entropy + c * mean((log sum exp logits)^2), from the logits, differentiated by autodiff.
+  m, _, state = _setup()
+  batch = _batch(poison=False)
+  c = 0.1
+
+  def reference(params):
+    logits = m.apply({'params': params}, batch['inputs'])
+    logz = jax.nn.logsumexp(logits, -1)
+    nll = logz - jnp.take_along_axis(logits, batch['targets'][..., None], -1)[..., 0]
+    return jnp.mean(nll), c * jnp.mean(logz**2)
+
+  nll, z = jax.jit(reference)(state.params)  # jitted: eager Flax dispatches op by op
+  want = jax.jit(jax.grad(lambda p: sum(reference(p))))(state.params)
+  sgd = optax.sgd(1.0)  # the update is minus the gradient: the gradient read back from the parameters
+  state = state.replace(opt_state=sgd.init(state.params))
+  new, metrics = jax.jit(
+    lambda s, b: steps.train_step(s, b, jax.random.key(2), model=m, tx=sgd, z_loss=c, grad_accum=grad_accum)
+  )(state, batch)
+  np.testing.assert_allclose(metrics['train_loss'], nll, rtol=1e-6)
+  np.testing.assert_allclose(metrics['z_loss'], z, rtol=1e-6)
+  assert float(z) > 1e-3 * float(nll)  # large enough for the gradients below to tell it from its absence
+  got = jax.tree.map(lambda a, b: a - b, state.params, new.params)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-4), got, want)
+  _, plain = jax.jit(lambda s, b: steps.train_step(s, b, jax.random.key(2), model=m, tx=sgd))(state, batch)
+  assert 'z_loss' not in plain
+
+
+def test_a_run_with_every_stability_option_trains_logs_z_loss_and_samples(tmp_path, shakespeare_dirs, capsys):
+  from conftest import rows, train_tiny  # pylint: disable=import-outside-toplevel
+
+  extra = ('train.z_loss=1e-3', 'train.steps=10', 'train.log_every=5', 'train.eval_every=10')
+  stable = ('model.qk_norm=true', 'model.attn_softcap=30.0', 'model.final_softcap=15.0')
+  train_tiny(tmp_path / 'run', shakespeare_dirs, *extra, *stable, 'train.checkpoint_every=10')
+  logged = [r for r in rows(tmp_path / 'run') if 'train_loss' in r]
+  assert [r['step'] for r in logged] == [5, 10] and all(r['z_loss'] > 0 for r in logged)
+  capsys.readouterr()
+  argv = ['sample', f'--workdir={tmp_path / "run"}', '--prompt=ROMEO:', '--max_new_tokens=40', '--seed=0']
+  assert cli.main(argv + ['--config.mesh.data=1']) == 0  # through the KV cache, past max_len by the sliding window
+  assert capsys.readouterr().out.startswith('ROMEO:')
+  with pytest.raises(config_lib.ConfigError, match='train.z_loss must be >= 0'):
+    config_lib.load('configs/tiny.py', ['train.z_loss=-1'])

@@ -220,7 +220,9 @@ def build(spec, config, tokenizer, engine, flags=None):
 # ------------------------------------------------------------------------------------------ `lmjax eval --task`
 
 
-def run(workdir: str, tasks, datas=(), overrides=(), step=None, flags=None, log_samples: str = '', out=None):
+def run(
+  workdir: str, tasks, datas=(), overrides=(), step=None, flags=None, log_samples: str = '', out=None, params='raw'
+):
   """`lmjax eval --task=...`: each task on a workdir's checkpoint; prints one JSON object per task (and, with
   log_samples, writes one JSON line per item). Returns the objects. Every process scores; process 0 writes."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -229,7 +231,7 @@ def run(workdir: str, tasks, datas=(), overrides=(), step=None, flags=None, log_
   primary = jax.process_index() == 0
   out = out or sys.stdout
   specs = spec_lib.parse_all(tasks, datas)  # a bad --task fails before the checkpoint is read
-  config, tokenizer, engine, state = inference.load_run(workdir, overrides, step=step)
+  config, tokenizer, engine, state = inference.load_run(workdir, overrides, step=step, params=params)
   inference.fit_eval_batch(config, engine)
   built = [build(s, config, tokenizer, engine, flags) for s in specs]  # every file is read before any is scored
   try:

@@ -18,13 +18,22 @@ from lmjax.hf.hfconfig import HFConfig
 NAME = 'GPT-2'
 ARCHITECTURE = 'GPT2LMHeadModel'
 MODEL_TYPE = 'gpt2'
-IS = 'layernorm + learned positions + gelu_tanh or gelu + biases, no grouped-query attention'
+IS = 'layernorm + learned positions + gelu_tanh or gelu + biases, no grouped-query attention, QK-norm or soft-caps'
 # Tensors that may be in the files and hold nothing lmjax needs: causal-mask buffers older writers saved, and the
 # output projection of a tied model (a copy of the embedding).
 IGNORED = ('.attn.bias', '.attn.masked_bias', 'lm_head.weight')
 _MLPS = {'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu': 'gelu'}
 # each field that decides the family, with the values it allows
-_DECIDES = {'norm': ('layernorm',), 'positions': ('learned',), 'use_bias': (True,), 'mlp': ('gelu_tanh', 'gelu')}
+_DECIDES = {
+  'norm': ('layernorm',),
+  'positions': ('learned',),
+  'use_bias': (True,),
+  'mlp': ('gelu_tanh', 'gelu'),
+  # no QK-norm and no soft-caps (model.qk_norm, attn_softcap, final_softcap)
+  'qk_norm': (False,),
+  'attn_softcap': (0.0,),
+  'final_softcap': (0.0,),
+}
 
 
 def model_fields(c: HFConfig) -> dict:

@@ -19,11 +19,20 @@ from lmjax.hf.hfconfig import HFConfig
 NAME = 'Llama'
 ARCHITECTURE = 'LlamaForCausalLM'
 MODEL_TYPE = 'llama'
-IS = 'rmsnorm + rope + swiglu without biases'
+IS = 'rmsnorm + rope + swiglu without biases, QK-norm or soft-caps'
 # Tensors that may be in the files and hold nothing lmjax needs: cached rotary frequencies older writers saved,
 # and the output projection of a tied model (a copy of the embedding).
 IGNORED = ('.rotary_emb.inv_freq', 'lm_head.weight')
-_DECIDES = {'norm': ('rmsnorm',), 'positions': ('rope',), 'use_bias': (False,), 'mlp': ('swiglu',)}
+_DECIDES = {
+  'norm': ('rmsnorm',),
+  'positions': ('rope',),
+  'use_bias': (False,),
+  'mlp': ('swiglu',),
+  # no QK-norm and no soft-caps (model.qk_norm, attn_softcap, final_softcap)
+  'qk_norm': (False,),
+  'attn_softcap': (0.0,),
+  'final_softcap': (0.0,),
+}
 
 
 def rope_fields(c: HFConfig) -> dict:
