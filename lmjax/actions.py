@@ -83,12 +83,14 @@ class Action:
 
 
 class Evaluate(Action):
-  """Loss, perplexity and bits per byte over the eval split."""
+  """Loss, perplexity and bits per byte over the eval split; for a mixture, over all its sources' eval splits
+  and over each alone (val_loss/NAME, ...)."""
 
   name = 'evaluate'
 
   def run(self, loop):
-    return loop.engine.evaluate(loop.state.params, loop.data.eval_batches, loop.data.eval_bytes_per_token)
+    d = loop.data
+    return loop.engine.evaluate(loop.state.params, d.eval_batches, d.eval_bytes_per_token, d.source_evals)
 
 
 class EvalTask(Action):

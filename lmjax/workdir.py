@@ -290,7 +290,7 @@ def record(config, tokenizer, workdir: str, primary: bool) -> None:
   if primary:
     save_tokenizer(tokenizer, workdir)
     save_config(config, workdir)
-    add_provenance(workdir)
+    add_provenance(workdir, config)
 
 
 def check_compatible(
@@ -396,10 +396,14 @@ def provenance() -> dict:
   }
 
 
-def add_provenance(workdir: str) -> dict:
-  """Appends this start's provenance to WORKDIR/provenance.json (a list: a resumed run keeps every start)."""
+def add_provenance(workdir: str, config=None) -> dict:
+  """Appends this start's provenance to WORKDIR/provenance.json (a list: a resumed run keeps every start). A
+  mixture's entry holds its stages as this start runs them (a resumed run may change the stages still to come)."""
   entries = read_provenance(workdir)
   entry = provenance()
+  if config is not None and config.data.get('sources'):
+    weights = {s['name']: s['weight'] for s in config.data.sources}
+    entry['data_stages'] = [[0, weights]] + [[int(t), dict(w)] for t, w in config.data.mixture_schedule]
   _write_json(os.path.join(workdir, PROVENANCE), entries + [entry])
   return entry
 
