@@ -153,6 +153,37 @@ def test_realised_token_shares_are_within_1_percent_of_the_weights_over_1000_ste
   assert abs(share - 0.3) < 0.01, share
 
 
+def test_each_process_reads_only_its_share_of_every_source(shakespeare_dirs, greek_parquet, monkeypatch):
+  entries = tuple(
+    {'name': name, 'weight': 1.0, 'dataset': 'parquet', 'train_split': f'{greek_parquet}/{file}', 'eval_split': ev}
+    for name, file, ev in (('a', 'train.parquet', f'{greek_parquet}/val.parquet'), ('b', 'val.parquet', ''))
+  )
+  packed = ['data.rows=packed', 'data.tokenizer=byte', 'data.read_threads=0']  # no read-ahead: reads are this loop's
+  config = _config(shakespeare_dirs, f'data.sources={entries!r}', *packed)
+  read, getitem = [], sources.TableFiles.__getitem__
+  monkeypatch.setattr(
+    sources.TableFiles, '__getitem__', lambda self, i: read.append((self.paths[0].name, int(i))) or getitem(self, i)
+  )
+  seen = []
+  for pi in range(2):
+    d = data.make_data(config, process_index=pi, process_count=2)
+    read.clear()  # the eval documents were read while making the data; from here on, training reads
+    _batches(d.train_iter, 30)
+    seen.append(set(read))
+  for name in ('train.parquet', 'val.parquet'):
+    mine, theirs = ({i for f, i in s if f == name} for s in seen)
+    assert mine and theirs and not mine & theirs, name
+
+
+def test_the_processes_of_a_job_split_every_global_batch_of_sources_between_them():
+  stage_list = [(0, np.array([0.6, 0.3, 0.1])), (3, np.array([0.0, 0.5, 0.5]))]
+  it = lambda pi, pc: mixture.MixtureIterator('abc', [iter([])] * 3, stage_list, 7, 1536, pi, pc)
+  for t in (0, 2, 3, 4):  # batches of 1536 rows cross blocks of 1024, and a stage starts at 3
+    whole = it(0, 1).sources_of_batch(t)
+    np.testing.assert_array_equal(np.concatenate([it(pi, 4).sources_of_batch(t) for pi in range(4)]), whole)
+  assert not (it(0, 1).sources_of_batch(4) == 0).any()
+
+
 def test_block_sources_hold_each_share_exactly_and_depend_on_the_seed():
   w = np.array([0.5, 0.25, 0.125, 0.125])
   a = mixture.block_sources(w, 0, 0, 0)
