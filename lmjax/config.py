@@ -220,7 +220,8 @@ def default_config() -> ml_collections.ConfigDict:
   # An eval_split of '' evaluates nothing of that source; the others are logged as val_loss/NAME, val_bpb/NAME.
   d.sources = ()
   # Stages: ((STEP, {NAME: WEIGHT, ...}), ...), steps increasing: from STEP on, rows are drawn with these weights
-  # (a name left out weighs 0). A resumed run may change stages that have not started.
+  # (a name left out weighs 0; a stage at step 0 replaces the sources' own weights, which is what a sweep over
+  # weights varies). A resumed run may change stages that have not started.
   d.mixture_schedule = ()
 
   c.train = t = ml_collections.ConfigDict()
@@ -533,7 +534,7 @@ def mixture_problems(d) -> list[str]:
   out.extend(_weight_problems('data.sources', {s.get('name'): s.get('weight') for s in sources}))
   if not isinstance(schedule, (tuple, list)):
     return out + [f'data.mixture_schedule must be ((STEP, {{NAME: WEIGHT}}), ...); got {schedule!r}']
-  last = 0
+  last = -1
   for stage in schedule:
     if not (
       isinstance(stage, (tuple, list)) and len(stage) == 2 and isinstance(stage[0], int) and isinstance(stage[1], dict)
@@ -542,7 +543,7 @@ def mixture_problems(d) -> list[str]:
       continue
     step, weights = stage
     if step <= last:
-      out.append(f'data.mixture_schedule: stage steps must be > 0 and increasing; {step} follows {last}')
+      out.append(f'data.mixture_schedule: stage steps must be >= 0 and increasing; {step} follows {max(last, 0)}')
     last = max(last, step)
     unknown = sorted(set(weights) - set(names), key=str)
     if unknown:

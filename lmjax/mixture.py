@@ -49,7 +49,8 @@ def sources(config) -> list[Source]:
 
 
 def stages(dc) -> list[tuple[int, np.ndarray]]:
-  """(first step, weights of data.sources in order, summing to 1) of every stage, the sources' own from step 0."""
+  """(first step, weights of data.sources in order, summing to 1) of every stage, the sources' own from step 0
+  (unless a stage at step 0 replaces them: of two stages at one step, the later holds)."""
   names = [s['name'] for s in dc.sources]
   raw = [(0, {s['name']: s['weight'] for s in dc.sources})] + [(int(t), dict(w)) for t, w in dc.mixture_schedule]
   out = []
@@ -127,7 +128,7 @@ class MixtureIterator:
     return self
 
   def _stage(self, t: int) -> tuple[int, np.ndarray]:
-    return [s for s in self._stages if s[0] <= t][-1]
+    return [s for s in self._stages if s[0] <= t][-1]  # the last begun: a stage at step 0 replaces the sources'
 
   def sources_of_batch(self, t: int) -> np.ndarray:
     """The source index of each of this process's rows of global batch t."""

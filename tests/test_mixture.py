@@ -217,6 +217,15 @@ def test_a_resumed_mixture_may_change_future_stages_and_the_batches_before_them_
   assert set(greek(got[100:])) == {0.0}
 
 
+def test_a_stage_at_step_0_replaces_the_sources_own_weights(shakespeare_dirs, greek_parquet):
+  d = data.make_data(
+    _config(shakespeare_dirs, _mix(greek_parquet), "data.mixture_schedule=((0, {'greek': 1.0}),)"),
+    process_index=0,
+    process_count=1,
+  )
+  assert all(_greek_rows(b, d.tokenizer).all() for b in _batches(d.train_iter, 20))
+
+
 def test_a_resume_refuses_a_change_to_a_stage_that_has_begun(shakespeare_dirs, greek_parquet):
   recorded = json.loads(json.dumps(_config(shakespeare_dirs, _mix(greek_parquet)).data.to_dict()))
   staged = _config(shakespeare_dirs, _mix(greek_parquet), "data.mixture_schedule=((40, {'greek': 1.0}),)")
@@ -247,6 +256,8 @@ def test_each_bad_mixture_is_one_user_error_before_any_data_is_read(shakespeare_
   for entries, message in bad_config.items():
     with pytest.raises(ConfigError, match=message):
       _config(shakespeare_dirs, f'data.sources={entries}')
+  with pytest.raises(ConfigError, match='stage steps must be >= 0 and increasing; 5 follows 10'):
+    _config(shakespeare_dirs, _mix(greek_parquet), "data.mixture_schedule=((10, {'greek': 1}), (5, {'greek': 2}))")
   with pytest.raises(ConfigError, match=r"stage at step 10 names unknown sources \['web'\]"):
     _config(shakespeare_dirs, _mix(greek_parquet), "data.mixture_schedule=((10, {'web': 1.0}),)")
   bad_data = {
