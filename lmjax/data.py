@@ -124,17 +124,18 @@ def mixture_data(config, tokenizer, workdir, pi: int, pc: int) -> Data:
         )
       rows.append(iter(window_rows(ids, L, s.seed, dc.window_stride, pi, pc)))
   else:
-    # Interleaved, so a capped tokenizer sample (spm_train_chars) holds every source.
-    shuffled = [
-      (docs[int(i)] for i in grain.MapDataset.range(len(docs)).shuffle(seed=0)) for docs in train_docs.values()
-    ]
+    # Each source in a fixed shuffled order, interleaved, so a capped tokenizer sample (spm_train_chars) holds all.
+    shuffled = lambda docs: (docs[int(i)] for i in grain.MapDataset.range(len(docs)).shuffle(seed=0))
     sample = lambda: (
-      DocumentEncoder.text(d) for group in itertools.zip_longest(*shuffled) for d in group if d is not None
+      DocumentEncoder.text(d)
+      for group in itertools.zip_longest(*map(shuffled, train_docs.values()))
+      for d in group
+      if d is not None
     )
     tokenizer = _tokenizer(dc, tokenizer, sample, workdir, pi, pc)
     encode = DocumentEncoder(tokenizer)
     rows = [iter(packed_rows(train_docs[s.name], encode, L, s.seed, pi, pc, read_threads=dc.read_threads)) for s in mix]
-  _local_batch(tc.batch_size, pc)
+  _local_batch(tc.batch_size, pc)  # a batch that does not split over the processes fails here
   train_it = mixture.MixtureIterator(
     [s.name for s in mix], rows, mixture.stages(dc), config.seed, tc.batch_size, pi, pc
   )

@@ -103,6 +103,16 @@ def test_one_source_reads_exactly_as_the_lone_dataset_packed(tmp_path, shakespea
   _assert_same_batches(lone.eval_batches, one.eval_batches)
 
 
+def test_the_shared_tokenizer_is_trained_on_every_source(shakespeare_dirs, greek_parquet):
+  for rows in ('windows', 'packed'):
+    d = data.make_data(
+      _config(shakespeare_dirs, _mix(greek_parquet), f'data.rows={rows}', 'train.eval_max_batches=0'),
+      process_index=0,
+      process_count=1,
+    )
+    assert {'α', 'ω', 'R', 'z'} <= set(d.tokenizer.chars), rows
+
+
 # ---------------------------------------------------------------------------------------------- tables
 
 
