@@ -83,12 +83,14 @@ class Action:
 
 
 class Evaluate(Action):
-  """Loss, perplexity and bits per byte over the eval split; with train.ema_decay, of the EMA too (ema_val_loss)."""
+  """Loss, perplexity and bits per byte over the eval split; for a mixture, over all its sources' eval splits
+  and over each alone (val_loss/NAME, ...); with train.ema_decay, of the EMA too (ema_val_loss, ...)."""
 
   name = 'evaluate'
 
   def run(self, loop):
-    evaluate = lambda p: loop.engine.evaluate(p, loop.data.eval_batches, loop.data.eval_bytes_per_token)
+    d = loop.data
+    evaluate = lambda p: loop.engine.evaluate(p, d.eval_batches, d.eval_bytes_per_token, d.source_evals)
     out = evaluate(loop.state.params)
     if loop.config.train.ema_decay:
       from lmjax import optim  # pylint: disable=import-outside-toplevel  -- only runs with an EMA import it

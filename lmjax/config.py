@@ -37,6 +37,11 @@ COOLDOWN_SHAPES = ('linear', 'cosine', '1-sqrt')  # optimizer.cooldown_shape (ws
 ROWS = ('windows', 'packed')  # lmjax/data.py
 TOKENIZERS = ('char', 'byte', 'spm', 'hf')  # lmjax/tokenizers.py
 JSONL = 'jsonl'  # data.dataset of prompt/completion pairs (lmjax/sources.py)
+TABLES = ('parquet', 'arrow')  # data.dataset of local Parquet / Arrow files with a text column (lmjax/sources.py)
+# What one entry of data.sources may set: its name and weight, and the data fields saying where its documents are
+# (unset ones are data.*'s). Tokenizer fields may be stated, but must equal data.*'s: a mixture shares one tokenizer.
+SOURCE_FIELDS = ('dataset', 'train_split', 'eval_split', 'feature', 'file_docs', 'data_dir', 'manual_dir')
+TOKENIZER_FIELDS = ('tokenizer', 'hf_tokenizer', 'spm_model', 'spm_vocab_size', 'spm_model_type')
 DTYPES = ('float32', 'bfloat16', 'float16')
 # optimizer.lr_multipliers / wd_multipliers: every parameter is in one group (lmjax/optim.py param_group)
 PARAM_GROUPS = ('embeddings', 'norms', 'biases', 'attention', 'mlp', 'head')
@@ -231,6 +236,15 @@ def default_config() -> ml_collections.ConfigDict:
   d.spm_train_chars = 10_000_000  # spm: train on at most this many characters of the train split (shuffled docs)
   d.spm_model = ''  # spm: an existing .model file (pad=0 unk=1 bos=2 eos=3) to use instead of training one
   d.tokenizer_dir = ''  # spm: where trained models are cached and reused across runs ('' = the run's workdir)
+  # A mixture: () = the one dataset above. Else named sources, each a dict with 'name', 'weight' and any of
+  # SOURCE_FIELDS, e.g. ({'name': 'books', 'weight': 0.7}, {'name': 'web', 'weight': 0.3, 'dataset': 'parquet',
+  # 'train_split': '/data/web/*.parquet', 'eval_split': ''}); rows are drawn from them by weight (lmjax/mixture.py).
+  # An eval_split of '' evaluates nothing of that source; the others are logged as val_loss/NAME, val_bpb/NAME.
+  d.sources = ()
+  # Stages: ((STEP, {NAME: WEIGHT, ...}), ...), steps increasing: from STEP on, rows are drawn with these weights
+  # (a name left out weighs 0; a stage at step 0 replaces the sources' own weights, which is what a sweep over
+  # weights varies). A resumed run may change stages that have not started.
+  d.mixture_schedule = ()
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 2000
@@ -543,6 +557,8 @@ def problems(config) -> list[str]:
     "data.dataset='jsonl' holds prompt/completion pairs, trained on packed rows: set --config.data.rows=packed",
   )
   need(t.epochs >= 0, f'train.epochs must be >= 0 (0 = train.steps decides), got {t.epochs}')
+  out.extend(mixture_problems(d))
+  need(not (d.sources and t.epochs), 'train.epochs counts passes over one dataset; with data.sources set train.steps')
   for axis in ('data', 'fsdp', 'tensor'):
     need(
       config.mesh[axis] == -1 or config.mesh[axis] > 0,
@@ -573,6 +589,65 @@ def _multiplier_problems(field: str, pairs) -> list[str]:
   names = [g for g, _ in pairs]
   out += [f'{field} names {g!r} twice' for g in sorted({g for g in names if names.count(g) > 1})]
   return out
+
+
+def mixture_problems(d) -> list[str]:
+  """What is wrong with data.sources and data.mixture_schedule (empty when all is well, or when they are unset)."""
+  out, sources, schedule = [], d.get('sources', ()), d.get('mixture_schedule', ())
+  if not sources:
+    return ['data.mixture_schedule needs data.sources: stages change the weights of named sources'] if schedule else []
+  if not isinstance(sources, (tuple, list)) or not all(isinstance(s, dict) for s in sources):
+    return [f"data.sources must be dicts {{'name': ..., 'weight': ..., ...}}; got {sources!r}"]
+  names = [s.get('name') for s in sources]
+  for i, s in enumerate(sources):
+    name = s.get('name')
+    if not isinstance(name, str) or not name or '/' in name:
+      out.append(f"data.sources[{i}] needs a 'name': a non-empty string without '/' (it names val_loss/NAME)")
+    unknown = sorted(set(s) - {'name', 'weight', *SOURCE_FIELDS, *TOKENIZER_FIELDS})
+    if unknown:
+      out.append(
+        f'data.sources[{i}] ({name}): unknown keys {unknown}; a source may set name, weight and '
+        f'{", ".join(SOURCE_FIELDS)}'
+      )
+    for k in TOKENIZER_FIELDS:
+      if k in s and s[k] != d[k]:
+        out.append(
+          f'data.sources[{i}] ({name}) has {k}={s[k]!r} but data.{k} is {d[k]!r}: the sources of a mixture '
+          'share one tokenizer; remove the key or set data.' + k
+        )
+  dupes = sorted({n for n in names if names.count(n) > 1 and isinstance(n, str)})
+  if dupes:
+    out.append(f'data.sources: names must be unique; {dupes} repeat')
+  out.extend(_weight_problems('data.sources', {s.get('name'): s.get('weight') for s in sources}))
+  if not isinstance(schedule, (tuple, list)):
+    return out + [f'data.mixture_schedule must be ((STEP, {{NAME: WEIGHT}}), ...); got {schedule!r}']
+  last = -1
+  for stage in schedule:
+    if not (
+      isinstance(stage, (tuple, list)) and len(stage) == 2 and isinstance(stage[0], int) and isinstance(stage[1], dict)
+    ):
+      out.append(f'data.mixture_schedule: each stage is (STEP, {{NAME: WEIGHT}}); got {stage!r}')
+      continue
+    step, weights = stage
+    if step <= last:
+      out.append(f'data.mixture_schedule: stage steps must be >= 0 and increasing; {step} follows {max(last, 0)}')
+    last = max(last, step)
+    unknown = sorted(set(weights) - set(names), key=str)
+    if unknown:
+      out.append(
+        f'data.mixture_schedule: the stage at step {step} names unknown sources {unknown}; the sources are {names}'
+      )
+    out.extend(_weight_problems(f'data.mixture_schedule stage at step {step}', weights))
+  return out
+
+
+def _weight_problems(where: str, weights: dict) -> list[str]:
+  bad = {n: w for n, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0}
+  if bad:
+    return [f'{where}: weights must be numbers >= 0; got {bad}']
+  if not sum(weights.values()) > 0:
+    return [f'{where}: the weights are all zero; give at least one source a weight > 0']
+  return []
 
 
 # Metrics train.keep_best can rank by; every one of them is better when lower.

@@ -12,6 +12,9 @@ Two ways to cut text into training rows of max_len tokens (data.rows):
 Either way the iterator's state is a few integers that lmjax/checkpoint.py saves, and a resumed run sees exactly
 the batches an uninterrupted one would have seen.
 
+A mixture (data.sources) reads every source this way with one shared tokenizer, and lmjax/mixture.py draws each
+row of a batch from one of them by weight; each source with an eval split is also evaluated alone.
+
 Eval rows are fixed: the eval split in order, cut the same way but never shuffled. Bits per byte divide the
 summed loss by the UTF-8 bytes of exactly the documents whose every target is evaluated.
 
@@ -23,6 +26,7 @@ Batches are dicts of numpy arrays, local to this process:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Iterator
 
@@ -31,7 +35,7 @@ import grain.experimental as grain_exp
 import jax
 import numpy as np
 
-from lmjax import config as config_lib, sources, tokenizers
+from lmjax import config as config_lib, mixture, sources, tokenizers
 
 ROWS = config_lib.ROWS
 # The arrays of a training batch for each kind of row, with their dtypes: known before any batch is read, so the
@@ -56,6 +60,8 @@ class Data:
   eval_bytes_per_token: float  # UTF-8 bytes of the eval text per weighted eval target: nats/token -> bits/byte
   train_keys: dict  # TRAIN_KEYS of these rows: {name: dtype} of every array in a training batch
   rows_per_epoch: float = 0.0  # training rows in one pass over the train split (counted only with train.epochs)
+  # a mixture's sources with an eval split: {name: (their eval batches, bytes per token)}; eval_batches holds them all
+  source_evals: dict = dataclasses.field(default_factory=dict)
 
 
 def make_data(config, tokenizer=None, *, workdir=None, process_index=None, process_count=None) -> Data:
@@ -67,6 +73,8 @@ def make_data(config, tokenizer=None, *, workdir=None, process_index=None, proce
     raise sources.DataError(f'data.rows must be one of {ROWS}, got {dc.rows!r}')
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
+  if dc.sources:
+    return mixture_data(config, tokenizer, workdir, pi, pc)
   train_docs, eval_docs = sources.documents(dc, dc.train_split), sources.documents(dc, dc.eval_split)
   L = config.model.max_len
   if dc.rows == 'windows':
@@ -98,6 +106,67 @@ def make_data(config, tokenizer=None, *, workdir=None, process_index=None, proce
   return Data(tokenizer, train_it, batches, bytes_per_token, TRAIN_KEYS['packed'], math.ceil(per_epoch))
 
 
+def mixture_data(config, tokenizer, workdir, pi: int, pc: int) -> Data:
+  """make_data of data.sources: each source read and cut into rows as a lone dataset is, one tokenizer trained on
+  them all, the rows drawn by weight (lmjax/mixture.py); each source with an eval split evaluated alone too."""
+  dc, tc, L = config.data, config.train, config.model.max_len
+  mix = mixture.sources(config)
+  train_docs = {s.name: _source_documents(s, s.data.train_split) for s in mix}
+  if dc.rows == 'windows':
+    texts = {name: _join(docs) for name, docs in train_docs.items()}
+    tokenizer = _tokenizer(dc, tokenizer, lambda: list(texts.values()), workdir, pi, pc)
+    rows = []
+    for s in mix:
+      ids = tokenizer.encode(texts[s.name])
+      if len(ids) < L + 1:
+        raise sources.DataError(
+          f'data.sources {s.name!r}: its train split has {len(ids)} tokens, fewer than one row of max_len + 1 = {L + 1}'
+        )
+      rows.append(iter(window_rows(ids, L, s.seed, dc.window_stride, pi, pc)))
+  else:
+    # Each source in a fixed shuffled order, interleaved, so a capped tokenizer sample (spm_train_chars) holds all.
+    shuffled = lambda docs: (docs[int(i)] for i in grain.MapDataset.range(len(docs)).shuffle(seed=0))
+    sample = lambda: (
+      DocumentEncoder.text(d)
+      for group in itertools.zip_longest(*map(shuffled, train_docs.values()))
+      for d in group
+      if d is not None
+    )
+    tokenizer = _tokenizer(dc, tokenizer, sample, workdir, pi, pc)
+    encode = DocumentEncoder(tokenizer)
+    rows = [iter(packed_rows(train_docs[s.name], encode, L, s.seed, pi, pc, read_threads=dc.read_threads)) for s in mix]
+  _local_batch(tc.batch_size, pc)  # a batch that does not split over the processes fails here
+  train_it = mixture.MixtureIterator(
+    [s.name for s in mix], rows, mixture.stages(dc), config.seed, tc.batch_size, pi, pc
+  )
+  batches, bytes_per_token, per_source = mixture_evals(config, tokenizer, mix, pi, pc)
+  return Data(tokenizer, train_it, batches, bytes_per_token, TRAIN_KEYS[dc.rows], source_evals=per_source)
+
+
+def mixture_evals(config, tokenizer, mix, pi=None, pc=None) -> tuple[list, float, dict]:
+  """(all eval batches, their pooled bytes per target, {name: (batches, bytes per target)}) of the sources of a
+  mixture that have an eval split."""
+  per_source, n_bytes, n_targets = {}, 0, 0
+  for s in mix:
+    if s.data.eval_split:
+      batches, b, n = eval_counts(config, tokenizer, _source_documents(s, s.data.eval_split), pi, pc)
+      per_source[s.name] = (batches, b / n)
+      n_bytes, n_targets = n_bytes + b, n_targets + n
+  if not per_source:
+    raise sources.DataError(
+      "data.sources: no source has an eval_split; give at least one (an eval_split of '' skips one)"
+    )
+  return [b for source_batches, _ in per_source.values() for b in source_batches], n_bytes / n_targets, per_source
+
+
+def _source_documents(source, split: str):
+  """A mixture source's documents; an error names the source."""
+  try:
+    return sources.documents(source.data, split)
+  except sources.DataError as e:
+    raise sources.DataError(f'data.sources {source.name!r}: {e}') from None
+
+
 def _join(docs) -> str:
   return ''.join(docs[i] for i in range(len(docs)))
 
@@ -125,8 +194,13 @@ def train_iterator(ids: np.ndarray, L: int, global_batch: int, seed: int, stride
   Shuffle before repeat: Grain then draws a fresh permutation per epoch (seed + epoch), lazily, and the order
   never depends on the run's length, so extending train.steps on resume keeps the data order.
   """
+  return iter(window_rows(ids, L, seed, stride, pi, pc).batch(_local_batch(global_batch, pc), drop_remainder=True))
+
+
+def window_rows(ids: np.ndarray, L: int, seed: int, stride: int, pi: int, pc: int):
+  """MapDataset of this process's seeded shuffled windows (rows of max_len + 1 tokens, split into inputs and
+  targets), unbatched. Infinite."""
   n_windows = (len(ids) - L - 1) // stride + 1
-  local = _local_batch(global_batch, pc)
 
   def window(i):
     start = int(i) * stride
@@ -134,8 +208,7 @@ def train_iterator(ids: np.ndarray, L: int, global_batch: int, seed: int, stride
     return {'inputs': row[:-1], 'targets': row[1:]}
 
   ds = grain.MapDataset.range(n_windows).shuffle(seed=seed).repeat()
-  ds = ds[pi::pc].map(window).batch(local, drop_remainder=True)
-  return iter(ds)
+  return ds[pi::pc].map(window)
 
 
 def _eval_rows(ids: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
@@ -277,7 +350,8 @@ def packed_eval_rows(docs, encode, L: int, max_rows: int = 0) -> tuple[dict, int
   return rows, n_bytes
 
 
-def packed_eval_batches(docs, encode, L, global_batch, max_batches, pi, pc) -> tuple[list, float]:
+def packed_eval_batches(docs, encode, L, global_batch, max_batches, pi, pc) -> tuple[list, int, float]:
+  """(this process's eval batches, UTF-8 bytes, weighted targets) of documents packed as eval rows."""
   rows, n_bytes = packed_eval_rows(docs, encode, L, max_batches * global_batch if max_batches else 0)
   n_targets = float(rows['weights'].sum())
   if not n_targets:
@@ -285,19 +359,29 @@ def packed_eval_batches(docs, encode, L, global_batch, max_batches, pi, pc) -> t
       f'train.eval_max_batches = {max_batches} rows hold no whole eval document; raise it '
       '(or set it to 0 for the whole split)'
     )
-  return _eval_batches(rows, global_batch, max_batches, pi, pc), n_bytes / n_targets
+  return _eval_batches(rows, global_batch, max_batches, pi, pc), n_bytes, n_targets
 
 
-def eval_split(config, tokenizer) -> tuple[list, float]:
-  """eval_set of the run's eval split alone (`lmjax eval`): its train split is neither read nor tokenized."""
+def eval_split(config, tokenizer) -> tuple[list, float, dict]:
+  """eval_set of the run's eval split alone (`lmjax eval`), and a mixture's sources' as Data.source_evals holds
+  them: no train split is read or tokenized."""
   tokenizers.check_config(tokenizer, config.data)
-  return eval_set(config, tokenizer, sources.documents(config.data, config.data.eval_split))
+  if config.data.sources:
+    return mixture_evals(config, tokenizer, mixture.sources(config))
+  return *eval_set(config, tokenizer, sources.documents(config.data, config.data.eval_split)), {}
 
 
 def eval_set(config, tokenizer, docs, process_index=None, process_count=None, max_batches=None) -> tuple[list, float]:
   """(this process's eval batches, UTF-8 bytes per weighted target) of any documents, cut as the run's eval split
   is (data.rows, train.eval_batch_size, train.eval_max_batches unless `max_batches`): a named perplexity set
   (lmjax/evals) of the same split reproduces the run's val_loss."""
+  batches, n_bytes, n_targets = eval_counts(config, tokenizer, docs, process_index, process_count, max_batches)
+  return batches, n_bytes / n_targets
+
+
+def eval_counts(config, tokenizer, docs, process_index=None, process_count=None, max_batches=None):
+  """eval_set's batches, with the UTF-8 bytes and the targets its bytes per token divide (windows: the tokens of
+  the split): the counts a mixture pools over its sources."""
   tc, L = config.train, config.model.max_len
   max_batches = tc.eval_max_batches if max_batches is None else max_batches
   pi = jax.process_index() if process_index is None else process_index
@@ -308,5 +392,5 @@ def eval_set(config, tokenizer, docs, process_index=None, process_count=None, ma
     if len(ids) < 2:
       raise sources.DataError('the eval set holds fewer than two tokens: nothing to predict')
     batches = eval_rows_batches(ids, L, tc.eval_batch_size, max_batches, pi, pc)
-    return batches, len(text.encode('utf-8')) / len(ids)
+    return batches, len(text.encode('utf-8')), len(ids)
   return packed_eval_batches(docs, DocumentEncoder(tokenizer), L, tc.eval_batch_size, max_batches, pi, pc)

@@ -140,20 +140,27 @@ class Engine:
   def dropout_rng(self):
     return jax.random.fold_in(self.rng, 1)
 
-  def evaluate(self, params, batches, bytes_per_token: float = 0.0) -> dict:
+  def evaluate(self, params, batches, bytes_per_token: float = 0.0, by_source=None) -> dict:
     """Mean loss, perplexity and bits per byte (tokenizer-independent) over the given eval batches; one host
-    sync at the end."""
+    sync at the end. `by_source`: a mixture's {name: (batches, bytes per token)} (Data.source_evals), whose
+    batches together are `batches`: each is evaluated once, alone (val_loss/NAME, ...) and pooled."""
+    if not by_source:
+      return eval_metrics(*self.eval_sums(params, batches), bytes_per_token)
+    sums = {name: self.eval_sums(params, source_batches) for name, (source_batches, _) in by_source.items()}
+    out = eval_metrics(sum(t for t, _ in sums.values()), sum(c for _, c in sums.values()), bytes_per_token)
+    for name, (total, count) in sums.items():
+      out.update(eval_metrics(total, count, by_source[name][1], source=name))
+    return out
+
+  def eval_sums(self, params, batches) -> tuple[float, float]:
+    """(summed loss, weighted targets) over the given eval batches; one host sync at the end."""
     total = count = 0.0
     with parallel.activate(self.mesh):
       for b in batches:
         b = parallel.put_batch(b, self.eval_batch_sharding)
         t, c = self._eval_executable(params, b)(params, b)
         total, count = total + t, count + c
-    loss = float(total) / max(float(count), 1.0)
-    out = {'val_loss': loss, 'val_ppl': float(np.exp(min(loss, 50.0)))}
-    if bytes_per_token:
-      out['val_bpb'] = float(loss / np.log(2) / bytes_per_token)
-    return out
+    return float(total), float(count)
 
   def _eval_executable(self, params, batch):
     """The eval step for this batch's shapes: compiled, or loaded from train.compilation_cache_dir, once per
@@ -162,6 +169,16 @@ class Engine:
     if shapes not in self._eval_executables:
       self._eval_executables[shapes] = self.executables.compile('eval_step', self.eval_fn, (params, batch))
     return self._eval_executables[shapes]
+
+
+def eval_metrics(total: float, count: float, bytes_per_token: float = 0.0, source: str = '') -> dict:
+  """val_loss, val_ppl and (given bytes per token) val_bpb of summed eval losses; `source` names them
+  val_loss/SOURCE, ...: the one place eval sums become metrics."""
+  loss = total / max(count, 1.0)
+  out = {'val_loss': loss, 'val_ppl': float(np.exp(min(loss, 50.0)))}
+  if bytes_per_token:
+    out['val_bpb'] = float(loss / np.log(2) / bytes_per_token)
+  return {f'{k}/{source}' if source else k: v for k, v in out.items()}
 
 
 def check_training(config, mesh):

@@ -36,8 +36,8 @@ def evaluate_run(workdir: str, overrides=(), step=None, params='raw') -> dict:
 
   config, tokenizer, engine, state = load_run(workdir, overrides, step=step, params=params)
   fit_eval_batch(config, engine)
-  batches, bytes_per_token = data_lib.eval_split(config, tokenizer)
-  return {'step': int(state.step), **engine.evaluate(state.params, batches, bytes_per_token)}
+  batches, bytes_per_token, by_source = data_lib.eval_split(config, tokenizer)
+  return {'step': int(state.step), **engine.evaluate(state.params, batches, bytes_per_token, by_source)}
 
 
 def fit_eval_batch(config, engine):

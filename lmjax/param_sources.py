@@ -20,7 +20,7 @@ import os
 
 import jax
 
-from lmjax import checkpoint, config as config_lib, optim, workdir as workdir_lib
+from lmjax import checkpoint, config as config_lib, mixture, optim, workdir as workdir_lib
 from lmjax.errors import CheckpointError, ConfigError, WorkdirError
 
 
@@ -167,7 +167,10 @@ def restore(
   `data_iter` is set to the saved position; `params_only` leaves the optimizer state unread."""
 
   def one(at):
-    workdir_lib.check_compatible(ckpt.read_meta(at), config, tokenizer_spec, workdir, what=what, fields=fields)
+    recorded = ckpt.read_meta(at)
+    workdir_lib.check_compatible(recorded, config, tokenizer_spec, workdir, what=what, fields=fields)
+    if data_iter is not None:  # the saved data position is only meaningful for the same sources and past stages
+      mixture.check_resume(recorded['config'].get('data', {}), config.data, at)
     if params_only:
       return ckpt.restore_params(at, engine.abstract_state)
     return ckpt.restore(at, engine.abstract_state, data_iter=data_iter)

@@ -50,6 +50,8 @@ PLOTS = {'step': 'step', 'tokens': 'tokens seen', 'seconds': 'wall-clock seconds
 # which way is better follows the METRIC part.
 TASK_BETTER = {'acc': 1, 'acc_norm': 1, 'exact_match': 1, 'bleu': 1, 'rouge_l': 1, 'loss': -1, 'ppl': -1, 'bpb': -1}
 TASK_BETTER.update({f'distinct_{n}': 1 for n in (1, 2, 3)})
+# A data mixture (data.sources) logs these per source as METRIC/NAME (lmjax/actions.py Evaluate).
+SOURCE_METRICS = ('val_loss', 'val_ppl', 'val_bpb')
 
 
 def is_known(metric: str) -> bool:
@@ -74,6 +76,9 @@ def column(metric: str) -> tuple:
   """(label, which way is better, format) of a summary or of an evaluation task's NAME/METRIC."""
   if metric in SUMMARIES:
     return SUMMARIES[metric]
+  head, _, source = metric.partition('/')
+  if head in SOURCE_METRICS:  # a mixture's source, evaluated alone (val_loss/NAME): lower is better
+    return (f'final {head} {source}', -1, '.4f')
   return (f'final {metric}', TASK_BETTER.get(metric.rsplit('/', 1)[-1], 0), '.4f')
 
 

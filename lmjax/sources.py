@@ -6,7 +6,9 @@ local `input.txt` checked against the size/sha256 TFDS registers for it; any
 other dataset (lm1b, c4/en, ...) must already be prepared (array_record) in
 `data_dir`, which may be a gs:// path (all paths go through etils.epath).
 `dataset = 'text_files'` reads files matched by a glob (the split names the
-glob): one document per file, or one per line.
+glob): one document per file, or one per line. `dataset = 'parquet'` / `'arrow'` reads the text column
+`feature` of local Parquet or Arrow files (what Hugging Face `datasets` writes with to_parquet / save_to_disk),
+one document per row.
 
 `documents(dc, split)` is what lmjax/data.py reads: len() documents, [i] -> str.
 """
@@ -25,11 +27,12 @@ from etils import epath
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.file_adapters import FileFormat
 from lmjax import config as config_lib
-from lmjax.errors import DataError
+from lmjax.errors import DataError, one_line
 
 TINY_SHAKESPEARE = 'tiny_shakespeare'
 TEXT_FILES = 'text_files'
 JSONL = config_lib.JSONL
+TABLES = config_lib.TABLES
 _TS_FILE = 'input.txt'
 _FORMAT = 'array_record'
 _StockTinyShakespeare = tfds.builder_cls(TINY_SHAKESPEARE)
@@ -251,6 +254,61 @@ class TextFiles:
       raise DataError(f'{path} is not UTF-8 text ({e}); convert it or leave it out of the glob') from None
 
 
+class TableFiles:
+  """The text column `field` of Parquet (.parquet) or Arrow (.arrow: IPC file or stream, as `datasets.save_to_disk`
+  writes) files matched by a glob or held in a directory, one document per row. Only that column is read; Arrow
+  files are memory-mapped, so [i] touches one row."""
+
+  def __init__(self, pattern: str, field: str):
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel  -- only table sources need it
+
+    if os.path.isdir(pattern):  # a save_to_disk directory: its data files, not its JSON metadata
+      pattern = os.path.join(pattern, '*')
+    self.paths = [p for p in glob(pattern) if p.suffix in ('.parquet', '.arrow')]
+    if not self.paths:
+      raise DataError(f'no .parquet or .arrow file matches {pattern!r}; give a glob of Parquet or Arrow files')
+    self._columns = []  # one per file, as stored (string or large_string): nothing copied
+    for path in self.paths:
+      table = self._read(pa, path)
+      if field not in table.column_names:
+        raise DataError(
+          f'{path} has no column {field!r} (its columns: {", ".join(table.column_names)}); set the text column '
+          "with --config.data.feature=NAME (or 'feature' in the source's entry of data.sources)"
+        )
+      column = table.column(field)
+      if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise DataError(f'{path}: column {field!r} holds {column.type}, not text; choose a string column')
+      self._columns.append(column)
+    self._starts = np.cumsum([0] + [len(c) for c in self._columns])
+    if not len(self):
+      raise DataError(f'the files matching {pattern!r} hold no rows')
+
+  @staticmethod
+  def _read(pa, path):
+    if path.suffix == '.parquet':
+      import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
+      try:
+        return pq.read_table(str(path))
+      except (OSError, pa.ArrowException) as e:
+        raise DataError(f'{path} is not a readable Parquet file ({one_line(e)})') from None
+    source = pa.memory_map(str(path))
+    for opener in (pa.ipc.open_file, pa.ipc.open_stream):
+      try:
+        return opener(source).read_all()
+      except pa.ArrowInvalid:
+        source.seek(0)
+    raise DataError(f'{path} is not an Arrow IPC file or stream (as datasets.save_to_disk writes)')
+
+  def __len__(self):
+    return int(self._starts[-1])
+
+  def __getitem__(self, i) -> str:
+    i = int(i)
+    f = int(np.searchsorted(self._starts, i, side='right')) - 1
+    return self._columns[f][i - int(self._starts[f])].as_py() or ''
+
+
 def jsonl_objects(path: str):
   """(line number, JSON object) of every non-blank line of a local JSONL file; DataError naming file:line for a
   line that is not UTF-8, not JSON, or not an object. The one reader of JSONL files (training pairs, eval tasks)."""
@@ -321,6 +379,8 @@ def documents(dc, split: str):
     return TextFiles(split, dc.file_docs)
   if dc.dataset == JSONL:
     return JsonlPairs(split, dc.prompt_field, dc.completion_field)
+  if dc.dataset in TABLES:
+    return TableFiles(split, dc.feature)
   source = text_source(dc.dataset, split, dc.data_dir or default_data_dir(), dc.manual_dir or None)
   if len(source) == 0:
     raise DataError(f'{dc.dataset!r} split {split!r} holds no examples; choose another split')

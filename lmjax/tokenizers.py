@@ -306,6 +306,8 @@ def _trained_spm(dc, texts, cache_dir, process_index=0, process_count=1):
   settings = {
     k: dc[k] for k in ('dataset', 'train_split', 'feature', 'spm_vocab_size', 'spm_model_type', 'spm_train_chars')
   }
+  if dc.get('sources'):  # a mixture's model is trained on all its sources (whatever their weights)
+    settings['sources'] = [{k: v for k, v in s.items() if k != 'weight'} for s in dc.sources]
   key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
   directory = dc.tokenizer_dir or cache_dir
   path = epath.Path(directory) / f'spm-{dc.spm_model_type}{dc.spm_vocab_size}-{key}.model' if directory else None

@@ -291,7 +291,11 @@ def record(config, tokenizer, workdir: str, primary: bool, branched_from: dict |
   if primary:
     save_tokenizer(tokenizer, workdir)
     save_config(config, workdir)
-    add_provenance(workdir, {'branched_from': branched_from} if branched_from else None)
+    extra = {'branched_from': branched_from} if branched_from else {}
+    if config.data.get('sources'):  # the stages as this start runs them: a resumed run may change those to come
+      weights = {s['name']: s['weight'] for s in config.data.sources}
+      extra['data_stages'] = [[0, weights]] + [[int(t), dict(w)] for t, w in config.data.mixture_schedule]
+    add_provenance(workdir, extra)
 
 
 def check_compatible(
