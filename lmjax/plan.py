@@ -58,9 +58,18 @@ def run(args, overrides):
   devices = None
   with config.unlocked():
     if config.model.vocab_size == 0:
-      config.model.vocab_size = args.vocab_size
+      spm = config.data.tokenizer == 'spm'
+      config.model.vocab_size = args.vocab_size or (config.data.spm_vocab_size if spm else 65)
+      source = (
+        '--vocab_size'
+        if args.vocab_size
+        else 'data.spm_vocab_size, the SentencePiece size'
+        if spm
+        else "tiny_shakespeare's characters"
+      )
       notes.append(
-        f"model.vocab_size is 0 (the tokenizer's size at train time); planned with --vocab_size={args.vocab_size}"
+        f"model.vocab_size is 0 (the tokenizer's size at train time); planned with {config.model.vocab_size} "
+        f'({source}; --vocab_size=N to change)'
       )
     if args.topology:
       devices = topology.devices(args.topology, args.slices)
@@ -425,7 +434,7 @@ def _estimate_lines(p: dict) -> list[str]:
   if e and e['step_s'] is None:
     lines.append(
       f"compiler's estimate: none usable (XLA's cost analysis gave optimal_seconds={e['optimal_seconds']:.3g}"
-      f" with {e['uncosted_calls']} uncosted calls added back: some other op it cannot cost)"
+      f' with {e["uncosted_calls"]} uncosted calls added back: some other op it cannot cost)'
     )
   elif e:
     mfu = f', MFU {100 * e["mfu"]:.1f}%' if e['mfu'] is not None else ''
@@ -433,6 +442,10 @@ def _estimate_lines(p: dict) -> list[str]:
       f"compiler's estimate (XLA's cost model, not a measurement): {1e3 * e['step_s']:.3g} ms per step, "
       f'{e["tokens_per_s"]:,.0f} tokens/s{mfu}',
       f'  from {e["from"]}'
-      + (f' ({e["uncosted_calls"]} calls it cannot cost, -1 s each in its sum, added back)' if e['uncosted_calls'] else ''),
+      + (
+        f' ({e["uncosted_calls"]} calls it cannot cost, -1 s each in its sum, added back)'
+        if e['uncosted_calls']
+        else ''
+      ),
     ]
   return lines
