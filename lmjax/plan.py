@@ -83,10 +83,11 @@ def run(args, overrides):
     print(json.dumps(p, indent=1) if args.json else report(p, notes))
 
 
-def plan(config, devices=None, estimate: bool = True) -> dict:
+def plan(config, devices=None, estimate: bool = True, train_only: bool = False) -> dict:
   """The numbers `lmjax plan` prints, as a dict (tests and notebooks read it directly). `devices`: the mesh's
   devices (a TPU slice's from lmjax.topology); default this process's. A train step that does not fit comes back
-  with fits=False and the compiler's message, never an exception."""
+  with fits=False and the compiler's message, never an exception. `train_only`: skip the eval step and sampler
+  (a search's candidates and the estimate's copies need only the train step)."""
   import jax
   from lmjax import parallel, engine as engine_lib, topology
 
@@ -117,7 +118,7 @@ def plan(config, devices=None, estimate: bool = True) -> dict:
   }
   out['train_step'] = _compiled_stats(lambda: engine.compile_train(batch_spec), out['hbm_bytes'])
   out['fits'] = out['train_step']['fits']
-  if out['fits']:
+  if out['fits'] and not train_only:
     eval_spec = {k: jax.ShapeDtypeStruct((config.train.eval_batch_size, L), v.dtype) for k, v in batch_spec.items()}
     eval_spec['weights'] = jax.ShapeDtypeStruct((config.train.eval_batch_size, L), 'float32')
     out['eval_step'] = _compiled_stats(lambda: _compile_eval(engine, eval_spec), out['hbm_bytes'])
@@ -214,7 +215,7 @@ def _estimate(config, devices, p) -> dict | None:
       c = _variant(config, **{'model.n_layers': n, 'model.scan_layers': False, 'train.steps_per_call': 1})
       with c.unlocked():
         c.train.batch_size, c.train.grad_accum = tc.batch_size // tc.grad_accum, 1
-      per_layers.append(plan(c, devices, estimate=False)['train_step'])
+      per_layers.append(plan(c, devices, estimate=False, train_only=True)['train_step'])
     one, two = (x.get('compiler_seconds') or 0.0 for x in per_layers)
     seconds = tc.grad_accum * (one + (t.n_layers - 1) * (two - one))
     how = f'unrolled 1- and 2-layer copies of one micro-batch step, extrapolated to {t.n_layers} layers'
@@ -253,7 +254,7 @@ def fit(config, devices=None, what: str = 'batch', max_compiles: int = 10) -> di
   tried = []  # {field: value, 'fits', 'total' (bytes per device; from the compiler's message when it refused)}
 
   def fits(**fields) -> bool:
-    p = plan(_variant(config, **fields), devices, estimate=False)
+    p = plan(_variant(config, **fields), devices, estimate=False, train_only=True)
     budget = p['hbm_bytes'] or (hostenv.memory_bytes() or 0) // p['n_devices']
     s = p['train_step']
     total = s.get('total') or _required_bytes(s.get('oom', ''), tried)
@@ -448,4 +449,9 @@ def _estimate_lines(p: dict) -> list[str]:
         else ''
       ),
     ]
+    if e['mfu'] is not None and e['mfu'] > 1:
+      lines.append(
+        "  NOT CREDIBLE: faster than the chips' peak FLOP/s allow for the model FLOPs; the cost model under-costs"
+        ' this program (docs/tpu.md)'
+      )
   return lines
