@@ -40,8 +40,8 @@ def test_a_tiny_config_compiled_for_a_tpu_slice_holds_the_mosaic_splash_kernel_a
 @needs_libtpu
 def test_calls_the_cost_model_cannot_cost_are_added_back_so_dropout_still_gets_the_compilers_estimate():
   # On TPU dropout draws with rbg keys, whose X64Combine calls XLA's cost model counts as -1 s each.
-  plain = plan.plan(tiny(), topology.devices('v5e-4'))['estimate']['step_s']
-  p = plan.plan(tiny('model.dropout=0.1'), topology.devices('v5e-4'))
+  plain = plan.plan(tiny(), topology.devices('v5e-4'), train_only=True)['estimate']['step_s']
+  p = plan.plan(tiny('model.dropout=0.1'), topology.devices('v5e-4'), train_only=True)
   s = p['train_step']
   assert s['uncosted_calls'] > 0 and s['optimal_seconds'] < 0  # what XLA's sum gives, uncorrected
   # Dropout's mask is a little work on top of the same step: wrong by a whole second per call, this could not hold.
