@@ -9,8 +9,12 @@ Run (on every host of the TPU VM slice):
 Each host reads only its 1/process_count of the shuffled documents. Train the tokenizer once before a multi-host
 run (start the command on one host and stop it once it logs its first step) so every host loads the same cached
 model from data.tokenizer_dir.
-Takes: NOT RUN (no TPU here). Budget roughly a day on a v4-32; record the measured time, val loss and bits per
-       byte here when first run.
+Check first (any host, libtpu): lmjax plan --config=configs/c4.py --topology=v5e-16
+       compiles the train step, eval step and sampler for the slice: memory per chip against HBM, the attention
+       kernel (splash) and the compiler's step-time estimate. docs/tpu.md tables what was compiled for v5e-16,
+       v6e-16 and v5p-64.
+Takes: never trained here (no TPU), only compiled ahead of time. Budget roughly a day on a v4-32; record the
+       measured time, val loss and bits per byte here when first run.
 """
 
 from lmjax.config import default_config

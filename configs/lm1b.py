@@ -4,8 +4,11 @@
 Prepare (a machine with network, once): `tfds build lm1b --data_dir=gs://BUCKET/tfds --file_format=array_record`
 Run:   lmjax train --config=configs/lm1b.py --workdir=gs://BUCKET/runs/lm1b --config.data.data_dir=gs://BUCKET/tfds \
          --config.data.tokenizer_dir=gs://BUCKET/tokenizers
-Takes: NOT RUN in lmjax yet (no accelerator here). The Flax example reports ~ten hours on a TPU v3-8 for 500k
-       steps; expect the same order here. Record the measured time and val loss / bits per byte when first run.
+Check first (any host, libtpu): lmjax plan --config=configs/lm1b.py --topology=v5e-16 --vocab_size=32000
+       (memory per chip, kernel, the compiler's step-time estimate; docs/tpu.md tables what was compiled).
+Takes: never trained in lmjax yet (no accelerator here), only compiled ahead of time for TPU slices. The Flax
+       example reports ~ten hours on a TPU v3-8 for 500k steps; expect the same order here. Record the measured
+       time and val loss / bits per byte when first run.
 The SentencePiece model trains on 10M characters of the train split at first use (minutes on one host) and is
 cached in data.tokenizer_dir, so later runs (and every other host, which must share that dir) reuse it.
 """

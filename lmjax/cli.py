@@ -188,9 +188,9 @@ def _plan_args(p):
   p.add_argument(
     '--vocab_size',
     type=int,
-    default=65,
-    help="vocabulary to plan with when the config leaves model.vocab_size at 0 (= the tokenizer's; "
-    "65 is tiny_shakespeare's characters)",
+    default=0,
+    help="vocabulary to plan with when the config leaves model.vocab_size at 0 (= the tokenizer's); default the "
+    "config's data.spm_vocab_size for a SentencePiece tokenizer, else 65 (tiny_shakespeare's characters)",
   )
   p.add_argument(
     '--devices',

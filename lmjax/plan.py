@@ -2,9 +2,9 @@
 whether it fits and the compiler's own estimate of the step time.
 
 Needs no dataset and runs nothing: parameter shapes come from `jax.eval_shape`, FLOPs from the one formula
-(lmjax.model.flops_per_token), and memory from XLA's own buffer plan of the compiled train and eval steps on the
-configured mesh. `--devices=8` simulates 8 CPU devices; `--topology=v5e-16` compiles for a TPU slice from any host
-(libtpu, lmjax/topology.py), `--slices=2` for two of them over DCN:
+(lmjax.model.flops_per_token), and memory from XLA's own buffer plan of the compiled train step, eval step and
+sampler on the configured mesh. `--devices=8` simulates 8 CPU devices; `--topology=v5e-16` compiles for a TPU slice
+from any host (libtpu, lmjax/topology.py), `--slices=2` for two of them over DCN:
 
   lmjax plan --config=configs/shakespeare_char.py --devices=8 --config.mesh.data=1 --config.mesh.fsdp=8
   lmjax plan --config=configs/c4.py --topology=v5e-16 [--slices=2] [--fit] [--json]
@@ -13,7 +13,8 @@ On TPU the compiled program's cost analysis carries `optimal_seconds`, the compi
 plan turns that into tokens/s and MFU, always labelled as the compiler's estimate (nothing was measured). XLA counts
 a loop's body once (the K steps of train.steps_per_call, grad_accum's micro-batches, scanned layers), so when the
 configured step loops, the estimate comes from unrolled 1- and 2-layer copies of one micro-batch step, extrapolated
-to the model's layers (each layer is the same program); memory always comes from the configured program.
+to the model's layers (each layer is the same program); memory always comes from the configured program. The cost
+model adds -1 s for each call it cannot cost (_UNCOSTED); plan adds those back.
 `--fit` searches the largest batch that fits (or, --fit=remat, the cheapest remat policy that fits the batch).
 """
 
@@ -30,6 +31,11 @@ _BLOCK_PARTS = {'attn': 'attention', 'mlp': 'mlp', 'ln1': 'norms', 'ln2': 'norms
 _TOP_PARTS = {'embed': 'embeddings', 'pos_embed': 'embeddings', 'lm_head': 'embeddings', 'ln_f': 'norms'}
 _MOSAIC = 'custom_call_target="tpu_custom_call"'  # a Pallas kernel compiled for TPU (Mosaic)
 _CUDNN = 'custom_call_target="__cudnn$fmha'  # cuDNN's fused attention
+# Custom calls the TPU cost model cannot cost: each adds exactly -1 s to optimal_seconds (docs/tpu.md shows how this
+# was found). Both move no data worth costing: ConcatBitcast joins slices already laid out side by side (large
+# sharded arrays), X64Combine packs two u32 words into a u64 (the rbg dropout key). Adding 1 s back per call leaves
+# the cost of everything else.
+_UNCOSTED = ('custom_call_target="ConcatBitcast"', 'custom_call_target="X64Combine"')
 REMAT_ORDER = ('none', 'save_dots', 'save_proj', 'full')  # from the least recomputation to the most
 
 
@@ -52,9 +58,18 @@ def run(args, overrides):
   devices = None
   with config.unlocked():
     if config.model.vocab_size == 0:
-      config.model.vocab_size = args.vocab_size
+      spm = config.data.tokenizer == 'spm'
+      config.model.vocab_size = args.vocab_size or (config.data.spm_vocab_size if spm else 65)
+      source = (
+        '--vocab_size'
+        if args.vocab_size
+        else 'data.spm_vocab_size, the SentencePiece size'
+        if spm
+        else "tiny_shakespeare's characters"
+      )
       notes.append(
-        f"model.vocab_size is 0 (the tokenizer's size at train time); planned with --vocab_size={args.vocab_size}"
+        f"model.vocab_size is 0 (the tokenizer's size at train time); planned with {config.model.vocab_size} "
+        f'({source}; --vocab_size=N to change)'
       )
     if args.topology:
       devices = topology.devices(args.topology, args.slices)
@@ -68,10 +83,11 @@ def run(args, overrides):
     print(json.dumps(p, indent=1) if args.json else report(p, notes))
 
 
-def plan(config, devices=None, estimate: bool = True) -> dict:
+def plan(config, devices=None, estimate: bool = True, train_only: bool = False) -> dict:
   """The numbers `lmjax plan` prints, as a dict (tests and notebooks read it directly). `devices`: the mesh's
   devices (a TPU slice's from lmjax.topology); default this process's. A train step that does not fit comes back
-  with fits=False and the compiler's message, never an exception."""
+  with fits=False and the compiler's message, never an exception. `train_only`: skip the eval step and sampler
+  (a search's candidates and the estimate's copies need only the train step)."""
   import jax
   from lmjax import parallel, engine as engine_lib, topology
 
@@ -102,10 +118,11 @@ def plan(config, devices=None, estimate: bool = True) -> dict:
   }
   out['train_step'] = _compiled_stats(lambda: engine.compile_train(batch_spec), out['hbm_bytes'])
   out['fits'] = out['train_step']['fits']
-  if out['fits']:
+  if out['fits'] and not train_only:
     eval_spec = {k: jax.ShapeDtypeStruct((config.train.eval_batch_size, L), v.dtype) for k, v in batch_spec.items()}
     eval_spec['weights'] = jax.ShapeDtypeStruct((config.train.eval_batch_size, L), 'float32')
     out['eval_step'] = _compiled_stats(lambda: _compile_eval(engine, eval_spec), out['hbm_bytes'])
+    out['sample_step'] = _compiled_stats(lambda: _compile_sample(engine), out['hbm_bytes'])
   out['attention'] = _kernel(out['train_step'])
   out['compile_s'] = out['train_step']['compile_s']
   if estimate and out['fits']:
@@ -120,6 +137,20 @@ def _compile_eval(engine, spec):
   batch = {k: v.update(sharding=engine.eval_batch_sharding) for k, v in spec.items()}
   with parallel.activate(engine.mesh):
     compiled = engine.eval_fn.lower(engine.abstract_state.params, batch).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def _compile_sample(engine):
+  """The sampler `lmjax sample` would run with the config's sample.* options on a prompt that fills the context
+  (max_len - sample.max_new_tokens tokens, or a sliding window's), so its cache is the largest those options make."""
+  from lmjax import parallel, sample  # pylint: disable=import-outside-toplevel
+
+  t0 = time.perf_counter()
+  s, cfg = engine.config.sample, engine.model_cfg
+  prompt_len = max(1, cfg.max_len - s.max_new_tokens)
+  fn, args = sample.abstract_program(engine.abstract_state.params, cfg, engine.mesh, s, prompt_len)
+  with parallel.activate(engine.mesh):
+    compiled = fn.lower(*args).compile()
   return compiled, time.perf_counter() - t0
 
 
@@ -140,6 +171,8 @@ def _compiled_stats(compile_fn, hbm_bytes) -> dict:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   text = compiled.as_text()
   total = engine_lib.step_bytes_per_device(mem)
+  uncosted = sum(text.count(c) for c in _UNCOSTED)
+  seconds_xla = cost.get('optimal_seconds')
   return {
     'fits': hbm_bytes is None or total is None or total <= hbm_bytes,
     'compile_s': seconds,
@@ -149,7 +182,9 @@ def _compiled_stats(compile_fn, hbm_bytes) -> dict:
     'temporaries': getattr(mem, 'temp_size_in_bytes', None),
     'total': total,
     'flops': cost.get('flops'),
-    'optimal_seconds': cost.get('optimal_seconds'),
+    'optimal_seconds': seconds_xla,  # as XLA gave it
+    'uncosted_calls': uncosted,
+    'compiler_seconds': None if seconds_xla is None else seconds_xla + uncosted,  # the -1 per uncosted call undone
     'mosaic_calls': text.count(_MOSAIC),
     'cudnn_calls': text.count(_CUDNN),
   }
@@ -169,21 +204,23 @@ def _estimate(config, devices, p) -> dict | None:
   t, tc = config.model, config.train
   loops = t.scan_layers or tc.steps_per_call > 1 or tc.grad_accum > 1
   how = 'the compiled train step'
-  seconds = p['train_step']['optimal_seconds']
-  if seconds is not None and seconds <= 0:  # large programs come back negative: no estimate, and none to make
-    return {'step_s': None, 'optimal_seconds': seconds}
-  if loops and seconds:
+  s = p['train_step']
+  seconds = s['compiler_seconds']
+  if seconds is None:
+    return None
+  if loops and seconds > 0:
     # One micro-batch step, unrolled, at 1 and 2 layers: XLA counts a loop body once, and layers add alike.
     per_layers = []
     for n in (1, 2):
       c = _variant(config, **{'model.n_layers': n, 'model.scan_layers': False, 'train.steps_per_call': 1})
       with c.unlocked():
         c.train.batch_size, c.train.grad_accum = tc.batch_size // tc.grad_accum, 1
-      per_layers.append(plan(c, devices, estimate=False)['train_step'].get('optimal_seconds') or 0.0)
-    seconds = tc.grad_accum * (per_layers[0] + (t.n_layers - 1) * (per_layers[1] - per_layers[0]))
+      per_layers.append(plan(c, devices, estimate=False, train_only=True)['train_step'])
+    one, two = (x.get('compiler_seconds') or 0.0 for x in per_layers)
+    seconds = tc.grad_accum * (one + (t.n_layers - 1) * (two - one))
     how = f'unrolled 1- and 2-layer copies of one micro-batch step, extrapolated to {t.n_layers} layers'
-  if not seconds or seconds <= 0:
-    return None if not seconds else {'step_s': None, 'optimal_seconds': seconds}
+  if seconds <= 0:  # an op the cost model cannot cost that _UNCOSTED does not name
+    return {'step_s': None, 'optimal_seconds': s['optimal_seconds'], 'uncosted_calls': s['uncosted_calls']}
   tokens_per_s = p['tokens_per_step'] / seconds
   peak = metrics.peak_flops_per_device(tc.peak_flops, p['device_kind']) * p['n_devices']
   return {
@@ -191,6 +228,7 @@ def _estimate(config, devices, p) -> dict | None:
     'tokens_per_s': tokens_per_s,
     'mfu': p['flops_per_token'] * tokens_per_s / peak if peak == peak else None,
     'from': how,
+    'uncosted_calls': s['uncosted_calls'],
   }
 
 
@@ -216,7 +254,7 @@ def fit(config, devices=None, what: str = 'batch', max_compiles: int = 10) -> di
   tried = []  # {field: value, 'fits', 'total' (bytes per device; from the compiler's message when it refused)}
 
   def fits(**fields) -> bool:
-    p = plan(_variant(config, **fields), devices, estimate=False)
+    p = plan(_variant(config, **fields), devices, estimate=False, train_only=True)
     budget = p['hbm_bytes'] or (hostenv.memory_bytes() or 0) // p['n_devices']
     s = p['train_step']
     total = s.get('total') or _required_bytes(s.get('oom', ''), tried)
@@ -378,6 +416,11 @@ def _memory_lines(p: dict) -> list[str]:
     lines.append(f'  HBM               {_size(hbm):>12}   {verdict}, margin {_size(abs(hbm - s["total"]))}')
   if p.get('eval_step', {}).get('total'):
     lines.append(f'  eval step total   {_size(p["eval_step"]["total"]):>12}')
+  sampler = p.get('sample_step', {})
+  if sampler.get('total'):
+    lines.append(f'  sampler total     {_size(sampler["total"]):>12}   (lmjax sample with sample.*, a full context)')
+  elif sampler:
+    lines.append(f'  sampler           does not fit: {sampler["oom"]}')
   lines.append(f'(compiled in {p["compile_s"]:.1f}s)')
   return lines
 
@@ -391,13 +434,24 @@ def _estimate_lines(p: dict) -> list[str]:
   e = p.get('estimate')
   if e and e['step_s'] is None:
     lines.append(
-      f"compiler's estimate: none usable (XLA's cost analysis gave optimal_seconds={e['optimal_seconds']:.3g})"
+      f"compiler's estimate: none usable (XLA's cost analysis gave optimal_seconds={e['optimal_seconds']:.3g}"
+      f' with {e["uncosted_calls"]} uncosted calls added back: some other op it cannot cost)'
     )
   elif e:
     mfu = f', MFU {100 * e["mfu"]:.1f}%' if e['mfu'] is not None else ''
     lines += [
       f"compiler's estimate (XLA's cost model, not a measurement): {1e3 * e['step_s']:.3g} ms per step, "
       f'{e["tokens_per_s"]:,.0f} tokens/s{mfu}',
-      f'  from {e["from"]}',
+      f'  from {e["from"]}'
+      + (
+        f' ({e["uncosted_calls"]} calls it cannot cost, -1 s each in its sum, added back)'
+        if e['uncosted_calls']
+        else ''
+      ),
     ]
+    if e['mfu'] is not None and e['mfu'] > 1:
+      lines.append(
+        "  NOT CREDIBLE: faster than the chips' peak FLOP/s allow for the model FLOPs; the cost model under-costs"
+        ' this program (docs/tpu.md)'
+      )
   return lines

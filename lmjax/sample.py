@@ -218,6 +218,53 @@ def _compiled(cfg: model_lib.ModelConfig, max_new: int, st: _Static, param_shard
   )
 
 
+def _program_shape(model_cfg, longest, max_new_tokens, n_prompts, n_per, beams, mesh, window_chunk, slide):
+  """(P, chunk, R): padded prompt length, tokens decoded per call, rows of the compiled program. n_per rows per
+  prompt; `beams`: they are one beam search's beams, kept together on one shard."""
+  chunk = window_chunk_len(model_cfg, window_chunk) if slide else max_new_tokens
+  # Sliding: every chunk's prompt is the last max_len - chunk tokens (one compiled shape for all chunks). Otherwise,
+  # round the padded prompt length up to a multiple of 16 (when the context allows) so nearby prompt lengths share
+  # one compiled program; extra left padding is invisible to the model.
+  L = model_cfg.max_len
+  P = L - chunk if slide else min(-(-longest // 16) * 16, L - max_new_tokens)
+  rows = n_prompts * n_per
+  extra = 0
+  if mesh is not None:  # the batch is split over (data, fsdp): pad rows to a multiple of that with dummy copies
+    shards = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
+    extra = -rows % (shards * n_per) if beams else -rows % shards
+  return P, chunk, rows + extra
+
+
+def _static(temperature, top_k, top_p, min_p, eos_id, beam_size, staged=True) -> _Static:
+  return _Static(
+    greedy=temperature == 0,
+    top_k=int(top_k or 0),
+    use_top_p=top_p < 1.0,
+    use_min_p=min_p > 0.0,
+    eos_id=eos_id,
+    beam_size=beam_size if beam_size > 1 else 0,
+    staged=staged,
+  )
+
+
+def abstract_program(abstract_params, model_cfg, mesh, s, prompt_len: int):
+  """(jitted sampler, abstract arguments) of one `lmjax sample` call with config.sample `s` on a prompt of
+  `prompt_len` tokens, for compiling ahead of time (lmjax plan): the program and shapes generate() would run."""
+  n_per = s.beam_size if s.beam_size > 1 else s.num_samples
+  slide = prompt_len + s.max_new_tokens > model_cfg.max_len
+  P, chunk, R = _program_shape(
+    model_cfg, prompt_len, s.max_new_tokens, 1, n_per, s.beam_size > 1, mesh, s.window_chunk, slide
+  )
+  st = _static(s.temperature, s.top_k, s.top_p, s.min_p, None, s.beam_size)
+  shardings = (jax.tree.structure(abstract_params), tuple(x.sharding for x in jax.tree.leaves(abstract_params)))
+  repl = parallel.replicated(mesh)
+  shape = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=repl)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  args = (abstract_params, shape((R, P), jnp.int32), shape((R, P), jnp.int32), shape((R,), jnp.int32))
+  args += (shape((R,), jnp.bool_), shape(key.shape, key.dtype)) + (shape((), jnp.float32),) * 4
+  return _compiled(model_cfg, chunk, st, shardings, mesh), args
+
+
 # ------------------------------------------------------------------------------------------ checks
 
 
@@ -367,29 +414,14 @@ def generate(
       f'exceeds the model context max_len={L} and {why}; use --max_new_tokens<={max(L - longest, 0)}'
       f' or a shorter prompt{"" if sliding_window else ", or sliding_window=True"}'
     )
-  chunk = window_chunk_len(model_cfg, window_chunk) if slide else max_new_tokens
   n_per = beam_size if beam_size > 1 else num_return_sequences
-  # Sliding: every chunk's prompt is the last max_len - chunk tokens (one compiled shape for all chunks). Otherwise,
-  # round the padded prompt length up to a multiple of 16 (when the context allows) so nearby prompt lengths share
-  # one compiled program; extra left padding is invisible to the model.
-  P = L - chunk if slide else min(-(-longest // 16) * 16, L - max_new_tokens)
+  P, chunk, R = _program_shape(
+    model_cfg, longest, max_new_tokens, len(prompts_ids), n_per, beam_size > 1, mesh, window_chunk, slide
+  )
   rows = len(prompts_ids) * n_per
-  extra = 0
-  if mesh is not None:  # the batch is split over (data, fsdp): pad rows to a multiple of that with dummy copies
-    shards = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
-    extra = -rows % (shards * n_per) if beam_size > 1 else -rows % shards
-  R = rows + extra
   _check_memory(model_cfg, R, P + chunk, memory_limit_bytes, max_new_tokens)
 
-  st = _Static(
-    greedy=temperature == 0,
-    top_k=int(top_k),
-    use_top_p=top_p < 1.0,
-    use_min_p=min_p > 0.0,
-    eos_id=eos_id,
-    beam_size=beam_size if beam_size > 1 else 0,
-    staged=staged,
-  )
+  st = _static(temperature, top_k, top_p, min_p, eos_id, beam_size, staged)
   # (treedef, leaves): a hashable key for the compile cache
   shardings = None if mesh is None else (jax.tree.structure(params), tuple(x.sharding for x in jax.tree.leaves(params)))
   fn = _compiled(model_cfg, chunk, st, shardings, mesh)
