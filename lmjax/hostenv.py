@@ -174,10 +174,16 @@ def init_distributed(coordinator: str = '', num_processes: int = 0, process_id: 
 
   if coordinator:
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
-  elif any(
-    k in os.environ for k in ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE', 'JAX_COORDINATOR_ADDRESS')
+  elif _tpu_workers() > 1 or any(
+    k in os.environ for k in ('SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE', 'JAX_COORDINATOR_ADDRESS')
   ):
     jax.distributed.initialize()
+
+
+def _tpu_workers() -> int:
+  """How many hosts TPU_WORKER_HOSTNAMES names: a TPU VM pod lists every worker; one name (a single-host TPU VM, or
+  lmjax.topology's compile-only set-up) is no cluster to join."""
+  return len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h.strip()])
 
 
 TIMELINE = 'LMJAX_TIMELINE'  # set (to anything) to print each start-up phase's time to stderr

@@ -11,6 +11,7 @@ many such slices joined over the data-center network (multi-slice); each device 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -73,14 +74,14 @@ def devices(name: str, slices: int = 1) -> list:
     raise ConfigError(f'--slices must be >= 1, got {slices}')
   if importlib.util.find_spec('libtpu') is None:
     raise ConfigError(f'compiling for TPU topology {name!r} needs libtpu: {INSTALL}')
-  _quiet_libtpu()
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
 
   kwargs = {'chip_config_name': 'megacore'} if shape.startswith('v4:') else {}  # v4: one device per chip, as v5p
   if slices > 1:
     kwargs['num_slices'] = slices
   try:
-    return list(topologies.get_topology_desc(platform='tpu', topology_name=shape, **kwargs).devices)
+    with _quiet_libtpu():
+      return list(topologies.get_topology_desc(platform='tpu', topology_name=shape, **kwargs).devices)
   except Exception as e:  # pylint: disable=broad-except  -- libtpu refuses a shape it cannot lay out
     raise ConfigError(f'libtpu cannot describe TPU topology {name!r} ({shape}): {e}') from e
 
@@ -90,14 +91,23 @@ def chip_of(device) -> Chip | None:
   return _BY_KIND.get(getattr(device, 'device_kind', ''))
 
 
+@contextlib.contextmanager
 def _quiet_libtpu():
   """Off a TPU VM libtpu looks for the VM's metadata (worker addresses, host bounds), finds none and logs errors
   that change nothing for a compile-only slice: telling it this host is a single worker keeps them out. It also
   takes a lock file that lets one process at a time own the TPU, so a second compiling process (pytest -n 2, two
   plans) would be refused; with no TPU to own, loads may share. A real TPU VM (a /dev/accel* or /dev/vfio device)
-  is left to its own metadata and lock."""
+  is left to its own metadata and lock. libtpu reads these when it loads, so they are set only around that: left
+  in the environment, they reached every later run and subprocess, which took this host for a TPU pod."""
   if any(os.path.exists(p) for p in ('/dev/accel0', '/dev/vfio/0')):
+    yield
     return
-  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
-  os.environ.setdefault('TPU_HOST_BOUNDS', '1,1,1')
-  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  settings = {'TPU_WORKER_HOSTNAMES': 'localhost', 'TPU_HOST_BOUNDS': '1,1,1', 'ALLOW_MULTIPLE_LIBTPU_LOAD': '1'}
+  before = {k: os.environ.get(k) for k in settings}
+  os.environ.update({k: v for k, v in settings.items() if before[k] is None})
+  try:
+    yield
+  finally:
+    for k, v in before.items():
+      if v is None:
+        os.environ.pop(k, None)

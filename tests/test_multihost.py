@@ -183,3 +183,27 @@ def test_a_second_two_process_job_on_a_held_workdir_stops_on_every_process(tmp_p
   assert codes == [2, 2], text  # process 0 found the lock; process 1 learned it from process 0 and stopped too
   assert f'pid {holder.pid}' in text and 'Traceback' not in text
   assert sorted(os.listdir(workdir)) == ['lock.json']
+
+
+@pytest.mark.parametrize(
+  'env, joins',
+  [
+    ({'TPU_WORKER_HOSTNAMES': 'localhost'}, False),  # one host (what lmjax.topology sets for compile-only slices)
+    ({'TPU_WORKER_HOSTNAMES': 'w-0,w-1'}, True),  # a TPU VM pod
+    ({'SLURM_JOB_ID': '7'}, True),
+    ({}, False),
+  ],
+)
+def test_only_an_environment_naming_several_hosts_joins_a_multi_host_job(monkeypatch, env, joins):
+  # Found by CI: after a TPU plan in the same process set TPU_WORKER_HOSTNAMES=localhost, every later run called
+  # jax.distributed.initialize() and failed.
+  from lmjax import hostenv
+
+  for k in ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE', 'JAX_COORDINATOR_ADDRESS'):
+    monkeypatch.delenv(k, raising=False)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *a, **k: calls.append((a, k)))
+  hostenv.init_distributed()
+  assert bool(calls) == joins
