@@ -8,8 +8,10 @@ and buys on code (val_bpb/code). The weights are varied as a stage at step 0 (da
 replaces the sources' own weights and keeps the member names short.
 
 Run:   lmjax sweep experiments/mixture.py --workdir=runs/mixture
-Takes: not yet run; about 4 min per member on a 2-core CPU (the recipe's time), 6 members.
-Found: not yet run.
+Takes: 27 min for the 6 members on a shared 2-core VM (2026-12-03).
+Found: 30% code instead of 10% costs Shakespeare +0.052 val loss (1.8855 → 1.9377, Welch p = 0.0012) and buys code
+       -0.340 bits per byte (3.1198 → 2.7794, p = 0.00011); the pooled val_bpb falls 0.133 (p = 4e-05). Table and
+       plots in experiments/results/mixture/.
 """
 
 import sysconfig
