@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 
 import jax
@@ -61,14 +62,33 @@ for _name in ('absl', 'asyncio'):
   logging.getLogger(_name).addFilter(_drop_disk_full_reports)
 
 
+def _free_bytes(directory: str) -> int | None:
+  """Free bytes on the disk that holds (or will hold) `directory`; None for remote or unreadable paths."""
+  if '://' in directory:
+    return None
+  while directory and not os.path.exists(directory):  # the first save's directory does not exist yet
+    directory = os.path.dirname(directory)
+  try:
+    return shutil.disk_usage(directory or '.').free
+  except OSError:
+    return None
+
+
+def _size(n: int | None) -> str:
+  if n is None:
+    return '?'
+  return f'{n / 2**30:.2f} GiB' if n >= 2**30 else f'{n / 2**20:.1f} MiB'
+
+
 def _free(directory: str) -> str:
   """Free space on the disk holding `directory`, for messages ('?' for remote or unreadable paths)."""
-  import shutil  # pylint: disable=import-outside-toplevel
+  return _size(_free_bytes(directory))
 
-  try:
-    return f'{shutil.disk_usage(directory).free / 2**30:.2f} GiB'
-  except OSError:
-    return '?'
+
+def _disk_bytes_under(path: str) -> int:
+  """What the files under `path` take on disk: whole blocks, which for a checkpoint's many small files is more than
+  their sizes."""
+  return sum(os.stat(os.path.join(d, f)).st_blocks * 512 for d, _, files in os.walk(path) for f in files)
 
 
 def _path_str(path) -> str:
@@ -132,6 +152,7 @@ class Checkpointer:
       self.directory, options=options, item_names=tuple(handlers), item_handlers=handlers
     )
     self._writing = None  # the step of the last save started: an async failure surfaces at the next save or wait
+    self._failed = False  # a write failed and was raised as a CheckpointError
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -159,6 +180,7 @@ class Checkpointer:
       self._mngr.wait_until_finished()
     except (OSError, ValueError, RuntimeError) as e:
       raise self._write_error(self._writing, e) from e
+    self._check_room(step, state)
     try:
       started = self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
     except (OSError, ValueError, RuntimeError) as e:
@@ -166,11 +188,28 @@ class Checkpointer:
     self._writing = step if started else self._writing
     return started
 
-  def _write_error(self, step, e) -> CheckpointError:
+  def _check_room(self, step: int, state) -> None:
+    """Refuses a save the disk cannot hold before any file is written. A write that runs out of space fails inside
+    Orbax's background thread, whose other writes then print tracebacks as they land on its closed event loop; the
+    disk space of the newest saved step (or the arrays' size, for the first), with a quarter more because steps
+    differ in size (compressed chunks, metadata), is the expected need."""
+    steps = self.all_steps()
+    if steps:
+      need = _disk_bytes_under(os.path.join(self.directory, str(steps[-1])))
+    else:
+      need = sum(leaf.nbytes for leaf in jax.tree.leaves(state) if hasattr(leaf, 'nbytes'))
+    need += need // 4
+    free = _free_bytes(self.directory)
+    if free is not None and free < need:
+      raise self._write_error(step, OSError(28, 'No space left on device'), need)
+
+  def _write_error(self, step, e, need: int | None = None) -> CheckpointError:
     """A failed write (a full disk, a read-only or vanished directory) as one line saying where and what to do."""
+    self._failed = True
     text = one_line(e)
     if 'RESOURCE_EXHAUSTED' in text or 'No space' in text or getattr(e, 'errno', None) == 28:
-      why = f'the disk is full ({_free(self.directory)} free there); lower train.keep_checkpoints or use a --workdir on a larger disk'
+      needs = f', the step needs about {_size(need)}' if need else ''
+      why = f'the disk is full ({_free(self.directory)} free there{needs}); lower train.keep_checkpoints or use a --workdir on a larger disk'
     elif 'PERMISSION_DENIED' in text or 'Read-only' in text or getattr(e, 'errno', None) in (13, 30):
       why = 'the directory is not writable'
     else:
@@ -295,7 +334,16 @@ class Checkpointer:
       raise self._write_error(self._writing, e) from e
 
   def close(self) -> None:
-    self._mngr.close()
+    try:
+      self._mngr.close()
+    except (OSError, ValueError, RuntimeError) as e:
+      if not self._failed:
+        raise self._write_error(self._writing, e) from e
+      # Orbax keeps a failed write's thread and re-raises its error at every wait, its close() included, which then
+      # stops before closing its own threads; their callbacks print 'Event loop is closed' tracebacks at exit. The
+      # error was raised already, so close those parts here.
+      for part in ('_checkpointer', '_non_blocking_metadata_store', '_blocking_metadata_store', '_checkpoint_deleter'):
+        getattr(self._mngr, part).close()
 
   def __enter__(self):
     return self

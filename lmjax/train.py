@@ -79,12 +79,20 @@ class Run:
   compile_s: float
 
   def close(self):
-    """Waits for the checkpoint writes in flight, then closes the checkpointers (once)."""
+    """Waits for the checkpoint writes in flight, then closes the checkpointers (once), both even when a write
+    failed; that failure is raised after."""
+    failure = None
     for c in (self.ckpt, self.best):
-      if c is not None:
+      if c is None:
+        continue
+      try:
         c.wait()
-        c.close()
+      except CheckpointError as e:
+        failure = failure or e
+      c.close()
     self.ckpt = self.best = None
+    if failure is not None:
+      raise failure
 
 
 def start(config, workdir: str) -> Run:

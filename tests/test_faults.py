@@ -191,7 +191,9 @@ def _in_a_small_filesystem(script: str, size: str):
 
 def test_a_really_full_disk_during_an_async_save_is_one_line_and_keeps_the_earlier_steps(shakespeare_dirs):
   # Found by trying it: a real full disk (not an injected ENOSPC) surfaced as Orbax's RESOURCE_EXHAUSTED traceback
-  # from its background threads. A tiny run's checkpoint is ~0.5 MB: 1.5 MB of tmpfs holds two and fills on the third.
+  # from its background threads, and (on a loaded host, one run in three) as 'Event loop is closed' tracebacks from
+  # its writes still in flight; a save the disk cannot hold is now refused before it starts. A tiny run's checkpoint
+  # takes ~0.5 MB of tmpfs: 1.5 MB holds two, and the third is refused.
   overrides = (
     tiny_overrides(*shakespeare_dirs) + ONE_DEVICE + ['train.checkpoint_every=5', 'train.keep_checkpoints=100']
   )
