@@ -423,6 +423,7 @@ def main(argv=None) -> int:
   if as_command:  # a command, not a call from Python: restart with the allocator tuned (lmjax/hostenv.py)
     hostenv.reexec_tuned(['-m', 'lmjax', *argv])
   hostenv.tune_host_allocator()  # before JAX allocates anything
+  hostenv.skip_absent_tpu()
   hostenv.mark('arguments parsed')
   command = COMMANDS[args.command]
   try:

@@ -21,6 +21,7 @@ restarts again), and its children inherit the settings. Nothing here imports JAX
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import platform
 import sys
@@ -165,6 +166,27 @@ def tune_host_allocator():
   libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
   libc.mallopt(_M_TRIM_THRESHOLD, 2 << 30)
   libc.mallopt(_M_TOP_PAD, 256 << 20)
+
+
+def has_tpu() -> bool:
+  """Whether this host has a TPU of its own (a TPU VM's device nodes)."""
+  return any(os.path.exists(p) for p in ('/dev/accel0', '/dev/vfio/0'))
+
+
+def skip_absent_tpu():
+  """With libtpu installed (the tpu extra, which `lmjax plan --topology` needs on any host) but no TPU here, JAX
+  still tries its TPU backend at the first device query, and libtpu logs five lines of errors about TPU VM metadata
+  it cannot find before JAX falls back (JAX skips CUDA where no GPU is visible, but not TPU). Making that backend
+  decline at once keeps every command's output to its own lines; the platform stays registered, and compile-only
+  topologies load libtpu by themselves (lmjax/topology.py). A JAX_PLATFORMS the user set stands."""
+  if os.environ.get('JAX_PLATFORMS') or has_tpu() or importlib.util.find_spec('libtpu') is None:
+    return  # (without libtpu JAX is not imported here: commands that never need it stay quick)
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel  -- no public way to skip one backend
+
+  registration = getattr(xla_bridge, '_backend_factories', {}).get('tpu')
+  if registration is not None and registration.fail_quietly:
+    xla_bridge._backend_factories['tpu'] = dataclasses.replace(registration, factory=lambda: None)  # pylint: disable=protected-access
 
 
 def init_distributed(coordinator: str = '', num_processes: int = 0, process_id: int = -1):

@@ -17,6 +17,7 @@ import importlib.util
 import os
 import re
 
+from lmjax import hostenv
 from lmjax.errors import ConfigError
 
 
@@ -99,7 +100,7 @@ def _quiet_libtpu():
   plans) would be refused; with no TPU to own, loads may share. A real TPU VM (a /dev/accel* or /dev/vfio device)
   is left to its own metadata and lock. libtpu reads these when it loads, so they are set only around that: left
   in the environment, they reached every later run and subprocess, which took this host for a TPU pod."""
-  if any(os.path.exists(p) for p in ('/dev/accel0', '/dev/vfio/0')):
+  if hostenv.has_tpu():
     yield
     return
   settings = {'TPU_WORKER_HOSTNAMES': 'localhost', 'TPU_HOST_BOUNDS': '1,1,1', 'ALLOW_MULTIPLE_LIBTPU_LOAD': '1'}

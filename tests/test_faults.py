@@ -207,6 +207,7 @@ def test_a_really_full_disk_during_an_async_save_is_one_line_and_keeps_the_earli
   errors = [l for l in out.stderr.splitlines() if 'Traceback' in l or l.startswith(('ERROR', 'lmjax train:'))]
   assert 'train exit 2' in out.stderr, out.stderr[-3000:]
   assert len(errors) == 1, out.stderr[-4000:]  # the one line, and no traceback or logged error beside it
+  assert 'TPU_WORKER_HOSTNAMES' not in out.stderr, out.stderr[:2000]  # nor libtpu's start-up errors (the tpu extra)
   [line] = errors
   assert line.startswith('lmjax train: error: saving the checkpoint of step') and 'the disk is full' in line, line
   listed = out.stdout.split()
