@@ -15,6 +15,9 @@ def test_every_shipped_config_loads_validates_and_plans_on_cpu(name):
     config.model.vocab_size = config.model.vocab_size or 65
     if config.train.batch_size % 8:  # the CPU recipes' 12 rows: planned on the one device they run on
       config.mesh.data = 1
-  p = plan.plan(config)
+  whole = name == 'tiny.py'  # one config planned whole (eval step, sampler, the estimate); the rest: the train step
+  p = plan.plan(config, estimate=whole, train_only=not whole)
   assert p['n_params'] > 0 and p['train_step']['total'] > 0 and p['fits']
+  if whole:
+    assert p['eval_step']['total'] > 0 and p['sample_step']['total'] > 0
   assert p['batch_keys'] == sorted(data.TRAIN_KEYS[config.data.rows])  # packed configs: segments and positions too
