@@ -32,14 +32,13 @@ def open_source(ref: str):
 class WorkdirSource:
   """A checkpoint of an lmjax workdir: WORKDIR, WORKDIR:STEP or WORKDIR:best."""
 
-  def __init__(self, ref: str):
+  GIVE = 'give the --workdir of a trained run, optionally with :STEP or :best, or hf:DIR for a saved Hugging Face model'
+
+  def __init__(self, ref: str, give: str = GIVE):
     self.ref = ref
     self.workdir, self.step = workdir_lib.split_ref(ref)
     if not os.path.isdir(self.workdir):
-      raise WorkdirError(
-        f'{ref!r}: {self.workdir} is not a directory; give the --workdir of a trained run, optionally with :STEP '
-        'or :best, or hf:DIR for a saved Hugging Face model'
-      )
+      raise WorkdirError(f'{ref!r}: {self.workdir} is not a directory; {give}')
     self.tokenizer = workdir_lib.load_tokenizer(self.workdir)
     if self.tokenizer is None:
       raise WorkdirError(f'{ref!r}: {self.workdir} holds no tokenizer.json; is it a trained run?')
@@ -207,7 +206,7 @@ class Branch:
   def __init__(self, config):
     self.ref = config.train.branch_from
     self.workdir, self.step = workdir_lib.split_ref(self.ref)
-    self.source = WorkdirSource(self.ref)
+    self.source = WorkdirSource(self.ref, give='give WORKDIR:STEP, the --workdir of a run and one of its saved steps')
     self.tokenizer = self.source.tokenizer
     recorded = self.source.config()
     get = lambda c, key: c[key.split('.')[0]][key.split('.')[1]] if '.' in key else c[key]

@@ -63,6 +63,7 @@ def source(tmp_path_factory, shakespeare_dirs, cache_dir):
     (('train.steps=10',), 'starts at step 10, and train.steps (10) ends the run there'),
     (('train.branch_from=SOURCE:15',), 'keeps no checkpoint of step 15 (it keeps 10, 20)'),
     (('train.branch_from=SOURCE',), 'train.branch_from must be WORKDIR:STEP'),
+    (('train.branch_from=SOURCE/absent:10',), 'is not a directory; give WORKDIR:STEP, the --workdir of a run'),
     (
       ('train.steps_per_call=4', 'train.steps=32', 'train.log_every=4', 'train.checkpoint_every=4'),
       'not a multiple of train.steps_per_call (4)',
