@@ -254,8 +254,16 @@ def variant_name(swept: dict, keys) -> str:
   """'norm=rmsnorm,positions=rope': each key by its last part unless two of `keys` share it; filesystem-safe."""
   last = [k.rsplit('.', 1)[-1] for k in keys]
   short = {k: s if last.count(s) == 1 else k for k, s in zip(keys, last)}
-  name = ','.join(f'{short[k]}={v}' for k, v in swept.items())
+  name = ','.join(f'{short[k]}={_compact(v)}' for k, v in swept.items())
   return re.sub(r'[^A-Za-z0-9._=,+-]', '_', name) or 'base'
+
+
+def _compact(value: str) -> str:
+  """A structured value's text as a readable name part: '[[0, {"code": 0.3}]]' -> '0+code-0.3'."""
+  if value[:1] not in ('[', '{', '('):
+    return value
+  words = re.findall(r'[A-Za-z0-9._-]+', value.replace(':', ' - '))
+  return '+'.join(words).replace('+-+', '-')
 
 
 def _text(value) -> str:

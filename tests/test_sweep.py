@@ -88,7 +88,10 @@ def test_product_and_list_expand_to_unique_names_that_are_the_same_on_every_load
 def test_a_name_uses_each_keys_last_part_unless_two_keys_share_it_and_is_safe_as_a_directory():
   assert results.variant_name({'a.x': '1', 'b.x': '2', 'c.y': '3'}, ['a.x', 'b.x', 'c.y']) == 'a.x=1,b.x=2,y=3'
   s = sweep_lib.Sweep('configs/tiny.py', product={'train.eval_every': (30,), 'sample.stop': (('\n\n', 'a/b'),)})
-  assert sweep_lib.expand(s)[0].variant == 'eval_every=30,stop=___n_n_,__a_b__'
+  assert sweep_lib.expand(s)[0].variant == 'eval_every=30,stop=n+n+a+b'
+  stages = {'data.mixture_schedule': ([[0, {'shakespeare': 0.7, 'code': 0.3}]], [[0, {'shakespeare': 0.9}]])}
+  names = [m.variant for m in sweep_lib.expand(sweep_lib.Sweep('configs/tiny.py', product=stages))]
+  assert names == ['mixture_schedule=0+shakespeare-0.7+code-0.3', 'mixture_schedule=0+shakespeare-0.9']
 
 
 # ---------------------------------------------------------------------------------------------- validation
