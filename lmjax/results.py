@@ -276,6 +276,16 @@ def _unique(names):
   return [n if names.count(n) == 1 else f'{n}#{names[:i].count(n) + 1}' for i, n in enumerate(names)]
 
 
+def _shown(key: str, value):
+  """A value as the variant's line shows it: a sweep member's branch_from path as its source variant, since each
+  seed's member branches from the source's member of its own seed (the path is seed 0's)."""
+  if key == 'train.branch_from' and isinstance(value, str):
+    m = re.fullmatch(r'.*/([^/]+)/seed=\d+:([^/:]+)', value)
+    if m:
+      return f'{m[1]}/seed=*:{m[2]}'
+  return value
+
+
 def config_diff(config: dict, base: dict) -> dict:
   """{key: (base value, this value)} for every field but the seed that differs (model.vocab_size left at 0 in the
   base is filled in by training, so it is not a difference)."""
@@ -441,7 +451,7 @@ def markdown(table: Table, title: str, plots=(), missing=()) -> str:
   out += ['', '## Config of each variant against the base', '']
   for name in names:
     diff = table.diff(name)
-    what = ', '.join(f'{k}: {a!r} → {b!r}' for k, (a, b) in diff.items()) or 'the base config'
+    what = ', '.join(f'{k}: {_shown(k, a)!r} → {_shown(k, b)!r}' for k, (a, b) in diff.items()) or 'the base config'
     out.append(f'- `{name}`: {what}')
   out += ['', '## Provenance', ''] + provenance_lines(table.groups)
   if plots:

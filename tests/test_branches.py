@@ -114,6 +114,10 @@ def test_a_sweep_branches_each_seed_from_its_own_stable_member(tmp_path, shakesp
     [entry] = workdir_lib.read_provenance(str(root / name / 'seed=0'))
     assert entry['branched_from'] == {'workdir': str(root / stable_name / 'seed=0'), 'step': step}
     assert _losses(root / name / 'seed=0')  # it trained
+  # The results name a branch's source variant, not seed 0's path (each seed branches from its own member).
+  assert cli.main(['compare', str(root), f'--out={tmp_path / "results"}']) == 0
+  md = (tmp_path / 'results' / 'results.md').read_text()
+  assert f"train.branch_from: '' → '{stable_name}/seed=*:20'" in md and str(root) not in md.split('## Provenance')[0]
 
 
 @pytest.mark.parametrize(
