@@ -124,16 +124,19 @@ class Engine:
         name='init_state',
       )
 
-  def compile_train(self, batch):
+  def compile_train(self, batch, compiler_options=None):
     """Ahead-of-time compilation of the train step for batches shaped like `batch` (global arrays or
-    ShapeDtypeStructs), or its executable from train.compilation_cache_dir; returns (executable, seconds)."""
+    ShapeDtypeStructs), or its executable from train.compilation_cache_dir; returns (executable, seconds).
+    `compiler_options`: XLA options for this compile only (lmjax plan's estimate)."""
     t0 = time.perf_counter()
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in batch.items()}
     # The key as a shape only: a concrete one lives on this host's devices, which need not be the mesh's (a TPU
     # slice compiled for from a CPU host, lmjax/topology.py).
     rng = jax.ShapeDtypeStruct(self.rng.shape, self.rng.dtype, sharding=parallel.replicated(self.mesh))
     with parallel.activate(self.mesh):
-      compiled = self.executables.compile('train_step', self.train_fn, (self.abstract_state, batch, rng))
+      compiled = self.executables.compile(
+        'train_step', self.train_fn, (self.abstract_state, batch, rng), compiler_options
+      )
     return compiled, time.perf_counter() - t0
 
   @property

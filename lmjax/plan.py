@@ -13,8 +13,10 @@ On TPU the compiled program's cost analysis carries `optimal_seconds`, the compi
 plan turns that into tokens/s and MFU, always labelled as the compiler's estimate (nothing was measured). XLA counts
 a loop's body once (the K steps of train.steps_per_call, grad_accum's micro-batches, scanned layers), so when the
 configured step loops, the estimate comes from unrolled 1- and 2-layer copies of one micro-batch step, extrapolated
-to the model's layers (each layer is the same program); memory always comes from the configured program. The cost
-model adds -1 s for each call it cannot cost (_UNCOSTED); plan adds those back.
+to the model's layers (each layer is the same program); memory always comes from the configured program. A large
+fsdp-sharded matmul becomes such a loop too (a windowed einsum), so a step holding one is estimated from copies
+compiled without them (WHOLE_COST_OPTIONS). The cost model adds -1 s for each call it cannot cost (_UNCOSTED); plan
+adds those back.
 `--fit` searches the largest batch that fits (or, --fit=remat, the cheapest remat policy that fits the batch).
 """
 
@@ -36,6 +38,15 @@ _CUDNN = 'custom_call_target="__cudnn$fmha'  # cuDNN's fused attention
 # sharded arrays), X64Combine packs two u32 words into a u64 (the rbg dropout key). Adding 1 s back per call leaves
 # the cost of everything else.
 _UNCOSTED = ('custom_call_target="ConcatBitcast"', 'custom_call_target="X64Combine"')
+# XLA's TPU partitioner turns a large fsdp-sharded matmul and its collective into a "windowed einsum": a loop that
+# computes one slice of the result per trip. The cost model counts a loop's body once, so each such matmul is costed
+# as one trip of many (1/32 of the weight gradients on a 32-chip slice). The estimate's copies are compiled with
+# these loops off, so every matmul is costed whole; memory still comes from the program as it would run.
+_WINDOWED = re.compile(r'condition=%[\w.]*windowed_dot_general_cond')
+WHOLE_COST_OPTIONS = {
+  'xla_tpu_enable_windowed_einsum_for_reduce_scatter': False,
+  'xla_tpu_enable_windowed_einsum_for_all_gather': False,
+}
 REMAT_ORDER = ('none', 'save_dots', 'save_proj', 'full')  # from the least recomputation to the most
 
 
@@ -83,11 +94,12 @@ def run(args, overrides):
     print(json.dumps(p, indent=1) if args.json else report(p, notes))
 
 
-def plan(config, devices=None, estimate: bool = True, train_only: bool = False) -> dict:
+def plan(config, devices=None, estimate: bool = True, train_only: bool = False, compiler_options=None) -> dict:
   """The numbers `lmjax plan` prints, as a dict (tests and notebooks read it directly). `devices`: the mesh's
   devices (a TPU slice's from lmjax.topology); default this process's. A train step that does not fit comes back
   with fits=False and the compiler's message, never an exception. `train_only`: skip the eval step and sampler
-  (a search's candidates and the estimate's copies need only the train step)."""
+  (a search's candidates and the estimate's copies need only the train step). `compiler_options`: XLA options
+  for the train step's compile (the estimate's copies: WHOLE_COST_OPTIONS)."""
   import jax
   from lmjax import parallel, engine as engine_lib, topology
 
@@ -116,7 +128,7 @@ def plan(config, devices=None, estimate: bool = True, train_only: bool = False) 
     'batch_keys': sorted(batch_spec),
     'bytes_per_device': {'params': device_bytes(params), 'optimizer': device_bytes(engine.abstract_state.opt_state)},
   }
-  out['train_step'] = _compiled_stats(lambda: engine.compile_train(batch_spec), out['hbm_bytes'])
+  out['train_step'] = _compiled_stats(lambda: engine.compile_train(batch_spec, compiler_options), out['hbm_bytes'])
   out['fits'] = out['train_step']['fits']
   if out['fits'] and not train_only:
     eval_spec = {k: jax.ShapeDtypeStruct((config.train.eval_batch_size, L), v.dtype) for k, v in batch_spec.items()}
@@ -185,6 +197,7 @@ def _compiled_stats(compile_fn, hbm_bytes) -> dict:
     'optimal_seconds': seconds_xla,  # as XLA gave it
     'uncosted_calls': uncosted,
     'compiler_seconds': None if seconds_xla is None else seconds_xla + uncosted,  # the -1 per uncosted call undone
+    'windowed_loops': len(_WINDOWED.findall(text)),
     'mosaic_calls': text.count(_MOSAIC),
     'cudnn_calls': text.count(_CUDNN),
   }
@@ -205,20 +218,27 @@ def _estimate(config, devices, p) -> dict | None:
   loops = t.scan_layers or tc.steps_per_call > 1 or tc.grad_accum > 1
   how = 'the compiled train step'
   s = p['train_step']
+  counted = s.get('flops') or 0.0
   seconds = s['compiler_seconds']
   if seconds is None:
     return None
-  if loops and seconds > 0:
+  windowed = s.get('windowed_loops', 0)
+  if (loops or windowed) and seconds > 0:
     # One micro-batch step, unrolled, at 1 and 2 layers: XLA counts a loop body once, and layers add alike.
     per_layers = []
     for n in (1, 2):
       c = _variant(config, **{'model.n_layers': n, 'model.scan_layers': False, 'train.steps_per_call': 1})
       with c.unlocked():
         c.train.batch_size, c.train.grad_accum = tc.batch_size // tc.grad_accum, 1
-      per_layers.append(plan(c, devices, estimate=False, train_only=True)['train_step'])
+      options = WHOLE_COST_OPTIONS if windowed else None
+      per_layers.append(plan(c, devices, estimate=False, train_only=True, compiler_options=options)['train_step'])
     one, two = (x.get('compiler_seconds') or 0.0 for x in per_layers)
     seconds = tc.grad_accum * (one + (t.n_layers - 1) * (two - one))
+    f1, f2 = (x.get('flops') or 0.0 for x in per_layers)
+    counted = tc.grad_accum * (f1 + (t.n_layers - 1) * (f2 - f1))
     how = f'unrolled 1- and 2-layer copies of one micro-batch step, extrapolated to {t.n_layers} layers'
+    if windowed:
+      how += f', compiled without windowed einsums so each matmul is costed whole ({windowed} such loops in the step)'
   if seconds <= 0:  # an op the cost model cannot cost that _UNCOSTED does not name
     return {'step_s': None, 'optimal_seconds': s['optimal_seconds'], 'uncosted_calls': s['uncosted_calls']}
   tokens_per_s = p['tokens_per_step'] / seconds
@@ -228,6 +248,9 @@ def _estimate(config, devices, p) -> dict | None:
     'tokens_per_s': tokens_per_s,
     'mfu': p['flops_per_token'] * tokens_per_s / peak if peak == peak else None,
     'from': how,
+    # The cost model's FLOPs per chip against the formula's (which leaves out remat's recomputation): a check on
+    # how much of the program it saw. Mosaic kernels (splash) are opaque to it, so their FLOPs are missing.
+    'flops_counted': counted / (p['flops_per_token'] * p['tokens_per_step'] / p['n_devices']),
     'uncosted_calls': s['uncosted_calls'],
   }
 
@@ -442,7 +465,7 @@ def _estimate_lines(p: dict) -> list[str]:
     lines += [
       f"compiler's estimate (XLA's cost model, not a measurement): {1e3 * e['step_s']:.3g} ms per step, "
       f'{e["tokens_per_s"]:,.0f} tokens/s{mfu}',
-      f'  from {e["from"]}'
+      f'  from {e["from"]}; it counted {100 * e["flops_counted"]:.0f}% of the model FLOPs'
       + (
         f' ({e["uncosted_calls"]} calls it cannot cost, -1 s each in its sum, added back)'
         if e['uncosted_calls']

@@ -5,6 +5,8 @@ line. Tests that compile need libtpu (`pip install -e '.[tpu]'`) and are skipped
 import importlib.util
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import REPO
 
@@ -32,7 +34,7 @@ def test_a_tiny_config_compiled_for_a_tpu_slice_holds_the_mosaic_splash_kernel_a
   assert p['eval_step']['total'] > 0 and p['sample_step']['total'] > 0  # the sampler compiled for the slice too
   e = p['estimate']  # the compiler's own: a step time, and the throughput and MFU it implies
   assert e['step_s'] > 0 and e['tokens_per_s'] == pytest.approx(p['tokens_per_step'] / e['step_s'])
-  assert 0 < e['mfu'] < 1
+  assert 0 < e['mfu'] < 1 and 0.5 < e['flops_counted'] < 1.5
   text = plan.report(p)
   assert "compiler's estimate" in text and 'attention: splash' in text and 'fits, margin' in text
 
@@ -46,6 +48,37 @@ def test_calls_the_cost_model_cannot_cost_are_added_back_so_dropout_still_gets_t
   assert s['uncosted_calls'] > 0 and s['optimal_seconds'] < 0  # what XLA's sum gives, uncorrected
   # Dropout's mask is a little work on top of the same step: wrong by a whole second per call, this could not hold.
   assert plain < p['estimate']['step_s'] < 1.5 * plain
+
+
+@needs_libtpu
+def test_windowed_einsum_loops_are_found_and_the_estimate_is_compiled_without_them(monkeypatch):
+  # On a 32-chip slice XLA computes an fsdp-sharded matmul's gradient as a loop over result slices, whose body its
+  # cost model counts once; compiled with WHOLE_COST_OPTIONS the same gradient is one matmul, costed whole.
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  devices = topology.devices('v5p-64')
+  rows = NamedSharding(Mesh(np.array(devices), ('fsdp',)), P('fsdp', None))
+  grad = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w))), in_shardings=(rows, rows), out_shardings=rows)
+  M, K, N = 65536, 4096, 12288
+  args = (jax.ShapeDtypeStruct((K, N), jnp.bfloat16), jax.ShapeDtypeStruct((M, K), jnp.bfloat16))
+  matmul_flops = 2 * 2 * M * K * N / len(devices)  # the forward product and the weight gradient, per chip
+  looped, whole = (grad.lower(*args).compile(compiler_options=o) for o in (None, plan.WHOLE_COST_OPTIONS))
+  assert len(plan._WINDOWED.findall(looped.as_text())) > 0 and looped.cost_analysis()['flops'] < matmul_flops / 2
+  assert not plan._WINDOWED.findall(whole.as_text())
+  assert whole.cost_analysis()['flops'] == pytest.approx(matmul_flops, rel=0.01)
+  # A step with such loops is estimated from copies compiled without them.
+  options = []
+
+  def copy_plan(c, devices, estimate, train_only, compiler_options=None):
+    options.append(compiler_options)
+    return {'train_step': {'compiler_seconds': 1e-3 * c.model.n_layers, 'flops': 1e9 * c.model.n_layers}}
+
+  monkeypatch.setattr(plan, 'plan', copy_plan)
+  step = {'compiler_seconds': 1e-3, 'flops': 1e9, 'windowed_loops': 6, 'uncosted_calls': 0, 'optimal_seconds': 1e-3}
+  p = {'train_step': step, 'tokens_per_step': 4096, 'flops_per_token': 1e6, 'n_devices': 4, 'device_kind': 'TPU v5'}
+  e = plan._estimate(tiny(), None, p)
+  assert options == [plan.WHOLE_COST_OPTIONS] * 2 and 'without windowed einsums' in e['from']
+  assert e['step_s'] == pytest.approx(2e-3) and e['flops_counted'] == pytest.approx(2e9 / (1e6 * 4096 / 4))
 
 
 @needs_libtpu
