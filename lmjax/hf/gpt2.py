@@ -137,7 +137,7 @@ def expected(cfg: ModelConfig) -> dict:
 
 def to_params(get: Callable[[str], np.ndarray], cfg: ModelConfig) -> dict:
   """lmjax's parameter tree (numpy float32) from the tensors `get(name)` returns."""
-  D, H, N, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+  D, H, N, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
   params = {'embed': get('transformer.wte.weight'), 'pos_embed': get('transformer.wpe.weight')}
   for i in range(cfg.n_layers):
     t = lambda name, i=i: get(f'transformer.h.{i}.{name}')
@@ -168,7 +168,7 @@ def to_params(get: Callable[[str], np.ndarray], cfg: ModelConfig) -> dict:
 
 def from_params(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
   """(tensor name, float32 array) pairs of lmjax parameters: the inverse of to_params."""
-  D, H, K = cfg.d_model, cfg.n_heads, cfg.head_dim
+  D, H, K = cfg.d_model, cfg.n_heads, cfg.head_size
   a = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
   yield 'transformer.wte.weight', a(params['embed'])
   yield 'transformer.wpe.weight', a(params['pos_embed'])

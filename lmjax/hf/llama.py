@@ -113,7 +113,7 @@ def hf_config(cfg: ModelConfig) -> dict:
     'num_hidden_layers': cfg.n_layers,
     'num_attention_heads': cfg.n_heads,
     'num_key_value_heads': cfg.kv_heads,
-    'head_dim': cfg.head_dim,
+    'head_dim': cfg.head_size,
     'hidden_act': 'silu',
     'rms_norm_eps': cfg.norm_eps,
     'tie_word_embeddings': cfg.tied_embeddings,
@@ -134,7 +134,7 @@ def rename(names: set) -> dict:
 
 def expected(cfg: ModelConfig) -> dict:
   """{tensor name: shape} of a Llama of this config."""
-  D, F, V, H, N, K = cfg.d_model, cfg.ff_dim, cfg.vocab_size, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+  D, F, V, H, N, K = cfg.d_model, cfg.ff_dim, cfg.vocab_size, cfg.n_heads, cfg.kv_heads, cfg.head_size
   out = {'model.embed_tokens.weight': (V, D)}
   for i in range(cfg.n_layers):
     p = f'model.layers.{i}.'
@@ -158,7 +158,7 @@ def expected(cfg: ModelConfig) -> dict:
 
 def to_params(get: Callable[[str], np.ndarray], cfg: ModelConfig) -> dict:
   """lmjax's parameter tree (numpy float32) from the tensors `get(name)` returns."""
-  D, H, N, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+  D, H, N, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
   T = lambda x: np.ascontiguousarray(x.T)
   params = {'embed': get('model.embed_tokens.weight')}
   for i in range(cfg.n_layers):
@@ -186,7 +186,7 @@ def to_params(get: Callable[[str], np.ndarray], cfg: ModelConfig) -> dict:
 
 def from_params(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
   """(tensor name, float32 array) pairs of lmjax parameters: the inverse of to_params."""
-  D, H, N, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+  D, H, N, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
   a = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
   yield 'model.embed_tokens.weight', a(params['embed'])
   for i in range(cfg.n_layers):
