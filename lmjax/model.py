@@ -489,7 +489,7 @@ def count_params(params) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: Optional[int] = None) -> float:
-  """Training FLOPs per token: 6 * N (matmul params, forward + backward) + 12 * n_layers * d_model * seq_len
+  """Training FLOPs per token: 6 * N (matmul params, forward + backward) + 12 * n_layers * H * K * seq_len
   (attention scores and weighted sum, causal mask not discounted) -- the PaLM appendix B formula, as nanoGPT's
   estimate_mfu. N excludes the position table (a lookup, not a matmul) and counts the tied embedding once, as
   the output projection. This is the one place lmjax computes model FLOPs: MFU, `lmjax plan` and benchmarks call it.
@@ -497,4 +497,4 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: Optional[int] = No
   D, F, H, N, K = cfg.d_model, cfg.ff_dim, cfg.n_heads, cfg.kv_heads, cfg.head_size
   per_layer = D * H * K + D * 2 * N * K + H * K * D + (3 if cfg.mlp in config_lib.GATED_MLPS else 2) * D * F
   matmul_params = cfg.n_layers * per_layer + cfg.vocab_size * D
-  return 6.0 * matmul_params + 12.0 * cfg.n_layers * D * seq_len
+  return 6.0 * matmul_params + 12.0 * cfg.n_layers * H * K * seq_len  # H * K = D unless model.head_dim says

@@ -5,6 +5,7 @@ transformers on tiny random models built here, 50 greedy tokens identical to `ge
 import json
 import os
 import shutil
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -30,14 +31,27 @@ ARCHITECTURES = {
 SHAPES = FAMILY_SHAPES
 
 
+class Imported(NamedTuple):
+  source: str  # the HF directory
+  workdir: str  # its import
+  run: tuple  # inference.load_run(workdir): (config, tokenizer, engine, state)
+  ids: np.ndarray  # two rows of real text, 48 tokens each
+  logits: np.ndarray  # lmjax's logits of them (one compile per family, shared by the tests)
+
+
 @pytest.fixture(scope='module')
 def families(hf_models, tmp_path_factory):
-  """{family: (HF directory, lmjax workdir)}: each tiny model of tests/conftest.py FAMILY_SHAPES, imported."""
+  """{family: Imported}: each tiny model of tests/conftest.py FAMILY_SHAPES, imported and run once."""
   root = tmp_path_factory.mktemp('families')
   out = {}
   for name in FAMILY_SHAPES:
-    out[name] = (hf_models[name], str(root / name))
-    hf.import_hf(*out[name])
+    workdir = str(root / name)
+    hf.import_hf(hf_models[name], workdir)
+    run = inference.load_run(workdir, ONE_DEVICE)
+    _, tok, engine, state = run
+    ids = _ids(tok)
+    logits = np.asarray(engine.model.apply({'params': state.params}, jnp.asarray(ids)))
+    out[name] = Imported(hf_models[name], workdir, run, ids, logits)
   return out
 
 
@@ -58,11 +72,8 @@ def _ids(tok, rows=2, length=48):
 
 @pytest.mark.parametrize('name', SHAPES)
 def test_imported_logits_and_50_greedy_tokens_equal_transformers(name, families):
-  source, workdir = families[name]
-  config, tok, engine, state = inference.load_run(workdir, ONE_DEVICE)
+  source, _, (_, _, engine, state), ids, got = families[name]
   assert json.load(open(os.path.join(source, 'config.json')))['architectures'] == [ARCHITECTURES[name]]
-  ids = _ids(tok)
-  got = np.asarray(engine.model.apply({'params': state.params}, jnp.asarray(ids)))
   want = _hf_logits(source, ids)
   assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4
   prompt = ids[0, :8]
@@ -85,13 +96,10 @@ def test_imported_logits_and_50_greedy_tokens_equal_transformers(name, families)
 
 @pytest.mark.parametrize('name', SHAPES)
 def test_export_loads_in_transformers_as_the_same_architecture_with_the_same_logits(name, families, tmp_path):
-  source, workdir = families[name]
+  source, workdir, (_, tok, _, _), ids, ours = families[name]
   out = str(tmp_path / 'out')
   summary = inference.export_hf(workdir, out)
   assert summary['architecture'] == ARCHITECTURES[name] and summary['tokenizer']
-  _, tok, engine, state = inference.load_run(workdir, ONE_DEVICE)
-  ids = _ids(tok)
-  ours = np.asarray(engine.model.apply({'params': state.params}, jnp.asarray(ids)))
   assert np.abs(_hf_logits(out, ids) - ours).max() <= 1e-4
   # the tokenizer: its ids and specials as transformers reads them, from the source and from the export
   for directory in (source, out):
@@ -135,7 +143,7 @@ REFUSED = [
 def test_what_lmjax_lacks_is_refused_from_the_config_before_any_array_is_read(
   name, changes, message, families, tmp_path
 ):
-  bad = _with_config(families[name][0], tmp_path / 'bad', **changes)
+  bad = _with_config(families[name].source, tmp_path / 'bad', **changes)
   with pytest.raises(errors.InteropError, match=message.replace('(', r'\(')) as e:
     hf.import_hf(bad, str(tmp_path / 'run'))
   assert '\n' not in str(e.value)

@@ -21,6 +21,24 @@ VARIANTS = {
   'dpa': dict(attention='dot_product_attention', n_kv_heads=2),  # jax.nn's kernel: is_causal, B' x 1 x L x T mask
   # the stability options, with RoPE after QK-norm
   'stable': dict(qk_norm=True, attn_softcap=1.5, final_softcap=2.0, positions='rope', n_kv_heads=2, norm='rmsnorm'),
+  # Gemma 3's options (tests/test_model_options.py has their reference): a window of 5 in layer 1, layer 2 global
+  'gemma': dict(
+    norm='rmsnorm',
+    norm_offset=True,
+    embed_scale=True,
+    post_norms=True,
+    mlp='geglu',
+    positions='rope',
+    rope_local_theta=100.0,
+    head_dim=12,
+    n_kv_heads=2,
+    qk_norm=True,
+    query_pre_attn_scalar=10.0,
+    attn_window=5,
+    global_every=2,
+    use_bias=False,
+    qkv_bias=True,
+  ),
 }
 
 
