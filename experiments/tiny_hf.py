@@ -11,12 +11,14 @@ the play, then the line after it). Needs torch and transformers (the test extra)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 
 SHAKESPEARE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
 
 
+@functools.lru_cache(maxsize=8)  # the tests build several models on one text: train each tokenizer once
 def byte_bpe(text: str, vocab_size: int, bos: bool):
   """A byte-level BPE tokenizer (GPT-2's scheme) trained on `text`, as a transformers fast tokenizer. Specials:
   <|endoftext|> (id 0), and with `bos` also <s> (id 1), which the tokenizer puts before every sequence (Llama's
