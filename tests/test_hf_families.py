@@ -168,3 +168,137 @@ def test_an_lmjax_model_from_scratch_exports_as_the_family_its_options_make_it()
     assert table.of_model(ModelConfig(**fields)).ARCHITECTURE == arch
   with pytest.raises(errors.InteropError, match='Mistral needs model.global_every=2'):
     table.of_model(ModelConfig(**dict(base, attn_window=16, global_every=2)))
+
+
+# The config.json files of the hub models docs/huggingface.md names (their model fields, as the hub serves them):
+# what each maps to, read without any weights.
+HUB_CONFIGS = {
+  'Qwen/Qwen2.5-0.5B': (
+    dict(
+      architectures=['Qwen2ForCausalLM'],
+      hidden_act='silu',
+      hidden_size=896,
+      intermediate_size=4864,
+      max_position_embeddings=32768,
+      max_window_layers=24,
+      model_type='qwen2',
+      num_attention_heads=14,
+      num_hidden_layers=24,
+      num_key_value_heads=2,
+      rms_norm_eps=1e-06,
+      rope_theta=1000000.0,
+      sliding_window=32768,
+      tie_word_embeddings=True,
+      use_sliding_window=False,
+      vocab_size=151936,
+    ),
+    dict(qkv_bias=True, n_kv_heads=2, head_dim=0, tied_embeddings=True, rope_theta=1e6, attn_window=0),
+  ),
+  'Qwen/Qwen3-0.6B': (
+    dict(
+      architectures=['Qwen3ForCausalLM'],
+      attention_bias=False,
+      head_dim=128,
+      hidden_act='silu',
+      hidden_size=1024,
+      intermediate_size=3072,
+      max_position_embeddings=40960,
+      max_window_layers=28,
+      model_type='qwen3',
+      num_attention_heads=16,
+      num_hidden_layers=28,
+      num_key_value_heads=8,
+      rms_norm_eps=1e-06,
+      rope_scaling=None,
+      rope_theta=1000000,
+      sliding_window=None,
+      tie_word_embeddings=True,
+      use_sliding_window=False,
+      vocab_size=151936,
+    ),
+    dict(qk_norm=True, head_dim=128, tied_embeddings=True, attn_window=0),
+  ),
+  'mistralai/Mistral-7B-v0.1': (
+    dict(
+      architectures=['MistralForCausalLM'],
+      hidden_act='silu',
+      hidden_size=4096,
+      intermediate_size=14336,
+      max_position_embeddings=32768,
+      model_type='mistral',
+      num_attention_heads=32,
+      num_hidden_layers=32,
+      num_key_value_heads=8,
+      rms_norm_eps=1e-05,
+      rope_theta=10000.0,
+      sliding_window=4096,
+      tie_word_embeddings=False,
+      vocab_size=32000,
+    ),
+    dict(attn_window=4096, global_every=0, n_kv_heads=8, tied_embeddings=False),
+  ),
+  'google/gemma-2-2b': (
+    dict(
+      architectures=['Gemma2ForCausalLM'],
+      attention_bias=False,
+      attn_logit_softcapping=50.0,
+      final_logit_softcapping=30.0,
+      head_dim=256,
+      hidden_act='gelu_pytorch_tanh',
+      hidden_activation='gelu_pytorch_tanh',
+      hidden_size=2304,
+      intermediate_size=9216,
+      max_position_embeddings=8192,
+      model_type='gemma2',
+      num_attention_heads=8,
+      num_hidden_layers=26,
+      num_key_value_heads=4,
+      query_pre_attn_scalar=256,
+      rms_norm_eps=1e-06,
+      rope_theta=10000.0,
+      sliding_window=4096,
+      vocab_size=256000,
+    ),
+    dict(attn_window=4096, global_every=2, attn_softcap=50.0, final_softcap=30.0, head_dim=256, norm_offset=True),
+  ),
+  'google/gemma-3-1b-pt': (
+    dict(
+      architectures=['Gemma3ForCausalLM'],
+      attention_bias=False,
+      attn_logit_softcapping=None,
+      final_logit_softcapping=None,
+      head_dim=256,
+      hidden_activation='gelu_pytorch_tanh',
+      hidden_size=1152,
+      intermediate_size=6912,
+      max_position_embeddings=32768,
+      model_type='gemma3_text',
+      num_attention_heads=4,
+      num_hidden_layers=26,
+      num_key_value_heads=1,
+      query_pre_attn_scalar=256,
+      rms_norm_eps=1e-06,
+      rope_local_base_freq=10000,
+      rope_scaling=None,
+      rope_theta=1000000,
+      sliding_window=512,
+      sliding_window_pattern=6,
+      vocab_size=262144,
+    ),
+    dict(attn_window=512, global_every=6, rope_theta=1e6, rope_local_theta=1e4, head_dim=256, qk_norm=True),
+  ),
+}
+
+
+@pytest.mark.parametrize('hub', HUB_CONFIGS)
+def test_the_hub_configs_the_docs_name_map_to_their_options_and_back(hub):
+  from lmjax.config import ModelConfig
+
+  settings, want = HUB_CONFIGS[hub]
+  fields = hf.model_fields(settings)
+  assert {k: fields.get(k, getattr(ModelConfig(), k)) for k in want} == want
+  cfg = ModelConfig(**fields)
+  assert cfg.problems() == []
+  exported = hf.hf_config(cfg)
+  assert exported['architectures'] == settings['architectures']
+  assert hf.model_fields(exported) == fields
