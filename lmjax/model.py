@@ -2,9 +2,11 @@
 
 Defaults reproduce the GPT-2 block: pre-LayerNorm, learned positions, a GELU MLP (exact erf as nanoGPT, or
 GPT-2's own tanh approximation), tied embeddings, biases. Options cover the Llama family too: RMSNorm, RoPE (with
-Llama 3.1's frequency scaling), SwiGLU, grouped-query attention, no biases. lmjax/hf.py maps both families'
+Llama 3.1's frequency scaling), SwiGLU, grouped-query attention, no biases. lmjax/hf/ maps both families'
 Hugging Face checkpoints onto these parameters. Stability options, off by default: QK-norm, and soft-caps of the
-attention scores and the final logits (Gemma 2).
+attention scores and the final logits (Gemma 2). And what Qwen, Mistral and Gemma add (lmjax/config.py says each):
+head_dim, qkv_bias, norm_offset, embed_scale, post_norms, geglu, query_pre_attn_scalar, and sliding-window layers
+(attn_window, global_every, rope_local_theta).
 
 Shapes live in names, one letter per dim: B batch, L query length, T key/value length (the cache length when
 decoding), D d_model, H query heads, N key/value heads (H = N * G, G heads share one kv head), K head dim,
@@ -17,7 +19,8 @@ so one rule covers causality, packing and batched prompts of different lengths.
 
 Parameters carry logical axis names (`nn.with_logical_partitioning`); lmjax/parallel.py maps them onto the mesh.
 Parameter paths are stable: `embed`, `pos_embed`, `block_{i}/{ln1,attn/{q,kv,o},ln2,mlp/{up,gate,down}}`,
-`ln_f`, `lm_head` (with model.qk_norm, `attn/{q_norm,k_norm}/scale` too); with scanned layers, `blocks/...` holds the same leaves with a leading layer axis
+`ln_f`, `lm_head` (with model.qk_norm, `attn/{q_norm,k_norm}/scale` too; with post_norms, `ln1_post`,
+`ln2_post`); with scanned layers, `blocks/...` holds the same leaves with a leading layer axis
 (`stack_layers` / `unstack_layers` convert between the two; a checkpoint refuses to resume across them).
 
 Precision: `dtype` is the compute dtype, `param_dtype` the master weights'. On GPU/TPU use dtype='bfloat16' with
