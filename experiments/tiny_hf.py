@@ -11,12 +11,14 @@ the play, then the line after it). Needs torch and transformers (the test extra)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 
 SHAKESPEARE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
 
 
+@functools.lru_cache(maxsize=8)  # the tests build several models on one text: train each tokenizer once
 def byte_bpe(text: str, vocab_size: int, bos: bool):
   """A byte-level BPE tokenizer (GPT-2's scheme) trained on `text`, as a transformers fast tokenizer. Specials:
   <|endoftext|> (id 0), and with `bos` also <s> (id 1), which the tokenizer puts before every sequence (Llama's
@@ -39,9 +41,23 @@ def byte_bpe(text: str, vocab_size: int, bos: bool):
   )
 
 
+# The decoder families beside GPT-2 (the transformers config class and model class of each); BOS says whether
+# the family's tokenizer puts a BOS token before every sequence (Qwen's does not).
+DECODERS = {
+  'llama': ('LlamaConfig', 'LlamaForCausalLM'),
+  'qwen2': ('Qwen2Config', 'Qwen2ForCausalLM'),
+  'qwen3': ('Qwen3Config', 'Qwen3ForCausalLM'),
+  'mistral': ('MistralConfig', 'MistralForCausalLM'),
+  'gemma2': ('Gemma2Config', 'Gemma2ForCausalLM'),
+  'gemma3': ('Gemma3TextConfig', 'Gemma3ForCausalLM'),
+}
+BOS = ('llama', 'mistral', 'gemma2', 'gemma3')
+
+
 def model(arch: str, vocab_size: int, seed: int = 0, std: float = 0.02, **shape):
-  """A randomly initialised GPT2LMHeadModel ('gpt2') or LlamaForCausalLM ('llama'); `shape` overrides the tiny
-  default config fields; `std` is the init scale (larger than 0.02 makes greedy decoding less degenerate)."""
+  """A randomly initialised GPT2LMHeadModel ('gpt2') or one of DECODERS; `shape` overrides the tiny default config
+  fields; `std` is the init scale (larger than 0.02 makes greedy decoding less degenerate). Norm weights and
+  biases, which transformers initialises to constants, get noise of `std` too, so a test sees their use."""
   import torch
   import transformers
 
@@ -57,11 +73,18 @@ def model(arch: str, vocab_size: int, seed: int = 0, std: float = 0.02, **shape)
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=128,
-    bos_token_id=1,
+    bos_token_id=1 if arch in BOS else 0,
     eos_token_id=0,
   )
-  cfg = transformers.LlamaConfig(vocab_size=vocab_size, initializer_range=std, **{**fields, **shape})
-  return transformers.LlamaForCausalLM(cfg).eval()
+  config_class, model_class = (getattr(transformers, name) for name in DECODERS[arch])
+  cfg = config_class(vocab_size=vocab_size, initializer_range=std, **{**fields, **shape})
+  m = model_class(cfg).eval()
+  if arch != 'llama':  # (the Llama tests' recorded models predate the noise)
+    with torch.no_grad():
+      for name, p in m.named_parameters():
+        if 'norm' in name or name.endswith('bias'):
+          p.add_(std * torch.randn_like(p))
+  return m
 
 
 def save(
@@ -70,7 +93,7 @@ def save(
   """Writes a tiny model and its tokenizer into `out` as save_pretrained does; returns (model, tokenizer).
   `model_vocab`: the embedding's rows when larger than the tokenizer's vocabulary (GPT-2's 50257)."""
   text = text if text is not None else read_shakespeare()[:200_000]
-  tokenizer = byte_bpe(text, vocab_size, bos=arch == 'llama')
+  tokenizer = byte_bpe(text, vocab_size, bos=arch in BOS)
   m = model(arch, max(len(tokenizer), model_vocab), **kw)
   extra = {'max_shard_size': max_shard_size} if max_shard_size else {}
   m.save_pretrained(out, safe_serialization=True, **extra)
@@ -101,7 +124,7 @@ def write_pairs(prefix: str, text: str | None = None, n_train: int = 400, n_val:
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--out', default='runs/tiny_gpt2_hf')
-  p.add_argument('--arch', choices=('gpt2', 'llama'), default='gpt2')
+  p.add_argument('--arch', choices=('gpt2', *DECODERS), default='gpt2')
   p.add_argument('--pairs', default='runs/pairs', help='prefix of the prompt/completion files ("" = none)')
   args = p.parse_args()
   save(args.out, args.arch, std=0.1)

@@ -45,19 +45,27 @@ IMPLEMENTATIONS = config_lib.ATTENTION  # the names config.validate accepts
 _NEG_INF = -1e30  # finite: a fully masked row (never produced by make_mask) would give uniform weights, not NaN
 
 
-def make_mask(q_slot_L, kv_slot_T, q_segment_BxL=None, kv_segment_BxT=None):
+def make_mask(q_slot_L, kv_slot_T, q_segment_BxL=None, kv_segment_BxT=None, window=0):
   """Boolean mask, broadcastable to B x N x G x L x T: key visible iff its slot is not after the query's slot
   and it lies in the same segment (packed document; 0 = padding) or in a shared prefix: a negative segment id is
   seen by every later query (one context followed by the several continuations that condition on it,
   lmjax/evals/loglikelihood.py; only this explicit mask knows the rule, so such rows go through a KV cache).
+  window > 0 (an int, or traced in scanned layers): also fewer than `window` slots back (sliding-window attention,
+  transformers' `kv_idx > q_idx - sliding_window`).
 
   Every query sees at least its own slot, so no softmax row is ever empty.
   """
   mask_LxT = kv_slot_T[None, :] <= q_slot_L[:, None]
+  if not _no_window(window):
+    mask_LxT = mask_LxT & (kv_slot_T[None, :] > q_slot_L[:, None] - window)
   if q_segment_BxL is None or kv_segment_BxT is None:
     return mask_LxT[None, None, None]
   same_BxLxT = (q_segment_BxL[:, :, None] == kv_segment_BxT[:, None, :]) | (kv_segment_BxT[:, None, :] < 0)
   return (mask_LxT[None] & same_BxLxT)[:, None, None]
+
+
+def _no_window(window) -> bool:
+  return isinstance(window, int) and window == 0
 
 
 def bias_from_mask(mask):
@@ -101,9 +109,9 @@ def chunk_for(length: int, setting: int) -> int:
   return max(min(128, max(32, length // 4)), -(-length // 16))
 
 
-def _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng, causal_chunk, cap=0.0):
+def _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng, causal_chunk, cap=0.0, scale=None):
   B, L, H, K = q_BxLxHxK.shape
-  q_BxLxHxK = q_BxLxHxK * jnp.asarray(K**-0.5, q_BxLxHxK.dtype)
+  q_BxLxHxK = q_BxLxHxK * jnp.asarray(K**-0.5 if scale is None else scale, q_BxLxHxK.dtype)
   bias = bias_from_mask(mask)  # B' x 1 x 1 x L x T (B' = 1 or B)
   chunk = causal_chunk if 0 < causal_chunk < L and k_BxNxTxK.shape[2] == L else L
   starts = range(0, L, chunk)
@@ -134,7 +142,7 @@ def _block(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, bias, dropout, dropout_seed, cap=0.0
   return o_BxLxNxGxK.reshape(B, L, H, K)
 
 
-def _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, causal, implementation):
+def _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, causal, implementation, scale=None):
   # is_causal lets cuDNN skip the blocks above the diagonal and read no mask at all; a mask (segments, cache slots)
   # stays B' x 1 x L x T: broadcast over heads by the kernel, never materialised per head.
   mask_Bx1xLxT = None if mask is None else mask.reshape(mask.shape[0], 1, *mask.shape[-2:])
@@ -145,21 +153,31 @@ def _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, causal, implem
     mask=mask_Bx1xLxT,
     is_causal=causal,
     implementation=implementation,
+    scale=scale,
   )
 
 
 def resolve(
-  impl: str, dtype, dropout: float, causal: bool, length: int, boolean_mask: bool = False, cap: float = 0.0
+  impl: str,
+  dtype,
+  dropout: float,
+  causal: bool,
+  length: int,
+  boolean_mask: bool = False,
+  cap: float = 0.0,
+  windowed: bool = False,
 ) -> str:
   """'auto' picks cuDNN on GPU, splash on TPU, for causal self-attention (training, eval) where they apply; splash
   reads segment ids, so a boolean mask keeps 'auto' on 'xla' there, and cuDNN cannot soft-cap scores (`cap`), so a
-  cap keeps 'auto' on 'xla' on GPU. Decoding over a KV cache stays on 'xla' (as 'splash' does): a step of one
+  cap keeps 'auto' on 'xla' on GPU. Neither is given a sliding window here (`windowed`): 'xla' then. Decoding over a KV cache stays on 'xla' (as 'splash' does): a step of one
   query gains little from a flash kernel, and that path was never run on a GPU here."""
   if impl == 'splash' and not causal:
     return 'xla'
   if impl != 'auto':
     return impl
   backend = parallel.platform()
+  if windowed:
+    return 'xla'
   if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and dropout == 0 and causal and not cap:
     return 'cudnn'
   if backend == 'tpu' and dropout == 0 and causal and length % 128 == 0 and not boolean_mask:
@@ -212,12 +230,13 @@ def _warn_interpreted(platform: str):
   )
 
 
-def _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL, cap=0.0):
+def _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL, cap=0.0, scale=None):
   B, L, H, K = q_BxLxHxK.shape
   N = k_BxNxTxK.shape[1]
   # Queries grouped by kv head (B x L x N x G x K): a mesh splits kv heads and their query heads alike, or, when
   # it cannot split the kv heads (MQA), each group's query heads, every shard holding all kv heads.
-  q_BxLxNxGxK = (q_BxLxHxK * jnp.asarray(K**-0.5, q_BxLxHxK.dtype)).reshape(B, L, N, H // N, K)
+  scale = K**-0.5 if scale is None else scale
+  q_BxLxNxGxK = (q_BxLxHxK * jnp.asarray(scale, q_BxLxHxK.dtype)).reshape(B, L, N, H // N, K)
 
   def per_shard(q_BxLxNxGxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL):
     n, G = q_BxLxNxGxK.shape[2:4]
@@ -256,6 +275,8 @@ def attend(
   causal=False,
   causal_chunk=0,
   softcap=0.0,
+  scale=None,
+  window=0,
 ):
   """Attention output o_BxLxHxK.
 
@@ -266,7 +287,9 @@ def attend(
   builds its own mask, and 'splash' reads the ids as they are. make_mask's boolean mask is accepted too, by every
   kernel but 'splash'. Without causal, `mask` is make_mask's boolean mask (decoding over a cache).
   dropout_rng: a JAX key, needed when dropout > 0. softcap > 0: scores become softcap * tanh(scores / softcap)
-  before the mask ('xla' and 'splash' only; config.UNCAPPED_ATTENTION are refused)."""
+  before the mask ('xla' and 'splash' only; config.UNCAPPED_ATTENTION are refused). scale: what q.k is multiplied
+  by (None: 1/sqrt(K)). window > 0 (causal only): each query also sees only its last `window` slots (make_mask);
+  'xla' and 'dot_product_attention' only (config.WINDOWLESS_ATTENTION are refused)."""
   segment_ids_BxL = None
   if mask is not None and mask.dtype != jnp.bool_:
     if not causal:
@@ -275,7 +298,12 @@ def attend(
   if not causal and (mask is None or causal_chunk > 0):
     raise ValueError('attend: mask=None (the causal mask alone) and causal_chunk > 0 need causal=True')
   boolean_mask = mask is not None and segment_ids_BxL is None
-  impl = resolve(impl, q_BxLxHxK.dtype, dropout, causal, q_BxLxHxK.shape[1], boolean_mask, softcap)
+  windowed = not _no_window(window)
+  if windowed and not causal:
+    raise ValueError('attend: a window needs causal=True; over a cache, put the window in make_mask(...)')
+  impl = resolve(impl, q_BxLxHxK.dtype, dropout, causal, q_BxLxHxK.shape[1], boolean_mask, softcap, windowed)
+  if windowed and impl in config_lib.WINDOWLESS_ATTENTION:
+    raise ValueError(f"attention={impl!r} has no sliding window here; use model.attention='xla' or 'auto'")
   if softcap and impl in config_lib.UNCAPPED_ATTENTION:
     raise ValueError(f"attention={impl!r} cannot soft-cap attention scores; use model.attention='xla' or 'auto'")
   if impl == 'splash' and boolean_mask:
@@ -283,12 +311,15 @@ def attend(
   if dropout > 0 and impl != 'xla':
     raise ValueError(f"attention={impl!r} has no attention dropout; set model.dropout=0 or model.attention='xla'")
   if impl == 'splash':
-    return _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL, softcap)
+    return _splash(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, segment_ids_BxL, softcap, scale)
   slots_L = jnp.arange(q_BxLxHxK.shape[1], dtype=jnp.int32)
   if segment_ids_BxL is not None:
-    mask = make_mask(slots_L, slots_L, segment_ids_BxL, segment_ids_BxL)
-  elif mask is None and impl == 'xla':  # the causal mask alone; fused kernels get is_causal and no mask array
-    mask = make_mask(slots_L, slots_L)
+    mask = make_mask(slots_L, slots_L, segment_ids_BxL, segment_ids_BxL, window)
+  elif mask is None and (impl == 'xla' or windowed):  # fused kernels get is_causal and no mask array if they can
+    mask = make_mask(slots_L, slots_L, window=window)
+  elif windowed:
+    mask = mask & make_mask(slots_L, slots_L, window=window)
   if impl == 'xla':
-    return _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng, causal_chunk, softcap)
-  return _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, causal, 'cudnn' if impl == 'cudnn' else 'xla')
+    return _xla(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, dropout, dropout_rng, causal_chunk, softcap, scale)
+  kernel = 'cudnn' if impl == 'cudnn' else 'xla'
+  return _dot_product_attention(q_BxLxHxK, k_BxNxTxK, v_BxNxTxK, mask, causal, kernel, scale)

@@ -26,11 +26,13 @@ from lmjax.evals import spec as eval_spec
 # The names each choice accepts: the modules that implement them assert they implement exactly these.
 NORMS = ('layernorm', 'rmsnorm')
 POSITIONS = ('learned', 'rope')
-MLPS = ('gelu', 'gelu_tanh', 'swiglu')
+MLPS = ('gelu', 'gelu_tanh', 'swiglu', 'geglu')
+GATED_MLPS = ('swiglu', 'geglu')  # a gate projection beside the up projection
 ROPE_SCALINGS = ('none', 'llama3')
 REMAT = ('none', 'full', 'save_dots', 'save_proj')  # lmjax/model.py REMAT_POLICIES
 ATTENTION = ('xla', 'dot_product_attention', 'cudnn', 'splash', 'auto')  # lmjax/attention.py
 UNCAPPED_ATTENTION = ('dot_product_attention', 'cudnn')  # kernels with no attention soft-cap (model.attn_softcap)
+WINDOWLESS_ATTENTION = ('cudnn', 'splash')  # kernels lmjax does not give a sliding window (model.attn_window)
 OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon')  # lmjax/optim.py
 SCHEDULES = ('cosine', 'linear', 'constant', 'inverse_sqrt', 'wsd')  # lmjax/optim.py schedule
 COOLDOWN_SHAPES = ('linear', 'cosine', '1-sqrt')  # optimizer.cooldown_shape (wsd)
@@ -75,6 +77,7 @@ class ModelConfig:
   n_kv_heads: int = _field(0, ARCH)  # 0 = n_heads (multi-head); 1 = multi-query; otherwise grouped-query
   d_model: int = _field(128, ARCH)
   d_ff: int = _field(0, ARCH)  # 0 = 4 * d_model
+  head_dim: int = _field(0, ARCH)  # per-head width; 0 = d_model // n_heads (Gemma and Qwen3 set it apart)
   dropout: float = _field(0.0, RUNTIME)  # on embeddings, attention weights and both residual branches (as nanoGPT)
   norm: str = _field('layernorm', ARCH)  # layernorm | rmsnorm
   norm_eps: float = _field(1e-5, ARCH)
@@ -87,10 +90,26 @@ class ModelConfig:
   rope_low_freq_factor: float = _field(1.0, ARCH)
   rope_high_freq_factor: float = _field(4.0, ARCH)
   rope_original_max_len: int = _field(8192, ARCH)
-  # gelu (exact erf, as nanoGPT) | gelu_tanh (GPT-2's tanh approximation, HF's gelu_new) | swiglu
+  # gelu (exact erf, as nanoGPT) | gelu_tanh (GPT-2's tanh approximation, HF's gelu_new) | swiglu | geglu (a
+  # tanh-GELU gate, Gemma)
   mlp: str = _field('gelu', ARCH)
   tied_embeddings: bool = _field(True, ARCH)  # output projection = input embedding transposed
   use_bias: bool = _field(True, ARCH)  # biases in projections and LayerNorm
+  qkv_bias: bool = _field(False, ARCH)  # biases on the q, k and v projections only, with use_bias off (Qwen2)
+  # Norms scale by (1 + w) with w initialised to 0 (Gemma): the stored weight is w, so weight decay pulls the scale
+  # towards 1, not 0. Applies to every norm, QK-norm included.
+  norm_offset: bool = _field(False, ARCH)
+  embed_scale: bool = _field(False, ARCH)  # embeddings times sqrt(d_model), in the compute dtype (Gemma)
+  # Gemma 2/3's sandwich norm: the attention and MLP outputs are normed again before the residual add.
+  post_norms: bool = _field(False, ARCH)
+  # Attention scores scaled by 1/sqrt(this) instead of 1/sqrt(head dim) (Gemma's query_pre_attn_scalar); 0 = head dim.
+  query_pre_attn_scalar: float = _field(0.0, ARCH)
+  # Sliding-window attention (Mistral, Gemma): a query sees itself and the attn_window - 1 keys before it; 0 = off.
+  # global_every N > 0: layers N, 2N, ... (1-based) attend globally and the rest are windowed (Gemma 2: 2, Gemma 3:
+  # 6); 0 = every layer is windowed (Mistral). rope_local_theta: the windowed layers' RoPE base (Gemma 3), 0 = rope_theta.
+  attn_window: int = _field(0, ARCH)
+  global_every: int = _field(0, ARCH)
+  rope_local_theta: float = _field(0.0, ARCH)
   # Stability (OLMo 2, Qwen3, Gemma 2/3); off by default. qk_norm: RMSNorm with a learned scale over each head's
   # q and k, before RoPE (as Qwen3 and Gemma 3), so attention logits cannot grow with the weights' norm.
   qk_norm: bool = _field(False, ARCH)
@@ -115,8 +134,18 @@ class ModelConfig:
     return self.n_kv_heads or self.n_heads
 
   @property
-  def head_dim(self) -> int:
-    return self.d_model // self.n_heads
+  def head_size(self) -> int:
+    """The per-head width K: model.head_dim, or d_model // n_heads when it is 0."""
+    return self.head_dim or self.d_model // self.n_heads
+
+  def is_local(self, layer: int) -> bool:
+    """Whether layer `layer` (0-based) attends within model.attn_window rather than to the whole context."""
+    return self.attn_window > 0 and not (self.global_every and (layer + 1) % self.global_every == 0)
+
+  @property
+  def attention_scale(self) -> float:
+    """What the scores q.k are multiplied by: 1/sqrt(query_pre_attn_scalar), or 1/sqrt(head size)."""
+    return (self.query_pre_attn_scalar or self.head_size) ** -0.5
 
   @property
   def ff_dim(self) -> int:
@@ -140,15 +169,19 @@ class ModelConfig:
     for field in ('max_len', 'n_layers', 'n_heads', 'd_model'):
       need(getattr(self, field) > 0, f'{field} must be > 0, got {getattr(self, field)}')
     need(
-      self.n_kv_heads >= 0 and self.d_ff >= 0,
-      f'n_kv_heads and d_ff must be >= 0 (0 = the default), got {self.n_kv_heads} and {self.d_ff}',
+      min(self.n_kv_heads, self.d_ff, self.head_dim) >= 0,
+      f'n_kv_heads, d_ff and head_dim must be >= 0 (0 = the default), got {self.n_kv_heads}, {self.d_ff} and '
+      f'{self.head_dim}',
     )
-    if self.n_heads > 0 and self.n_kv_heads >= 0:
-      need(self.d_model % self.n_heads == 0, f'd_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})')
+    if self.n_heads > 0 and self.n_kv_heads >= 0 and self.head_dim >= 0:
+      need(
+        self.head_dim or self.d_model % self.n_heads == 0,
+        f'd_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or set model.head_dim',
+      )
       need(self.n_heads % self.kv_heads == 0, f'n_kv_heads ({self.kv_heads}) must divide n_heads ({self.n_heads})')
       need(
-        self.positions != 'rope' or self.head_dim % 2 == 0,
-        f"positions='rope' needs an even head dim (d_model / n_heads), got {self.head_dim}",
+        self.positions != 'rope' or self.head_size % 2 == 0,
+        f"positions='rope' needs an even head dim (model.head_dim or d_model / n_heads), got {self.head_size}",
       )
     one_of('norm', NORMS)
     one_of('positions', POSITIONS)
@@ -186,6 +219,24 @@ class ModelConfig:
       self.attention not in UNCAPPED_ATTENTION or not self.attn_softcap,
       f"attention={self.attention!r} cannot soft-cap attention scores: set model.attention='xla', 'splash' or 'auto', "
       'or model.attn_softcap=0',
+    )
+    need(
+      not (self.qkv_bias and self.use_bias),
+      'qkv_bias adds q/k/v biases to a model without use_bias; with use_bias=True they are there already: set one',
+    )
+    need(
+      self.query_pre_attn_scalar >= 0,
+      f'query_pre_attn_scalar must be >= 0 (0 = head dim), got {self.query_pre_attn_scalar}',
+    )
+    need(
+      min(self.attn_window, self.global_every) >= 0 and self.rope_local_theta >= 0,
+      'attn_window, global_every and rope_local_theta must be >= 0 (0 = off), got '
+      f'{self.attn_window}, {self.global_every} and {self.rope_local_theta}',
+    )
+    need(
+      self.attention not in WINDOWLESS_ATTENTION or not self.attn_window,
+      f"attention={self.attention!r} has no sliding window here: set model.attention='xla', "
+      "'dot_product_attention' or 'auto', or model.attn_window=0",
     )
     return out
 

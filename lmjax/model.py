@@ -2,9 +2,11 @@
 
 Defaults reproduce the GPT-2 block: pre-LayerNorm, learned positions, a GELU MLP (exact erf as nanoGPT, or
 GPT-2's own tanh approximation), tied embeddings, biases. Options cover the Llama family too: RMSNorm, RoPE (with
-Llama 3.1's frequency scaling), SwiGLU, grouped-query attention, no biases. lmjax/hf.py maps both families'
+Llama 3.1's frequency scaling), SwiGLU, grouped-query attention, no biases. lmjax/hf/ maps both families'
 Hugging Face checkpoints onto these parameters. Stability options, off by default: QK-norm, and soft-caps of the
-attention scores and the final logits (Gemma 2).
+attention scores and the final logits (Gemma 2). And what Qwen, Mistral and Gemma add (lmjax/config.py says each):
+head_dim, qkv_bias, norm_offset, embed_scale, post_norms, geglu, query_pre_attn_scalar, and sliding-window layers
+(attn_window, global_every, rope_local_theta).
 
 Shapes live in names, one letter per dim: B batch, L query length, T key/value length (the cache length when
 decoding), D d_model, H query heads, N key/value heads (H = N * G, G heads share one kv head), K head dim,
@@ -17,7 +19,8 @@ so one rule covers causality, packing and batched prompts of different lengths.
 
 Parameters carry logical axis names (`nn.with_logical_partitioning`); lmjax/parallel.py maps them onto the mesh.
 Parameter paths are stable: `embed`, `pos_embed`, `block_{i}/{ln1,attn/{q,kv,o},ln2,mlp/{up,gate,down}}`,
-`ln_f`, `lm_head` (with model.qk_norm, `attn/{q_norm,k_norm}/scale` too); with scanned layers, `blocks/...` holds the same leaves with a leading layer axis
+`ln_f`, `lm_head` (with model.qk_norm, `attn/{q_norm,k_norm}/scale` too; with post_norms, `ln1_post`,
+`ln2_post`); with scanned layers, `blocks/...` holds the same leaves with a leading layer axis
 (`stack_layers` / `unstack_layers` convert between the two; a checkpoint refuses to resume across them).
 
 Precision: `dtype` is the compute dtype, `param_dtype` the master weights'. On GPU/TPU use dtype='bfloat16' with
@@ -78,10 +81,12 @@ class Norm(nn.Module):
   def __call__(self, x_BxLxD):
     cfg = self.cfg
     layernorm = cfg.norm == 'layernorm' and not self.rms
-    ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',))
+    # norm_offset (Gemma): the scale is 1 + w with w stored and initialised to 0
+    init = nn.initializers.zeros_init() if cfg.norm_offset else nn.initializers.ones_init()
     # statistics in float32 whatever the compute dtype
     y = standardize(x_BxLxD.astype(jnp.float32), cfg.norm_eps, layernorm)
-    y = y * _lead(self.param('scale', ones, (y.shape[-1],), cfg.param_dtype), y.ndim)
+    scale = self.param('scale', nn.with_logical_partitioning(init, ('norm',)), (y.shape[-1],), cfg.param_dtype)
+    y = y * _lead(1 + scale.astype(jnp.float32) if cfg.norm_offset else scale, y.ndim)
     if cfg.use_bias and layernorm:
       y = y + _lead(self.param('bias', _zeros(('norm',)), (y.shape[-1],), cfg.param_dtype), y.ndim)
     return y.astype(cfg.dtype)
@@ -114,13 +119,15 @@ def _standardize_bwd(eps, center, res, g):
 standardize.defvjp(_standardize_fwd, _standardize_bwd)
 
 
-def rope_frequencies(cfg: ModelConfig):
-  """The K/2 rotary frequencies (radians per position): theta^(-2i/K), and with rope_scaling='llama3' Llama 3.1's
+def rope_frequencies(cfg: ModelConfig, theta=None):
+  """The K/2 rotary frequencies (radians per position): theta^(-2i/K) (theta: model.rope_theta unless given, as a
+  windowed layer's rope_local_theta), and with rope_scaling='llama3' Llama 3.1's
   rescaling: wavelengths longer than rope_original_max_len / low_freq_factor are stretched by rope_factor, those
   shorter than rope_original_max_len / high_freq_factor kept, and the band between blended linearly in
   rope_original_max_len / wavelength."""
-  k = cfg.head_dim
-  freq_K2 = cfg.rope_theta ** -(jnp.arange(0, k, 2, dtype=jnp.float32) / k)
+  k = cfg.head_size
+  theta = cfg.rope_theta if theta is None else theta
+  freq_K2 = theta ** -(jnp.arange(0, k, 2, dtype=jnp.float32) / k)
   if cfg.rope_scaling == 'none':
     return freq_K2
   old_len, factor = cfg.rope_original_max_len, cfg.rope_factor
@@ -178,13 +185,22 @@ def dropout(module: nn.Module, x, rate: float):
   return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
 
 
+def _select(local, if_local, otherwise):
+  """if_local or otherwise by a layer's `local` flag: a Python bool (unscanned layers) or a traced one (scanned)."""
+  if isinstance(local, bool):
+    return if_local if local else otherwise
+  return jnp.where(local, if_local, otherwise)
+
+
 class Attention(nn.Module):
+  """Self-attention of one layer; `local` says whether it is windowed (model.attn_window, ModelConfig.is_local)."""
+
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask, *, train, cache=None, cache_index=None):
+  def __call__(self, x_BxLxD, positions_BxL, mask, *, train, cache=None, cache_index=None, local=False):
     cfg = self.cfg
-    H, N, K, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.d_model
+    H, N, K, D = cfg.n_heads, cfg.kv_heads, cfg.head_size, cfg.d_model
     dense = lambda name, shape, axes, std=_INIT_STD: self.param(name, _dense_init(axes, std), shape, cfg.param_dtype)
     bias = lambda name, shape, axes: self.param(name, _zeros(axes), shape, cfg.param_dtype)
     dt = cfg.dtype
@@ -200,7 +216,7 @@ class Attention(nn.Module):
     ).astype(dt)
     B, L = x_BxLxD.shape[:2]
     qkv_BLxC = jnp.dot(x_BxLxD.reshape(B * L, D), w_DxC)
-    if cfg.use_bias:
+    if cfg.use_bias or cfg.qkv_bias:
       b_C = jnp.concatenate(
         [
           bias('q_bias', (H, K), ('heads', 'head_dim')).reshape(H * K),
@@ -218,7 +234,8 @@ class Attention(nn.Module):
     k_BxNxLxK = k_BxLxNxK.transpose(0, 2, 1, 3)
     v_BxNxLxK = v_BLxNK.reshape(B, L, N, K).transpose(0, 2, 1, 3)
     if cfg.positions == 'rope':
-      freq_K2 = rope_frequencies(cfg)
+      theta = _select(local, cfg.rope_local_theta, cfg.rope_theta) if cfg.rope_local_theta else None
+      freq_K2 = rope_frequencies(cfg, theta)
       q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, freq_K2)
       k_BxNxLxK = rope(k_BxNxLxK.transpose(0, 2, 1, 3), positions_BxL, freq_K2).transpose(0, 2, 1, 3)
 
@@ -231,6 +248,8 @@ class Attention(nn.Module):
     drop_rng = self.make_rng('dropout') if (train and cfg.dropout > 0) else None
     causal = cache is None  # a sequence attending to itself: kernels may skip the blocks above the diagonal
     chunk = attention.chunk_for(L, cfg.attention_chunk) if causal else 0
+    # With a cache the mask already holds the window (Transformer); a global layer's window is the whole row.
+    window = _select(local, cfg.attn_window, L) if causal and cfg.attn_window else 0
     out_BxLxHxK = attention.attend(
       q_BxLxHxK,
       k_BxNxLxK,
@@ -242,6 +261,8 @@ class Attention(nn.Module):
       causal=causal,
       causal_chunk=chunk,
       softcap=cfg.attn_softcap,
+      scale=cfg.attention_scale,
+      window=window,
     )
     std_out = _INIT_STD / (2 * cfg.n_layers) ** 0.5
     o_HKxD = dense('o_kernel', (H, K, D), ('heads', 'head_dim', 'embed'), std_out).reshape(H * K, D).astype(dt)
@@ -273,6 +294,8 @@ class Mlp(nn.Module):
     h_BLxF = dense('up', x_BLxD, (D, F), ('embed', 'mlp'))
     if cfg.mlp == 'swiglu':
       h_BLxF = nn.silu(dense('gate', x_BLxD, (D, F), ('embed', 'mlp'))) * h_BLxF
+    elif cfg.mlp == 'geglu':
+      h_BLxF = jax.nn.gelu(dense('gate', x_BLxD, (D, F), ('embed', 'mlp')), approximate=True) * h_BLxF
     elif cfg.mlp == 'gelu_tanh':
       h_BLxF = jax.nn.gelu(h_BLxF, approximate=True)
     else:
@@ -285,14 +308,22 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask, train: bool, cache=None, cache_index=None):
+  def __call__(self, x_BxLxD, positions_BxL, mask, train: bool, cache=None, cache_index=None, local=False):
     cfg = self.cfg
     drop = lambda y: dropout(self, y, cfg.dropout) if (train and cfg.dropout > 0) else y
+    # model.post_norms (Gemma 2/3): each branch's output is normed once more before it joins the residual
+    post = lambda name, y: Norm(cfg, name=name)(y) if cfg.post_norms else y
     y, new_cache = Attention(cfg, name='attn')(
-      Norm(cfg, name='ln1')(x_BxLxD), positions_BxL, mask, train=train, cache=cache, cache_index=cache_index
+      Norm(cfg, name='ln1')(x_BxLxD),
+      positions_BxL,
+      mask,
+      train=train,
+      cache=cache,
+      cache_index=cache_index,
+      local=local,
     )
-    x_BxLxD = x_BxLxD + drop(y)
-    x_BxLxD = x_BxLxD + drop(Mlp(cfg, name='mlp')(Norm(cfg, name='ln2')(x_BxLxD)))
+    x_BxLxD = x_BxLxD + drop(post('ln1_post', y))
+    x_BxLxD = x_BxLxD + drop(post('ln2_post', Mlp(cfg, name='mlp')(Norm(cfg, name='ln2')(x_BxLxD))))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'embed_act'))
     return x_BxLxD, new_cache
 
@@ -304,8 +335,12 @@ class _ScanBlock(nn.Module):
   train: bool
 
   @nn.compact
-  def __call__(self, x_BxLxD, cache, positions_BxL, mask, cache_index):
-    return Block(self.cfg, name='block')(x_BxLxD, positions_BxL, mask, self.train, cache, cache_index)
+  def __call__(self, x_BxLxD, xs, positions_BxL, masks, cache_index):
+    cache, local = xs
+    mask, local_mask = masks  # with a cache, the windowed layers' mask beside the global one
+    if local_mask is not None:
+      mask = jnp.where(local, local_mask, mask)
+    return Block(self.cfg, name='block')(x_BxLxD, positions_BxL, mask, self.train, cache, cache_index, local)
 
 
 class Transformer(nn.Module):
@@ -347,9 +382,17 @@ class Transformer(nn.Module):
       if cache is None
       else attention.make_mask(q_slot_L, kv_slot_T, segment_ids_BxL, kv_segment_ids_BxT)
     )
+    # Windowed layers over a cache: the same mask, keys more than attn_window - 1 slots back hidden too. The cache
+    # keeps every slot; the window only masks (slots, unlike positions, never restart, and within one document or
+    # one left-padded row they differ exactly as positions do).
+    local_mask = None
+    if cache is not None and cfg.attn_window:
+      local_mask = attention.make_mask(q_slot_L, kv_slot_T, segment_ids_BxL, kv_segment_ids_BxT, cfg.attn_window)
 
     embed = self.param('embed', _dense_init(('vocab', 'embed')), (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
     x_BxLxD = jnp.take(embed, tokens_BxL, axis=0).astype(cfg.dtype)
+    if cfg.embed_scale:  # Gemma: the factor rounded to the compute dtype first, as transformers does
+      x_BxLxD = x_BxLxD * jnp.asarray(cfg.d_model**0.5, cfg.dtype)
     if cfg.positions == 'learned':
       pos_embed = self.param('pos_embed', _dense_init((None, 'embed')), (cfg.max_len, cfg.d_model), cfg.param_dtype)
       x_BxLxD = x_BxLxD + jnp.take(pos_embed, positions_BxL, axis=0).astype(cfg.dtype)
@@ -370,15 +413,22 @@ class Transformer(nn.Module):
         length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: 'layers'},
       )
-      x_BxLxD, new_cache = stack(cfg, train, name='blocks')(x_BxLxD, cache, positions_BxL, mask, cache_index)
+      local_L = jnp.array([cfg.is_local(i) for i in range(cfg.n_layers)])
+      x_BxLxD, new_cache = stack(cfg, train, name='blocks')(
+        x_BxLxD, (cache, local_L), positions_BxL, (mask, local_mask), cache_index
+      )
     else:
       block = Block
       if cfg.remat != 'none':
-        block = nn.remat(Block, policy=policy, static_argnums=(4,))
+        block = nn.remat(Block, policy=policy, static_argnums=(4, 7))
       new_cache = None if cache is None else {'k': [], 'v': []}
       for i in range(cfg.n_layers):
         layer_cache = None if cache is None else {'k': cache['k'][i], 'v': cache['v'][i]}
-        x_BxLxD, c = block(cfg, name=f'block_{i}')(x_BxLxD, positions_BxL, mask, train, layer_cache, cache_index)
+        local = cfg.is_local(i)
+        layer_mask = local_mask if local and local_mask is not None else mask
+        x_BxLxD, c = block(cfg, name=f'block_{i}')(
+          x_BxLxD, positions_BxL, layer_mask, train, layer_cache, cache_index, local
+        )
         if cache is not None:
           new_cache['k'].append(c['k'])
           new_cache['v'].append(c['v'])
@@ -400,7 +450,7 @@ class Transformer(nn.Module):
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None):
   """Zeroed KV cache, (batch, kv_heads, time, head_dim) per layer: decoding writes one time slot per step without
   transposing the cache. Unscanned models keep a list of per-layer arrays so an update touches one layer only."""
-  shape = (batch, cfg.kv_heads, length, cfg.head_dim)
+  shape = (batch, cfg.kv_heads, length, cfg.head_size)
   dtype = dtype or cfg.dtype
   if cfg.scan_layers:
     z = jnp.zeros((cfg.n_layers, *shape), dtype)
@@ -442,12 +492,12 @@ def count_params(params) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: Optional[int] = None) -> float:
-  """Training FLOPs per token: 6 * N (matmul params, forward + backward) + 12 * n_layers * d_model * seq_len
+  """Training FLOPs per token: 6 * N (matmul params, forward + backward) + 12 * n_layers * H * K * seq_len
   (attention scores and weighted sum, causal mask not discounted) -- the PaLM appendix B formula, as nanoGPT's
   estimate_mfu. N excludes the position table (a lookup, not a matmul) and counts the tied embedding once, as
   the output projection. This is the one place lmjax computes model FLOPs: MFU, `lmjax plan` and benchmarks call it.
   """
-  D, F, H, N, K = cfg.d_model, cfg.ff_dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim
-  per_layer = D * H * K + D * 2 * N * K + H * K * D + (3 if cfg.mlp == 'swiglu' else 2) * D * F
+  D, F, H, N, K = cfg.d_model, cfg.ff_dim, cfg.n_heads, cfg.kv_heads, cfg.head_size
+  per_layer = D * H * K + D * 2 * N * K + H * K * D + (3 if cfg.mlp in config_lib.GATED_MLPS else 2) * D * F
   matmul_params = cfg.n_layers * per_layer + cfg.vocab_size * D
-  return 6.0 * matmul_params + 12.0 * cfg.n_layers * D * seq_len
+  return 6.0 * matmul_params + 12.0 * cfg.n_layers * H * K * seq_len  # H * K = D unless model.head_dim says

@@ -317,7 +317,7 @@ _OUTPUT_BYTES_PER_TOKEN = 16
 
 
 def _check_memory(cfg, rows, cache_len, limit_bytes, max_new_tokens=0):
-  cache_bytes = 2 * cfg.n_layers * rows * cfg.kv_heads * cache_len * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+  cache_bytes = 2 * cfg.n_layers * rows * cfg.kv_heads * cache_len * cfg.head_size * jnp.dtype(cfg.dtype).itemsize
   if limit_bytes is None:
     limit_bytes = int(MEMORY_FRACTION * available_memory_bytes())
   if cache_bytes > limit_bytes:

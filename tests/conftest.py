@@ -108,7 +108,7 @@ def load_tiny_hf():
 def hf_models(tmp_path_factory):
   """Saved transformers models with random weights, built once per session, by name: gpt2 (tied), gpt2_untied
   (an odd width: 36 = 4 heads of 9), llama (grouped-query, untied, Llama 3.1 rope scaling), llama_tied
-  (multi-query, tied, in two safetensors shards). Returns {name: directory}."""
+  (multi-query, tied, in two safetensors shards), and one of each FAMILY_SHAPES. Returns {name: directory}."""
   pytest.importorskip('transformers')
   tiny_hf = load_tiny_hf()
   text = tiny_hf.read_shakespeare()[:100_000]
@@ -126,9 +126,45 @@ def hf_models(tmp_path_factory):
     'gpt2_untied': dict(arch='gpt2', n_embd=36, tie_word_embeddings=False, activation_function='gelu'),
     'llama': dict(arch='llama', rope_scaling=llama3, rope_theta=500000.0),
     'llama_tied': dict(arch='llama', num_key_value_heads=1, tie_word_embeddings=True, max_shard_size='40KB'),
+    **{name: dict(arch=name, **shape) for name, shape in FAMILY_SHAPES.items()},
   }
   out = {}
   for name, kw in shapes.items():
     out[name] = str(root / name)
-    tiny_hf.save(out[name], text=text, std=0.3, **kw)
+    tiny_hf.save(out[name], text=text, **{'std': 0.3, **kw})
   return out
+
+
+# The families beside GPT-2 and Llama (tests/test_hf_families.py), each at the smallest shape that uses what it
+# adds: heads wider or narrower than hidden / heads, windows of 8 positions under 48-token inputs (58 while
+# generating), Gemma's pre-attention scalar apart from its head dim, caps the logits reach. Gemma's embeddings are
+# scaled up by sqrt(hidden): a smaller init keeps its greedy tokens from collapsing onto one or two.
+FAMILY_SHAPES = {
+  'qwen2': dict(hidden_size=32, intermediate_size=48, tie_word_embeddings=True, rope_theta=1e6),
+  'qwen3': dict(hidden_size=32, intermediate_size=48, head_dim=16),
+  'mistral': dict(hidden_size=32, intermediate_size=48, head_dim=12, sliding_window=8),
+  'gemma2': dict(
+    hidden_size=32,
+    intermediate_size=48,
+    head_dim=16,
+    query_pre_attn_scalar=24,
+    sliding_window=8,
+    attn_logit_softcapping=0.5,
+    final_logit_softcapping=3.0,
+    std=0.05,
+  ),
+  'gemma3': dict(
+    hidden_size=32,
+    intermediate_size=48,
+    head_dim=16,
+    query_pre_attn_scalar=24,
+    sliding_window=8,
+    layer_types=['sliding_attention', 'full_attention'],
+    rope_parameters={
+      'sliding_attention': {'rope_type': 'default', 'rope_theta': 100.0},
+      'full_attention': {'rope_type': 'default', 'rope_theta': 10000.0},
+    },
+    final_logit_softcapping=3.0,
+    std=0.05,
+  ),
+}

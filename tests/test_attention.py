@@ -69,6 +69,19 @@ def test_segment_ids_as_the_mask_give_what_their_boolean_mask_gives(impl, kv_hea
     attention.attend(q, k, v, seg_BxL, impl=impl)
 
 
+@pytest.mark.parametrize('impl, chunk', [('xla', 0), ('xla', 3), ('dot_product_attention', 0)])
+def test_a_window_and_a_query_scale_match_the_reference_on_segments_and_on_their_boolean_mask(impl, chunk):
+  # model.attn_window and model.query_pre_attn_scalar: keys fewer than 3 slots back, scores times 1/sqrt(5)
+  # instead of 1/sqrt(K) (the reference's 1/sqrt(K) is undone by scaling q by sqrt(K / 5)); chunks are 'xla''s.
+  q, k, v, mask = attention_inputs(2)
+  K, slots = q.shape[-1], jnp.arange(q.shape[1])
+  seg_BxL = jnp.array([[1, 1, 1, 2, 2, 2, 2, 2], [0, 0, 1, 1, 1, 1, 1, 1]], jnp.int32)  # attention_inputs' rows
+  want = reference_attention(q * np.sqrt(K / 5), k, v, mask & attention.make_mask(slots, slots, window=3))
+  attend = functools.partial(attention.attend, impl=impl, causal=True, causal_chunk=chunk, scale=5**-0.5, window=3)
+  for given in (seg_BxL, mask):
+    np.testing.assert_allclose(jax.jit(attend)(q, k, v, given), want, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize('impl', float32_implementations())
 @pytest.mark.parametrize('kv_heads', [4, 1])
 def test_attention_without_a_mask_is_causal_self_attention(impl, kv_heads):

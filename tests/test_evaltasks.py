@@ -332,18 +332,32 @@ def test_the_tokenizers_interface_is_all_the_scorer_needs():
   assert loglikelihood.encode_pair(byte, '', 'a') == ([byte.bos_id], [ord('a')])
 
 
-@pytest.fixture(scope='module')
-def imported_gpt2(tmp_path_factory):
-  """(HF model, HF tokenizer, lmjax workdir): a tiny GPT2LMHeadModel with random weights and a byte-level BPE
-  tokenizer trained here (experiments/tiny_hf.py), saved as save_pretrained writes them and imported (lmjax/hf.py)."""
+# The imported models the harness comparison runs on: GPT-2, and Qwen2 (RMSNorm, RoPE, SwiGLU, q/k/v biases,
+# grouped-query attention), each with a 48-token context.
+EVAL_SHAPES = {
+  'gpt2': dict(n_positions=48, n_embd=32, n_layer=2, n_head=2),
+  'qwen2': dict(
+    max_position_embeddings=48,
+    hidden_size=32,
+    intermediate_size=48,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+  ),
+}
+
+
+@pytest.fixture(scope='module', params=list(EVAL_SHAPES))
+def imported_hf(request, tmp_path_factory):
+  """(HF model, HF tokenizer, lmjax workdir): a tiny model with random weights and a byte-level BPE tokenizer trained
+  here (experiments/tiny_hf.py), saved as save_pretrained writes them and imported (lmjax/hf/)."""
   pytest.importorskip('torch')
   pytest.importorskip('transformers')
   from lmjax import hf
 
   source = str(tmp_path_factory.mktemp('hf'))
-  model, tok = load_tiny_hf().save(
-    source, 'gpt2', text=TEXT, vocab_size=400, std=0.1, n_positions=48, n_embd=32, n_layer=2, n_head=2
-  )
+  shape = EVAL_SHAPES[request.param]
+  model, tok = load_tiny_hf().save(source, request.param, text=TEXT, vocab_size=400, std=0.1, **shape)
   workdir = str(tmp_path_factory.mktemp('imported'))
   hf.import_hf(source, workdir)
   return model, tok, workdir
@@ -371,8 +385,8 @@ def harness_loglikelihood(model, tok, context, continuation, max_length):
   return ll, bool((logp_CxV.argmax(-1) == targets).all())
 
 
-def test_an_imported_gpt2_scores_each_item_as_the_harness_scores_it_with_transformers(imported_gpt2, tmp_path, capsys):
-  model, tok, workdir = imported_gpt2
+def test_an_imported_model_scores_each_item_as_the_harness_scores_it_with_transformers(imported_hf, tmp_path, capsys):
+  model, tok, workdir = imported_hf
   words = TEXT.split()
   rng = np.random.default_rng(1)
   items = []

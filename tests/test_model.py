@@ -21,6 +21,24 @@ VARIANTS = {
   'dpa': dict(attention='dot_product_attention', n_kv_heads=2),  # jax.nn's kernel: is_causal, B' x 1 x L x T mask
   # the stability options, with RoPE after QK-norm
   'stable': dict(qk_norm=True, attn_softcap=1.5, final_softcap=2.0, positions='rope', n_kv_heads=2, norm='rmsnorm'),
+  # Gemma 3's options (tests/test_model_options.py has their reference): a window of 5 in layer 1, layer 2 global
+  'gemma': dict(
+    norm='rmsnorm',
+    norm_offset=True,
+    embed_scale=True,
+    post_norms=True,
+    mlp='geglu',
+    positions='rope',
+    rope_local_theta=100.0,
+    head_dim=12,
+    n_kv_heads=2,
+    qk_norm=True,
+    query_pre_attn_scalar=10.0,
+    attn_window=5,
+    global_every=2,
+    use_bias=False,
+    qkv_bias=True,
+  ),
 }
 
 
@@ -236,11 +254,11 @@ def test_qk_norm_rms_normalises_each_head_of_q_and_k_before_rope():
   cfg, _, params = make('stable', attn_softcap=0.0, final_softcap=0.0, norm_eps=1e-6)
   attn = model_lib.Attention(cfg)
   p = dict(params['block_0']['attn'])
-  assert p['q_norm']['scale'].shape == p['k_norm']['scale'].shape == (cfg.head_dim,)
+  assert p['q_norm']['scale'].shape == p['k_norm']['scale'].shape == (cfg.head_size,)
   ks = jax.random.split(jax.random.key(3), 2)
-  p['q_norm'] = {'scale': 1 + 0.5 * jax.random.normal(ks[0], (cfg.head_dim,))}  # scales that matter
-  p['k_norm'] = {'scale': 1 + 0.5 * jax.random.normal(ks[1], (cfg.head_dim,))}
-  B, L, H, N, K = 2, cfg.max_len, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+  p['q_norm'] = {'scale': 1 + 0.5 * jax.random.normal(ks[0], (cfg.head_size,))}  # scales that matter
+  p['k_norm'] = {'scale': 1 + 0.5 * jax.random.normal(ks[1], (cfg.head_size,))}
+  B, L, H, N, K = 2, cfg.max_len, cfg.n_heads, cfg.kv_heads, cfg.head_size
   x = 3.0 * jax.random.normal(jax.random.key(4), (B, L, cfg.d_model))
   pos = jnp.broadcast_to(jnp.arange(L), (B, L))
   got, _ = jax.jit(functools.partial(attn.apply, train=False))({'params': p}, x, pos, None)

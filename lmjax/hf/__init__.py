@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out, as safetensors, with no torch: GPT2LMHeadModel and LlamaForCausalLM.
+"""Hugging Face checkpoints in and out, as safetensors, with no torch: GPT-2, Llama, Qwen2, Qwen3, Mistral, Gemma 2
+and Gemma 3 (text); families.FAMILIES lists the classes.
 
 `import_hf(DIR, WORKDIR)` reads a directory that `save_pretrained` wrote (config.json, model.safetensors or its
 shards with model.safetensors.index.json, tokenizer.json) and writes a normal lmjax workdir: config.json, the
@@ -11,7 +12,9 @@ tokenizer (kind 'hf'), and a parameters-only checkpoint at step 0 that `lmjax sa
   hfconfig.py  config.json with typed reads that name the key when a value is missing or wrong
   families.py  THE table {architecture: family module}, and the generic steps that go through it
   gpt2.py      one module per family: config <-> ModelConfig fields, tensor names and shapes, norm and rope
-  llama.py       rules, to_params / from_params
+  llama.py       rules, to_params / from_params, refusals of what lmjax lacks
+  qwen2.py, qwen3.py, mistral.py, gemma2.py, gemma3.py
+  layout.py    the tensors of the Llama-style decoders (all but GPT-2), and the options a family must leave off
   source.py    read(): a directory or hub name, checked in full, to fields + tokenizer + parameters
   convert.py   import_hf (an HF directory into an lmjax workdir), check_export / write_model (the reverse)
 

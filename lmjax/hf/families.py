@@ -14,12 +14,27 @@ import numpy as np
 
 from lmjax.config import ModelConfig
 from lmjax.errors import InteropError
-from lmjax.hf import gpt2, llama
+from lmjax.hf import gemma2, gemma3, gpt2, llama, mistral, qwen2, qwen3
 from lmjax.hf.hfconfig import HFConfig
 
+# Export picks the first family a model fits (a plain Llama-shaped model is a Llama, not a Mistral without a window).
 FAMILIES = {
   'GPT2LMHeadModel': gpt2,
   'LlamaForCausalLM': llama,
+  'Qwen2ForCausalLM': qwen2,
+  'Qwen3ForCausalLM': qwen3,
+  'MistralForCausalLM': mistral,
+  'Gemma2ForCausalLM': gemma2,
+  'Gemma3ForCausalLM': gemma3,
+}
+# Architectures people will try, and what in them lmjax lacks (the refusal names it).
+_LACKS = {
+  'Gemma3ForConditionalGeneration': 'a vision tower (lmjax imports the text model, Gemma3ForCausalLM)',
+  'Qwen2MoeForCausalLM': 'mixture-of-experts layers',
+  'Qwen3MoeForCausalLM': 'mixture-of-experts layers',
+  'MixtralForCausalLM': 'mixture-of-experts layers',
+  'Qwen2VLForConditionalGeneration': 'a vision tower',
+  'Qwen2_5_VLForConditionalGeneration': 'a vision tower',
 }
 ARCHITECTURES = tuple(FAMILIES)
 
@@ -43,7 +58,9 @@ def of_hf_config(c: HFConfig):
   if not archs and isinstance(model_type, str) and model_type in by_type:
     return by_type[model_type]
   named = ', '.join(str(a) for a in archs) or str(c.get('model_type', '?'))
-  raise InteropError(f'architecture {named} is not supported; lmjax imports {_listed(FAMILIES)}')
+  lacks = [f'{a} has {_LACKS[a]}' for a in archs if a in _LACKS]
+  why = f' ({"; ".join(lacks)}, which lmjax does not implement)' if lacks else ''
+  raise InteropError(f'architecture {named} is not supported{why}; lmjax imports {_listed(FAMILIES)}')
 
 
 def of_model(cfg: ModelConfig):

@@ -13,6 +13,7 @@ import numpy as np
 
 from lmjax.config import ModelConfig
 from lmjax.errors import InteropError
+from lmjax.hf import layout
 from lmjax.hf.hfconfig import HFConfig
 
 NAME = 'GPT-2'
@@ -29,10 +30,6 @@ _DECIDES = {
   'positions': ('learned',),
   'use_bias': (True,),
   'mlp': ('gelu_tanh', 'gelu'),
-  # no QK-norm and no soft-caps (model.qk_norm, attn_softcap, final_softcap)
-  'qk_norm': (False,),
-  'attn_softcap': (0.0,),
-  'final_softcap': (0.0,),
 }
 
 
@@ -72,7 +69,9 @@ def model_fields(c: HFConfig) -> dict:
 
 def mismatches(cfg: ModelConfig) -> list[str]:
   """The fields an lmjax model would need changed to be a GPT-2 (empty when it is one)."""
-  out = [f'model.{k}={getattr(cfg, k)!r}' for k, ok in _DECIDES.items() if getattr(cfg, k) not in ok]
+  out = layout.mismatches(cfg, _DECIDES)
+  if cfg.head_size * cfg.n_heads != cfg.d_model:
+    out.append(f'model.head_dim={cfg.head_dim} (GPT-2 heads are d_model / n_heads wide)')
   if cfg.kv_heads != cfg.n_heads:
     out.append(f'model.n_kv_heads={cfg.n_kv_heads} (GPT-2 has no grouped-query attention)')
   return out
@@ -137,7 +136,7 @@ def expected(cfg: ModelConfig) -> dict:
 
 def to_params(get: Callable[[str], np.ndarray], cfg: ModelConfig) -> dict:
   """lmjax's parameter tree (numpy float32) from the tensors `get(name)` returns."""
-  D, H, N, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+  D, H, N, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
   params = {'embed': get('transformer.wte.weight'), 'pos_embed': get('transformer.wpe.weight')}
   for i in range(cfg.n_layers):
     t = lambda name, i=i: get(f'transformer.h.{i}.{name}')
@@ -168,7 +167,7 @@ def to_params(get: Callable[[str], np.ndarray], cfg: ModelConfig) -> dict:
 
 def from_params(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
   """(tensor name, float32 array) pairs of lmjax parameters: the inverse of to_params."""
-  D, H, K = cfg.d_model, cfg.n_heads, cfg.head_dim
+  D, H, K = cfg.d_model, cfg.n_heads, cfg.head_size
   a = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
   yield 'transformer.wte.weight', a(params['embed'])
   yield 'transformer.wpe.weight', a(params['pos_embed'])
