@@ -48,6 +48,7 @@ PARAM_GROUPS = ('embeddings', 'norms', 'biases', 'attention', 'mlp', 'head')
 PARAMS = ('raw', 'ema')  # --params of eval, sample and export-hf: the trained parameters or their EMA (train.ema_decay)
 TRACKERS = ('jsonl', 'tensorboard', 'wandb')  # train.trackers (lmjax/sinks.py)
 WANDB_MODES = ('online', 'offline', 'disabled')
+LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # lora.targets (lmjax/lora.py)
 
 
 # What each model field is to a checkpoint, tagged on the field (ModelConfig below); `fields(role)` lists them.
@@ -298,6 +299,15 @@ def default_config() -> ml_collections.ConfigDict:
   # says how to open it); (0, 0) = off.
   t.profile_steps = (0, 0)
   t.steps_per_call = 1  # optimizer steps per jitted call (lax.scan over S batches): less per-call overhead
+
+  # LoRA (lmjax/lora.py): rank 0 = off, every parameter trains. rank > 0 freezes the base (train.init_from, needed)
+  # and trains adapters A (in x rank) and B (rank x out) on each target; the model runs W + alpha / rank * A B.
+  # The optimizer state and checkpoints hold the adapters only; `lmjax export-hf --peft` writes them for PEFT.
+  c.lora = lo = ml_collections.ConfigDict()
+  lo.rank = 0
+  lo.alpha = 16.0
+  lo.dropout = 0.0  # drops input features of the adapter path (one mask per step and layer: lmjax/lora.py)
+  lo.targets = ('q', 'k', 'v', 'o')  # of q, k, v, o, gate, up, down (GPT-2: no gate; c_attn holds q, k, v)
 
   c.optimizer = o = ml_collections.ConfigDict()
   o.name = 'adamw'  # adamw | lion | adafactor | muon
@@ -570,8 +580,50 @@ def problems(config) -> list[str]:
     f'{" and ".join(leftover)} are both -1 (the devices left over); at most one axis may be -1: give the others counts',
   )
   need(config.mesh.get('slices', 1) >= 1, f'mesh.slices must be >= 1, got {config.mesh.get("slices", 1)}')
+  out.extend(lora_problems(config))
   need(s.max_new_tokens >= 0, f'sample.max_new_tokens must be >= 0, got {s.max_new_tokens}')
   need(s.temperature >= 0, f'sample.temperature must be >= 0 (0 = greedy), got {s.temperature}')
+  return out
+
+
+def lora_problems(config) -> list[str]:
+  """What is wrong with the lora section (empty when all is well). A target the model lacks is found once the
+  architecture is known (lmjax/lora.py check_model)."""
+  lc, t = config.get('lora'), config.train
+  if lc is None:
+    return []
+  out = []
+  explicit = {k for k in overridden(config) if k.startswith('lora.')} - {'lora.rank'}
+  if lc.rank < 0 or (lc.rank == 0 and explicit):
+    out.append(
+      f'lora.rank must be > 0 to train adapters (0 = off, every parameter trains); got {lc.rank}'
+      + (f' with {", ".join(sorted(explicit))} set' if lc.rank == 0 and explicit else '')
+    )
+  if lc.rank <= 0:
+    return out
+  targets = lc.targets if isinstance(lc.targets, (tuple, list)) else (lc.targets,)
+  unknown = [x for x in targets if x not in LORA_TARGETS]
+  if unknown or not targets:
+    out.append(
+      f'lora.targets: unknown {", ".join(map(repr, unknown)) or "(none given)"}; choose from {", ".join(LORA_TARGETS)}'
+    )
+  if len(set(targets)) != len(targets):
+    out.append(f'lora.targets names a target twice: {tuple(targets)}')
+  if not lc.alpha > 0:
+    out.append(f'lora.alpha must be > 0, got {lc.alpha}')
+  if not 0 <= lc.dropout < 1:
+    out.append(f'lora.dropout must be in [0, 1), got {lc.dropout}')
+  if not t.init_from:
+    out.append('lora.rank > 0 trains adapters over a base: set train.init_from (WORKDIR or hf:DIR)')
+  if t.branch_from:
+    out.append('lora and train.branch_from cannot be combined; use train.init_from')
+  for field, on in (
+    ('train.ema_decay', t.ema_decay),
+    ('optimizer.lr_multipliers', config.optimizer.lr_multipliers),
+    ('optimizer.wd_multipliers', config.optimizer.wd_multipliers),
+  ):
+    if on:
+      out.append(f'{field} works on full fine-tuning, not on lora adapters: unset it or set lora.rank=0')
   return out
 
 
