@@ -18,7 +18,6 @@ per token).
 from __future__ import annotations
 
 import hashlib
-import json
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +110,7 @@ _WHERE = {
   'up': ('mlp', 'up_kernel'),
   'down': ('mlp', 'down_kernel'),
 }
+assert tuple(_WHERE) == LORA_TARGETS
 
 
 def merge(base, adapters, cfg: ModelConfig, scale_: float, rng=None, dropout: float = 0.0):
@@ -145,25 +145,36 @@ def count(adapters) -> int:
 
 
 def fingerprint(ref: str, base) -> dict:
-  """What identifies the base adapters were trained over: its reference (train.init_from) and a digest of every
-  parameter's path, shape and two sums (cheap on device, and differing for any other weights)."""
+  """What identifies the base adapters were trained over: its reference (train.init_from), a digest of every
+  parameter's path and shape, and each parameter's sum and sum of magnitudes (cheap on device; other weights
+  differ in them, while a different mesh only changes their rounding)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(base)
   sums = jax.device_get([(jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.abs(x.astype(jnp.float32)))) for _, x in flat])
-  h = hashlib.sha256()
-  for (path, x), (s, a) in zip(flat, sums):
-    h.update(f'{jax.tree_util.keystr(path)}:{tuple(x.shape)}:{float(s):.5e}:{float(a):.5e};'.encode())
-  return {'ref': ref, 'digest': h.hexdigest()[:16]}
+  layout = ';'.join(f'{jax.tree_util.keystr(p)}:{tuple(x.shape)}' for p, x in flat)
+  return {
+    'ref': ref,
+    'shapes': hashlib.sha256(layout.encode()).hexdigest()[:16],
+    'sums': [[float(s), float(a)] for s, a in sums],
+  }
+
+
+def same_base(recorded: dict, have: dict) -> bool:
+  if recorded.get('shapes') != have['shapes'] or len(recorded.get('sums', ())) != len(have['sums']):
+    return False
+  rec_Px2, now_Px2 = np.asarray(recorded['sums'], np.float64), np.asarray(have['sums'], np.float64)
+  # float32 sums over another mesh round differently; other weights move them far more than 1e-4 of the magnitudes
+  return bool(np.all(np.abs(rec_Px2 - now_Px2) <= 1e-4 * np.maximum(now_Px2[:, 1:], 1e-6)))
 
 
 def check_base(recorded: dict | None, have: dict, where: str) -> None:
   """A ConfigError (not a damaged checkpoint: nothing is set aside) when the adapters in `where` were trained over
   another base than `have`, naming both."""
-  if recorded is None or recorded.get('digest') == have['digest']:
+  if recorded is None or same_base(recorded, have):
     return
   raise ConfigError(
-    f'the adapters in {where} belong to the base {recorded.get("ref")!r} (digest {recorded.get("digest")}), but '
-    f'train.init_from gives {have["ref"]!r} with other weights (digest {have["digest"]}); give the base they were '
-    'trained over as train.init_from, or train new adapters in a new --workdir'
+    f'the adapters in {where} belong to the base {recorded.get("ref")!r}, but the base given, {have["ref"]!r}, '
+    'holds other weights (their shapes or sums differ); give the base they were trained over as train.init_from, '
+    'or train new adapters in a new --workdir'
   )
 
 
@@ -171,7 +182,3 @@ def describe(config) -> str:
   """'LoRA r=8 alpha=16 on q,k,v,o' for start-up lines."""
   lc = config.lora
   return f'LoRA r={lc.rank} alpha={lc.alpha:g} on {",".join(lc.targets)}'
-
-
-def spec_json(config) -> str:
-  return json.dumps({k: config.lora[k] for k in ('rank', 'alpha', 'dropout', 'targets')}, sort_keys=True)

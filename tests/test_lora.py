@@ -1,0 +1,235 @@
+"""LoRA (lmjax/lora.py) and PEFT adapters in and out (lmjax/hf/peft.py): adapters train over a frozen base, the
+checkpoint holds them alone and names its base, and PEFT loads what lmjax writes (and the reverse) with the same
+logits and greedy tokens."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ONE_DEVICE, REPO, load_tiny_hf, rows
+from lmjax import checkpoint, cli, config as config_lib, inference, lora, sample, train
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+peft = pytest.importorskip('peft')
+
+TEXT = open(REPO.parent / 'shared' / 'data' / 'tinyshakespeare' / 'input.txt', encoding='utf-8').read()
+
+
+def _config(base, pairs, steps, *extra):
+  overrides = [
+    f'train.init_from=hf:{base}',
+    f'data.train_split={pairs}',
+    f'data.eval_split={pairs}',
+    'train.epochs=0',
+    f'train.steps={steps}',
+    'train.eval_every=4',
+    'train.checkpoint_every=4',
+    'train.keep_best=',
+    'train.progress_bar=false',
+    'train.eval_max_batches=1',
+    'optimizer.lr=0.03',
+    'optimizer.warmup_steps=0',
+    'lora.rank=4',
+    "lora.targets=('q','k','v','o','up','down')",
+    *ONE_DEVICE,
+    *extra,
+  ]
+  return config_lib.load('configs/gpt2_finetune.py:tiny', overrides)
+
+
+@pytest.fixture(scope='module')
+def setup(hf_models, tmp_path_factory):
+  """A GPT-2 base (its own copy), pairs, and a LoRA run of 8 steps over it, saved at steps 4 and 8."""
+  root = tmp_path_factory.mktemp('lora')
+  base = str(root / 'base')
+  shutil.copytree(hf_models['gpt2'], base)
+  pairs, _ = load_tiny_hf().write_pairs(str(root / 'pairs'), TEXT, n_train=64, n_val=8)
+  run = str(root / 'run')
+  with jax.default_device(jax.devices()[0]):
+    train.train(_config(base, pairs, 8, f'train.compilation_cache_dir={root / "cache"}'), run)
+  return {'root': root, 'base': base, 'pairs': pairs, 'run': run}
+
+
+def _lmjax_logits(workdir, ids_BxL):
+  _, _, engine, state = inference.load_run(workdir, ONE_DEVICE)
+  return np.asarray(engine.model.apply({'params': state.params}, jnp.asarray(ids_BxL))), engine, state
+
+
+def _peft_model(base, adapter):
+  m = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+  return peft.PeftModel.from_pretrained(m, adapter).eval()
+
+
+def _compare(workdir, model, tokenizer_dir):
+  """lmjax's merged model of `workdir` against a torch `model`: logits within 1e-4, 16 greedy tokens equal."""
+  tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+  ids = np.stack([tok(TEXT[i * 9000 : i * 9000 + 400]).input_ids[:24] for i in range(2)])
+  got, engine, state = _lmjax_logits(workdir, ids)
+  with torch.no_grad():
+    want = model(torch.tensor(ids.astype(np.int64))).logits.numpy()
+    theirs = model.generate(
+      torch.tensor(ids[:1, :8].astype(np.int64)), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, 8:].tolist()
+  assert np.abs(got - want).max() <= 1e-4
+  [ours] = sample.generate(state.params, engine.model_cfg, [ids[0, :8]], max_new_tokens=16, temperature=0.0)
+  assert list(ours) == theirs
+
+
+def test_lora_trains_the_adapters_alone_and_checkpoints_them_small(setup):
+  losses = [r['train_loss'] for r in rows(setup['run']) if 'train_loss' in r]
+  assert losses[-1] < losses[0]
+  ckpt = checkpoint.Checkpointer(os.path.join(setup['run'], 'checkpoints'), data_iterator=False)
+  stored = ckpt._mngr.item_metadata(8)['state']  # pylint: disable=protected-access
+  ckpt.close()
+  names = sorted(checkpoint._flat(getattr(stored, 'tree', stored)))  # pylint: disable=protected-access
+  params = [n for n in names if n.startswith('params/')]
+  assert params and all(n.rsplit('/', 1)[1] in ('a', 'b') for n in params)
+  assert all(n.rsplit('/', 1)[1] in ('a', 'b') for n in names if n.startswith('opt_state/') and '/mu/' in n)
+  state_bytes = checkpoint._disk_bytes_under(os.path.join(setup['run'], 'checkpoints', '8', 'state'))  # pylint: disable=protected-access
+  base_bytes = os.path.getsize(os.path.join(setup['base'], 'model.safetensors'))
+  assert state_bytes < base_bytes  # adapters + their moments: the base is never saved
+  # The base is unchanged: the LoRA run at step 0 (B = 0) is the base, and sampling reads the base from disk.
+  meta = json.load(open(os.path.join(setup['run'], 'config.json')))
+  assert meta['lora']['rank'] == 4 and meta['train']['init_from'].startswith('hf:')
+
+
+def test_a_resumed_lora_run_equals_the_uninterrupted_one_bitwise(setup, tmp_path):
+  half = str(tmp_path / 'half')
+  cache = f'train.compilation_cache_dir={setup["root"] / "cache"}'
+  with jax.default_device(jax.devices()[0]):
+    train.train(_config(setup['base'], setup['pairs'], 4, cache, 'optimizer.decay_steps=8'), half)
+    train.train(_config(setup['base'], setup['pairs'], 8, cache), half)
+  want = [r['train_loss'] for r in rows(setup['run']) if 'train_loss' in r]
+  got = [r['train_loss'] for r in rows(half) if 'train_loss' in r]
+  assert got[-1] == want[-1]
+
+
+def test_resuming_over_another_base_is_refused_naming_both(setup, hf_models, tmp_path, capsys):
+  other = str(tmp_path / 'other')
+  load_tiny_hf().save(other, 'gpt2', text=TEXT[:100_000], std=0.3, seed=1)
+  run = str(tmp_path / 'run')
+  shutil.copytree(setup['run'], run)
+  args = [
+    'train',
+    '--config=configs/gpt2_finetune.py:tiny',
+    f'--workdir={run}',
+    f'--config.train.init_from=hf:{other}',
+    f'--config.data.train_split={setup["pairs"]}',
+    f'--config.data.eval_split={setup["pairs"]}',
+    '--config.train.epochs=0',
+    '--config.train.steps=12',
+    '--config.lora.rank=4',
+    "--config.lora.targets=('q','k','v','o','up','down')",
+    '--config.mesh.data=1',
+  ]
+  capsys.readouterr()
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and setup['base'] in err and other in err
+  assert sorted(os.listdir(os.path.join(run, 'checkpoints'))) == ['4', '8']  # nothing set aside as damaged
+
+
+@pytest.mark.parametrize(
+  'override, words',
+  [
+    ('lora.rank=-1', 'lora.rank must be > 0'),
+    ("lora.targets=('q','qkv')", "unknown 'qkv'"),
+    ("lora.targets=('q','gate')", "names 'gate', which matches nothing"),
+  ],
+)
+def test_bad_lora_settings_are_one_line_errors(setup, override, words, capsys):
+  args = [
+    'train',
+    '--config=configs/gpt2_finetune.py:tiny',
+    f'--workdir={setup["root"] / "bad"}',
+    f'--config.train.init_from=hf:{setup["base"]}',
+    f'--config.data.train_split={setup["pairs"]}',
+    f'--config.data.eval_split={setup["pairs"]}',
+    '--config.lora.rank=4',
+    f'--config.{override}',
+  ]
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and words in err, err
+
+
+def test_lora_needs_a_base(capsys):
+  assert cli.main(['train', '--config=configs/tiny.py', '--workdir=/tmp/x', '--config.lora.rank=8']) == 2
+  assert 'set train.init_from' in capsys.readouterr().err
+
+
+def test_peft_loads_the_exported_gpt2_adapter_with_the_same_logits_and_greedy_tokens(setup, tmp_path, capsys):
+  out = str(tmp_path / 'adapter')
+  assert cli.main(['export-hf', f'--workdir={setup["run"]}', f'--to={out}', '--peft']) == 0
+  summary = json.loads(capsys.readouterr().out)
+  config = json.load(open(os.path.join(out, 'adapter_config.json')))
+  assert config['fan_in_fan_out'] and config['rank_pattern'] == {'attn.c_attn': 12}
+  assert summary['step'] == 8
+  _compare(setup['run'], _peft_model(setup['base'], out), setup['base'])
+  # The merged export is the same model.
+  merged = str(tmp_path / 'merged')
+  assert cli.main(['export-hf', f'--workdir={setup["run"]}', f'--to={merged}']) == 0
+  m = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+  _compare(setup['run'], m, setup['base'])
+
+
+def _peft_adapter(base, out, targets, **kw):
+  """A PEFT LoRA adapter over `base` with random A and B (B is zero at PEFT's init: nothing would be tested)."""
+  m = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+  model = peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, **kw))
+  torch.manual_seed(0)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'lora_' in name:
+        p.normal_(0, 0.1)
+  model.save_pretrained(out)
+  return model.eval()
+
+
+@pytest.mark.parametrize(
+  'name, targets, kw',
+  [
+    ('gpt2', ['c_attn', 'c_proj'], {'fan_in_fan_out': True}),
+    ('llama', ['q_proj', 'v_proj', 'o_proj', 'gate_proj', 'down_proj'], {'rank_pattern': {'o_proj': 2}}),
+  ],
+)
+def test_a_peft_adapter_imports_samples_and_exports_back_exactly(name, targets, kw, hf_models, tmp_path, capsys):
+  base, adapter, workdir = hf_models[name], str(tmp_path / 'adapter'), str(tmp_path / 'w')
+  theirs = _peft_adapter(base, adapter, targets, **kw)
+  assert cli.main(['import-hf', f'--from={base}', f'--adapter={adapter}', f'--workdir={workdir}']) == 0
+  capsys.readouterr()
+  _compare(workdir, theirs, base)
+  back = str(tmp_path / 'back')
+  assert cli.main(['export-hf', f'--workdir={workdir}', f'--to={back}', '--peft']) == 0
+  _compare(workdir, _peft_model(base, back), base)
+
+
+def test_an_adapter_whose_base_changed_is_refused_on_load(hf_models, tmp_path, capsys):
+  base, adapter, workdir = str(tmp_path / 'base'), str(tmp_path / 'adapter'), str(tmp_path / 'w')
+  shutil.copytree(hf_models['gpt2'], base)
+  _peft_adapter(base, adapter, ['c_attn'], fan_in_fan_out=True)
+  assert cli.main(['import-hf', f'--from={base}', f'--adapter={adapter}', f'--workdir={workdir}']) == 0
+  load_tiny_hf().model('gpt2', 300, seed=3, std=0.3).save_pretrained(base, safe_serialization=True)
+  assert cli.main(['sample', f'--workdir={workdir}', '--prompt=a', '--max_new_tokens=2']) == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert 'belong to the base' in err and base in err
+
+
+def test_lora_off_leaves_the_default_config_as_it_was():
+  c = config_lib.default_config()
+  assert c.lora.rank == 0 and not lora.enabled(c)
+  assert not config_lib.problems(c)
+
+
+def test_export_peft_of_a_model_without_adapters_is_refused(setup, tmp_path, capsys):
+  from lmjax import hf  # pylint: disable=import-outside-toplevel
+
+  hf.import_hf(setup['base'], str(tmp_path / 'w'))
+  assert cli.main(['export-hf', f'--workdir={tmp_path / "w"}', f'--to={tmp_path / "x"}', '--peft']) == 2
+  assert 'drop --peft' in capsys.readouterr().err
