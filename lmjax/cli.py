@@ -150,6 +150,11 @@ def _sample_args(p):
   )
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--format', choices=('text', 'jsonl'), default='text')
+  p.add_argument(
+    '--chat',
+    action='store_true',
+    help="each prompt is a user message, rendered with the model's chat template and its generation prompt",
+  )
 
 
 def _sample(args, overrides):

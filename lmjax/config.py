@@ -37,6 +37,7 @@ COOLDOWN_SHAPES = ('linear', 'cosine', '1-sqrt')  # optimizer.cooldown_shape (ws
 ROWS = ('windows', 'packed')  # lmjax/data.py
 TOKENIZERS = ('char', 'byte', 'spm', 'hf')  # lmjax/tokenizers.py
 JSONL = 'jsonl'  # data.dataset of prompt/completion pairs (lmjax/sources.py)
+CHAT = 'chat'  # data.dataset of conversations, rendered with the chat template (lmjax/chat.py)
 TABLES = ('parquet', 'arrow')  # data.dataset of local Parquet / Arrow files with a text column (lmjax/sources.py)
 # What one entry of data.sources may set: its name and weight, and the data fields saying where its documents are
 # (unset ones are data.*'s). Tokenizer fields may be stated, but must equal data.*'s: a mixture shares one tokenizer.
@@ -224,6 +225,9 @@ def default_config() -> ml_collections.ConfigDict:
   d.file_docs = 'file'  # text_files: one document per 'file' or per non-empty 'line'
   d.prompt_field = 'prompt'  # jsonl: the keys of each line's prompt and completion (the loss covers the completion)
   d.completion_field = 'completion'
+  # chat: JSONL of {"messages": [{"role", "content"}, ...]}, rendered with this Jinja template (a .jinja file or
+  # the text) or, '' = the tokenizer's own (tokenizer_config.json); the loss covers the assistant turns only
+  d.chat_template = ''
   d.data_dir = ''  # TFDS data_dir ('' = ~/tensorflow_datasets); may be gs://... on a TPU VM
   d.manual_dir = ''  # a folder holding the raw files for machines without internet ('' = TFDS's default)
   d.rows = 'windows'  # windows: continuous text cut into random windows (nanoGPT) | packed: documents, shuffled,
@@ -562,10 +566,11 @@ def problems(config) -> list[str]:
   need(d.tokenizer in TOKENIZERS, f'data.tokenizer must be one of {", ".join(TOKENIZERS)}; got {d.tokenizer!r}')
   need(d.file_docs in ('file', 'line'), f"data.file_docs must be 'file' or 'line'; got {d.file_docs!r}")
   need(d.window_stride > 0, f'data.window_stride must be > 0, got {d.window_stride}')
-  need(
-    d.dataset != JSONL or d.rows == 'packed',
-    "data.dataset='jsonl' holds prompt/completion pairs, trained on packed rows: set --config.data.rows=packed",
-  )
+  for kind, what in ((JSONL, 'prompt/completion pairs'), (CHAT, 'conversations')):
+    need(
+      d.dataset != kind or d.rows == 'packed',
+      f"data.dataset='{kind}' holds {what}, trained on packed rows: set --config.data.rows=packed",
+    )
   need(t.epochs >= 0, f'train.epochs must be >= 0 (0 = train.steps decides), got {t.epochs}')
   out.extend(mixture_problems(d))
   need(not (d.sources and t.epochs), 'train.epochs counts passes over one dataset; with data.sources set train.steps')

@@ -18,7 +18,14 @@ from lmjax.hf.tensors import SAFETENSORS
 
 # What an import writes into its workdir (tokenizers.save writes the spec and the HF file beside it): a directory
 # holding only these, with no checkpoint yet, is an import that stopped early and may be written again.
-IMPORT_WRITES = ('config.json', 'tokenizer.json', 'hf_tokenizer.json', 'provenance.json', 'checkpoints')
+IMPORT_WRITES = (
+  'config.json',
+  'tokenizer.json',
+  'hf_tokenizer.json',
+  'chat_template.jinja',
+  'provenance.json',
+  'checkpoints',
+)
 
 
 def import_config(fields: dict, source: str):
