@@ -30,7 +30,6 @@ def _config(base, pairs, steps, *extra):
     f'train.steps={steps}',
     'train.eval_every=4',
     'train.checkpoint_every=4',
-    'train.keep_best=',
     'train.progress_bar=false',
     'train.eval_max_batches=1',
     'optimizer.lr=0.03',
@@ -40,16 +39,19 @@ def _config(base, pairs, steps, *extra):
     *ONE_DEVICE,
     *extra,
   ]
-  return config_lib.load('configs/gpt2_finetune.py:tiny', overrides)
+  return config_lib.load('configs/lora_chat.py:tiny', overrides)
 
 
 @pytest.fixture(scope='module')
 def setup(hf_models, tmp_path_factory):
-  """A GPT-2 base (its own copy), pairs, and a LoRA run of 8 steps over it, saved at steps 4 and 8."""
+  """A GPT-2 base with a chat template (its own copy), conversations, and a LoRA run of 8 steps on them, saved at
+  steps 4 and 8: the chat fine-tune of configs/lora_chat.py:tiny, shortened."""
   root = tmp_path_factory.mktemp('lora')
   base = str(root / 'base')
   shutil.copytree(hf_models['gpt2'], base)
-  pairs, _ = load_tiny_hf().write_pairs(str(root / 'pairs'), TEXT, n_train=64, n_val=8)
+  with open(os.path.join(base, 'chat_template.jinja'), 'w') as f:
+    f.write(load_tiny_hf().CHAT_TEMPLATE)
+  pairs, _ = load_tiny_hf().write_chats(str(root / 'chat'), TEXT, n_train=48, n_val=8)
   run = str(root / 'run')
   with jax.default_device(jax.devices()[0]):
     train.train(_config(base, pairs, 8, f'train.compilation_cache_dir={root / "cache"}'), run)
@@ -66,19 +68,25 @@ def _peft_model(base, adapter):
   return peft.PeftModel.from_pretrained(m, adapter).eval()
 
 
-def _compare(workdir, model, tokenizer_dir):
-  """lmjax's merged model of `workdir` against a torch `model`: logits within 1e-4, 16 greedy tokens equal."""
+def _ours(workdir, tokenizer_dir):
+  """(token ids, lmjax's logits of them, 16 greedy tokens after the first 8) of a workdir's merged model."""
   tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
   ids = np.stack([tok(TEXT[i * 9000 : i * 9000 + 400]).input_ids[:24] for i in range(2)])
-  got, engine, state = _lmjax_logits(workdir, ids)
+  logits, engine, state = _lmjax_logits(workdir, ids)
+  [greedy] = sample.generate(state.params, engine.model_cfg, [ids[0, :8]], max_new_tokens=16, temperature=0.0)
+  return ids, logits, list(greedy)
+
+
+def _compare(ours, model, greedy=True):
+  """lmjax's merged model (`_ours`) against a torch `model`: logits within 1e-4, the 16 greedy tokens equal."""
+  ids, logits, tokens = ours
   with torch.no_grad():
     want = model(torch.tensor(ids.astype(np.int64))).logits.numpy()
-    theirs = model.generate(
-      torch.tensor(ids[:1, :8].astype(np.int64)), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
-    )[0, 8:].tolist()
-  assert np.abs(got - want).max() <= 1e-4
-  [ours] = sample.generate(state.params, engine.model_cfg, [ids[0, :8]], max_new_tokens=16, temperature=0.0)
-  assert list(ours) == theirs
+    assert np.abs(logits - want).max() <= 1e-4
+    if greedy:
+      prompt = torch.tensor(ids[:1, :8].astype(np.int64))
+      theirs = model.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+      assert tokens == theirs[0, 8:].tolist()
 
 
 def test_lora_trains_the_adapters_alone_and_checkpoints_them_small(setup):
@@ -97,6 +105,7 @@ def test_lora_trains_the_adapters_alone_and_checkpoints_them_small(setup):
   # The base is unchanged: the LoRA run at step 0 (B = 0) is the base, and sampling reads the base from disk.
   meta = json.load(open(os.path.join(setup['run'], 'config.json')))
   assert meta['lora']['rank'] == 4 and meta['train']['init_from'].startswith('hf:')
+  assert os.path.exists(os.path.join(setup['run'], 'chat_template.jinja'))  # what sample --chat renders with
 
 
 def test_a_resumed_lora_run_equals_the_uninterrupted_one_bitwise(setup, tmp_path):
@@ -117,7 +126,7 @@ def test_resuming_over_another_base_is_refused_naming_both(setup, hf_models, tmp
   shutil.copytree(setup['run'], run)
   args = [
     'train',
-    '--config=configs/gpt2_finetune.py:tiny',
+    '--config=configs/lora_chat.py:tiny',
     f'--workdir={run}',
     f'--config.train.init_from=hf:{other}',
     f'--config.data.train_split={setup["pairs"]}',
@@ -146,7 +155,7 @@ def test_resuming_over_another_base_is_refused_naming_both(setup, hf_models, tmp
 def test_bad_lora_settings_are_one_line_errors(setup, override, words, capsys):
   args = [
     'train',
-    '--config=configs/gpt2_finetune.py:tiny',
+    '--config=configs/lora_chat.py:tiny',
     f'--workdir={setup["root"] / "bad"}',
     f'--config.train.init_from=hf:{setup["base"]}',
     f'--config.data.train_split={setup["pairs"]}',
@@ -171,12 +180,19 @@ def test_peft_loads_the_exported_gpt2_adapter_with_the_same_logits_and_greedy_to
   config = json.load(open(os.path.join(out, 'adapter_config.json')))
   assert config['fan_in_fan_out'] and config['rank_pattern'] == {'attn.c_attn': 12}
   assert summary['step'] == 8
-  _compare(setup['run'], _peft_model(setup['base'], out), setup['base'])
+  ours = _ours(setup['run'], setup['base'])
+  _compare(ours, _peft_model(setup['base'], out))
   # The merged export is the same model.
   merged = str(tmp_path / 'merged')
   assert cli.main(['export-hf', f'--workdir={setup["run"]}', f'--to={merged}']) == 0
   m = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-  _compare(setup['run'], m, setup['base'])
+  _compare(ours, m, greedy=False)
+  # Sampling it as a chat renders the prompt with the template the run kept.
+  capsys.readouterr()
+  assert (
+    cli.main(['sample', f'--workdir={setup["run"]}', '--chat', '--prompt=Hi', '--max_new_tokens=2', '--greedy']) == 0
+  )
+  assert capsys.readouterr().out.startswith('Hi')
 
 
 def _peft_adapter(base, out, targets, **kw):
@@ -204,10 +220,11 @@ def test_a_peft_adapter_imports_samples_and_exports_back_exactly(name, targets, 
   theirs = _peft_adapter(base, adapter, targets, **kw)
   assert cli.main(['import-hf', f'--from={base}', f'--adapter={adapter}', f'--workdir={workdir}']) == 0
   capsys.readouterr()
-  _compare(workdir, theirs, base)
+  ours = _ours(workdir, base)
+  _compare(ours, theirs)
   back = str(tmp_path / 'back')
   assert cli.main(['export-hf', f'--workdir={workdir}', f'--to={back}', '--peft']) == 0
-  _compare(workdir, _peft_model(base, back), base)
+  _compare(ours, _peft_model(base, back), greedy=False)  # the same adapter again, so the same logits suffice
 
 
 def test_an_adapter_whose_base_changed_is_refused_on_load(hf_models, tmp_path, capsys):
