@@ -158,15 +158,11 @@ def check_messages(obj, where: str) -> list:
 
 
 class ChatFiles:
-  """Conversations from JSONL files matched by a glob, all read and checked up front (file:line on a bad one)."""
+  """Conversations of JSONL lines (lmjax/sources.py reads them: `lines` is (FILE:LINE, object) pairs), all checked
+  up front, so a bad one fails before training starts, named as file:line."""
 
-  def __init__(self, pattern: str):
-    from lmjax import sources  # pylint: disable=import-outside-toplevel
-
-    self.docs = []
-    for path in sources.glob(pattern):
-      for n, obj in sources.jsonl_objects(str(path)):
-        self.docs.append({'messages': check_messages(obj, f'{path}:{n}'), 'where': f'{path}:{n}'})
+  def __init__(self, lines, pattern: str):
+    self.docs = [{'messages': check_messages(obj, where), 'where': where} for where, obj in lines]
     if not self.docs:
       raise DataError(f'the files matching {pattern!r} hold no conversation')
 
