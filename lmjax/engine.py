@@ -135,6 +135,11 @@ class Engine:
     view.model_cfg, view.mesh, view.param_shardings = self.model_cfg, self.mesh, self.param_shardings
     return view
 
+  def fresh_params(self):
+    """The model's parameters freshly initialised on param_shardings (a stand-in base where none is read)."""
+    with parallel.activate(self.mesh, self.rules):
+      return jax.jit(lambda r: nn.meta.unbox(self._boxed_params(r)), out_shardings=self.param_shardings)(self.rng)
+
   def set_base(self, params) -> None:
     """LoRA: the frozen base parameters (on param_shardings) the train step and model_params read."""
     self.base = params
