@@ -187,11 +187,11 @@ def main():
   cpu = f'{workdir_lib.cpu_model()} ({os.cpu_count()} cores, {workdir_lib.cpu_isa()})'
   print(f'\nGPT-2 shape: {args.layers} layers, d {args.d_model}, vocab {args.vocab}; batch {args.batch} x {args.seq}')
   print(f'CPU: {cpu}; {time.strftime("%Y-%m-%d")}')
-  print(f'{"":16}{"step s":>8}{"peak RSS MiB":>14}{"ckpt MiB":>10}{"trained":>13}')
+  print(f'{"":22}{"step s":>8}{"peak RSS MiB":>14}{"ckpt MiB":>10}{"trained":>13}')
   for r in results:
     ckpt = f'{r["checkpoint_mib"]:.1f}' if 'checkpoint_mib' in r else '-'
     print(
-      f'{r["who"] + " " + r["run"]:16}{r["step_s"]:8.2f}{r["peak_rss_mib"]:14.0f}{ckpt:>10}{r["trained_params"]:13,}'
+      f'{r["who"] + " " + r["run"]:22}{r["step_s"]:8.2f}{r["peak_rss_mib"]:14.0f}{ckpt:>10}{r["trained_params"]:13,}'
     )
   if args.record:
     with open(args.record, 'a') as f:
