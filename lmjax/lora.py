@@ -95,6 +95,7 @@ def init(rng, cfg: ModelConfig, config, dtype=jnp.float32) -> dict:
 
 def _add(kernel, target: str, delta_IxO, cfg: ModelConfig):
   """`kernel` (lmjax's stored shape) plus a target's delta given as an in x out matrix."""
+  kernel = jnp.asarray(kernel)
   if target in ('k', 'v'):
     which = 0 if target == 'k' else 1
     return kernel.at[:, which].add(delta_IxO.reshape(kernel.shape[0], *kernel.shape[2:]).astype(kernel.dtype))

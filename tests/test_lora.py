@@ -251,3 +251,36 @@ def test_export_peft_of_a_model_without_adapters_is_refused(setup, tmp_path, cap
   hf.import_hf(setup['base'], str(tmp_path / 'w'))
   assert cli.main(['export-hf', f'--workdir={tmp_path / "w"}', f'--to={tmp_path / "x"}', '--peft']) == 2
   assert 'drop --peft' in capsys.readouterr().err
+
+
+def test_gpt2_q_and_v_alone_export_as_one_block_diagonal_c_attn_adapter_and_read_back(hf_models, tmp_path):
+  """Two of c_attn's three parts adapted: one PEFT adapter of rank 2r whose k rows are zero, scaled exactly."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
+  from lmjax import hf, model as model_lib  # pylint: disable=import-outside-toplevel
+  from lmjax.hf import families, peft as lmjax_peft  # pylint: disable=import-outside-toplevel
+
+  base = hf_models['gpt2']
+  fields, arch, _, params = hf.read(base)
+  cfg = config_lib.ModelConfig(**{**dataclasses.asdict(config_lib.ModelConfig()), **fields})
+  config = config_lib.default_config()
+  config.lora.rank, config.lora.alpha, config.lora.targets = 2, 3.0, ('q', 'v')
+  rng = np.random.default_rng(0)
+  adapters = jax.tree.map(
+    lambda s: rng.normal(0, 0.2, s).astype(np.float32), lora.shapes(cfg, config), is_leaf=lambda x: isinstance(x, tuple)
+  )
+  out = str(tmp_path / 'adapter')
+  lmjax_peft.write_adapter(out, adapters, cfg, config.lora, families.FAMILIES[arch], base)
+  assert json.load(open(os.path.join(out, 'adapter_config.json')))['rank_pattern'] == {'attn.c_attn': 4}
+  ids = np.arange(2 * 16).reshape(2, 16) % 300
+  forward = jax.jit(lambda p: model_lib.Transformer(cfg).apply({'params': p}, ids))
+  run = lambda a, s: np.asarray(forward(jax.jit(lambda a: lora.merge(params, a, cfg, s))(a)))
+  ours = run(adapters, lora.scale(config))
+  with torch.no_grad():
+    theirs = _peft_model(base, out)(torch.tensor(ids)).logits.numpy()
+  assert np.abs(ours - theirs).max() <= 1e-4
+  section, back = lmjax_peft.read_adapter(out, cfg, families.FAMILIES[arch])
+  # c_attn is one module to PEFT: read back, k has an adapter too, of zeros
+  assert section['targets'] == ['q', 'k', 'v'] and section['rank'] == 4
+  assert not np.any(back['block_0']['k']['b'])
+  assert np.abs(run(back, section['alpha'] / section['rank']) - ours).max() <= 1e-4
