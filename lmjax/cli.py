@@ -381,7 +381,7 @@ COMMANDS = {
     quick_exit=True,
   ),
   'import-hf': Command(
-    'a Hugging Face GPT-2 or Llama model (safetensors) as an lmjax workdir',
+    'a Hugging Face GPT-2 or Llama model (safetensors), or a PEFT adapter over one, as an lmjax workdir',
     _import_hf_args,
     _import_hf,
     quick_exit=True,

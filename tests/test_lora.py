@@ -284,3 +284,18 @@ def test_gpt2_q_and_v_alone_export_as_one_block_diagonal_c_attn_adapter_and_read
   assert section['targets'] == ['q', 'k', 'v'] and section['rank'] == 4
   assert not np.any(back['block_0']['k']['b'])
   assert np.abs(run(back, section['alpha'] / section['rank']) - ours).max() <= 1e-4
+
+
+def test_lora_dropout_drops_adapter_inputs_with_a_key_and_never_without_one():
+  cfg = config_lib.ModelConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=1, max_len=8)
+  config = config_lib.default_config()
+  config.lora.rank, config.lora.dropout, config.lora.targets = 2, 0.5, ('q', 'up')
+  params = {'block_0': {'attn': {'q_kernel': np.ones((16, 2, 8), np.float32)}, 'mlp': {'up_kernel': np.ones((16, 64))}}}
+  adapters = jax.tree.map(lambda x: x + 0.1, lora.init(jax.random.key(1), cfg, config))
+  merge = jax.jit(lora.merge_fn(config, cfg))
+  q = lambda p: np.asarray(p['block_0']['attn']['q_kernel'])
+  full = q(jax.jit(lora.merge_fn(config, cfg))(params, adapters))
+  one, other = q(merge(params, adapters, jax.random.key(2))), q(merge(params, adapters, jax.random.key(3)))
+  assert not np.allclose(one, other) and not np.allclose(one, full)
+  a, b = np.asarray(adapters['block_0']['q']['a']), np.asarray(adapters['block_0']['q']['b'])
+  np.testing.assert_allclose(full, 1 + (lora.scale(config) * a @ b).reshape(16, 2, 8), atol=1e-6)
