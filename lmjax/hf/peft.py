@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
 import numpy as np
 
@@ -207,6 +208,15 @@ def import_adapter(base: str, adapter: str, workdir: str) -> dict:
   config = convert.import_config(fields, base)
   cfg = ModelConfig(**config.model.to_dict())
   section, adapters = read_adapter(adapter, cfg, families.FAMILIES[arch])
+  with open(os.path.join(adapter, CONFIG), encoding='utf-8') as f:
+    named = json.load(f).get('base_model_name_or_path') or ''
+  if named and os.path.basename(os.path.normpath(named)) != os.path.basename(os.path.normpath(base)):
+    # Hub names and local copies of one model differ in name, so a different name only warns; shapes were checked.
+    print(
+      f'lmjax import-hf: warning: {adapter} says it was trained over {named!r}, and --from is {base}; the shapes '
+      'fit, but make sure it is the same model',
+      file=sys.stderr,
+    )
   ref = f'hf:{os.path.abspath(base)}'
   with config.unlocked():
     config.lora.update(section)
