@@ -261,6 +261,10 @@ class DocumentEncoder:
   def __call__(self, doc) -> dict:
     tok = self.tokenizer
     if isinstance(doc, dict) and 'messages' in doc:  # the template places every special token itself
+      if self.template is None:  # a mixture's sources are encoded without one
+        raise sources.DataError(
+          "conversations (data.dataset='chat') train as the one dataset, not a data.sources entry"
+        )
       e = self.template.encode(doc['messages'], doc.get('where', 'a conversation'))
       return {'inputs': e['ids'][:-1], 'targets': e['ids'][1:], 'weights': e['assistant'][1:].astype(np.float32)}
     if isinstance(doc, str):
