@@ -6,6 +6,11 @@ and the interop benchmark: nothing is downloaded.
 writes a GPT2LMHeadModel (random weights, saved by transformers as safetensors) with a byte-level BPE tokenizer
 trained on Tiny Shakespeare, and runs/pairs_train.jsonl / runs/pairs_val.jsonl: prompt/completion pairs (a line of
 the play, then the line after it). Needs torch and transformers (the test extra).
+
+  python experiments/tiny_hf.py --out=runs/tiny_chat_hf --chat=runs/chat --pairs=
+
+gives the model a chat template (CHAT_TEMPLATE, in its tokenizer files) and writes runs/chat_train.jsonl /
+runs/chat_val.jsonl: conversations {"messages": [{"role", "content"}, ...]}, a user line answered by the next.
 """
 
 from __future__ import annotations
@@ -53,6 +58,15 @@ DECODERS = {
 }
 BOS = ('llama', 'mistral', 'gemma2', 'gemma3')
 
+# A small chat template in the shape of the real ones: role markers, the BOS first, each assistant turn closed by
+# the EOS (so sampling stops there), the generation prompt opening an assistant turn.
+CHAT_TEMPLATE = (
+  '{{ bos_token }}{% for m in messages %}'
+  "{% if m['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('unknown role ' + m['role']) }}"
+  "{% endif %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}"
+  "{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
 
 def model(arch: str, vocab_size: int, seed: int = 0, std: float = 0.02, **shape):
   """A randomly initialised GPT2LMHeadModel ('gpt2') or one of DECODERS; `shape` overrides the tiny default config
@@ -88,12 +102,21 @@ def model(arch: str, vocab_size: int, seed: int = 0, std: float = 0.02, **shape)
 
 
 def save(
-  out: str, arch: str = 'gpt2', text: str | None = None, vocab_size: int = 300, model_vocab=0, max_shard_size=None, **kw
+  out: str,
+  arch: str = 'gpt2',
+  text: str | None = None,
+  vocab_size: int = 300,
+  model_vocab=0,
+  max_shard_size=None,
+  chat_template=None,
+  **kw,
 ):
   """Writes a tiny model and its tokenizer into `out` as save_pretrained does; returns (model, tokenizer).
-  `model_vocab`: the embedding's rows when larger than the tokenizer's vocabulary (GPT-2's 50257)."""
+  `model_vocab`: the embedding's rows when larger than the tokenizer's vocabulary (GPT-2's 50257).
+  `chat_template`: saved with the tokenizer (apply_chat_template and lmjax's data.dataset='chat' use it)."""
   text = text if text is not None else read_shakespeare()[:200_000]
   tokenizer = byte_bpe(text, vocab_size, bos=arch in BOS)
+  tokenizer.chat_template = chat_template
   m = model(arch, max(len(tokenizer), model_vocab), **kw)
   extra = {'max_shard_size': max_shard_size} if max_shard_size else {}
   m.save_pretrained(out, safe_serialization=True, **extra)
@@ -121,16 +144,42 @@ def write_pairs(prefix: str, text: str | None = None, n_train: int = 400, n_val:
   return tuple(paths)
 
 
+def write_chats(prefix: str, text: str | None = None, n_train: int = 200, n_val: int = 40) -> tuple[str, str]:
+  """Conversations from consecutive lines of the play: PREFIX_train.jsonl and PREFIX_val.jsonl. A user line is
+  answered by the next; every third has a system message, every fourth a second exchange."""
+  text = text if text is not None else read_shakespeare()
+  lines = [line for line in text.split('\n') if line.strip()]
+  chats = []
+  for i in range(n_train + n_val):
+    a, b, c, d = lines[4 * i : 4 * i + 4]
+    messages = [{'role': 'system', 'content': 'Answer in verse.'}] if i % 3 == 0 else []
+    messages += [{'role': 'user', 'content': a}, {'role': 'assistant', 'content': b}]
+    if i % 4 == 0:
+      messages += [{'role': 'user', 'content': c}, {'role': 'assistant', 'content': d}]
+    chats.append({'messages': messages})
+  paths = []
+  for name, chunk in (('train', chats[:n_train]), ('val', chats[n_train:])):
+    path = f'{prefix}_{name}.jsonl'
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path, 'w') as f:
+      f.writelines(json.dumps(c) + '\n' for c in chunk)
+    paths.append(path)
+  return tuple(paths)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--out', default='runs/tiny_gpt2_hf')
   p.add_argument('--arch', choices=('gpt2', *DECODERS), default='gpt2')
   p.add_argument('--pairs', default='runs/pairs', help='prefix of the prompt/completion files ("" = none)')
+  p.add_argument('--chat', default='', help='prefix of chat files to write; the model gets CHAT_TEMPLATE ("" = none)')
   args = p.parse_args()
-  save(args.out, args.arch, std=0.1)
+  save(args.out, args.arch, std=0.1, chat_template=CHAT_TEMPLATE if args.chat else None)
   print(f'wrote {args.out}')
   if args.pairs:
     print('wrote', *write_pairs(args.pairs))
+  if args.chat:
+    print('wrote', *write_chats(args.chat))
 
 
 if __name__ == '__main__':

@@ -44,7 +44,9 @@ class Loop:
       return self.metrics['val_loss']
     if not self._state_loss:
       batches = self.data.eval_batches[:1]
-      self._state_loss.append(self.engine.evaluate(self.state.params, batches)['val_loss'] if batches else None)
+      self._state_loss.append(
+        self.engine.evaluate(self.engine.model_params(self.state.params), batches)['val_loss'] if batches else None
+      )
     return self._state_loss[0]
 
   def save(self, checkpointer, meta: dict) -> None:
@@ -91,7 +93,7 @@ class Evaluate(Action):
   def run(self, loop):
     d = loop.data
     evaluate = lambda p: loop.engine.evaluate(p, d.eval_batches, d.eval_bytes_per_token, d.source_evals)
-    out = evaluate(loop.state.params)
+    out = evaluate(loop.engine.model_params(loop.state.params))
     if loop.config.train.ema_decay:
       from lmjax import optim  # pylint: disable=import-outside-toplevel  -- only runs with an EMA import it
 
@@ -112,7 +114,7 @@ class EvalTask(Action):
 
     if self._task is None:
       self._task = tasks.build(self.spec, loop.config, loop.data.tokenizer, loop.engine)
-    metrics, _ = self._task(loop.state.params)
+    metrics, _ = self._task(loop.engine.model_params(loop.state.params))
     return {f'{self.name}/{k}': v for k, v in metrics.items()}
 
 

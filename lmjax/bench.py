@@ -53,10 +53,13 @@ class Runner:
     self.engine = engine = engine_lib.Engine(config)
     engine_lib.check_training(config, engine.mesh)
     batch = random_batch(engine.train_batch_spec(), engine.model_cfg.vocab_size)
+    if engine.lora:  # random rows need no real base: a fresh init stands in for train.init_from's
+      engine.set_base(engine.fresh_params())
     self.state = engine.init_state()
     self.init_s = time.perf_counter() - t_start
     self.exec, self.compile_s = engine.compile_train(batch)
     engine_lib.check_host_memory(self.exec)
+    self.exec = engine.bind(self.exec)
     self.batch = jax.device_put(batch, engine.batch_sharding)
     self.time(1)
     self.first_step_s = time.perf_counter() - t_start  # start to the first step's result on the host

@@ -150,6 +150,11 @@ def _sample_args(p):
   )
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--format', choices=('text', 'jsonl'), default='text')
+  p.add_argument(
+    '--chat',
+    action='store_true',
+    help="each prompt is a user message, rendered with the model's chat template and its generation prompt",
+  )
 
 
 def _sample(args, overrides):
@@ -266,11 +271,22 @@ def _import_hf_args(p):
     'gpt2 on a machine with network access',
   )
   p.add_argument('--workdir', required=True, help='the new lmjax workdir to write')
+  p.add_argument(
+    '--adapter',
+    default='',
+    help='a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) trained over --from: the '
+    'workdir is base + adapters (lora.rank > 0, train.init_from=hf:FROM)',
+  )
 
 
 def _import_hf(args, overrides):
   from lmjax import hf  # pylint: disable=import-outside-toplevel
 
+  if args.adapter:
+    from lmjax.hf import peft  # pylint: disable=import-outside-toplevel
+
+    print(json.dumps(peft.import_adapter(args.source, args.adapter, args.workdir)))
+    return 0
   print(json.dumps(hf.import_hf(args.source, args.workdir)))
   return 0
 
@@ -278,12 +294,17 @@ def _import_hf(args, overrides):
 def _export_hf_args(p):
   _workdir_args(p, 'export')
   p.add_argument('--to', required=True, help='a new directory for config.json, model.safetensors and the tokenizer')
+  p.add_argument(
+    '--peft',
+    action='store_true',
+    help="a LoRA run's adapters, unmerged, as a PEFT adapter directory (default: the merged model)",
+  )
 
 
 def _export_hf(args, overrides):
   from lmjax import inference  # pylint: disable=import-outside-toplevel
 
-  print(json.dumps(inference.export_hf(args.workdir, args.to, step=args.step, params=args.params)))
+  print(json.dumps(inference.export_hf(args.workdir, args.to, step=args.step, params=args.params, peft=args.peft)))
   return 0
 
 
@@ -360,7 +381,7 @@ COMMANDS = {
     quick_exit=True,
   ),
   'import-hf': Command(
-    'a Hugging Face GPT-2 or Llama model (safetensors) as an lmjax workdir',
+    'a Hugging Face GPT-2 or Llama model (safetensors), or a PEFT adapter over one, as an lmjax workdir',
     _import_hf_args,
     _import_hf,
     quick_exit=True,

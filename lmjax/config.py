@@ -39,6 +39,7 @@ COOLDOWN_SHAPES = ('linear', 'cosine', '1-sqrt')  # optimizer.cooldown_shape (ws
 ROWS = ('windows', 'packed')  # lmjax/data.py
 TOKENIZERS = ('char', 'byte', 'spm', 'hf')  # lmjax/tokenizers.py
 JSONL = 'jsonl'  # data.dataset of prompt/completion pairs (lmjax/sources.py)
+CHAT = 'chat'  # data.dataset of conversations, rendered with the chat template (lmjax/chat.py)
 TABLES = ('parquet', 'arrow')  # data.dataset of local Parquet / Arrow files with a text column (lmjax/sources.py)
 # What one entry of data.sources may set: its name and weight, and the data fields saying where its documents are
 # (unset ones are data.*'s). Tokenizer fields may be stated, but must equal data.*'s: a mixture shares one tokenizer.
@@ -50,6 +51,7 @@ PARAM_GROUPS = ('embeddings', 'norms', 'biases', 'attention', 'mlp', 'head')
 PARAMS = ('raw', 'ema')  # --params of eval, sample and export-hf: the trained parameters or their EMA (train.ema_decay)
 TRACKERS = ('jsonl', 'tensorboard', 'wandb')  # train.trackers (lmjax/sinks.py)
 WANDB_MODES = ('online', 'offline', 'disabled')
+LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # lora.targets (lmjax/lora.py)
 
 
 # What each model field is to a checkpoint, tagged on the field (ModelConfig below); `fields(role)` lists them.
@@ -274,6 +276,9 @@ def default_config() -> ml_collections.ConfigDict:
   d.file_docs = 'file'  # text_files: one document per 'file' or per non-empty 'line'
   d.prompt_field = 'prompt'  # jsonl: the keys of each line's prompt and completion (the loss covers the completion)
   d.completion_field = 'completion'
+  # chat: JSONL of {"messages": [{"role", "content"}, ...]}, rendered with this Jinja template (a .jinja file or
+  # the text) or, '' = the tokenizer's own (tokenizer_config.json); the loss covers the assistant turns only
+  d.chat_template = ''
   d.data_dir = ''  # TFDS data_dir ('' = ~/tensorflow_datasets); may be gs://... on a TPU VM
   d.manual_dir = ''  # a folder holding the raw files for machines without internet ('' = TFDS's default)
   d.rows = 'windows'  # windows: continuous text cut into random windows (nanoGPT) | packed: documents, shuffled,
@@ -349,6 +354,15 @@ def default_config() -> ml_collections.ConfigDict:
   # says how to open it); (0, 0) = off.
   t.profile_steps = (0, 0)
   t.steps_per_call = 1  # optimizer steps per jitted call (lax.scan over S batches): less per-call overhead
+
+  # LoRA (lmjax/lora.py): rank 0 = off, every parameter trains. rank > 0 freezes the base (train.init_from, needed)
+  # and trains adapters A (in x rank) and B (rank x out) on each target; the model runs W + alpha / rank * A B.
+  # The optimizer state and checkpoints hold the adapters only; `lmjax export-hf --peft` writes them for PEFT.
+  c.lora = lo = ml_collections.ConfigDict()
+  lo.rank = 0
+  lo.alpha = 16.0
+  lo.dropout = 0.0  # drops input features of the adapter path (one mask per step and layer: lmjax/lora.py)
+  lo.targets = ('q', 'k', 'v', 'o')  # of q, k, v, o, gate, up, down (GPT-2: no gate; c_attn holds q, k, v)
 
   c.optimizer = o = ml_collections.ConfigDict()
   o.name = 'adamw'  # adamw | lion | adafactor | muon
@@ -603,10 +617,11 @@ def problems(config) -> list[str]:
   need(d.tokenizer in TOKENIZERS, f'data.tokenizer must be one of {", ".join(TOKENIZERS)}; got {d.tokenizer!r}')
   need(d.file_docs in ('file', 'line'), f"data.file_docs must be 'file' or 'line'; got {d.file_docs!r}")
   need(d.window_stride > 0, f'data.window_stride must be > 0, got {d.window_stride}')
-  need(
-    d.dataset != JSONL or d.rows == 'packed',
-    "data.dataset='jsonl' holds prompt/completion pairs, trained on packed rows: set --config.data.rows=packed",
-  )
+  for kind, what in ((JSONL, 'prompt/completion pairs'), (CHAT, 'conversations')):
+    need(
+      d.dataset != kind or d.rows == 'packed',
+      f"data.dataset='{kind}' holds {what}, trained on packed rows: set --config.data.rows=packed",
+    )
   need(t.epochs >= 0, f'train.epochs must be >= 0 (0 = train.steps decides), got {t.epochs}')
   out.extend(mixture_problems(d))
   need(not (d.sources and t.epochs), 'train.epochs counts passes over one dataset; with data.sources set train.steps')
@@ -621,8 +636,50 @@ def problems(config) -> list[str]:
     f'{" and ".join(leftover)} are both -1 (the devices left over); at most one axis may be -1: give the others counts',
   )
   need(config.mesh.get('slices', 1) >= 1, f'mesh.slices must be >= 1, got {config.mesh.get("slices", 1)}')
+  out.extend(lora_problems(config))
   need(s.max_new_tokens >= 0, f'sample.max_new_tokens must be >= 0, got {s.max_new_tokens}')
   need(s.temperature >= 0, f'sample.temperature must be >= 0 (0 = greedy), got {s.temperature}')
+  return out
+
+
+def lora_problems(config) -> list[str]:
+  """What is wrong with the lora section (empty when all is well). A target the model lacks is found once the
+  architecture is known (lmjax/lora.py check_model)."""
+  lc, t = config.get('lora'), config.train
+  if lc is None:
+    return []
+  out = []
+  explicit = {k for k in overridden(config) if k.startswith('lora.')} - {'lora.rank'}
+  if lc.rank < 0 or (lc.rank == 0 and explicit):
+    out.append(
+      f'lora.rank must be > 0 to train adapters (0 = off, every parameter trains); got {lc.rank}'
+      + (f' with {", ".join(sorted(explicit))} set' if lc.rank == 0 and explicit else '')
+    )
+  if lc.rank <= 0:
+    return out
+  targets = lc.targets if isinstance(lc.targets, (tuple, list)) else (lc.targets,)
+  unknown = [x for x in targets if x not in LORA_TARGETS]
+  if unknown or not targets:
+    out.append(
+      f'lora.targets: unknown {", ".join(map(repr, unknown)) or "(none given)"}; choose from {", ".join(LORA_TARGETS)}'
+    )
+  if len(set(targets)) != len(targets):
+    out.append(f'lora.targets names a target twice: {tuple(targets)}')
+  if not lc.alpha > 0:
+    out.append(f'lora.alpha must be > 0, got {lc.alpha}')
+  if not 0 <= lc.dropout < 1:
+    out.append(f'lora.dropout must be in [0, 1), got {lc.dropout}')
+  if not t.init_from:
+    out.append('lora.rank > 0 trains adapters over a base: set train.init_from (WORKDIR or hf:DIR)')
+  if t.branch_from:
+    out.append('lora and train.branch_from cannot be combined; use train.init_from')
+  for field, on in (
+    ('train.ema_decay', t.ema_decay),
+    ('optimizer.lr_multipliers', config.optimizer.lr_multipliers),
+    ('optimizer.wd_multipliers', config.optimizer.wd_multipliers),
+  ):
+    if on:
+      out.append(f'{field} works on full fine-tuning, not on lora adapters: unset it or set lora.rank=0')
   return out
 
 

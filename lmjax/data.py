@@ -97,7 +97,7 @@ def make_data(config, tokenizer=None, *, workdir=None, process_index=None, proce
     DocumentEncoder.text(train_docs[int(i)]) for i in grain.MapDataset.range(len(train_docs)).shuffle(seed=0)
   )
   tokenizer = _tokenizer(dc, tokenizer, sample, workdir, pi, pc)
-  encode = DocumentEncoder(tokenizer)
+  encode = encoder(config, tokenizer)
   rows = packed_rows(train_docs, encode, L, config.seed, pi, pc, read_threads=dc.read_threads)
   train_it = iter(rows.batch(_local_batch(tc.batch_size, pc), drop_remainder=True))
   batches, bytes_per_token = eval_set(config, tokenizer, eval_docs, pi, pc)
@@ -255,11 +255,18 @@ class DocumentEncoder:
   tokens (and the EOS after them) carry weight: the loss never trains the model to write the prompt. A tokenizer
   without BOS/EOS (char) predicts each document's tokens after its first."""
 
-  def __init__(self, tokenizer):
-    self.tokenizer = tokenizer
+  def __init__(self, tokenizer, template=None):
+    self.tokenizer, self.template = tokenizer, template  # template: a chat.Template for conversations
 
   def __call__(self, doc) -> dict:
     tok = self.tokenizer
+    if isinstance(doc, dict) and 'messages' in doc:  # the template places every special token itself
+      if self.template is None:  # a mixture's sources are encoded without one
+        raise sources.DataError(
+          "conversations (data.dataset='chat') train as the one dataset, not a data.sources entry"
+        )
+      e = self.template.encode(doc['messages'], doc.get('where', 'a conversation'))
+      return {'inputs': e['ids'][:-1], 'targets': e['ids'][1:], 'weights': e['assistant'][1:].astype(np.float32)}
     if isinstance(doc, str):
       prompt, ids = np.zeros(0, np.int32), tok.encode(doc)
     else:
@@ -277,12 +284,32 @@ class DocumentEncoder:
   @staticmethod
   def n_bytes(doc) -> int:
     """UTF-8 bytes of the text the weighted targets spell: bits per byte count the completion of a pair."""
+    if isinstance(doc, dict) and 'messages' in doc:
+      return sum(len(m['content'].encode('utf-8')) for m in doc['messages'] if m['role'] == 'assistant')
     return len((doc if isinstance(doc, str) else doc['completion']).encode('utf-8'))
 
   @staticmethod
   def text(doc) -> str:
     """A document's whole text, to train a tokenizer on."""
+    if isinstance(doc, dict) and 'messages' in doc:
+      return '\n'.join(m['content'] for m in doc['messages'])
     return doc if isinstance(doc, str) else doc['prompt'] + doc['completion']
+
+
+def encoder(config, tokenizer) -> DocumentEncoder:
+  """The encoder of this config's documents: with data.dataset='chat', conversations through the chat template
+  (data.chat_template or the tokenizer's own, which the tokenizer then carries into the workdir)."""
+  if config.data.dataset != config_lib.CHAT:
+    return DocumentEncoder(tokenizer)
+  from lmjax import chat  # pylint: disable=import-outside-toplevel
+
+  if not isinstance(tokenizer, tokenizers.HFTokenizer):
+    raise tokenizers.TokenizerError(
+      "data.dataset='chat' renders conversations with a Hugging Face tokenizer's chat template: fine-tune an HF "
+      'model (train.init_from=hf:DIR or an import-hf workdir), or set data.tokenizer=hf'
+    )
+  tokenizer.chat_template = chat.resolve(config.data.get('chat_template', ''), tokenizer)
+  return DocumentEncoder(tokenizer, chat.Template(tokenizer.chat_template, tokenizer))
 
 
 def packed_rows(docs, encode, L: int, seed: int, pi: int, pc: int, *, epochs=None, read_threads: int = 2):
@@ -393,4 +420,4 @@ def eval_counts(config, tokenizer, docs, process_index=None, process_count=None,
       raise sources.DataError('the eval set holds fewer than two tokens: nothing to predict')
     batches = eval_rows_batches(ids, L, tc.eval_batch_size, max_batches, pi, pc)
     return batches, len(text.encode('utf-8')), len(ids)
-  return packed_eval_batches(docs, DocumentEncoder(tokenizer), L, tc.eval_batch_size, max_batches, pi, pc)
+  return packed_eval_batches(docs, encoder(config, tokenizer), L, tc.eval_batch_size, max_batches, pi, pc)

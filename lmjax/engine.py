@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax import compiling, config as config_lib, hostenv, model as model_lib, optim, parallel
+from lmjax import compiling, config as config_lib, hostenv, lora, model as model_lib, optim, parallel
 from lmjax import steps
 from lmjax.errors import ConfigError
 from lmjax.steps import TrainState
@@ -40,16 +40,29 @@ class Engine:
     abstract_params = nn.meta.unbox(abstract_boxed)
     optim.check_groups(config.optimizer, abstract_params)
     repl = parallel.replicated(self.mesh)
-    self.state_shardings = TrainState(
-      step=repl,
-      params=self.param_shardings,
-      opt_state=parallel.match_shardings(abstract_opt, abstract_params, self.param_shardings, self.mesh),
+    self.n_params = model_lib.count_params(abstract_params)
+    # With LoRA the train state's params are the adapters (small: replicated), and the model's full parameters
+    # (`base_abstract`, on param_shardings) a frozen input of the train step (lmjax/lora.py).
+    self.lora = lora.enabled(config)
+    self.base = None  # LoRA: the frozen base parameters, set by whoever starts the run (set_base)
+    self.base_abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, self.param_shardings
     )
+    if self.lora:
+      lora.check_model(config, self.model_cfg)
+      abstract_params = lora.abstract(self.model_cfg, config, jnp.dtype(self.model_cfg.param_dtype))
+      abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+      state_params = jax.tree.map(lambda _: repl, abstract_params)
+      opt_shardings = jax.tree.map(lambda _: repl, abstract_opt)
+    else:
+      state_params = self.param_shardings
+      opt_shardings = parallel.match_shardings(abstract_opt, abstract_params, self.param_shardings, self.mesh)
+    self.state_shardings = TrainState(step=repl, params=state_params, opt_state=opt_shardings)
     abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, abstract_opt)
     self.abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.state_shardings
     )
-    self.n_params = model_lib.count_params(abstract_params)
+    self.n_trainable = model_lib.count_params(abstract_params)
     self.flops_per_token = model_lib.flops_per_token(self.model_cfg, self.model_cfg.max_len)
 
     self.batch_sharding = parallel.batch_sharding(self.mesh, ndim=3)
@@ -61,11 +74,19 @@ class Engine:
       skip_nonfinite=config.train.nonfinite == 'skip',
       z_loss=config.train.z_loss,
     )
+    if self.lora:  # the base comes in as a fourth argument, never donated: every call reads the same arrays
+      step_kw['merge'] = lora.merge_fn(config, self.model_cfg)
+      train, base_in = steps.lora_train_steps, (self.param_shardings,)
+    else:
+      train, base_in = steps.train_steps, ()
     self.train_fn = jax.jit(
-      parallel.traced_with(functools.partial(steps.train_steps, **step_kw), self.mesh, self.rules),
-      in_shardings=(self.state_shardings, self.batch_sharding, repl),
+      parallel.traced_with(functools.partial(train, **step_kw), self.mesh, self.rules),
+      in_shardings=(self.state_shardings, self.batch_sharding, repl, *base_in),
       out_shardings=(self.state_shardings, repl),
       donate_argnums=0,
+    )
+    self._merge = (
+      jax.jit(lora.merge_fn(config, self.model_cfg), out_shardings=self.param_shardings) if self.lora else None
     )
     self.eval_fn = jax.jit(
       parallel.traced_with(functools.partial(steps.eval_step, model=self.model), self.mesh, self.rules),
@@ -104,6 +125,34 @@ class Engine:
     tokens = jnp.zeros((1, self.model_cfg.max_len), jnp.int32)
     return self.model.init({'params': rng}, tokens)['params']
 
+  def base_view(self):
+    """This engine as a reader of full parameters sees it (param_sources' `state(engine, ...)`): with LoRA, a
+    state whose params are the model's, for loading the base."""
+    if not self.lora:
+      return self
+    view = type('BaseView', (), {})()
+    view.abstract_state = TrainState(self.abstract_state.step, self.base_abstract, None)
+    view.model_cfg, view.mesh, view.param_shardings = self.model_cfg, self.mesh, self.param_shardings
+    return view
+
+  def fresh_params(self):
+    """The model's parameters freshly initialised on param_shardings (a stand-in base where none is read)."""
+    with parallel.activate(self.mesh, self.rules):
+      return jax.jit(lambda r: nn.meta.unbox(self._boxed_params(r)), out_shardings=self.param_shardings)(self.rng)
+
+  def set_base(self, params) -> None:
+    """LoRA: the frozen base parameters (on param_shardings) the train step and model_params read."""
+    self.base = params
+
+  def model_params(self, params):
+    """The model's full parameters for a train state's params: themselves, or with LoRA base + adapters merged."""
+    return self._merge(self.base, params) if self.lora else params
+
+  def bind(self, train_exec):
+    """The compiled train step as the loop calls it, (state, batch, rng): with LoRA, the base bound as its last
+    argument."""
+    return BaseBound(train_exec, self.base) if self.lora else train_exec
+
   def init_state(self, params=None) -> TrainState:
     """Fresh state, created directly in its sharded layout (never materialised whole on one device). With
     `params` (already on this task's param shardings), the optimizer state is initialised from them instead."""
@@ -113,7 +162,10 @@ class Engine:
         return init_opt(params)
 
     def init(rng):
-      params = nn.meta.unbox(self._boxed_params(rng))
+      if self.lora:  # fresh adapters over the base (B = 0: the model starts as the base exactly)
+        params = lora.init(rng, self.model_cfg, self.config, jnp.dtype(self.model_cfg.param_dtype))
+      else:
+        params = nn.meta.unbox(self._boxed_params(rng))
       return TrainState(jnp.int32(0), params, self.tx.init(params))
 
     with parallel.activate(self.mesh, self.rules):
@@ -133,9 +185,10 @@ class Engine:
     # The key as a shape only: a concrete one lives on this host's devices, which need not be the mesh's (a TPU
     # slice compiled for from a CPU host, lmjax/topology.py).
     rng = jax.ShapeDtypeStruct(self.rng.shape, self.rng.dtype, sharding=parallel.replicated(self.mesh))
+    base = (self.base_abstract,) if self.lora else ()
     with parallel.activate(self.mesh):
       compiled = self.executables.compile(
-        'train_step', self.train_fn, (self.abstract_state, batch, rng), compiler_options
+        'train_step', self.train_fn, (self.abstract_state, batch, rng, *base), compiler_options
       )
     return compiled, time.perf_counter() - t0
 
@@ -172,6 +225,20 @@ class Engine:
     if shapes not in self._eval_executables:
       self._eval_executables[shapes] = self.executables.compile('eval_step', self.eval_fn, (params, batch))
     return self._eval_executables[shapes]
+
+
+class BaseBound:
+  """A compiled LoRA train step with its frozen base bound: called as (state, batch, rng), like any train step;
+  the executable's own attributes (input_shardings, memory_analysis) read through."""
+
+  def __init__(self, compiled, base):
+    self.compiled, self.base = compiled, base
+
+  def __call__(self, state, batch, rng):
+    return self.compiled(state, batch, rng, self.base)
+
+  def __getattr__(self, name):
+    return getattr(self.compiled, name)
 
 
 def eval_metrics(total: float, count: float, bytes_per_token: float = 0.0, source: str = '') -> dict:

@@ -49,9 +49,10 @@ def fit_eval_batch(config, engine):
       config.train.eval_batch_size = -(-config.train.eval_batch_size // rows) * rows
 
 
-def export_hf(workdir: str, out: str, step=None, params='raw') -> dict:
+def export_hf(workdir: str, out: str, step=None, params='raw', peft: bool = False) -> dict:
   """`lmjax export-hf`: a workdir's checkpoint (`step`: a number, 'best' or None for the newest) as a directory
-  transformers' from_pretrained loads (lmjax/hf/). Everything that can be refused is, before an array is read."""
+  transformers' from_pretrained loads (lmjax/hf/); a LoRA run's merged, or with `peft` its adapters as a PEFT
+  adapter directory. Everything that can be refused is, before an array is read."""
   import jax  # pylint: disable=import-outside-toplevel
 
   from lmjax import hf, model as model_lib, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
@@ -59,8 +60,34 @@ def export_hf(workdir: str, out: str, step=None, params='raw') -> dict:
   config = workdir_lib.load_config(workdir)
   cfg = config_lib.ModelConfig(**config.model.to_dict())
   hf_config = hf.check_export(cfg, workdir_lib.load_tokenizer(workdir), out)
+  if peft:
+    return _export_peft(workdir, out, step, params, config, cfg)
   _, tokenizer, _, state = load_run(workdir, step=step, params=params)
   params = jax.device_get(state.params)  # whole arrays on the host, from whatever mesh they were restored onto
   if cfg.scan_layers:
     params = model_lib.unstack_layers(params)
   return {**hf.write_model(out, hf_config, params, cfg, tokenizer), 'step': int(state.step)}
+
+
+def _export_peft(workdir, out, step, params, config, cfg) -> dict:
+  """`lmjax export-hf --peft`: a LoRA run's adapters as adapter_config.json + adapter_model.safetensors."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from lmjax import lora  # pylint: disable=import-outside-toplevel
+  from lmjax.errors import InteropError  # pylint: disable=import-outside-toplevel
+  from lmjax.hf import families, peft  # pylint: disable=import-outside-toplevel
+
+  if not lora.enabled(config):
+    raise InteropError(f'--peft writes LoRA adapters; {workdir} trained every parameter (lora.rank=0): drop --peft')
+  if params != 'raw':
+    raise ConfigError('--params=ema: a LoRA run keeps no EMA; drop --params')
+  family = families.of_model(cfg)
+  peft.check_family(family, config.lora.targets)
+  source = param_sources.open_source(workdir if step is None else f'{workdir}:{step}')
+  merged_config = source.config()
+  engine = Engine(merged_config)
+  _, adapters, at = source.lora_parts(engine, merged_config)
+  base = source._meta().get('lora_base', {}).get('ref', config.train.init_from)  # pylint: disable=protected-access
+  base = base[3:] if base.startswith('hf:') else base
+  summary = peft.write_adapter(out, jax.device_get(adapters), cfg, config.lora, family, base)
+  return {**summary, 'base': base, 'step': int(at)}

@@ -20,7 +20,7 @@ import os
 
 import jax
 
-from lmjax import checkpoint, config as config_lib, mixture, optim, workdir as workdir_lib
+from lmjax import checkpoint, config as config_lib, lora as lora_lib, mixture, optim, workdir as workdir_lib
 from lmjax.errors import CheckpointError, ConfigError, WorkdirError
 
 
@@ -42,18 +42,55 @@ class WorkdirSource:
     self.tokenizer = workdir_lib.load_tokenizer(self.workdir)
     if self.tokenizer is None:
       raise WorkdirError(f'{ref!r}: {self.workdir} holds no tokenizer.json; is it a trained run?')
-    self.model = workdir_lib.load_config(self.workdir).model.to_dict()
+    recorded = workdir_lib.load_config(self.workdir)
+    self.model = recorded.model.to_dict()
+    # A LoRA run's checkpoints hold adapters: to its readers it is the merged model, base + adapters (`state`).
+    self.lora = recorded if lora_lib.enabled(recorded) else None
 
   def config(self, overrides=()):
-    """The run's recorded config with `overrides` applied (sampling and evaluation run the run as it was)."""
-    return workdir_lib.load_config(self.workdir, overrides)
+    """The run's recorded config with `overrides` applied (sampling and evaluation run the run as it was); for a
+    LoRA run, the merged model's (lora off)."""
+    config = workdir_lib.load_config(self.workdir, overrides)
+    if self.lora is not None:
+      with config.unlocked():
+        config.lora.rank = 0
+    return config
 
   def state(self, engine, config, params_only: bool = True, fields=None, params: str = 'raw'):
     """The checkpoint's state on `engine`'s shardings (opt_state None with `params_only`). `fields`: the model
     fields that must match the checkpoint's (default: all but RUNTIME ones). `params='ema'`: state.params is the
-    EMA (train.ema_decay) the optimizer state holds, read with the whole optimizer state."""
+    EMA (train.ema_decay) the optimizer state holds, read with the whole optimizer state. A LoRA run's state is
+    its base with the adapters merged in."""
     if params == 'ema' and not config.train.ema_decay:
       raise ConfigError(f'--params=ema: {self.workdir} kept no EMA of its parameters (train.ema_decay was 0)')
+    if self.lora is not None:
+      base, adapters, step = self.lora_parts(engine, config, fields)
+      merged = jax.jit(lora_lib.merge_fn(self.lora, engine.model_cfg), out_shardings=engine.param_shardings)
+      return engine.abstract_state.replace(step=step, params=merged(base, adapters), opt_state=None)
+    return self._restore(engine, config, params_only, fields, params)
+
+  def lora_parts(self, engine, config, fields=None):
+    """(base parameters on `engine`'s shardings, adapters, step) of a LoRA run's checkpoint. The base is the one
+    the checkpoint's fingerprint names, and must still be the same weights."""
+    cfg = config_lib.ModelConfig(**self.lora.model.to_dict())
+    meta = self._meta()
+    ref = (meta.get('lora_base') or {}).get('ref') or self.lora.train.init_from
+    base = open_source(ref).state(engine, config, fields=config_lib.fields(config_lib.LAYOUT)).params
+    view = type('AdapterView', (), {})()
+    repl = jax.sharding.NamedSharding(engine.mesh, jax.sharding.PartitionSpec())
+    abstract = jax.tree.map(lambda x: x.update(sharding=repl), lora_lib.abstract(cfg, self.lora))
+    view.abstract_state = engine.abstract_state.replace(params=abstract, opt_state=None)
+    got = self._restore(view, config, True, fields, 'raw', base=lora_lib.fingerprint(ref, base))
+    return base, got.params, got.step
+
+  def _meta(self) -> dict:
+    best = self.step == 'best'
+    with checkpoint.Checkpointer(workdir_lib.checkpoint_dir(self.workdir, best=best), data_iterator=False) as ckpt:
+      if ckpt.latest_step() is None:
+        raise CheckpointError(f'{self.workdir} holds no checkpoint yet; train first')
+      return ckpt.read_meta(None if best or self.step is None else self.step)
+
+  def _restore(self, engine, config, params_only, fields, params, base=None):
     best = self.step == 'best'
     ckpt = checkpoint.Checkpointer(workdir_lib.checkpoint_dir(self.workdir, best=best), data_iterator=False)
     try:
@@ -72,6 +109,7 @@ class WorkdirSource:
         params_only=params_only and not ema,
         fields=fields,
         what='Load it',
+        base=base,
       )
       if ema:
         state = state.replace(
@@ -112,6 +150,14 @@ class HFSource:
       lambda a, x: jax.device_put(x.astype(a.dtype), a.sharding), engine.abstract_state.params, params
     )
     return engine.abstract_state.replace(step=jax.numpy.int32(0), params=params, opt_state=None)
+
+
+def absolute_ref(ref: str) -> str:
+  """`ref` with its directory made absolute (hub names stay as they are): what a checkpoint records of a base."""
+  if ref.startswith('hf:'):
+    return f'hf:{os.path.abspath(ref[3:])}' if os.path.isdir(ref[3:]) else ref
+  workdir, step = workdir_lib.split_ref(ref)
+  return os.path.abspath(workdir) + (f':{step}' if step is not None else '')
 
 
 def adopt(source, config) -> None:
@@ -159,15 +205,27 @@ def restore(
   fields=None,
   move_aside=False,
   what='Resume',
+  base=None,
 ):
   """The one path from a workdir's checkpoint to a state on `engine`'s shardings. `step` None: the newest step that
   restores (a damaged newest step is named, skipped, and with `move_aside` moved to DIR/damaged/); a number: that
   step exactly. The model (`fields`, see workdir.check_compatible) and tokenizer must be the checkpoint's;
-  `data_iter` is set to the saved position; `params_only` leaves the optimizer state unread."""
+  `data_iter` is set to the saved position; `params_only` leaves the optimizer state unread. `base`: LoRA adapters
+  are restored, and the base fingerprint they recorded must be this one (lmjax/lora.py)."""
 
   def one(at):
     recorded = ckpt.read_meta(at)
     workdir_lib.check_compatible(recorded, config, tokenizer_spec, workdir, what=what, fields=fields)
+    if (base is None) != (recorded.get('lora_base') is None):  # before any array: a mismatch is no damage
+      has, wants = ('LoRA adapters', 'lora.rank=0') if base is None else ('full parameters', 'lora.rank > 0')
+      raise ConfigError(
+        f'the checkpoint in {workdir} holds {has}, and this config has {wants}; {what} with the config it was '
+        'saved with, or start a new --workdir'
+      )
+    if base is not None:
+      from lmjax import lora  # pylint: disable=import-outside-toplevel
+
+      lora.check_base(recorded['lora_base'], base, workdir)
     if data_iter is not None:  # the saved data position is only meaningful for the same sources and past stages
       mixture.check_resume(recorded['config'].get('data', {}), config.data, at)
     if params_only:

@@ -106,7 +106,7 @@ def plan(config, devices=None, estimate: bool = True, train_only: bool = False, 
   engine = engine_lib.Engine(config, parallel.make_mesh(config.mesh, devices))
   engine_lib.check_training(config, engine.mesh)
   cfg = engine.model_cfg
-  params = engine.abstract_state.params
+  params = engine.base_abstract  # the model's parameters (with LoRA, the frozen base; the state holds adapters)
   K, B, L = engine.train_batch_shape
   batch_spec = engine.train_batch_spec()  # the keys training feeds the step (packed rows add segments, positions)
   device = engine.mesh.devices.flat[0]
@@ -148,7 +148,7 @@ def _compile_eval(engine, spec):
   t0 = time.perf_counter()
   batch = {k: v.update(sharding=engine.eval_batch_sharding) for k, v in spec.items()}
   with parallel.activate(engine.mesh):
-    compiled = engine.eval_fn.lower(engine.abstract_state.params, batch).compile()
+    compiled = engine.eval_fn.lower(engine.base_abstract, batch).compile()
   return compiled, time.perf_counter() - t0
 
 
@@ -160,7 +160,7 @@ def _compile_sample(engine):
   t0 = time.perf_counter()
   s, cfg = engine.config.sample, engine.model_cfg
   prompt_len = max(1, cfg.max_len - s.max_new_tokens)
-  fn, args = sample.abstract_program(engine.abstract_state.params, cfg, engine.mesh, s, prompt_len)
+  fn, args = sample.abstract_program(engine.base_abstract, cfg, engine.mesh, s, prompt_len)
   with parallel.activate(engine.mesh):
     compiled = fn.lower(*args).compile()
   return compiled, time.perf_counter() - t0

@@ -479,7 +479,8 @@ def sample_texts(params, model_cfg, tokenizer, prompts: Sequence[str], *, stop: 
   ids = []
   for text in prompts:
     p = tokenizer.encode(text)
-    if (len(p) == 0 or tokenizer.adds_bos) and tokenizer.bos_id is not None:  # Llama's prompts start with BOS
+    starts_with_bos = len(p) > 0 and p[0] == tokenizer.bos_id  # a chat template writes its own
+    if (len(p) == 0 or tokenizer.adds_bos) and tokenizer.bos_id is not None and not starts_with_bos:  # as Llama's
       p = np.concatenate([np.array([tokenizer.bos_id], np.int32), p])
     ids.append(p)
   kwargs.setdefault('eos_id', tokenizer.eos_id)
@@ -528,6 +529,12 @@ def run(args, overrides):
   executables = compiling.ExecutableCache(cache_dir, {}) if cache_dir else None
   pick = lambda flag, key, default: flag if flag is not None else s.get(key, default)
   prompts = file_prompts or [pick(args.prompt, 'prompt', '\n')]
+  shown = prompts
+  if getattr(args, 'chat', False):  # the model sees the rendered conversation; the user's text is what is printed
+    from lmjax import chat  # pylint: disable=import-outside-toplevel
+
+    template = chat.Template(chat.resolve(config.data.get('chat_template', ''), tokenizer), tokenizer)
+    prompts = [template.prompt(p) for p in prompts]
   max_new = int(pick(args.max_new_tokens, 'max_new_tokens', 500))
   n = pick(args.num_samples, 'num_samples', 1)
   beam_size = pick(args.beam_size, 'beam_size', 1)
@@ -566,7 +573,7 @@ def run(args, overrides):
   seconds = time.perf_counter() - t0
   hostenv.mark('generated')
   for i, text in enumerate(texts):
-    prompt = prompts[i // n]
+    prompt = shown[i // n]
     if args.format == 'jsonl':
       print(json.dumps({'prompt': prompt, 'sample': i % n, 'text': text}))
     else:

@@ -379,6 +379,10 @@ def documents(dc, split: str):
     return TextFiles(split, dc.file_docs)
   if dc.dataset == JSONL:
     return JsonlPairs(split, dc.prompt_field, dc.completion_field)
+  if dc.dataset == config_lib.CHAT:
+    from lmjax import chat  # pylint: disable=import-outside-toplevel
+
+    return chat.ChatFiles(((f'{p}:{n}', obj) for p in glob(split) for n, obj in jsonl_objects(str(p))), split)
   if dc.dataset in TABLES:
     return TableFiles(split, dc.feature)
   source = text_source(dc.dataset, split, dc.data_dir or default_data_dir(), dc.manual_dir or None)

@@ -43,7 +43,16 @@ def loss_terms(params, model, batch, *, train=False, rng=None, z_loss=False):
 
 
 def train_step(
-  state: TrainState, batch, rng, *, model, tx, grad_accum: int = 1, skip_nonfinite: bool = False, z_loss: float = 0.0
+  state: TrainState,
+  batch,
+  rng,
+  *,
+  model,
+  tx,
+  grad_accum: int = 1,
+  skip_nonfinite: bool = False,
+  z_loss: float = 0.0,
+  to_model=None,
 ):
   """One optimizer step on one global batch -> (new state, metrics). Dropout keys derive from (rng, step), so a
   resumed run draws exactly the masks the uninterrupted run drew. `z_loss` > 0 adds z_loss * mean(log Z^2) to the
@@ -51,10 +60,15 @@ def train_step(
 
   metrics['finite'] says the loss, the gradient norm and every updated parameter are finite: the loop checks it
   before it saves a state, so a checkpoint never holds a non-finite parameter. `skip_nonfinite`: such an update is
-  dropped instead (parameters and optimizer state stay as they were; the step still counts)."""
+  dropped instead (parameters and optimizer state stay as they were; the step still counts).
+
+  `to_model(params, rng)`: the model's parameters from the trained ones (LoRA: base + adapters, lmjax/lora.py);
+  None = the trained parameters are the model's."""
   rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(params, micro, micro_rng):
+    if to_model is not None:
+      params = to_model(params, jax.random.fold_in(micro_rng, 1))
     terms = loss_terms(params, model, micro, train=True, rng=micro_rng, z_loss=bool(z_loss))
     total, count = terms[:2]
     return (total + z_loss * terms[2] if z_loss else total) / count, terms
@@ -104,6 +118,12 @@ def train_steps(state, batches_SxBxL, rng, **kw):
   """S optimizer steps in one call (lax.scan over S stacked batches): the per-call cost of launching an executable
   is paid once per S steps. Metrics come back stacked, one value per step."""
   return jax.lax.scan(lambda s, b: train_step(s, b, rng, **kw), state, batches_SxBxL)
+
+
+def lora_train_steps(state, batches_SxBxL, rng, base, *, merge, **kw):
+  """train_steps of LoRA adapters (state.params) over the frozen `base`: `merge(base, adapters, rng)` gives the
+  model's parameters inside the step, so gradients and optimizer state are the adapters' alone."""
+  return train_steps(state, batches_SxBxL, rng, to_model=lambda a, key: merge(base, a, key), **kw)
 
 
 def eval_step(params, batch, *, model):

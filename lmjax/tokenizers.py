@@ -171,6 +171,9 @@ class HFTokenizer:
       with_specials = self._tok.encode('a', add_special_tokens=True).ids
       adds_bos = bos_id is not None and bool(with_specials) and with_specials[0] == bos_id
     self.adds_bos = bool(adds_bos)
+    # The Jinja chat template of the model's tokenizer_config.json (lmjax/chat.py), None without one. Not part of
+    # the spec: a run may give its own (data.chat_template); the workdir keeps the one it used beside the spec.
+    self.chat_template = None
 
   @classmethod
   def from_path(cls, path: str) -> 'HFTokenizer':
@@ -185,7 +188,11 @@ class HFTokenizer:
       )
     with open(file, 'rb') as f:
       raw = f.read()
-    return cls(raw, specials_from=directory)
+    from lmjax import chat  # pylint: disable=import-outside-toplevel
+
+    tok = cls(raw, specials_from=directory)
+    tok.chat_template = chat.template_of(directory)
+    return tok
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
@@ -269,6 +276,7 @@ def _missing_special(name: str, named: str, vocab: int) -> None:
 
 KINDS = config_lib.TOKENIZERS
 _FILE = 'tokenizer.json'
+CHAT_TEMPLATE = 'chat_template.jinja'  # an 'hf' tokenizer's chat template, beside its files in a workdir
 
 
 def build(dc, texts: Callable[[], Iterable[str]], cache_dir: Optional[str] = None, *, process_index=0, process_count=1):
@@ -432,6 +440,8 @@ def from_spec(spec: dict, directory: Optional[str] = None):
       raise TokenizerError(f'{path} is missing: the tokenizer.json this run uses must sit next to {_FILE}')
     tok = HFTokenizer(path.read_bytes(), spec['bos_id'], spec['eos_id'], spec['pad_id'], spec['adds_bos'])
     check_same(spec, tok.spec(), str(path))
+    template = epath.Path(directory or '.') / CHAT_TEMPLATE
+    tok.chat_template = template.read_text(encoding='utf-8') if template.exists() else None
     return tok
   raise TokenizerError(f'tokenizer spec of unknown kind {spec["kind"]!r}')
 
@@ -443,6 +453,8 @@ def save(tok, workdir: str) -> None:
     files.write_atomic(directory / tok.MODEL_FILE, tok.proto)
   if isinstance(tok, HFTokenizer):
     files.write_atomic(directory / tok.MODEL_FILE, tok.raw)
+    if tok.chat_template:
+      files.write_atomic(directory / CHAT_TEMPLATE, tok.chat_template.encode('utf-8'))
   files.write_atomic(directory / _FILE, json.dumps(tok.spec()).encode())
 
 

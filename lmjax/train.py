@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lmjax import actions as actions_lib, checkpoint, compiling, data as data_lib, hostenv, loop_parts
+from lmjax import actions as actions_lib, checkpoint, compiling, data as data_lib, hostenv, loop_parts, lora
 from lmjax import metrics as metrics_lib, param_sources, parallel, sinks as sinks_lib, workdir as workdir_lib
 from lmjax.errors import CheckpointError, ConfigError, WorkdirError
 from lmjax.engine import Engine, check_host_memory, check_training
@@ -118,11 +118,17 @@ def start(config, workdir: str) -> Run:
     meta = {'config': config.to_dict(), 'tokenizer': data.tokenizer.spec()}
     if tc.branch_from:
       meta['branched_from'] = param_sources.branch_point(tc.branch_from)
+    base = None
+    if engine.lora:  # the frozen base, read whether the adapters start fresh or resume; its digest is checked
+      engine.set_base(param_sources.init_params(source, engine.base_view(), config))
+      base = meta['lora_base'] = lora.fingerprint(param_sources.absolute_ref(tc.init_from), engine.base)
     if ckpt.latest_step() is not None:
       state = param_sources.restore(
-        ckpt, engine, config, data.tokenizer.spec(), workdir, data_iter=data.train_iter, move_aside=primary
+        ckpt, engine, config, data.tokenizer.spec(), workdir, data_iter=data.train_iter, move_aside=primary, base=base
       )
       how = f'resuming at step {int(state.step)}'
+    elif engine.lora:
+      state, how = engine.init_state(), f'{lora.describe(config)} over {tc.init_from}'
     elif source is not None:
       state = engine.init_state(params=param_sources.init_params(source, engine, config))
       how = f'parameters from {tc.init_from}'
@@ -138,6 +144,7 @@ def start(config, workdir: str) -> Run:
     train_exec, compile_s = compiled()
     hostenv.mark('train step ready')
     check_host_memory(train_exec)
+    train_exec = engine.bind(train_exec)
   except BaseException:
     compiled.wait()  # XLA must not be compiling when the process exits: that aborts it (exit 134)
     for c in (ckpt, best):
@@ -171,8 +178,9 @@ def _checkpointers(config, workdir):
 def _announce(run: Run, log) -> None:
   """What runs where, how it started, and how long the start took."""
   engine = run.engine
+  trained = f' ({engine.n_trainable:,} trained)' if engine.lora else ''
   log.echo(
-    f'lmjax: {engine.n_params:,} params | mesh {dict(engine.mesh.shape)} | {engine.mesh.size} x '
+    f'lmjax: {engine.n_params:,} params{trained} | mesh {dict(engine.mesh.shape)} | {engine.mesh.size} x '
     f'{engine.mesh.devices.flat[0].device_kind} | {run.how} | {run.workdir}'
   )
   host_allocator = hostenv.allocator()  # on CPU, XLA's temporaries live in malloc: the allocator sets the step time

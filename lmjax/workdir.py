@@ -221,6 +221,7 @@ RUN_WRITES = (
   'tokenizer.json',
   'tokenizer.model',
   'hf_tokenizer.json',
+  'chat_template.jinja',
   'spm-*.model',
   'tensorboard',
   'wandb',

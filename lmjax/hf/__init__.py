@@ -17,6 +17,7 @@ tokenizer (kind 'hf'), and a parameters-only checkpoint at step 0 that `lmjax sa
   layout.py    the tensors of the Llama-style decoders (all but GPT-2), and the options a family must leave off
   source.py    read(): a directory or hub name, checked in full, to fields + tokenizer + parameters
   convert.py   import_hf (an HF directory into an lmjax workdir), check_export / write_model (the reverse)
+  peft.py      LoRA adapters as PEFT writes them: write_adapter (export-hf --peft), read_adapter, import_adapter
 
 A family module holds NAME, ARCHITECTURE, MODEL_TYPE, IS (a phrase for messages), IGNORED (tensor-name endings
 that hold nothing lmjax needs), and model_fields(HFConfig), mismatches(ModelConfig), hf_config(ModelConfig),

@@ -18,7 +18,14 @@ from lmjax.hf.tensors import SAFETENSORS
 
 # What an import writes into its workdir (tokenizers.save writes the spec and the HF file beside it): a directory
 # holding only these, with no checkpoint yet, is an import that stopped early and may be written again.
-_IMPORT_WRITES = ('config.json', 'tokenizer.json', 'hf_tokenizer.json', 'provenance.json', 'checkpoints')
+IMPORT_WRITES = (
+  'config.json',
+  'tokenizer.json',
+  'hf_tokenizer.json',
+  'chat_template.jinja',
+  'provenance.json',
+  'checkpoints',
+)
 
 
 def import_config(fields: dict, source: str):
@@ -46,7 +53,7 @@ def import_hf(source: str, workdir: str) -> dict:
       f'--workdir {workdir} is the model directory being imported; import into a new --workdir, so the Hugging '
       'Face files stay as they are'
     )
-  workdir_lib.may_write(workdir, 'import-hf', _IMPORT_WRITES)
+  workdir_lib.may_write(workdir, 'import-hf', IMPORT_WRITES)
   ckpt_dir = workdir_lib.checkpoint_dir(workdir)
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise InteropError(f'{workdir} already holds checkpoints; import into a new --workdir')

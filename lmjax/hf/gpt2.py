@@ -23,6 +23,18 @@ IS = 'layernorm + learned positions + gelu_tanh or gelu + biases, no grouped-que
 # Tensors that may be in the files and hold nothing lmjax needs: causal-mask buffers older writers saved, and the
 # output projection of a tied model (a copy of the embedding).
 IGNORED = ('.attn.bias', '.attn.masked_bias', 'lm_head.weight')
+# LoRA (lmjax/hf/peft.py): each lmjax target's module in a layer, and its place in it: c_attn holds q | k | v.
+# Conv1D stores in x out, which PEFT calls fan_in_fan_out.
+LORA_LAYER = 'transformer.h.{i}.'
+LORA_MODULES = {
+  'q': ('attn.c_attn', 0),
+  'k': ('attn.c_attn', 1),
+  'v': ('attn.c_attn', 2),
+  'o': ('attn.c_proj', 0),
+  'up': ('mlp.c_fc', 0),
+  'down': ('mlp.c_proj', 0),
+}
+FAN_IN_FAN_OUT = True
 _MLPS = {'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu': 'gelu'}
 # each field that decides the family, with the values it allows
 _DECIDES = {

@@ -18,6 +18,18 @@ IS = 'rmsnorm + rope + swiglu without biases, QK-norm or soft-caps'
 # Tensors that may be in the files and hold nothing lmjax needs: cached rotary frequencies older writers saved,
 # and the output projection of a tied model (a copy of the embedding).
 IGNORED = ('.rotary_emb.inv_freq', 'lm_head.weight')
+# LoRA (lmjax/hf/peft.py): each lmjax target's module in a layer (one projection each); torch Linear, out x in.
+LORA_LAYER = 'model.layers.{i}.'
+LORA_MODULES = {
+  'q': ('self_attn.q_proj', 0),
+  'k': ('self_attn.k_proj', 0),
+  'v': ('self_attn.v_proj', 0),
+  'o': ('self_attn.o_proj', 0),
+  'gate': ('mlp.gate_proj', 0),
+  'up': ('mlp.up_proj', 0),
+  'down': ('mlp.down_proj', 0),
+}
+FAN_IN_FAN_OUT = False
 _DECIDES = {
   'norm': ('rmsnorm',),
   'positions': ('rope',),
