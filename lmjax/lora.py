@@ -54,7 +54,7 @@ def check_model(config, cfg: ModelConfig) -> None:
 
 def io_dims(cfg: ModelConfig, target: str) -> tuple[int, int]:
   """(in, out) of a target's kernel viewed as a matrix."""
-  D, HK, NK, F = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ff_dim
+  D, HK, NK, F = cfg.d_model, cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size, cfg.ff_dim
   return {'q': (D, HK), 'k': (D, NK), 'v': (D, NK), 'o': (HK, D), 'gate': (D, F), 'up': (D, F), 'down': (F, D)}[target]
 
 
