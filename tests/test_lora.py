@@ -3,6 +3,7 @@ checkpoint holds them alone and names its base, and PEFT loads what lmjax writes
 logits and greedy tokens."""
 
 import json
+import math
 import os
 import shutil
 
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from conftest import ONE_DEVICE, REPO, load_tiny_hf, rows
 from lmjax import checkpoint, cli, config as config_lib, inference, lora, train
@@ -95,13 +97,17 @@ def test_lora_trains_the_adapters_alone_and_checkpoints_them_small(setup):
   ckpt = checkpoint.Checkpointer(os.path.join(setup['run'], 'checkpoints'), data_iterator=False)
   stored = ckpt._mngr.item_metadata(8)['state']  # pylint: disable=protected-access
   ckpt.close()
-  names = sorted(checkpoint._flat(getattr(stored, 'tree', stored)))  # pylint: disable=protected-access
+  arrays = checkpoint._flat(getattr(stored, 'tree', stored))  # pylint: disable=protected-access
+  names = sorted(arrays)
   params = [n for n in names if n.startswith('params/')]
   assert params and all(n.rsplit('/', 1)[1] in ('a', 'b') for n in params)
   assert all(n.rsplit('/', 1)[1] in ('a', 'b') for n in names if n.startswith('opt_state/') and '/mu/' in n)
-  state_bytes = checkpoint._disk_bytes_under(os.path.join(setup['run'], 'checkpoints', '8', 'state'))  # pylint: disable=protected-access
-  base_bytes = os.path.getsize(os.path.join(setup['base'], 'model.safetensors'))
-  assert state_bytes < base_bytes  # adapters + their moments: the base is never saved
+  # Adapters + their two moments against the base's weights, array bytes both (the disk's blocks and the
+  # checkpoint format's own files outweigh arrays this small): the base is never saved.
+  state_bytes = sum(math.prod(m.shape) * np.dtype(m.dtype).itemsize for m in arrays.values())
+  base = safetensors.numpy.load_file(os.path.join(setup['base'], 'model.safetensors'))
+  base_bytes = sum(x.nbytes for x in base.values())
+  assert state_bytes < base_bytes / 2, (state_bytes, base_bytes)  # a saved base alone would be base_bytes
   # The base is unchanged: the LoRA run at step 0 (B = 0) is the base, and sampling reads the base from disk.
   meta = json.load(open(os.path.join(setup['run'], 'config.json')))
   assert meta['lora']['rank'] == 4 and meta['train']['init_from'].startswith('hf:')
@@ -226,6 +232,15 @@ def test_a_peft_adapter_imports_samples_and_exports_back_exactly(name, targets, 
   back = str(tmp_path / 'back')
   assert cli.main(['export-hf', f'--workdir={workdir}', f'--to={back}', '--peft']) == 0
   _compare(ours, _peft_model(base, back), greedy=False)  # the same adapter again, so the same logits suffice
+
+
+def test_an_adapter_imported_into_its_own_directory_is_refused_and_changes_nothing(hf_models, tmp_path, capsys):
+  adapter = str(tmp_path / 'adapter')
+  _peft_adapter(hf_models['gpt2'], adapter, ['c_attn'], fan_in_fan_out=True)
+  before = {f: os.path.getmtime(os.path.join(adapter, f)) for f in os.listdir(adapter)}
+  assert cli.main(['import-hf', f'--from={hf_models["gpt2"]}', f'--adapter={adapter}', f'--workdir={adapter}']) == 2
+  assert 'is the adapter directory being imported' in capsys.readouterr().err
+  assert {f: os.path.getmtime(os.path.join(adapter, f)) for f in os.listdir(adapter)} == before
 
 
 def test_an_adapter_whose_base_changed_is_refused_on_load(hf_models, tmp_path, capsys):

@@ -44,19 +44,10 @@ def import_hf(source: str, workdir: str) -> dict:
   tokenizer, provenance and a parameters-only checkpoint at step 0. Returns a summary. Refused, with nothing
   written: the source directory itself as the workdir, a workdir a live run holds, or one holding anything an
   import does not write."""
-  from lmjax import checkpoint, model as model_lib, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-  from lmjax.steps import TrainState  # pylint: disable=import-outside-toplevel
+  from lmjax import model as model_lib, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
 
   source = resolve_source(source)
-  if os.path.realpath(workdir) == os.path.realpath(source):
-    raise InteropError(
-      f'--workdir {workdir} is the model directory being imported; import into a new --workdir, so the Hugging '
-      'Face files stay as they are'
-    )
-  workdir_lib.may_write(workdir, 'import-hf', IMPORT_WRITES)
-  ckpt_dir = workdir_lib.checkpoint_dir(workdir)
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-    raise InteropError(f'{workdir} already holds checkpoints; import into a new --workdir')
+  check_target(workdir, source)
   fields, arch, tokenizer, params = read(source)  # every refusal comes before the workdir is created
   workdir_lib.ensure_writable(workdir)
   config = import_config(fields, source)
@@ -68,17 +59,43 @@ def import_hf(source: str, workdir: str) -> dict:
     'imported_from': {'source': os.path.abspath(source), 'architecture': arch},
   }
   _to_device(params)
+  write_imported(workdir, config, tokenizer, params, meta)
+  n = model_lib.count_params(params)
+  return {'workdir': workdir, 'architecture': arch, 'parameters': int(n), 'tokenizer_vocab': tokenizer.vocab_size}
+
+
+def check_target(workdir: str, source: str, adapter: str = '') -> None:
+  """Refuses, before anything is read or written, an import into its own model (or adapter) directory, a workdir a
+  live run holds or one holding anything an import does not write, and a workdir that already has checkpoints."""
+  from lmjax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+
+  for what, directory in (('model', source), ('adapter', adapter)):
+    if directory and os.path.realpath(workdir) == os.path.realpath(directory):
+      raise InteropError(
+        f'--workdir {workdir} is the {what} directory being imported; import into a new --workdir, so the Hugging '
+        'Face files stay as they are'
+      )
+  workdir_lib.may_write(workdir, 'import-hf', IMPORT_WRITES)
+  ckpt_dir = workdir_lib.checkpoint_dir(workdir)
+  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    raise InteropError(f'{workdir} already holds checkpoints; import into a new --workdir')
+
+
+def write_imported(workdir: str, config, tokenizer, params, meta: dict) -> None:
+  """An import's one write: a parameters-only checkpoint at step 0, then the config, tokenizer and provenance,
+  under the workdir's lock (a train started on this workdir meanwhile waits for the import)."""
+  from lmjax import checkpoint, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from lmjax.steps import TrainState  # pylint: disable=import-outside-toplevel
+
   state = TrainState(step=np.zeros((), np.int32), params=params, opt_state=None)
-  lock = workdir_lib.Lock(workdir).acquire()  # a train started on this workdir meanwhile waits for the import
+  lock = workdir_lib.Lock(workdir).acquire()
   try:
-    with checkpoint.Checkpointer(ckpt_dir, async_save=False, data_iterator=False) as ckpt:
+    with checkpoint.Checkpointer(workdir_lib.checkpoint_dir(workdir), async_save=False, data_iterator=False) as ckpt:
       ckpt.save(0, state, meta=meta, force=True)
       ckpt.wait()
     workdir_lib.record(config, tokenizer, workdir, primary=True)
   finally:
     lock.release()
-  n = model_lib.count_params(params)
-  return {'workdir': workdir, 'architecture': arch, 'parameters': int(n), 'tokenizer_vocab': tokenizer.vocab_size}
 
 
 def _to_device(tree: dict) -> None:

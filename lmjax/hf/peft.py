@@ -194,16 +194,12 @@ def import_adapter(base: str, adapter: str, workdir: str) -> dict:
   checkpoint at step 0 that `lmjax sample`, `eval` and `export-hf` read as base + adapters."""
   import jax  # pylint: disable=import-outside-toplevel
 
-  from lmjax import checkpoint, config as config_lib, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from lmjax import config as config_lib, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   from lmjax.hf import convert, families  # pylint: disable=import-outside-toplevel
   from lmjax.hf.source import read, resolve_source  # pylint: disable=import-outside-toplevel
-  from lmjax.steps import TrainState  # pylint: disable=import-outside-toplevel
 
   base = resolve_source(base)
-  workdir_lib.may_write(workdir, 'import-hf', convert.IMPORT_WRITES)
-  ckpt_dir = workdir_lib.checkpoint_dir(workdir)
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-    raise InteropError(f'{workdir} already holds checkpoints; import into a new --workdir')
+  convert.check_target(workdir, base, adapter)
   fields, arch, tokenizer, params = read(base)
   config = convert.import_config(fields, base)
   cfg = ModelConfig(**config.model.to_dict())
@@ -231,15 +227,7 @@ def import_adapter(base: str, adapter: str, workdir: str) -> dict:
     'lora_base': lora_lib.fingerprint(ref, params),
     'imported_from': {'source': os.path.abspath(base), 'adapter': os.path.abspath(adapter), 'architecture': arch},
   }
-  state = TrainState(step=np.zeros((), np.int32), params=jax.device_put(adapters), opt_state=None)
-  lock = workdir_lib.Lock(workdir).acquire()
-  try:
-    with checkpoint.Checkpointer(ckpt_dir, async_save=False, data_iterator=False) as ckpt:
-      ckpt.save(0, state, meta=meta, force=True)
-      ckpt.wait()
-    workdir_lib.record(config, tokenizer, workdir, primary=True)
-  finally:
-    lock.release()
+  convert.write_imported(workdir, config, tokenizer, jax.device_put(adapters), meta)
   return {
     'workdir': workdir,
     'architecture': arch,
