@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import time
+import types
 
 import flax.linen as nn
 import jax
@@ -130,10 +131,12 @@ class Engine:
     state whose params are the model's, for loading the base."""
     if not self.lora:
       return self
-    view = type('BaseView', (), {})()
-    view.abstract_state = TrainState(self.abstract_state.step, self.base_abstract, None)
-    view.model_cfg, view.mesh, view.param_shardings = self.model_cfg, self.mesh, self.param_shardings
-    return view
+    return types.SimpleNamespace(
+      abstract_state=TrainState(self.abstract_state.step, self.base_abstract, None),
+      model_cfg=self.model_cfg,
+      mesh=self.mesh,
+      param_shardings=self.param_shardings,
+    )
 
   def fresh_params(self):
     """The model's parameters freshly initialised on param_shardings (a stand-in base where none is read)."""

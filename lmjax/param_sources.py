@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 
 import jax
 
-from lmjax import checkpoint, config as config_lib, lora as lora_lib, mixture, optim, workdir as workdir_lib
+from lmjax import checkpoint, config as config_lib, lora as lora_lib, mixture, optim, parallel
+from lmjax import workdir as workdir_lib
 from lmjax.errors import CheckpointError, ConfigError, WorkdirError
 
 
@@ -76,10 +78,9 @@ class WorkdirSource:
     meta = self._meta()
     ref = (meta.get('lora_base') or {}).get('ref') or self.lora.train.init_from
     base = open_source(ref).state(engine, config, fields=config_lib.fields(config_lib.LAYOUT)).params
-    view = type('AdapterView', (), {})()
-    repl = jax.sharding.NamedSharding(engine.mesh, jax.sharding.PartitionSpec())
+    repl = parallel.replicated(engine.mesh)
     abstract = jax.tree.map(lambda x: x.update(sharding=repl), lora_lib.abstract(cfg, self.lora))
-    view.abstract_state = engine.abstract_state.replace(params=abstract, opt_state=None)
+    view = types.SimpleNamespace(abstract_state=engine.abstract_state.replace(params=abstract, opt_state=None))
     got = self._restore(view, config, True, fields, 'raw', base=lora_lib.fingerprint(ref, base))
     return base, got.params, got.step
 
